@@ -1,0 +1,1 @@
+"""fl: federated training that composes privacy layers (``dp``) and secure sums (``secagg``)."""

@@ -1,0 +1,206 @@
+"""The contract every privacy layer and secure sum plugs into.
+
+A :class:`Pipeline <fl.pipeline.Pipeline>` is a list of :class:`Layer` objects followed by one
+:class:`SecureSum`. Before any data flows, each stage ``bind``\\ s the :class:`ValueSpec` it receives and
+returns the spec it produces, raising :class:`CompositionError` (naming the fix) when the order is wrong.
+Clients run ``encode`` in list order; the server runs ``decode`` on the sum in reverse order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy as np
+from numpy.typing import NDArray
+
+from secagg.machine import ClientMachine, ServerMachine
+
+__all__ = [
+    "ClientTrainer",
+    "CompositionError",
+    "Guarantee",
+    "Layer",
+    "PrivacyAccounting",
+    "RandomSource",
+    "RoundInfo",
+    "SecureSum",
+    "TrainResult",
+    "ValueSpec",
+]
+
+Domain = Literal["real", "ring"]
+
+
+class CompositionError(ValueError):
+    """Layers were composed in an order that cannot work; the message names the fix."""
+
+
+@dataclass(frozen=True, slots=True)
+class ValueSpec:
+    """What flows between two stages of a pipeline.
+
+    ``size``: vector length. ``cohort``: most clients that can be summed in one round (sizes rings).
+    ``domain``: ``"real"`` float64 vectors, or ``"ring"`` uint64 vectors in Z_modulus.
+    ``l2_bound``: every client vector's L2 norm is at most this (set by ``Clip``).
+    ``linf_bound``: every coordinate's magnitude is at most this.
+    ``modulus``: ring size (a power of two) when ``domain == "ring"``.
+    ``noise_std``: std of the Gaussian noise already on each client's value (distributed DP), if any.
+    """
+
+    size: int
+    cohort: int
+    domain: Domain = "real"
+    l2_bound: float | None = None
+    linf_bound: float | None = None
+    modulus: int | None = None
+    noise_std: float = 0.0
+
+    def with_(self, **changes: Any) -> ValueSpec:
+        return replace(self, **changes)
+
+    @property
+    def coord_bound(self) -> float | None:
+        """The tightest known bound on one coordinate's magnitude."""
+        bounds = [b for b in (self.l2_bound, self.linf_bound) if b is not None]
+        return min(bounds) if bounds else None
+
+
+@dataclass(frozen=True, slots=True)
+class RoundInfo:
+    """Public facts about one round, handed to the server half of each layer and to accountants.
+
+    ``planned``: clients sampled for the round. ``included``: clients whose inputs are in the sum
+    (the survivors). ``population``: all clients of the federation. ``sample_rate``: the Poisson rate q, or
+    ``planned / population`` for a fixed cohort (``sampling`` says which).
+    """
+
+    round: int
+    planned: tuple[int, ...]
+    included: tuple[int, ...]
+    population: int
+    sample_rate: float
+    sampling: Literal["poisson", "fixed"] = "fixed"
+    num_samples: Mapping[int, int] = field(default_factory=dict)
+
+    @property
+    def n_included(self) -> int:
+        return len(self.included)
+
+
+@dataclass(frozen=True, slots=True)
+class Guarantee:
+    """One privacy claim, as data: what holds, against whom, under which assumptions."""
+
+    layer: str
+    property: str
+    against: str
+    assumptions: tuple[str, ...] = ()
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "property": self.property,
+            "against": self.against,
+            "assumptions": list(self.assumptions),
+            "params": dict(self.params),
+        }
+
+
+@runtime_checkable
+class RandomSource(Protocol):
+    """Where layers draw randomness: a CSPRNG in production (:class:`dp.rng.SecureRandom`)."""
+
+    def uniform(self, n: int) -> NDArray[np.float64]: ...
+
+    def normal(self, n: int, std: float = 1.0) -> NDArray[np.float64]: ...
+
+    def bytes(self, n: int) -> bytes: ...
+
+
+class Layer(Protocol):
+    """A privacy layer: one immutable object owning its client half and its server half."""
+
+    @property
+    def name(self) -> str: ...
+
+    def bind(self, spec: ValueSpec) -> ValueSpec:
+        """Validate the incoming spec and return the outgoing one; ``CompositionError`` if it cannot work."""
+        ...
+
+    def encode(self, x: NDArray[Any], spec: ValueSpec, rng: RandomSource) -> NDArray[Any]:
+        """Client half, on one update. ``spec`` is the spec this layer was bound with."""
+        ...
+
+    def decode(self, total: NDArray[Any], spec: ValueSpec, info: RoundInfo, rng: RandomSource) -> NDArray[Any]:
+        """Server half, on the sum of the included clients' encoded values."""
+        ...
+
+    def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]: ...
+
+
+class SecureSum(Protocol):
+    """The multi-message step that ends a pipeline: sums the clients' values, revealing only the sum."""
+
+    @property
+    def name(self) -> str: ...
+
+    def bind(self, spec: ValueSpec) -> ValueSpec:
+        """Check the input spec (e.g. a ring domain for masking) and return the spec of the sum."""
+        ...
+
+    def client(
+        self, cid: int, value: NDArray[Any], *, spec: ValueSpec, session: bytes, round: int
+    ) -> ClientMachine: ...
+
+    def server(self, cids: Sequence[int], *, spec: ValueSpec, session: bytes, round: int) -> ServerMachine: ...
+
+    def parties(self, *, spec: ValueSpec, session: bytes, round: int) -> Mapping[int, ClientMachine]:
+        """Extra roles that take part in the round (e.g. a Paillier key holder); usually empty."""
+        ...
+
+    def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class TrainResult:
+    """What a client's local training reports back (public metadata, not the update)."""
+
+    num_samples: int
+    steps: int
+    loss: float
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+class ClientTrainer(Protocol):
+    """Local training on one client: plain SGD, or DP-SGD (``fl.dp_training``)."""
+
+    def train(
+        self,
+        model: Any,
+        features: Any,
+        labels: Any,
+        *,
+        cid: int,
+        round: int,
+        seed: int,
+    ) -> TrainResult:
+        """Train ``model`` (a ``torch.nn.Module``) in place on one client's tensors."""
+        ...
+
+
+class PrivacyAccounting(Protocol):
+    """Tracks the privacy spent across rounds (implemented in ``fl.dp_accounting``).
+
+    The loop asks :meth:`can_run` before each round and stops, with a clear message, if the next round
+    would exceed the budget; :meth:`record` returns the per-round figures (``epsilon``, ``delta``, ...)
+    that go into the round's report line; :meth:`report` is the JSON report's ``privacy`` section.
+    """
+
+    def can_run(self, info: RoundInfo) -> tuple[bool, str]: ...
+
+    def record(self, info: RoundInfo, trainer_results: Mapping[int, TrainResult]) -> dict[str, Any]: ...
+
+    def report(self) -> dict[str, Any]: ...

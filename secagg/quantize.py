@@ -1,0 +1,99 @@
+"""Fixed-point quantization of real vectors into the ring Z_{2^k}, sized so a cohort's sum cannot wrap.
+
+A client value ``x`` with every coordinate in ``[-bound, bound]`` becomes the signed integer
+``q = floor(x * scale + u)`` with ``u ~ U[0, 1)`` (stochastic rounding: ``E[q] = x * scale``), where
+``scale = (2^(value_bits-1) - 1) / bound``, so ``|q| <= 2^(value_bits-1) - 1``. It is embedded in
+``Z_{2^k}`` with ``k = value_bits + ceil(log2(cohort))``: the sum of up to ``cohort`` such values has
+magnitude below ``2^(k-1)`` and decodes exactly as a signed integer. A coordinate outside the bound
+is an error, never clipped silently: clip first (``fl.layers.Clip``) or raise the bound.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+
+from secagg.errors import OverflowRiskError
+
+__all__ = ["MAX_RING_BITS", "Quantizer", "ring_bits_for"]
+
+MAX_RING_BITS = 63
+"""Largest ring we use: sums are kept in uint64 and decoded through int64."""
+
+
+def ring_bits_for(value_bits: int, cohort: int) -> int:
+    """Bits of the ring that holds the sum of ``cohort`` signed ``value_bits``-bit values without wrap."""
+    if cohort < 1:
+        raise ValueError(f"cohort must be >= 1, got {cohort}")
+    return value_bits + max(0, math.ceil(math.log2(cohort)))
+
+
+@dataclass(frozen=True, slots=True)
+class Quantizer:
+    """Stochastic-rounding quantizer for values in ``[-bound, bound]`` summed over ``cohort`` clients."""
+
+    bound: float
+    value_bits: int
+    cohort: int
+
+    def __post_init__(self) -> None:
+        if not (self.bound > 0 and math.isfinite(self.bound)):
+            raise ValueError(f"bound must be a positive finite number, got {self.bound}")
+        if not 2 <= self.value_bits <= 48:
+            raise ValueError(f"value_bits must be in [2, 48], got {self.value_bits}")
+        if self.ring_bits > MAX_RING_BITS:
+            raise OverflowRiskError(
+                f"{self.value_bits}-bit values summed over {self.cohort} clients need a "
+                f"{self.ring_bits}-bit ring, more than {MAX_RING_BITS}; lower value_bits or the cohort size"
+            )
+
+    @property
+    def ring_bits(self) -> int:
+        return ring_bits_for(self.value_bits, self.cohort)
+
+    @property
+    def modulus(self) -> int:
+        return 1 << self.ring_bits
+
+    @property
+    def scale(self) -> float:
+        return float((1 << (self.value_bits - 1)) - 1) / self.bound
+
+    def max_error(self, summands: int) -> float:
+        """Worst-case absolute error per coordinate of a decoded sum of ``summands`` values."""
+        return summands / self.scale
+
+    def encode(
+        self, x: NDArray[np.floating], uniform: Callable[[int], NDArray[np.float64]]
+    ) -> NDArray[np.uint64]:
+        """Quantize one client's vector; ``uniform(n)`` supplies rounding noise in ``[0, 1)`` (a CSPRNG)."""
+        x = np.asarray(x, dtype=np.float64).ravel()
+        if not np.all(np.isfinite(x)):
+            raise OverflowRiskError("cannot quantize NaN or Inf values; reject this update before encoding")
+        worst = float(np.max(np.abs(x))) if x.size else 0.0
+        if worst > self.bound:
+            raise OverflowRiskError(
+                f"a coordinate of magnitude {worst:.6g} exceeds the quantization bound {self.bound:.6g}; "
+                f"put Clip(l2=...) before Quantize or declare a larger bound (values are never clipped "
+                f"silently)"
+            )
+        u = uniform(x.size)
+        q = np.floor(x * self.scale + u).astype(np.int64)
+        return q.view(np.uint64) & np.uint64(self.modulus - 1)
+
+    def decode(self, total: NDArray[np.unsignedinteger], summands: int) -> NDArray[np.float64]:
+        """Decode a ring sum of ``summands`` encoded values back to reals."""
+        if summands > self.cohort:
+            raise OverflowRiskError(
+                f"the sum has {summands} summands but the ring was sized for {self.cohort}; "
+                f"size the quantizer for the whole cohort"
+            )
+        t = np.asarray(total, dtype=np.uint64) & np.uint64(self.modulus - 1)
+        signed = t.astype(np.int64)
+        half = 1 << (self.ring_bits - 1)
+        signed[signed >= half] -= self.modulus
+        return signed.astype(np.float64) / self.scale
