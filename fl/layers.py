@@ -101,7 +101,7 @@ class Quantize:
             raise CompositionError(
                 f"{exc}; the ring may have at most {MAX_RING_BITS} bits (lower Quantize(bits=...))"
             ) from exc
-        return spec.with_(domain="ring", modulus=q.modulus, linf_bound=None, l2_bound=None)
+        return spec.with_(domain="ring", modulus=q.modulus, value_bits=self.bits, linf_bound=None, l2_bound=None)
 
     def encode(self, x: NDArray[Any], spec: ValueSpec, rng: RandomSource) -> NDArray[Any]:
         return self.quantizer(spec).encode(x, rng.uniform)

@@ -47,6 +47,8 @@ class ValueSpec:
     ``linf_bound``: every coordinate's magnitude is at most this.
     ``modulus``: ring size (a power of two) when ``domain == "ring"``.
     ``noise_std``: std of the Gaussian noise already on each client's value (distributed DP), if any.
+    ``value_bits``: in the ring domain, each client's value is a signed integer of this many bits
+    (``|v| < 2^(value_bits-1)``) embedded in Z_modulus; lets a sum pack values tightly (Paillier).
     """
 
     size: int
@@ -56,6 +58,7 @@ class ValueSpec:
     linf_bound: float | None = None
     modulus: int | None = None
     noise_std: float = 0.0
+    value_bits: int | None = None
 
     def with_(self, **changes: Any) -> ValueSpec:
         return replace(self, **changes)
