@@ -61,6 +61,9 @@ class TrainConfig:
     dropout: float = 0.0  # probability a sampled client drops during a round (simulation)
     test_fraction: float = 0.2
     seed: int = 0
+    # Named test seam: derive DP noise, rounding bits and session ids from ``seed`` so runs repeat
+    # exactly (tests, resume checks). Never in production: whoever knows the seed can remove the noise.
+    insecure_seeded_randomness: bool = False
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def as_dict(self) -> dict[str, Any]:

@@ -53,7 +53,7 @@ class DropoutSchedule:
         at = self.drops.get(cid)
         if at is None:
             return True
-        idx = phases.index(at) if isinstance(at, str) else int(at)
+        idx = phases.index(at) if isinstance(at, str) else min(int(at), len(phases) - 1)
         return phase_index < idx
 
 

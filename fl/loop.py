@@ -1,0 +1,385 @@
+"""The federated training loop: sample, train locally, secure-sum through the pipeline, update, evaluate.
+
+:class:`Federation` holds one run's state and exposes each step separately (``sample``,
+``client_update``, ``finish_round``) so a network runner (Flower) can drive the same steps across
+machines; :func:`train` runs it in memory with the local runner, with checkpoints and a JSON report.
+
+Averaging: with ``weighting="samples"`` client k sends ``(n_k / n_mean) * delta_k`` and the server divides
+the sum by the included clients' ``sum(n_k / n_mean)`` -- the n_k-weighted FedAvg average of exactly the
+clients that made it into the sum (sample counts are public metadata). With ``"uniform"`` (what DP-FedAvg
+needs, so one client's influence is bounded by the clip norm) every client counts once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+from tqdm.auto import tqdm
+
+from dp.rng import SecureRandom
+from fl.config import TrainConfig
+from fl.data import Dataset, load_dataset, partition
+from fl.ledger import Ledger
+from fl.models import build_model, get_flat, set_flat
+from fl.privacy import build_plan
+from fl.runners.local import DropoutSchedule, SumOutcome, run_secure_sum
+from fl.server_opt import make_server_optimizer
+from fl.spec import RandomSource, RoundInfo, TrainResult, ValueSpec
+from fl.training import PlainTrainer
+from secagg.errors import AbortError
+
+__all__ = ["BudgetExhausted", "Federation", "NonFiniteUpdate", "centralized_baseline", "evaluate", "train"]
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class NonFiniteUpdate(ValueError):
+    """A client's update contains NaN or Inf; it is rejected so the model is never poisoned."""
+
+
+class BudgetExhausted(RuntimeError):
+    """The next round would exceed the privacy budget; training stops before it."""
+
+
+def _seed(*parts: object) -> int:
+    """A 63-bit seed derived from the run seed and labels (for public simulation randomness)."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
+
+
+def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """Loss, accuracy and (binary tasks) ROC AUC on held-out data."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(x)
+        loss = float(nn.functional.cross_entropy(logits, y))
+        acc = float((logits.argmax(dim=1) == y).float().mean())
+    out = {"loss": loss, "accuracy": acc}
+    if num_classes == 2 and len(torch.unique(y)) == 2:
+        from sklearn.metrics import roc_auc_score
+
+        prob = torch.softmax(logits, dim=1)[:, 1].numpy()
+        out["auc"] = float(roc_auc_score(y.numpy(), prob))
+    return out
+
+
+def centralized_baseline(data: Dataset, config: TrainConfig) -> float:
+    """Test accuracy of the same model family trained centrally, without privacy (scikit-learn)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neural_network import MLPClassifier
+
+    clf: Any
+    if config.model == "logreg":
+        clf = LogisticRegression(max_iter=2000)
+    else:
+        clf = MLPClassifier(hidden_layer_sizes=(config.hidden, config.hidden), max_iter=500, random_state=config.seed)
+    clf.fit(data.x_train, data.y_train)
+    return float(clf.score(data.x_test, data.y_test))
+
+
+class Federation:
+    """One federated run's state: data partitions, global model, pipeline, server optimizer, ledger."""
+
+    def __init__(self, config: TrainConfig, *, dataset: Dataset | None = None) -> None:
+        self.config = config
+        keep = (config.partition.split(":", 1)[1],) if config.partition.startswith("by-column:") else ()
+        self.data = dataset or load_dataset(
+            config.dataset, target=config.target, test_fraction=config.test_fraction, seed=config.seed,
+            keep_columns=keep,
+        )
+        self.parts = partition(self.data, config.partition, config.clients, seed=config.seed)
+        self.population = len(self.parts)
+        self.client_sizes = {k: len(p) for k, p in enumerate(self.parts)}
+        self.mean_size = float(np.mean(list(self.client_sizes.values())))
+        self.x_train = torch.from_numpy(self.data.x_train)
+        self.y_train = torch.from_numpy(self.data.y_train)
+        self.x_test = torch.from_numpy(self.data.x_test)
+        self.y_test = torch.from_numpy(self.data.y_test)
+        self.model = build_model(
+            config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed
+        )
+        self._worker = build_model(
+            config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed
+        )
+        self.params = get_flat(self.model)
+        if config.cohort is not None and not 1 <= config.cohort <= self.population:
+            raise ValueError(f"--cohort must be between 1 and the number of clients ({self.population})")
+        if config.sample_rate is not None and not 0 < config.sample_rate <= 1:
+            raise ValueError(f"--sample-rate must be in (0, 1], got {config.sample_rate}")
+        self.plan = build_plan(
+            config, size=self.params.size, population=self.population, client_sizes=self.client_sizes
+        )
+        self.trainer = self.plan.trainer or PlainTrainer(
+            epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size, optimizer=config.optimizer
+        )
+        self.weighting = self.plan.weighting or config.weighting
+        # Rings are sized for the most clients a round can have (all of them under Poisson sampling).
+        self.max_cohort = config.cohort if (config.cohort and config.sample_rate is None) else self.population
+        self.bound = self.plan.pipeline.bind(ValueSpec(size=self.params.size, cohort=self.max_cohort))
+        self.server_opt = make_server_optimizer(config.server_opt, config.server_lr)
+        self.ledger = Ledger()
+        self.history: list[dict[str, Any]] = []
+        self.next_round = 1
+
+    # ---- the steps of a round -------------------------------------------------------------------
+    @property
+    def sampling(self) -> str:
+        return "poisson" if self.config.sample_rate is not None else "fixed"
+
+    @property
+    def sample_rate(self) -> float:
+        if self.config.sample_rate is not None:
+            return self.config.sample_rate
+        return (self.config.cohort or self.population) / self.population
+
+    def sample(self, round: int) -> tuple[int, ...]:
+        """The clients asked to take part in ``round`` (seeded: the server's public choice)."""
+        rng = np.random.default_rng(_seed(self.config.seed, "sample", round))
+        if self.config.sample_rate is not None:
+            return tuple(int(c) for c in np.flatnonzero(rng.random(self.population) < self.config.sample_rate))
+        k = self.config.cohort or self.population
+        return tuple(sorted(int(c) for c in rng.choice(self.population, size=k, replace=False)))
+
+    def rng(self, round: int, who: object) -> RandomSource:
+        """A CSPRNG for one party's layer randomness; seeded only through the named test seam."""
+        if self.config.insecure_seeded_randomness:
+            return SecureRandom.for_testing(f"{self.config.seed}:{round}:{who}")
+        return SecureRandom()
+
+    def session(self, round: int) -> bytes:
+        if self.config.insecure_seeded_randomness:
+            return hashlib.sha256(f"session:{self.config.seed}:{round}".encode()).digest()[:16]
+        return os.urandom(16)
+
+    def weight(self, cid: int) -> float:
+        return self.client_sizes[cid] / self.mean_size if self.weighting == "samples" else 1.0
+
+    def client_update(
+        self, cid: int, round: int, params: NDArray[np.float64]
+    ) -> tuple[NDArray[Any], TrainResult]:
+        """Client side: train from ``params`` on client ``cid``'s data and encode the delta for the sum."""
+        if params.shape != self.params.shape:
+            raise ValueError(f"global model has {params.size} parameters, client {cid} expects {self.params.size}")
+        set_flat(self._worker, params)
+        idx = torch.from_numpy(self.parts[cid])
+        result = self.trainer.train(
+            self._worker, self.x_train[idx], self.y_train[idx], cid=cid, round=round,
+            seed=_seed(self.config.seed, "train", round, cid),
+        )
+        delta = get_flat(self._worker) - params
+        if not np.all(np.isfinite(delta)):
+            raise NonFiniteUpdate(
+                f"client {cid}'s update has NaN/Inf values in round {round}; it is rejected. Lower the "
+                f"learning rate or check that client's data for NaN/Inf"
+            )
+        return self.bound.encode(delta * self.weight(cid), self.rng(round, cid)), result
+
+    def round_info(self, round: int, planned: Sequence[int], included: Sequence[int]) -> RoundInfo:
+        return RoundInfo(
+            round=round,
+            planned=tuple(planned),
+            included=tuple(included),
+            population=self.population,
+            sample_rate=self.sample_rate,
+            sampling="poisson" if self.config.sample_rate is not None else "fixed",
+            num_samples={c: self.client_sizes[c] for c in planned},
+        )
+
+    def finish_round(
+        self,
+        round: int,
+        planned: Sequence[int],
+        outcome: SumOutcome,
+        results: Mapping[int, TrainResult],
+        *,
+        rejected: Sequence[int] = (),
+    ) -> dict[str, Any]:
+        """Server side: decode the sum, average, apply the server optimizer, evaluate and record."""
+        info = self.round_info(round, planned, outcome.included)
+        total = self.bound.decode(outcome.total, info, self.rng(round, "server"))
+        denom = sum(self.weight(c) for c in outcome.included)
+        self.params = self.server_opt.step(self.params, total / denom)
+        record: dict[str, Any] = {
+            "round": round,
+            "planned": len(planned),
+            "included": len(outcome.included),
+            "rejected": list(rejected),
+        }
+        if self.plan.accounting is not None:
+            record.update(self.plan.accounting.record(info, {c: results[c] for c in outcome.included if c in results}))
+        record.update(self.evaluate())
+        record["train_loss"] = float(np.mean([results[c].loss for c in outcome.included if c in results] or [math.nan]))
+        self.ledger.record(round, self.bound.guarantees(info), included=list(outcome.included))
+        self.history.append(record)
+        self.next_round = round + 1
+        return record
+
+    def run_round(self, round: int) -> dict[str, Any]:
+        """One synchronous round in memory. Raises ``BudgetExhausted`` before a round that would overspend."""
+        planned = self.sample(round)
+        if self.plan.accounting is not None:
+            ok, why = self.plan.accounting.can_run(self.round_info(round, planned, planned))
+            if not ok:
+                raise BudgetExhausted(why)
+        base: dict[str, Any] = {"round": round, "planned": len(planned)}
+        values: dict[int, NDArray[Any]] = {}
+        results: dict[int, TrainResult] = {}
+        rejected: list[int] = []
+        for cid in planned:
+            try:
+                values[cid], results[cid] = self.client_update(cid, round, self.params)
+            except NonFiniteUpdate as exc:
+                log.warning("%s", exc)
+                rejected.append(cid)
+        if not values:
+            record = {**base, "included": 0, "skipped": "no client update this round", **self.evaluate()}
+            self.history.append(record)
+            self.next_round = round + 1
+            return record
+        dropouts = None
+        if self.config.dropout > 0:
+            drop_rng = np.random.default_rng(_seed(self.config.seed, "dropout", round))
+            dropouts = DropoutSchedule.random(sorted(values), self.config.dropout, drop_rng, phases=4)
+        try:
+            outcome = run_secure_sum(
+                self.plan.pipeline.sum, values, spec=self.bound.sum_spec, session=self.session(round),
+                round=round, dropouts=dropouts,
+            )
+        except AbortError as exc:
+            log.warning("round %d: %s", round, exc)
+            record = {**base, "included": 0, "aborted": str(exc), **self.evaluate()}
+            self.history.append(record)
+            self.next_round = round + 1
+            return record
+        return self.finish_round(round, planned, outcome, results, rejected=rejected)
+
+    def evaluate(self) -> dict[str, float]:
+        set_flat(self.model, self.params)
+        return evaluate(self.model, self.x_test, self.y_test, self.data.num_classes)
+
+    # ---- checkpoints ----------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Write the whole run state (atomically) so :meth:`load` continues bit-for-bit."""
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {
+            "config": self.config.as_dict(),
+            "next_round": self.next_round,
+            "params": self.params,
+            "server_opt": self.server_opt.state(),
+            "history": self.history,
+            "ledger": self.ledger.entries,
+            "accounting": self.plan.accounting,
+        }
+        tmp = directory / (CHECKPOINT + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(directory / CHECKPOINT)
+
+    def load(self, directory: Path) -> None:
+        path = directory / CHECKPOINT
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint at {path}; run once with --checkpoint-dir {directory}")
+        state = torch.load(path, weights_only=False)
+        saved = dict(state["config"])
+        current = self.config.as_dict()
+        saved.pop("rounds", None)
+        current.pop("rounds", None)
+        diff = sorted(k for k in current if saved.get(k) != current[k])
+        if diff:
+            raise ValueError(
+                f"checkpoint in {directory} was made with different settings ({', '.join(diff)}); resume with "
+                f"the same flags (only --rounds may change)"
+            )
+        self.next_round = int(state["next_round"])
+        self.params = np.asarray(state["params"], dtype=np.float64)
+        self.server_opt.load(state["server_opt"])
+        self.history = list(state["history"])
+        self.ledger = Ledger(list(state["ledger"]))
+        if state["accounting"] is not None:
+            self.plan = replace(self.plan, accounting=state["accounting"])
+
+    # ---- report ---------------------------------------------------------------------------------
+    def report(self, *, baseline: float | None, stopped: str | None = None) -> dict[str, Any]:
+        final = dict(self.history[-1]) if self.history else self.evaluate()
+        final_keys = ("accuracy", "loss", "auc", "epsilon", "delta")
+        out: dict[str, Any] = {
+            "config": self.config.as_dict(),
+            "pipeline": self.plan.pipeline.name,
+            "rounds": self.history,
+            "final": {k: final[k] for k in final_keys if k in final} | {"rounds_completed": len(self.history)},
+            "baseline": {"centralized_accuracy": baseline},
+            "guarantees": self.ledger.latest(),
+            "ledger": self.ledger.as_list(),
+            "privacy": self.plan.accounting.report() if self.plan.accounting is not None else {"accountant": None},
+        }
+        if stopped:
+            out["stopped"] = stopped
+        if self.plan.notes:
+            out["notes"] = list(self.plan.notes)
+        return out
+
+
+def format_round(record: Mapping[str, Any], rounds: int) -> str:
+    """One readable line per round."""
+    parts = [f"round {record['round']:>3}/{rounds}", f"clients {record.get('included', 0)}/{record['planned']}"]
+    for key, label, fmt in (("accuracy", "acc", ".4f"), ("loss", "loss", ".4f"), ("auc", "auc", ".4f"),
+                            ("epsilon", "eps", ".3f")):
+        if key in record and record[key] is not None:
+            parts.append(f"{label} {record[key]:{fmt}}")
+    if "aborted" in record:
+        parts.append("ABORTED")
+    return " | ".join(parts)
+
+
+def train(
+    config: TrainConfig,
+    *,
+    progress: bool = False,
+    checkpoint_dir: Path | None = None,
+    resume: bool = False,
+    baseline: bool = True,
+    on_round: Callable[[dict[str, Any]], None] | None = None,
+    dataset: Dataset | None = None,
+) -> dict[str, Any]:
+    """Run ``config.rounds`` rounds in memory and return the JSON-ready report.
+
+    ``checkpoint_dir``: write a checkpoint after every round; with ``resume=True`` continue from it and
+    end with exactly the model an uninterrupted run would have (same seed, test seam for noise).
+    """
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    fed = Federation(config, dataset=dataset)
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume needs the checkpoint directory")
+        fed.load(checkpoint_dir)
+        log.info("resumed from %s at round %d", checkpoint_dir, fed.next_round)
+    base = centralized_baseline(fed.data, config) if baseline else None
+    stopped = None
+    bar = tqdm(range(fed.next_round, config.rounds + 1), desc="rounds", unit="round", disable=not progress)
+    for r in bar:
+        try:
+            record = fed.run_round(r)
+        except BudgetExhausted as exc:
+            stopped = f"stopped before round {r}: {exc}"
+            log.warning("%s", stopped)
+            if progress:
+                tqdm.write(stopped)
+            break
+        if progress:
+            tqdm.write(format_round(record, config.rounds))
+        if on_round is not None:
+            on_round(record)
+        if checkpoint_dir is not None:
+            fed.save(checkpoint_dir)
+    return fed.report(baseline=base, stopped=stopped)

@@ -1,0 +1,49 @@
+"""The models a federation can train, and flat-vector views of their parameters."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+__all__ = ["MODELS", "build_model", "get_flat", "set_flat"]
+
+MODELS = ("logreg", "mlp")
+
+
+def build_model(kind: str, num_features: int, num_classes: int, *, hidden: int = 64, seed: int = 0) -> nn.Module:
+    """``logreg``: one linear layer (multinomial logistic regression). ``mlp``: two hidden ReLU layers."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "logreg":
+        model: nn.Module = nn.Sequential(nn.Linear(num_features, num_classes))
+    elif kind == "mlp":
+        model = nn.Sequential(
+            nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+    else:
+        raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")
+    with torch.no_grad():
+        for p in model.parameters():
+            # the same init as torch's default (kaiming-uniform-like bound), from a seeded generator
+            bound = 1.0 / np.sqrt(p.shape[-1]) if p.dim() > 1 else 1.0 / np.sqrt(max(1, p.shape[0]))
+            p.uniform_(-bound, bound, generator=gen)
+    return model
+
+
+def get_flat(model: nn.Module) -> NDArray[np.float64]:
+    """All parameters as one float64 vector (the order of ``model.parameters()``)."""
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to(torch.float64).numpy().copy()
+
+
+def set_flat(model: nn.Module, flat: NDArray[np.floating]) -> None:
+    """Load a flat vector produced by :func:`get_flat` back into ``model``."""
+    total = sum(p.numel() for p in model.parameters())
+    if flat.shape != (total,):
+        raise ValueError(f"parameter vector has shape {flat.shape}, the model needs ({total},)")
+    offset = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            n = p.numel()
+            p.copy_(torch.from_numpy(np.asarray(flat[offset : offset + n])).reshape(p.shape).to(p.dtype))
+            offset += n

@@ -1,0 +1,58 @@
+"""Plain (non-private) local training on one client: epochs of shuffled minibatches, any torch optimizer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from fl.spec import TrainResult
+
+__all__ = ["PlainTrainer", "make_optimizer"]
+
+
+def make_optimizer(kind: str, params: Any, lr: float) -> torch.optim.Optimizer:
+    """``sgd`` or ``adam``: a fresh optimizer per client per round (local state is not kept)."""
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr)
+    if kind == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    raise ValueError(f"unknown optimizer {kind!r}; choose sgd or adam")
+
+
+@dataclass(frozen=True, slots=True)
+class PlainTrainer:
+    """``epochs`` passes over the local data in shuffled minibatches; cross-entropy loss."""
+
+    epochs: int = 1
+    lr: float = 0.1
+    batch_size: int = 32
+    optimizer: Literal["sgd", "adam"] = "sgd"
+
+    def train(
+        self, model: Any, features: Any, labels: Any, *, cid: int, round: int, seed: int
+    ) -> TrainResult:
+        assert isinstance(model, nn.Module)
+        n = int(labels.shape[0])
+        if n == 0:
+            raise ValueError(f"client {cid} has no training samples")
+        gen = torch.Generator().manual_seed(seed)
+        opt = make_optimizer(self.optimizer, model.parameters(), self.lr)
+        loss_fn = nn.CrossEntropyLoss()
+        bs = min(self.batch_size, n)
+        steps, total = 0, 0.0
+        model.train()
+        for _ in range(self.epochs):
+            order = torch.randperm(n, generator=gen)
+            for start in range(0, n, bs):
+                idx = order[start : start + bs]
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(model(features[idx]), labels[idx])
+                loss.backward()
+                opt.step()
+                steps += 1
+                total += float(loss.detach())
+        return TrainResult(num_samples=n, steps=steps, loss=total / max(1, steps), extra={"batches_per_epoch": math.ceil(n / bs)})
