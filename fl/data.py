@@ -201,7 +201,9 @@ def partition(
         try:
             alpha = float(spec.split(":", 1)[1])
         except ValueError:
-            raise DataError(f"bad partition {spec!r}: write dirichlet:ALPHA with a number, e.g. dirichlet:0.5") from None
+            raise DataError(
+                f"bad partition {spec!r}: write dirichlet:ALPHA with a number, e.g. dirichlet:0.5"
+            ) from None
         if not alpha > 0:
             raise DataError(f"dirichlet ALPHA must be > 0, got {alpha}")
         if clients < 1:

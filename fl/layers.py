@@ -21,9 +21,9 @@ __all__ = ["Clip", "Quantize", "clip_l2"]
 
 def clip_l2(x: NDArray[np.floating], bound: float) -> NDArray[np.float64]:
     """Scale ``x`` down so its L2 norm is at most ``bound`` (unchanged if already inside)."""
-    x = np.asarray(x, dtype=np.float64)
-    norm = float(np.linalg.norm(x))
-    return x * (bound / norm) if norm > bound else x.copy()
+    v: NDArray[np.float64] = np.asarray(x, dtype=np.float64)
+    norm = float(np.linalg.norm(v))
+    return v * (bound / norm) if norm > bound else v.copy()
 
 
 @dataclass(frozen=True, slots=True)

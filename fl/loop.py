@@ -39,18 +39,18 @@ from fl.spec import RandomSource, RoundInfo, TrainResult, ValueSpec
 from fl.training import PlainTrainer
 from secagg.errors import AbortError
 
-__all__ = ["BudgetExhausted", "Federation", "NonFiniteUpdate", "centralized_baseline", "evaluate", "train"]
+__all__ = ["BudgetExhaustedError", "Federation", "NonFiniteUpdateError", "centralized_baseline", "evaluate", "train"]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.pt"
 
 
-class NonFiniteUpdate(ValueError):
+class NonFiniteUpdateError(ValueError):
     """A client's update contains NaN or Inf; it is rejected so the model is never poisoned."""
 
 
-class BudgetExhausted(RuntimeError):
+class BudgetExhaustedError(RuntimeError):
     """The next round would exceed the privacy budget; training stops before it."""
 
 
@@ -180,7 +180,7 @@ class Federation:
         )
         delta = get_flat(self._worker) - params
         if not np.all(np.isfinite(delta)):
-            raise NonFiniteUpdate(
+            raise NonFiniteUpdateError(
                 f"client {cid}'s update has NaN/Inf values in round {round}; it is rejected. Lower the "
                 f"learning rate or check that client's data for NaN/Inf"
             )
@@ -227,12 +227,12 @@ class Federation:
         return record
 
     def run_round(self, round: int) -> dict[str, Any]:
-        """One synchronous round in memory. Raises ``BudgetExhausted`` before a round that would overspend."""
+        """One synchronous round in memory. Raises ``BudgetExhaustedError`` before a round that would overspend."""
         planned = self.sample(round)
         if self.plan.accounting is not None:
             ok, why = self.plan.accounting.can_run(self.round_info(round, planned, planned))
             if not ok:
-                raise BudgetExhausted(why)
+                raise BudgetExhaustedError(why)
         base: dict[str, Any] = {"round": round, "planned": len(planned)}
         values: dict[int, NDArray[Any]] = {}
         results: dict[int, TrainResult] = {}
@@ -240,7 +240,7 @@ class Federation:
         for cid in planned:
             try:
                 values[cid], results[cid] = self.client_update(cid, round, self.params)
-            except NonFiniteUpdate as exc:
+            except NonFiniteUpdateError as exc:
                 log.warning("%s", exc)
                 rejected.append(cid)
         if not values:
@@ -370,7 +370,7 @@ def train(
     for r in bar:
         try:
             record = fed.run_round(r)
-        except BudgetExhausted as exc:
+        except BudgetExhaustedError as exc:
             stopped = f"stopped before round {r}: {exc}"
             log.warning("%s", stopped)
             if progress:

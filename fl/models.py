@@ -19,7 +19,11 @@ def build_model(kind: str, num_features: int, num_classes: int, *, hidden: int =
         model: nn.Module = nn.Sequential(nn.Linear(num_features, num_classes))
     elif kind == "mlp":
         model = nn.Sequential(
-            nn.Linear(num_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            nn.Linear(num_features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
         )
     else:
         raise ValueError(f"unknown model {kind!r}; choose one of {', '.join(MODELS)}")

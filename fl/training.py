@@ -55,4 +55,6 @@ class PlainTrainer:
                 opt.step()
                 steps += 1
                 total += float(loss.detach())
-        return TrainResult(num_samples=n, steps=steps, loss=total / max(1, steps), extra={"batches_per_epoch": math.ceil(n / bs)})
+        return TrainResult(
+            num_samples=n, steps=steps, loss=total / max(1, steps), extra={"batches_per_epoch": math.ceil(n / bs)}
+        )

@@ -93,8 +93,8 @@ class PlainServer:
             raise ProtocolError(f"client {msg.sender} was not sampled for this round")
         if msg.sender in self._values:
             raise ProtocolError(f"client {msg.sender} already sent its input (replayed message?)")
-        value = np.asarray(msg.value)
-        if value.shape != (self.size,):
+        value = msg.value
+        if not isinstance(value, np.ndarray) or value.shape != (self.size,):
             raise ProtocolError(
                 f"client {msg.sender} sent shape {value.shape}, expected ({self.size},): every client must "
                 f"start the round from the same model"
@@ -109,7 +109,8 @@ class PlainServer:
             raise AbortError("input", needed=self.min_clients, answered=len(self._values))
         stacked = [self._values[c] for c in sorted(self._values)]
         if self.modulus is None:
-            self._result = np.sum(np.stack(stacked).astype(np.float64), axis=0)
+            floats: NDArray[np.float64] = np.stack(stacked).astype(np.float64).sum(axis=0)
+            self._result = floats
         else:
             total = np.zeros(self.size, dtype=np.uint64)
             for v in stacked:

@@ -1,0 +1,7 @@
+"""``python -m fl`` runs the ``privagg`` command line."""
+
+import sys
+
+from fl.cli import main
+
+sys.exit(main())
