@@ -31,7 +31,7 @@ from dp.rng import SecureRandom
 from fl.config import TrainConfig
 from fl.data import Dataset, load_dataset, partition
 from fl.ledger import Ledger
-from fl.models import build_model, get_flat, set_flat
+from fl.models import build_model, flatten_parameters, get_flat, set_flat
 from fl.privacy import build_plan
 from fl.runners.local import DropoutSchedule, SumOutcome, run_secure_sum
 from fl.server_opt import make_server_optimizer
@@ -89,6 +89,30 @@ def centralized_baseline(data: Dataset, config: TrainConfig) -> float:
     return float(clf.score(data.x_test, data.y_test))
 
 
+class _LazyRandom:
+    """Creates the CSPRNG on first use: most pipelines draw no randomness on most parties."""
+
+    __slots__ = ("_factory", "_rng")
+
+    def __init__(self, factory: Callable[[], SecureRandom]) -> None:
+        self._factory = factory
+        self._rng: SecureRandom | None = None
+
+    def _get(self) -> SecureRandom:
+        if self._rng is None:
+            self._rng = self._factory()
+        return self._rng
+
+    def uniform(self, n: int) -> NDArray[np.float64]:
+        return self._get().uniform(n)
+
+    def normal(self, n: int, std: float = 1.0) -> NDArray[np.float64]:
+        return self._get().normal(n, std)
+
+    def bytes(self, n: int) -> bytes:
+        return self._get().bytes(n)
+
+
 class Federation:
     """One federated run's state: data partitions, global model, pipeline, server optimizer, ledger."""
 
@@ -113,6 +137,8 @@ class Federation:
         self._worker = build_model(
             config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed
         )
+        self._worker_flat = flatten_parameters(self._worker)
+        self._start: tuple[NDArray[np.float64], torch.Tensor] | None = None  # (params, float32 copy)
         self.params = get_flat(self.model)
         if config.cohort is not None and not 1 <= config.cohort <= self.population:
             raise ValueError(f"--cohort must be between 1 and the number of clients ({self.population})")
@@ -155,8 +181,9 @@ class Federation:
     def rng(self, round: int, who: object) -> RandomSource:
         """A CSPRNG for one party's layer randomness; seeded only through the named test seam."""
         if self.config.insecure_seeded_randomness:
-            return SecureRandom.for_testing(f"{self.config.seed}:{round}:{who}")
-        return SecureRandom()
+            label = f"{self.config.seed}:{round}:{who}"
+            return _LazyRandom(lambda: SecureRandom.for_testing(label))
+        return _LazyRandom(SecureRandom)
 
     def session(self, round: int) -> bytes:
         if self.config.insecure_seeded_randomness:
@@ -172,13 +199,15 @@ class Federation:
         """Client side: train from ``params`` on client ``cid``'s data and encode the delta for the sum."""
         if params.shape != self.params.shape:
             raise ValueError(f"global model has {params.size} parameters, client {cid} expects {self.params.size}")
-        set_flat(self._worker, params)
+        if self._start is None or self._start[0] is not params:  # all clients of a round share the start
+            self._start = (params, torch.from_numpy(params).to(torch.float32))
+        self._worker_flat.copy_(self._start[1])
         idx = torch.from_numpy(self.parts[cid])
         result = self.trainer.train(
             self._worker, self.x_train[idx], self.y_train[idx], cid=cid, round=round,
             seed=_seed(self.config.seed, "train", round, cid),
         )
-        delta = get_flat(self._worker) - params
+        delta = self._worker_flat.numpy().astype(np.float64) - params
         if not np.all(np.isfinite(delta)):
             raise NonFiniteUpdateError(
                 f"client {cid}'s update has NaN/Inf values in round {round}; it is rejected. Lower the "

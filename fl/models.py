@@ -6,8 +6,9 @@ import numpy as np
 import torch
 from numpy.typing import NDArray
 from torch import nn
+from torch.nn.utils import parameters_to_vector
 
-__all__ = ["MODELS", "build_model", "get_flat", "set_flat"]
+__all__ = ["MODELS", "build_model", "flatten_parameters", "get_flat", "set_flat"]
 
 MODELS = ("logreg", "mlp")
 
@@ -37,7 +38,9 @@ def build_model(kind: str, num_features: int, num_classes: int, *, hidden: int =
 
 def get_flat(model: nn.Module) -> NDArray[np.float64]:
     """All parameters as one float64 vector (the order of ``model.parameters()``)."""
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).to(torch.float64).numpy().copy()
+    with torch.no_grad():
+        flat: NDArray[np.float64] = parameters_to_vector(model.parameters()).to(torch.float64).numpy()
+    return flat
 
 
 def set_flat(model: nn.Module, flat: NDArray[np.floating]) -> None:
@@ -45,9 +48,26 @@ def set_flat(model: nn.Module, flat: NDArray[np.floating]) -> None:
     total = sum(p.numel() for p in model.parameters())
     if flat.shape != (total,):
         raise ValueError(f"parameter vector has shape {flat.shape}, the model needs ({total},)")
+    src = torch.from_numpy(np.asarray(flat, dtype=np.float32))
     offset = 0
     with torch.no_grad():
+        for p in model.parameters():  # in place: parameters may be views into a flat buffer
+            n = p.numel()
+            p.copy_(src[offset : offset + n].view_as(p))
+            offset += n
+
+
+def flatten_parameters(model: nn.Module) -> torch.Tensor:
+    """Re-point every parameter of ``model`` into one contiguous buffer and return that buffer.
+
+    Loading a whole model is then one ``buffer.copy_``, and reading it one ``buffer.numpy()``: the
+    training loop does both for every client in every round. Optimizers must be created afterwards.
+    """
+    with torch.no_grad():
+        buf = parameters_to_vector(model.parameters()).detach().clone()
+        offset = 0
         for p in model.parameters():
             n = p.numel()
-            p.copy_(torch.from_numpy(np.asarray(flat[offset : offset + n])).reshape(p.shape).to(p.dtype))
+            p.data = buf[offset : offset + n].view_as(p)
             offset += n
+    return buf

@@ -41,20 +41,23 @@ class PlainTrainer:
             raise ValueError(f"client {cid} has no training samples")
         gen = torch.Generator().manual_seed(seed)
         opt = make_optimizer(self.optimizer, model.parameters(), self.lr)
-        loss_fn = nn.CrossEntropyLoss()
         bs = min(self.batch_size, n)
-        steps, total = 0, 0.0
-        model.train()
+        steps, total = 0, torch.zeros(())
+        if not model.training:
+            model.train()
         for _ in range(self.epochs):
             order = torch.randperm(n, generator=gen)
             for start in range(0, n, bs):
                 idx = order[start : start + bs]
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(model(features[idx]), labels[idx])
+                loss = nn.functional.cross_entropy(model(features[idx]), labels[idx])
                 loss.backward()
                 opt.step()
                 steps += 1
-                total += float(loss.detach())
+                total += loss.detach()
         return TrainResult(
-            num_samples=n, steps=steps, loss=total / max(1, steps), extra={"batches_per_epoch": math.ceil(n / bs)}
+            num_samples=n,
+            steps=steps,
+            loss=float(total) / max(1, steps),
+            extra={"batches_per_epoch": math.ceil(n / bs)},
         )
