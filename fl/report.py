@@ -38,6 +38,7 @@ def plot_rounds(report: Mapping[str, Any], path: Path, *, title: str | None = No
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     rounds = [r for r in report["rounds"] if "accuracy" in r]
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -46,6 +47,7 @@ def plot_rounds(report: Mapping[str, Any], path: Path, *, title: str | None = No
     if base is not None:
         ax.axhline(base, color="gray", ls="--", label=f"centralized, no privacy ({base:.3f})")
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy")
     eps = [r.get("epsilon") for r in rounds]
     if any(e is not None for e in eps):
