@@ -17,7 +17,11 @@ log = logging.getLogger("privagg")
 
 # Sub-commands implemented in their own modules: (name, module, help). Each module exposes
 # ``add_arguments(parser)`` and ``run(args) -> int``.
-EXTERNAL_COMMANDS: tuple[tuple[str, str, str], ...] = ()
+EXTERNAL_COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("sweep", "fl.sweep", "accuracy against privacy budget: epsilon values x seeds, with a table and a plot"),
+    ("audit", "fl.audit_cli", "empirical privacy audit: canary-based lower bounds on epsilon"),
+    ("flower", "fl.flower_cli", "run across machines on Flower: certs, superlink, supernode, run, local"),
+)
 
 DEMO_PRIVACY = "clip,quantize"
 

@@ -17,7 +17,6 @@ import logging
 import math
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -250,7 +249,10 @@ class Federation:
             record.update(self.plan.accounting.record(info, {c: results[c] for c in outcome.included if c in results}))
         record.update(self.evaluate())
         record["train_loss"] = float(np.mean([results[c].loss for c in outcome.included if c in results] or [math.nan]))
-        self.ledger.record(round, self.bound.guarantees(info), included=list(outcome.included))
+        claims = self.bound.guarantees(info)
+        if self.plan.accounting is not None:
+            claims += self.plan.accounting.guarantees()
+        self.ledger.record(round, claims, included=list(outcome.included))
         self.history.append(record)
         self.next_round = round + 1
         return record
@@ -322,6 +324,12 @@ class Federation:
         state = torch.load(path, weights_only=False)
         saved = dict(state["config"])
         current = self.config.as_dict()
+        if self.config.privacy.epsilon is not None and saved.get("rounds") != current["rounds"]:
+            raise ValueError(
+                f"the checkpoint's noise was calibrated for --rounds {saved.get('rounds')} at --epsilon "
+                f"{self.config.privacy.epsilon:g}; resume with the same --rounds (more rounds would need less "
+                f"noise per round than was already spent, and the budget would be undercounted)"
+            )
         saved.pop("rounds", None)
         current.pop("rounds", None)
         diff = sorted(k for k in current if saved.get(k) != current[k])
@@ -335,8 +343,9 @@ class Federation:
         self.server_opt.load(state["server_opt"])
         self.history = list(state["history"])
         self.ledger = Ledger(list(state["ledger"]))
-        if state["accounting"] is not None:
-            self.plan = replace(self.plan, accounting=state["accounting"])
+        if state["accounting"] is not None and self.plan.accounting is not None:
+            # restore in place: layers (the noise layer's budget view) hold a reference to this object
+            vars(self.plan.accounting).update(vars(state["accounting"]))
 
     # ---- report ---------------------------------------------------------------------------------
     def report(self, *, baseline: float | None, stopped: str | None = None) -> dict[str, Any]:
@@ -363,9 +372,11 @@ def format_round(record: Mapping[str, Any], rounds: int) -> str:
     """One readable line per round."""
     parts = [f"round {record['round']:>3}/{rounds}", f"clients {record.get('included', 0)}/{record['planned']}"]
     for key, label, fmt in (("accuracy", "acc", ".4f"), ("loss", "loss", ".4f"), ("auc", "auc", ".4f"),
-                            ("epsilon", "eps", ".3f")):
-        if key in record and record[key] is not None:
-            parts.append(f"{label} {record[key]:{fmt}}")
+                            ("epsilon", "eps", ".3f"), ("delta", "delta", ".0e"), ("noise_multiplier", "z", ".3f"),
+                            ("sample_rate", "q", ".3g"), ("steps", "steps", "d")):
+        value = record.get(key)
+        if isinstance(value, int | float) and not (isinstance(value, float) and math.isnan(value)):
+            parts.append(f"{label} {value:{fmt}}")
     if "aborted" in record:
         parts.append("ABORTED")
     return " | ".join(parts)

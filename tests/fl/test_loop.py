@@ -133,3 +133,21 @@ def test_report_shape_and_breast_cancer_bar() -> None:
     assert rep["final"]["accuracy"] >= 0.96
     assert rep["baseline"]["centralized_accuracy"] > 0.95
     assert rep["guarantees"][0]["layer"] == "plain-sum"
+
+
+def test_dp_resume_keeps_the_ledger_and_refuses_new_rounds(tmp_path: Path) -> None:
+    cfg = TrainConfig(clients=5, rounds=4, seed=2, insecure_seeded_randomness=True,
+                      privacy=PrivacyConfig(spec="clip,noise", clip=1.0, epsilon=3.0))
+    full = train(cfg, baseline=False)
+    # interrupt after round 2: rewrite the checkpoint from a 2-round run with the same calibration
+    ck = tmp_path / "half"
+    fed = Federation(cfg)
+    for r in (1, 2):
+        fed.run_round(r)
+    fed.save(ck)
+    resumed = train(cfg, checkpoint_dir=ck, resume=True, baseline=False)
+    assert resumed["final"]["epsilon"] == pytest.approx(full["final"]["epsilon"], rel=1e-9)
+    assert resumed["final"]["accuracy"] == full["final"]["accuracy"]
+    assert resumed["guarantees"] == full["guarantees"]
+    with pytest.raises(ValueError, match="same --rounds"):
+        train(replace(cfg, rounds=8), checkpoint_dir=ck, resume=True, baseline=False)
