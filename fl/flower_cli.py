@@ -1,0 +1,218 @@
+"""``privagg flower ...``: start the parts of a Flower federation that runs our own secure aggregation.
+
+``certs`` makes a throw-away CA and server certificate for local TLS tests; ``superlink`` and
+``supernode`` start Flower's processes (TLS unless ``--insecure``); ``run`` submits a training (the
+``privagg train`` flags) or a secure-sum job and follows it; ``local`` starts a SuperLink and N
+SuperNodes on this host, runs a job and stops them. Flower's configuration lives in ``--home``
+(``FLWR_HOME``, default ``out/flower/home``), never in ``~/.flwr``; telemetry, update checks and runtime
+dependency installation are off. Flower itself is imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_arguments", "run"]
+
+DEFAULT_HOME = Path("out/flower/home")
+
+
+def _partition(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--partition takes I/N (e.g. 0/3), got {text!r}") from None
+    if not 0 <= i < n:
+        raise argparse.ArgumentTypeError(f"--partition I/N needs 0 <= I < N, got {text!r}")
+    return i, n
+
+
+def _tls_args(p: argparse.ArgumentParser, *, server: bool) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    if server:
+        g.add_argument("--certs", type=Path, metavar="DIR",
+                       help="serve TLS with DIR/server.pem, DIR/server.key and DIR/ca.pem (`privagg flower certs`)")
+    else:
+        g.add_argument("--ca", type=Path, metavar="PEM", help="CA certificate that signed the SuperLink's certificate")
+        g.add_argument("--certs", type=Path, metavar="DIR",
+                       help="DIR/ca.pem verifies the SuperLink; DIR/server.* also put the local Runtime API under TLS")
+    g.add_argument("--insecure", action="store_true", help="no TLS (only on a trusted network)")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``flower`` sub-commands."""
+    from fl.cli import add_train_arguments
+
+    parser.add_argument("--home", type=Path, default=DEFAULT_HOME,
+                        help="Flower's config directory (FLWR_HOME; default: %(default)s)")
+    sub = parser.add_subparsers(dest="flower_command", metavar="PART", required=True)
+
+    p = sub.add_parser("certs", help="make a throw-away CA + server certificate for local TLS tests")
+    p.add_argument("--out", type=Path, default=Path("out/flower/certs"), help="directory (default: %(default)s)")
+    p.add_argument("--host", action="append", dest="hosts",
+                   help="IP or DNS name the certificate is valid for (repeat; default: 127.0.0.1 and localhost)")
+    p.add_argument("--days", type=int, default=7, help="validity in days (default: %(default)s)")
+
+    p = sub.add_parser("superlink", help="start the SuperLink (the server side's entry point)")
+    p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="the one HTTP(S) port of Flower 1.41+ (default: %(default)s)")
+    _tls_args(p, server=True)
+
+    p = sub.add_parser("supernode", help="start one client's SuperNode, owning partition I of N")
+    p.add_argument("--partition", type=_partition, required=True, metavar="I/N", help="this client's id / clients")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help="SuperLink address HOST:PORT (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="local Runtime API address (default: %(default)s)")
+    p.add_argument("--port", type=int, default=9094,
+                   help="local Runtime API port; give each SuperNode on one host its own (default: %(default)s)")
+    p.add_argument("--state-key", type=Path,
+                   help="file with the key that seals this node's protocol state (default: a fresh one in --home)")
+    p.add_argument("--fleet-poll", type=float, default=0.1,
+                   help="seconds between polls of the SuperLink when idle (Flower's own: 3) (default: %(default)s)")
+    p.add_argument("--stock", action="store_true",
+                   help="run Flower's flower-supernode unchanged: 3 s idle polls, one new interpreter per message")
+    _tls_args(p, server=False)
+
+    for name, helptext in (("run", "submit a job to a running SuperLink and follow it"),
+                           ("local", "start a SuperLink and N SuperNodes here, run a job, stop them")):
+        p = sub.add_parser(name, help=helptext, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_train_arguments(p)
+        g = p.add_argument_group("flower")
+        g.add_argument("--task", choices=["train", "sum"], default="train",
+                       help="train: the federated training above; sum: a secure sum of --size public test words")
+        g.add_argument("--size", type=int, default=100_000, help="vector length of --task sum")
+        g.add_argument("--out", type=Path, default=Path("out/flower/run"),
+                       help="where the ServerApp writes result.json / params.npy (a path on the SuperLink host)")
+        g.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for the SuperNodes")
+        g.add_argument("--start-timeout", type=float, default=300.0, help="seconds for local training (phase 0)")
+        g.add_argument("--phase-timeout", type=float, default=60.0,
+                       help="seconds per protocol phase; a SuperNode that misses it has dropped")
+        g.add_argument("--poll", type=float, default=0.05,
+                       help="seconds between pulls of replies; 0 = Flower's Grid.send_and_receive (3 s polls)")
+        g.add_argument("--timeout", type=float, default=3600.0, help="give up waiting for the result after this")
+        if name == "run":
+            g.add_argument("--superlink", default="127.0.0.1:8000", help="SuperLink address HOST:PORT")
+            g2 = g.add_mutually_exclusive_group(required=True)
+            g2.add_argument("--ca", type=Path, metavar="PEM",
+                            help="CA certificate that signed the SuperLink's certificate")
+            g2.add_argument("--insecure", action="store_true", help="no TLS")
+            g.add_argument("--no-wait", action="store_true", help="submit and return (e.g. when --out is remote)")
+        else:
+            g.add_argument("--insecure", action="store_true", help="no TLS (default: TLS with throw-away certificates)")
+            g.add_argument("--stock", action="store_true",
+                           help="Flower's SuperNodes unchanged (see `supernode --stock`)")
+
+
+def _job(args: argparse.Namespace) -> Any:
+    from fl.cli import config_from_args
+    from fl.runners.flower import FlowerJob
+
+    config = config_from_args(args)
+    common: dict[str, Any] = dict(
+        out=str(args.out.resolve()), join_timeout=args.join_timeout, start_timeout=args.start_timeout,
+        phase_timeout=args.phase_timeout, poll_interval=args.poll,
+    )
+    if args.task == "train":
+        return FlowerJob(task="train", config=config.as_dict(), **common)
+    protocol = config.privacy.tokens()[-1] if config.privacy.tokens() else "plain"
+    if protocol not in ("secagg", "secagg+", "plain"):
+        raise ValueError(f"--task sum runs secagg, secagg+ or none (plain), not {config.privacy.spec!r}")
+    return FlowerJob(task="sum", clients=config.clients, size=args.size, rounds=config.rounds, seed=config.seed,
+                     protocol=protocol, threshold=config.privacy.threshold, **common)
+
+
+def _follow(out: Path, *, timeout: float) -> dict[str, Any]:
+    """Print the ServerApp's progress lines as they appear; return ``result.json``."""
+    seen = 0
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = out / "progress.jsonl"
+        lines = path.read_text().splitlines() if path.is_file() else []
+        for line in lines[seen:]:
+            ev = json.loads(line)
+            if ev.get("event") == "joined":
+                print(f"joined: {len(ev['nodes'])} SuperNodes in {ev['seconds']:.1f}s")
+            elif ev.get("event") == "phase":
+                print(f"  round {ev['round']} {ev['phase']:<10} answered {len(ev['answered'])}/{len(ev['sent'])}")
+            elif ev.get("event") == "round_done":
+                parts = [f"round {ev['round']} done: clients {ev.get('included', 0)}/{ev['planned']}"]
+                for key in ("accuracy", "epsilon", "exact", "seconds"):
+                    if key in ev:
+                        parts.append(f"{key} {ev[key]:.4g}" if isinstance(ev[key], float) else f"{key} {ev[key]}")
+                print(" | ".join(parts))
+        seen = len(lines)
+        if (out / "result.json").is_file():
+            return dict(json.loads((out / "result.json").read_text()))
+        if (out / "error.json").is_file():
+            raise RuntimeError(f"the ServerApp failed: {json.loads((out / 'error.json').read_text())['error']}")
+        time.sleep(0.2)
+    raise TimeoutError(f"no result in {out} after {timeout:g}s")
+
+
+def _exec(cmd: list[str], env: dict[str, str]) -> int:
+    print("exec:", " ".join(cmd), file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(cmd[0], cmd, env)
+    return 0  # not reached
+
+
+def run(args: argparse.Namespace) -> int:
+    """Dispatch ``privagg flower PART``."""
+    try:
+        from fl.runners import flower as fw
+    except ImportError as exc:
+        print(f"privagg flower: Flower is not installed ({exc}); pip install 'privagg[flower]'", file=sys.stderr)
+        return 2
+    home: Path = args.home.resolve()
+    env = fw.flower_env(home)
+    cmd = args.flower_command
+    if cmd == "certs":
+        paths = fw.make_certificates(args.out, hosts=tuple(args.hosts or ("127.0.0.1", "localhost")), days=args.days)
+        print(f"CA:          {paths.ca}\nserver cert: {paths.cert}\nserver key:  {paths.key}")
+        print("throw-away certificates for local TLS tests only; use your organisation's PKI across sites")
+        return 0
+    if cmd == "superlink":
+        certs = None if args.insecure else fw.CertPaths.in_dir(args.certs)
+        return _exec(fw.superlink_command(host=args.host, port=args.port, certs=certs), env)
+    if cmd == "supernode":
+        i, n = args.partition
+        key = args.state_key or fw.make_state_key(home / "keys" / f"supernode-{i}-{os.getpid()}.key")
+        if not key.is_file():
+            raise FileNotFoundError(f"--state-key {key} does not exist")
+        certs = fw.CertPaths.in_dir(args.certs) if getattr(args, "certs", None) else None
+        ca = None if args.insecure else (args.ca if args.ca else None)
+        cmd_line = fw.supernode_command(superlink=args.superlink, partition=(i, n), state_key=key.resolve(),
+                                        port=args.port, host=args.host, certs=certs, ca=ca,
+                                        fleet_poll=0.0 if args.stock else args.fleet_poll)
+        return _exec(cmd_line, env)
+    job = _job(args)
+    if cmd == "run":
+        fw.write_connection(home, args.superlink, ca=None if args.insecure else args.ca.resolve())
+        out = Path(job.out)
+        for name in ("result.json", "error.json", "progress.jsonl"):
+            (out / name).unlink(missing_ok=True)
+        app = fw.write_app(home / "apps" / f"job-{os.getpid()}", job)
+        import subprocess
+
+        cp = subprocess.run([fw._exe("flwr"), "run", str(app), fw.CONNECTION], env=env)
+        if cp.returncode != 0 or args.no_wait:
+            return cp.returncode
+        result = _follow(out, timeout=args.timeout)
+    else:  # local
+        n = job.num_clients
+        with fw.LocalCluster(home.parent / "local", n, tls=not args.insecure,
+                             fleet_poll=0.0 if args.stock else 0.1) as cluster:
+            print(f"SuperLink on {cluster.address} ({'insecure' if args.insecure else 'TLS'}), {n} SuperNodes; "
+                  f"logs in {cluster.logs}")
+            cluster.submit(job)
+            result = _follow(Path(job.out), timeout=args.timeout)
+    if "params_file" in result:
+        print(f"model: {result['params_file']}")
+    print(f"result: {Path(job.out) / 'result.json'}")
+    return 0

@@ -1,0 +1,238 @@
+"""Our secure aggregation over real Flower processes (SuperLink + 3 SuperNodes) on 127.0.0.1 with TLS.
+
+Skipped when Flower is not installed (``pip install -e '.[flower]'``). Each test starts its own cluster
+through :class:`fl.runners.flower.LocalCluster` in a fixture that stops exactly the process groups it
+started, by PID, also when the test fails, and then checks that none of them is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from fl.config import PrivacyConfig, TrainConfig
+from fl.runners.flower import FlowerJob, LocalCluster, wait_result
+
+pytestmark = [pytest.mark.flower]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """SuperLink + 3 SuperNodes with TLS on 127.0.0.1, stopped by PID (process group) in all cases."""
+    c = LocalCluster(tmp_path / "cluster", 3, tls=True, host="127.0.0.1", fleet_poll=0.1)
+    try:
+        c.start(timeout=60)
+        yield c
+    finally:
+        c.stop()
+        started = [p.pid for p in [c.superlink, *c.nodes.values()] if p is not None]
+        assert started, "the fixture started no process"
+        assert not [pid for pid in started if _group_alive(pid)], "a Flower process group outlived the test"
+
+
+def _progress(out: Path) -> list[dict[str, Any]]:
+    path = out / "progress.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.mark.slow
+def test_secagg_plus_with_dp_over_flower_equals_in_memory(cluster: LocalCluster, tmp_path: Path) -> None:
+    """2 rounds of clip + distributed Gaussian noise + SecAgg+ across processes == the in-memory run."""
+    from fl.loop import Federation
+
+    config = TrainConfig(
+        dataset="breast_cancer", clients=3, rounds=2, seed=7, model="logreg",
+        insecure_seeded_randomness=True,  # the named test seam: same noise and rounding in both runs
+        privacy=PrivacyConfig(spec="clip,dnoise,secagg+", clip=1.0, noise_multiplier=1.0, threshold=0.6),
+    )
+    job = FlowerJob(task="train", out=str(tmp_path / "out"), config=config.as_dict(), join_timeout=60,
+                    start_timeout=60, phase_timeout=30)
+    assert "https://127.0.0.1" in (cluster.logs / "superlink.log").read_text()  # TLS, loopback only
+    result = cluster.run(job, timeout=150)
+
+    fed = Federation(config)
+    for r in (1, 2):
+        fed.run_round(r)
+    flower_params = np.load(result["params_file"])
+    np.testing.assert_array_equal(flower_params, fed.params)
+    assert [r["included_ids"] for r in result["rounds"]] == [[0, 1, 2], [0, 1, 2]]
+    report = result["report"]
+    assert report["pipeline"] == fed.plan.pipeline.name
+    assert "secagg+" in report["pipeline"] and "noise" in report["pipeline"]
+    assert report["ledger"] == json.loads(json.dumps(fed.ledger.as_list(), default=str))
+    assert report["final"].get("epsilon") == pytest.approx(fed.history[-1]["epsilon"])
+    phases = [e["phase"] for e in result["exchanges"]]
+    assert phases == ["advertise", "share", "masked", "unmask"] * 2
+
+
+@pytest.mark.slow
+def test_round_completes_when_a_supernode_dies_mid_round(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Kill SuperNode 2 after the key-sharing phase: the round finishes with the t = 2 survivors, exactly."""
+    out = tmp_path / "out"
+    job = FlowerJob(task="sum", out=str(out), clients=3, size=1000, rounds=1, protocol="secagg+", threshold=0.6,
+                    join_timeout=60, start_timeout=60, phase_timeout=8)
+    cluster.submit(job)
+    deadline = time.monotonic() + 90
+    while not any(e.get("event") == "phase" and e.get("phase") == "share" for e in _progress(out)):
+        assert time.monotonic() < deadline, f"the round never reached the share phase: {_progress(out)}"
+        assert not (out / "error.json").is_file(), (out / "error.json").read_text()
+        time.sleep(0.05)
+    cluster.kill_node(2)
+    result = wait_result(out, timeout=90, processes=[cluster.superlink])
+    (round1,) = result["rounds"]
+    assert round1["exact"] is True  # the server checked the sum against exactly the included inputs
+    phases = {e["phase"]: e for e in result["exchanges"]}
+    assert phases["unmask"]["answered"] == 2  # node 2 is dead by then: t = 2 survivors finish the round
+    # Node 2 dies before it can answer the masked-input phase (its ClientApp needs > 0.3 s), so its input
+    # is left out and its pairwise masks are removed from the survivors' shares of its key.
+    assert round1["included_ids"] == [0, 1]
+    assert phases["masked"]["sent"] == 3 and phases["masked"]["answered"] == 2
+
+
+# ---- fast checks of the pieces (no processes) ------------------------------------------------------------
+
+
+def _context(tmp_path: Path, node_id: int) -> Any:
+    from flwr.app import Context, RecordDict
+
+    from fl.runners.flower import make_state_key
+
+    key = make_state_key(tmp_path / "node.key")
+    return Context(run_id=1, node_id=node_id, node_config={"state-key-file": str(key)}, state=RecordDict(),
+                   run_config={})
+
+
+def test_sealed_client_state_round_trips_and_refuses_tampering(tmp_path: Path) -> None:
+    from fl.runners.flower import _seal, _unseal
+    from fl.spec import ValueSpec
+    from fl.sums_secagg import SecAggPlus
+    from secagg.errors import ProtocolError
+
+    spec = ValueSpec(size=8, cohort=3, domain="ring", modulus=1 << 32, value_bits=20)
+    machine = SecAggPlus(threshold=0.6).client(0, np.arange(8, dtype=np.uint64), spec=spec, session=b"s" * 16,
+                                               round=1)
+    (adv,) = machine.start()
+    ctx = _context(tmp_path, node_id=5)
+    blob = _seal(ctx, machine)
+    assert b"s" * 16 not in blob  # encrypted, not just pickled
+    restored = _unseal(ctx, blob)
+    assert restored.cid == 0 and restored.state == machine.state
+    assert restored._c_sk.public_key().public_bytes_raw() == adv.c_pk  # the secret key survived
+    tampered = bytearray(blob)
+    tampered[-1] ^= 1
+    with pytest.raises(ProtocolError, match="authenticate"):
+        _unseal(ctx, bytes(tampered))
+    other_key = _context(tmp_path / "x", node_id=5)
+    with pytest.raises(ProtocolError):
+        _unseal(other_key, blob)
+    from flwr.app import Context, RecordDict
+
+    same_key_other_node = Context(run_id=1, node_id=6, node_config=dict(ctx.node_config), state=RecordDict(),
+                                  run_config={})
+    with pytest.raises(ProtocolError):  # bound to (run, node) by the AEAD's associated data
+        _unseal(same_key_other_node, blob)
+
+
+def test_state_key_missing_names_the_fix(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from fl.runners.flower import _state_key
+
+    ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with pytest.raises(RuntimeError, match="privagg flower supernode"):
+        _state_key(ctx)
+
+
+def test_certificates_verify_for_loopback(tmp_path: Path) -> None:
+    import ipaddress
+
+    from cryptography import x509
+
+    from fl.runners.flower import make_certificates
+
+    paths = make_certificates(tmp_path, hosts=("127.0.0.1", "localhost"))
+    ca = x509.load_pem_x509_certificate(paths.ca.read_bytes())
+    cert = x509.load_pem_x509_certificate(paths.cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in san.get_values_for_type(x509.IPAddress)
+    assert "localhost" in san.get_values_for_type(x509.DNSName)
+    assert oct(paths.key.stat().st_mode & 0o777) == "0o600"
+
+
+def test_app_and_job_round_trip_through_flower_config(tmp_path: Path) -> None:
+    from flwr.cli.config_utils import load_and_validate
+
+    from fl.runners.flower import FlowerJob, write_app
+
+    config = TrainConfig(clients=4, rounds=3, privacy=PrivacyConfig(spec="clip,secagg+"))
+    job = FlowerJob(task="train", out=str(tmp_path / "out"), config=config.as_dict(), phase_timeout=7.5)
+    app = write_app(tmp_path / "app", job)
+    toml, _ = load_and_validate(app / "pyproject.toml", check_module=False)
+    comps = toml["tool"]["flwr"]["app"]["components"]
+    assert comps == {"serverapp": "fl.runners.flower:server_app", "clientapp": "fl.runners.flower:client_app"}
+    back = FlowerJob.from_json(toml["tool"]["flwr"]["app"]["config"]["job"])
+    assert back.phase_timeout == 7.5 and back.num_clients == 4 and back.num_rounds == 3
+    assert back.config["privacy"]["spec"] == "clip,secagg+"
+    with pytest.raises(ValueError, match="unknown Flower job field"):
+        FlowerJob.from_json(json.dumps({"task": "sum", "bogus": 1}))
+
+
+def test_commands_and_environment(tmp_path: Path) -> None:
+    from fl.runners.flower import CertPaths, flower_env, superlink_command, supernode_command
+
+    env = flower_env(tmp_path / "home", base={"PATH": "/usr/bin"})
+    assert env["FLWR_HOME"] == str(tmp_path / "home")
+    assert env["FLWR_TELEMETRY_ENABLED"] == "0" and env["FLWR_DISABLE_UPDATE_CHECK"] == "1"
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
+    certs = CertPaths(tmp_path / "ca.pem", tmp_path / "s.pem", tmp_path / "s.key")
+    link = superlink_command(host="127.0.0.1", port=18000, certs=certs)
+    assert "--insecure" not in link and "--ssl-certfile" in link and "--disable-runtime-dependency-installation" in link
+    assert "--insecure" in superlink_command(port=18000, certs=None)
+    node = supernode_command(superlink="127.0.0.1:18000", partition=(1, 3), state_key=tmp_path / "k", port=9200,
+                             ca=certs.ca)
+    assert node[node.index("--root-certificates") + 1] == str(certs.ca)
+    assert "partition-id=1 num-partitions=3" in node[node.index("--node-config") + 1]
+    with pytest.raises(ValueError, match="0 <= I < N"):
+        supernode_command(superlink="x:1", partition=(3, 3), state_key=tmp_path / "k")
+
+
+def test_cli_parses_and_rejects_bad_partition() -> None:
+    import argparse
+
+    from fl import flower_cli
+
+    parser = argparse.ArgumentParser(prog="privagg flower")
+    flower_cli.add_arguments(parser)
+    args = parser.parse_args(["supernode", "--partition", "2/3", "--ca", "ca.pem", "--port", "9096"])
+    assert args.partition == (2, 3) and args.port == 9096 and args.fleet_poll > 0
+    with pytest.raises(SystemExit):
+        parser.parse_args(["supernode", "--partition", "3/3", "--insecure"])
+    with pytest.raises(SystemExit):  # TLS or --insecure must be chosen explicitly
+        parser.parse_args(["superlink"])
+    run = parser.parse_args(
+        ["run", "--insecure", "--clients", "3", "--privacy", "clip,secagg+", "--phase-timeout", "9"]
+    )
+    job = flower_cli._job(run)
+    assert job.task == "train" and job.phase_timeout == 9 and job.config["privacy"]["spec"] == "clip,secagg+"
