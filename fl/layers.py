@@ -9,21 +9,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 from numpy.typing import NDArray
 
+from dp.mechanisms import clip_l2
 from fl.spec import CompositionError, Guarantee, RandomSource, RoundInfo, ValueSpec
 from secagg.errors import OverflowRiskError
 from secagg.quantize import MAX_RING_BITS, Quantizer
 
 __all__ = ["Clip", "Quantize", "clip_l2"]
-
-
-def clip_l2(x: NDArray[np.floating], bound: float) -> NDArray[np.float64]:
-    """Scale ``x`` down so its L2 norm is at most ``bound`` (unchanged if already inside)."""
-    v: NDArray[np.float64] = np.asarray(x, dtype=np.float64)
-    norm = float(np.linalg.norm(v))
-    return v * (bound / norm) if norm > bound else v.copy()
 
 
 @dataclass(frozen=True, slots=True)
