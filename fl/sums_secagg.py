@@ -1,0 +1,261 @@
+"""SecAgg (Bonawitz et al. CCS 2017) and SecAgg+ (Bell et al. CCS 2020) as pipeline secure sums.
+
+Both mask integers in Z_{2^k}: put ``Quantize(bits=...)`` before them. ``bind`` checks that the ring
+holds the sum of the whole cohort (``value_bits + ceil(log2(cohort)) <= k``), so the sum can never wrap
+silently (the peer's overflow check tested the wrong quantity and wrapped at 1024 clients).
+
+Authenticated mode needs identity keys set up before the round (a PKI). Each adapter instance owns an
+:class:`IdentityRegistry` created at construction: Ed25519 keys drawn from ``os.urandom`` the first time
+a client id is seen, held for the adapter's lifetime -- it plays the role of the set-up phase.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from numpy.typing import NDArray
+
+from fl.spec import CompositionError, Guarantee, RoundInfo, ValueSpec
+from fl.sums import threshold_count
+from secagg.client import IdentityKeys, SecAggClient
+from secagg.graph import GraphSpec, achieved_bits, threshold_for
+from secagg.machine import ClientMachine, ServerMachine
+from secagg.server import SecAggServer
+
+__all__ = ["IdentityRegistry", "SecAgg", "SecAggPlus"]
+
+_RING_MESSAGE = "SecAgg masks integers in Z_2^k: put Quantize(bits=...) before it"
+
+
+class IdentityRegistry:
+    """The PKI of authenticated mode: one Ed25519 identity key per client id, from a CSPRNG."""
+
+    def __init__(self, random_bytes: Callable[[int], bytes] = os.urandom) -> None:
+        self._rand = random_bytes
+        self._keys: dict[int, IdentityKeys] = {}
+        self._public: dict[int, bytes] = {}
+
+    def ensure(self, cids: Iterable[int]) -> None:
+        """Set up keys for clients not seen before."""
+        for cid in cids:
+            if cid not in self._keys:
+                keys = IdentityKeys.generate(self._rand)
+                self._keys[cid] = keys
+                self._public[cid] = keys.public
+
+    def private(self, cid: int) -> bytes:
+        self.ensure([cid])
+        return self._keys[cid].private
+
+    def publics(self) -> Mapping[int, bytes]:
+        """A read-only live view of every client's public identity key."""
+        return MappingProxyType(self._public)
+
+
+def _check_ring(spec: ValueSpec) -> None:
+    m = spec.modulus
+    if spec.domain != "ring" or m is None or m < 2 or m & (m - 1) or m > (1 << 64):
+        raise CompositionError(_RING_MESSAGE)
+    if spec.value_bits is None:
+        raise CompositionError(
+            "SecAgg needs the bit width of each client's value to check that the cohort's sum cannot wrap: "
+            "put Quantize(bits=...) before it"
+        )
+    need = spec.value_bits + max(0, math.ceil(math.log2(spec.cohort)))
+    if need > m.bit_length() - 1:
+        raise CompositionError(
+            f"the sum of {spec.cohort} clients' {spec.value_bits}-bit values needs a {need}-bit ring but the "
+            f"modulus is 2^{m.bit_length() - 1}: it would wrap. Size Quantize for the cohort"
+        )
+
+
+def _check_threshold(threshold: float | int, n: int) -> int:
+    t = threshold_count(threshold, n)
+    if t < 2 and n > 1:
+        raise CompositionError(f"threshold {threshold} gives t={t}: one share would reveal a secret; use t >= 2")
+    return t
+
+
+@dataclass(frozen=True, slots=True)
+class SecAgg:
+    """Pairwise-masked secure aggregation over the complete graph (the original protocol).
+
+    ``threshold``: fraction of the cohort (0, 1], or an absolute count t: every phase needs t survivors.
+    ``authenticated``: Ed25519-signed keys and the consistency-check round (active-server security).
+    """
+
+    threshold: float | int = 0.7
+    authenticated: bool = False
+    registry: IdentityRegistry = field(default_factory=IdentityRegistry, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return "secagg"
+
+    def _graph(self) -> GraphSpec:
+        return GraphSpec(complete=True)
+
+    def bind(self, spec: ValueSpec) -> ValueSpec:
+        _check_ring(spec)
+        _check_threshold(self.threshold, spec.cohort)
+        return spec
+
+    def client(self, cid: int, value: NDArray[Any], *, spec: ValueSpec, session: bytes, round: int) -> ClientMachine:
+        return _client(self, cid, value, spec=spec, session=session, round=round)
+
+    def server(self, cids: Sequence[int], *, spec: ValueSpec, session: bytes, round: int) -> ServerMachine:
+        return _server(self, cids, spec=spec, session=session, round=round)
+
+    def parties(self, *, spec: ValueSpec, session: bytes, round: int) -> Mapping[int, ClientMachine]:
+        return {}
+
+    def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]:
+        return (_guarantee(self.name, self._graph(), self.threshold, self.authenticated, spec, info),)
+
+
+@dataclass(frozen=True, slots=True)
+class SecAggPlus:
+    """SecAgg+ : each client masks against, and shares secrets with, k neighbours of a public random graph.
+
+    ``threshold``: fraction of each share group (a client and its k neighbours), or an absolute count.
+    ``neighbours``: k; ``None`` picks the smallest k meeting ``security_bits`` and ``correctness_bits``
+    when at most ``dropout_rate`` of the clients drop and ``corrupt_rate`` are corrupt (see
+    :func:`secagg.graph.choose_k`; small cohorts get the complete graph).
+    """
+
+    threshold: float | int = 0.7
+    neighbours: int | None = None
+    authenticated: bool = False
+    security_bits: float = 40.0
+    correctness_bits: float = 30.0
+    dropout_rate: float = 0.1
+    corrupt_rate: float = 0.1
+    registry: IdentityRegistry = field(default_factory=IdentityRegistry, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        return "secagg+"
+
+    def _graph(self) -> GraphSpec:
+        return GraphSpec(
+            complete=False,
+            neighbours=self.neighbours,
+            sigma=self.security_bits,
+            eta=self.correctness_bits,
+            dropout=self.dropout_rate,
+            corrupt=self.corrupt_rate,
+        )
+
+    def bind(self, spec: ValueSpec) -> ValueSpec:
+        _check_ring(spec)
+        if self.neighbours is not None and self.neighbours < 2:
+            raise CompositionError(f"SecAggPlus(neighbours=...) needs at least 2 neighbours, got {self.neighbours}")
+        try:
+            k = self._graph().degree(spec.cohort, self.threshold)
+        except ValueError as exc:
+            raise CompositionError(str(exc)) from exc
+        _check_threshold(self.threshold, k + 1)
+        return spec
+
+    def client(self, cid: int, value: NDArray[Any], *, spec: ValueSpec, session: bytes, round: int) -> ClientMachine:
+        return _client(self, cid, value, spec=spec, session=session, round=round)
+
+    def server(self, cids: Sequence[int], *, spec: ValueSpec, session: bytes, round: int) -> ServerMachine:
+        return _server(self, cids, spec=spec, session=session, round=round)
+
+    def parties(self, *, spec: ValueSpec, session: bytes, round: int) -> Mapping[int, ClientMachine]:
+        return {}
+
+    def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]:
+        return (_guarantee(self.name, self._graph(), self.threshold, self.authenticated, spec, info),)
+
+
+def _client(
+    ad: SecAgg | SecAggPlus, cid: int, value: NDArray[Any], *, spec: ValueSpec, session: bytes, round: int
+) -> SecAggClient:
+    _check_ring(spec)
+    assert spec.modulus is not None
+    return SecAggClient(
+        cid,
+        value,
+        session=session,
+        round=round,
+        modulus=spec.modulus,
+        size=spec.size,
+        threshold=ad.threshold,
+        graph=ad._graph(),
+        identity_key=ad.registry.private(cid) if ad.authenticated else None,
+        identities=ad.registry.publics() if ad.authenticated else None,
+    )
+
+
+def _server(
+    ad: SecAgg | SecAggPlus, cids: Sequence[int], *, spec: ValueSpec, session: bytes, round: int
+) -> SecAggServer:
+    _check_ring(spec)
+    assert spec.modulus is not None
+    if ad.authenticated:
+        ad.registry.ensure(cids)
+    return SecAggServer(
+        cids,
+        session=session,
+        round=round,
+        modulus=spec.modulus,
+        size=spec.size,
+        threshold=ad.threshold,
+        graph=ad._graph(),
+        identities=ad.registry.publics() if ad.authenticated else None,
+    )
+
+
+def _guarantee(
+    name: str, graph: GraphSpec, threshold: float | int, authenticated: bool, spec: ValueSpec, info: RoundInfo
+) -> Guarantee:
+    n = max(1, len(info.planned))
+    k = graph.degree(n, threshold)
+    m = k + 1
+    t = threshold_for(threshold, m)
+    complete = k >= n - 1
+    who = "an active (malicious) server" if authenticated else "an honest-but-curious server"
+    against = (
+        f"{who} colluding with < {t} clients"
+        if complete
+        else f"{who} colluding with < {t} clients of any share group (< {graph.corrupt:.0%} of all clients)"
+    )
+    assumptions = [
+        f"t = {t} of each {'cohort' if complete else 'share group'} of {m}",
+        f"k = {k} neighbours"
+        + (" (complete graph)" if complete else " (Harary graph under a public random permutation)"),
+        "X25519, HKDF-SHA256, AES-GCM and AES-CTR are secure",
+        f"at most {m - t} dropouts per {'cohort' if complete else 'share group'}",
+    ]
+    if authenticated:
+        assumptions.append("identity keys were distributed honestly at set-up (PKI); t > (n + corrupt clients) / 2")
+    params: dict[str, Any] = {
+        "t": t,
+        "k": k,
+        "n": n,
+        "group": m,
+        "authenticated": authenticated,
+        "modulus_bits": (spec.modulus or 2).bit_length() - 1,
+        "included": info.n_included,
+    }
+    if not complete:
+        sec, cor = achieved_bits(n, k, threshold=threshold, dropout=graph.dropout, corrupt=graph.corrupt)
+        assumptions.append(
+            f"dropouts <= {graph.dropout:g} and corruptions <= {graph.corrupt:g} of clients, independent of the "
+            f"graph: security 2^-{sec:.1f}, correctness 2^-{cor:.1f}"
+        )
+        params.update(sigma_bits=sec, eta_bits=cor, assumed_dropout=graph.dropout, assumed_corrupt=graph.corrupt)
+    return Guarantee(
+        layer=name,
+        property="input privacy: the server learns only the sum of the included clients' updates",
+        against=against,
+        assumptions=tuple(assumptions),
+        params=params,
+    )

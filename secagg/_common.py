@@ -1,0 +1,50 @@
+"""Helpers shared by the SecAgg client and server: labels, contexts, signed payloads, word types."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Final
+
+import numpy as np
+
+from secagg._hazmat import aead, shamir
+
+__all__: list[str] = []
+
+SHARE_KEY_LABEL: Final = b"privagg/secagg/share-encryption-key/v1"
+PAIR_MASK_LABEL: Final = b"privagg/secagg/pairwise-mask-seed/v1"
+ADVERTISE_SIG_LABEL: Final = b"privagg/secagg/advertise-keys/v1"
+SURVIVORS_SIG_LABEL: Final = b"privagg/secagg/survivor-list/v1"
+PLAINTEXT_BYTES: Final = 2 * shamir.SHARE_BYTES
+CIPHERTEXT_BYTES: Final = PLAINTEXT_BYTES + aead.OVERHEAD
+
+
+def pair_context(session: bytes, round: int, u: int, v: int) -> bytes:
+    """HKDF context of the (unordered) pair u, v in one session and round."""
+    a, b = (u, v) if u < v else (v, u)
+    return aead.associated_data(session, round, a, b)
+
+
+def advertise_payload(session: bytes, round: int, cid: int, c_pk: bytes, s_pk: bytes) -> bytes:
+    return aead.associated_data(session, round, cid, -1) + c_pk + s_pk
+
+
+def survivors_payload(session: bytes, round: int, survivors: Sequence[int]) -> bytes:
+    head = aead.associated_data(session, round, -1, -1) + len(survivors).to_bytes(4, "big")
+    return head + b"".join(s.to_bytes(8, "big", signed=True) for s in survivors)
+
+
+def word_dtype(modulus: int) -> type[np.unsignedinteger]:
+    """uint32 words when the ring fits (k <= 32), else uint64."""
+    return np.uint32 if modulus <= (1 << 32) else np.uint64
+
+
+def ring_bits(modulus: int) -> int:
+    if modulus < 2 or modulus & (modulus - 1) or modulus > (1 << 64):
+        raise ValueError(f"the modulus must be a power of two in [2, 2^64], got {modulus}")
+    return modulus.bit_length() - 1
+
+
+def sorted_unique(ids: Sequence[int]) -> bool:
+    return all(a < b for a, b in itertools.pairwise(ids))

@@ -1,0 +1,74 @@
+"""X25519 key agreement followed by HKDF-SHA256 with a mandatory domain-separation label.
+
+Every derived key names what it is for (``label``) and where it belongs (``context``: session, round,
+parties), so a key derived for one purpose can never be reused for another: the share-encryption key and
+the pairwise-mask seed of the same two clients come from different key pairs *and* different labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
+
+__all__ = [
+    "KEY_BYTES",
+    "agree",
+    "derive",
+    "generate_private",
+    "private_bytes",
+    "private_from_bytes",
+    "public_bytes",
+    "public_from_private_bytes",
+]
+
+KEY_BYTES = 32
+"""Length of X25519 private and public keys, and of every derived key."""
+
+RandomBytes = Callable[[int], bytes]
+
+
+def generate_private(random_bytes: RandomBytes) -> X25519PrivateKey:
+    """A fresh X25519 private key from 32 CSPRNG bytes (``os.urandom`` in production)."""
+    return X25519PrivateKey.from_private_bytes(random_bytes(KEY_BYTES))
+
+
+def private_bytes(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(Encoding.Raw, PrivateFormat.Raw, NoEncryption())
+
+
+def private_from_bytes(data: bytes) -> X25519PrivateKey:
+    if len(data) != KEY_BYTES:
+        raise ValueError(f"an X25519 private key has {KEY_BYTES} bytes, got {len(data)}")
+    return X25519PrivateKey.from_private_bytes(data)
+
+
+def public_bytes(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def public_from_private_bytes(data: bytes) -> bytes:
+    """The public key belonging to raw private-key bytes (used to check a reconstructed secret)."""
+    return public_bytes(private_from_bytes(data))
+
+
+def derive(secret: bytes, *, label: bytes, context: bytes = b"", length: int = KEY_BYTES) -> bytes:
+    """HKDF-SHA256(secret) with ``info = len(label) | label | context``; ``label`` must be non-empty."""
+    if not label:
+        raise ValueError("HKDF needs a non-empty domain-separation label")
+    info = len(label).to_bytes(2, "big") + label + context
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+
+
+def agree(private: X25519PrivateKey, peer_public: bytes, *, label: bytes, context: bytes = b"") -> bytes:
+    """A 32-byte key shared with the owner of ``peer_public``: HKDF(X25519(private, peer), label, context).
+
+    Raises ``ValueError`` for a malformed or low-order peer key (the all-zero shared secret).
+    """
+    if len(peer_public) != KEY_BYTES:
+        raise ValueError(f"an X25519 public key has {KEY_BYTES} bytes, got {len(peer_public)}")
+    shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
+    return derive(shared, label=label, context=context)

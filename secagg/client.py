@@ -1,0 +1,368 @@
+"""The SecAgg / SecAgg+ client as a sans-IO state machine (Bonawitz et al. CCS 2017, Bell et al. CCS 2020).
+
+One instance per client per round. It never trusts the server: it recomputes the neighbour graph from
+the public session data, checks every relayed key and ciphertext, and refuses (``ProtocolError``) any
+unmask request that would let the server strip its masks -- one that names a client both alive and
+dropped, names fewer than ``t`` survivors, leaves this client out of the survivors, or (authenticated
+mode) does not match a survivor list signed by at least ``t`` of its neighbours.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from secagg import _state
+from secagg._common import (
+    ADVERTISE_SIG_LABEL,
+    CIPHERTEXT_BYTES,
+    PAIR_MASK_LABEL,
+    SHARE_KEY_LABEL,
+    SURVIVORS_SIG_LABEL,
+    advertise_payload,
+    pair_context,
+    ring_bits,
+    sorted_unique,
+    survivors_payload,
+    word_dtype,
+)
+from secagg._hazmat import aead, kex, prg, shamir, sign
+from secagg.errors import KeyMismatchError, OverflowRiskError, ProtocolError
+from secagg.graph import GraphSpec, NeighbourGraph, threshold_for
+from secagg.machine import SERVER, Message
+from secagg.messages import (
+    AdvertiseKeys,
+    ConsistencyCheck,
+    ConsistencySignature,
+    KeyDirectory,
+    MaskedInput,
+    ShareDelivery,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+
+__all__ = ["IdentityKeys", "SecAggClient"]
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityKeys:
+    """A client's long-term Ed25519 identity (authenticated mode), as raw bytes."""
+
+    private: bytes = field(repr=False)
+    public: bytes
+
+    @classmethod
+    def generate(cls, random_bytes: Callable[[int], bytes] = os.urandom) -> IdentityKeys:
+        """Fresh keys from the CSPRNG ``random_bytes``."""
+        key = sign.generate_identity(random_bytes)
+        priv = key.private_bytes_raw()
+        return cls(priv, sign.public_identity(key))
+
+
+class SecAggClient:
+    """One client's half of a SecAgg(+) round.
+
+    ``value``: the client's vector in Z_modulus (uint64 from ``Quantize``), ``size`` long.
+    ``threshold``: fraction of the share group (or absolute count) needed at every phase.
+    ``graph``: complete (SecAgg) or sparse (SecAgg+) neighbour graph parameters.
+    ``identity_key``/``identities``: raw Ed25519 private key of this client and public keys of all
+    clients, for authenticated mode (both or neither). ``random_bytes``: the CSPRNG (``os.urandom``;
+    tests pass a deterministic source through this seam).
+    """
+
+    def __init__(
+        self,
+        cid: int,
+        value: NDArray[Any],
+        *,
+        session: bytes,
+        round: int,
+        modulus: int,
+        size: int,
+        threshold: float | int,
+        graph: GraphSpec | None = None,
+        identity_key: bytes | None = None,
+        identities: Mapping[int, bytes] | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        if cid < 0:
+            raise ValueError(f"client ids are non-negative, got {cid}")
+        if (identity_key is None) != (identities is None):
+            raise ValueError("authenticated mode needs both identity_key and identities (or neither)")
+        self._cid = cid
+        self._session = bytes(session)
+        self._round = round
+        self._bits = ring_bits(modulus)
+        self._modulus = modulus
+        self._dtype = word_dtype(modulus)
+        self._threshold = threshold
+        self._graph_spec = graph or GraphSpec()
+        self._identity_key = identity_key
+        self._identities = identities
+        self._rand = random_bytes
+        self._auth = identity_key is not None
+        self._table = _state.client_transitions(self._auth)
+        self._state = "new"
+        self._value = self._check_value(value, size)
+        self._size = size
+        # Round secrets and what the client learns along the way.
+        self._c_sk = kex.generate_private(random_bytes)
+        self._s_sk = kex.generate_private(random_bytes)
+        self._b = random_bytes(prg.SEED_BYTES)
+        self._graph: NeighbourGraph | None = None
+        self._t = 0
+        self._dir: dict[int, tuple[bytes, bytes]] = {}
+        self._share_keys: dict[int, bytes] = {}
+        self._held: dict[int, tuple[int, int]] = {}  # sender -> (share of b_sender, share of s_sender)
+        self._survivors: tuple[int, ...] | None = None
+
+    # ------------------------------------------------------------------ the machine interface
+    @property
+    def cid(self) -> int:
+        return self._cid
+
+    @property
+    def state(self) -> str:
+        return self._state
+
+    def start(self) -> list[Message]:
+        if self._state != "new":
+            raise ProtocolError(f"client {self._cid} already started")
+        c_pk, s_pk = kex.public_bytes(self._c_sk), kex.public_bytes(self._s_sk)
+        sig = b""
+        if self._identity_key is not None:
+            sig = sign.sign(
+                sign.private_from_bytes(self._identity_key),
+                label=ADVERTISE_SIG_LABEL,
+                payload=advertise_payload(self._session, self._round, self._cid, c_pk, s_pk),
+            )
+        self._state = "advertised"
+        return [AdvertiseKeys(self._cid, SERVER, self._session, self._round, c_pk, s_pk, sig)]
+
+    def receive(self, msg: Message) -> list[Message]:
+        session = getattr(msg, "session", None)
+        rnd = getattr(msg, "round", None)
+        if session != self._session or rnd != self._round:
+            raise ProtocolError(
+                f"client {self._cid} refuses a {type(msg).__name__} from another session or round "
+                f"(replayed or misrouted)"
+            )
+        if msg.sender != SERVER or msg.recipient != self._cid:
+            raise ProtocolError(f"client {self._cid} accepts only server messages addressed to it")
+        nxt = self._table.get((self._state, type(msg)))
+        if nxt is None:
+            raise ProtocolError(
+                f"client {self._cid} got {type(msg).__name__} in state {self._state!r}: out of phase or replayed"
+            )
+        if isinstance(msg, KeyDirectory):
+            out: list[Message] = self._on_directory(msg)
+        elif isinstance(msg, ShareDelivery):
+            out = self._on_delivery(msg)
+        elif isinstance(msg, ConsistencyCheck):
+            out = self._on_consistency(msg)
+        elif isinstance(msg, UnmaskRequest):
+            out = self._on_unmask(msg)
+        else:  # pragma: no cover - the table only lists the types above
+            raise ProtocolError(f"unexpected {type(msg).__name__}")
+        self._state = nxt
+        return out
+
+    # ------------------------------------------------------------------ phases
+    def _check_value(self, value: NDArray[Any], size: int) -> NDArray[np.unsignedinteger]:
+        v = np.asarray(value)
+        if v.shape != (size,):
+            raise ValueError(f"client {self._cid}'s value has shape {v.shape}, expected ({size},)")
+        if v.dtype.kind not in "ui":
+            raise OverflowRiskError(
+                f"SecAgg masks integers in Z_2^{self._bits}, got {v.dtype} values: put Quantize before the sum"
+            )
+        if v.size and (int(v.min()) < 0 or int(v.max()) >= self._modulus):
+            raise OverflowRiskError(f"client {self._cid}'s value has entries outside Z_2^{self._bits}")
+        return v.astype(self._dtype)
+
+    def _on_directory(self, msg: KeyDirectory) -> list[Message]:
+        n = len(msg.ids)
+        if not (len(msg.c_pks) == len(msg.s_pks) == len(msg.signatures) == n) or not sorted_unique(msg.ids):
+            raise ProtocolError("key directory is malformed (lengths differ or ids not sorted and unique)")
+        if not sorted_unique(msg.cohort) or self._cid not in msg.cohort:
+            raise ProtocolError("key directory's cohort is malformed or does not include this client")
+        try:
+            graph = self._graph_spec.build(
+                msg.cohort, threshold=self._threshold, session=self._session, round=self._round
+            )
+        except ValueError as exc:
+            raise ProtocolError(f"cannot rebuild the neighbour graph: {exc}") from exc
+        group = graph.group(self._cid)
+        t = threshold_for(self._threshold, graph.k + 1)
+        if not set(msg.ids) <= group:
+            raise ProtocolError("key directory lists clients that are not this client's neighbours")
+        if n < t:
+            raise ProtocolError(f"only {n} keys in the directory, fewer than the threshold {t}")
+        if t < 2 and len(msg.cohort) > 1:
+            raise ProtocolError(f"the announced cohort gives threshold t={t}: one share would reveal a secret")
+        entries = dict(zip(msg.ids, zip(msg.c_pks, msg.s_pks, strict=True), strict=True))
+        own = (kex.public_bytes(self._c_sk), kex.public_bytes(self._s_sk))
+        if entries.get(self._cid) != own:
+            raise ProtocolError("the server relayed this client's own keys altered or not at all")
+        all_keys = [k for pair in entries.values() for k in pair]
+        if any(len(k) != kex.KEY_BYTES for k in all_keys) or len(set(all_keys)) != len(all_keys):
+            raise ProtocolError("advertised keys must be 32 bytes and pairwise distinct")
+        if self._identities is not None:
+            for v, sig in zip(msg.ids, msg.signatures, strict=True):
+                ident = self._identities.get(v)
+                payload = advertise_payload(self._session, self._round, v, *entries[v])
+                if ident is None or not sign.verify(ident, sig, label=ADVERTISE_SIG_LABEL, payload=payload):
+                    raise ProtocolError(f"client {v}'s advertised keys carry no valid signature of its identity key")
+        self._graph, self._t, self._dir = graph, t, entries
+        # Shamir-share b and s_sk among the group members present; x = id + 1.
+        xs = [v + 1 for v in msg.ids]
+        b_sh = shamir.split(self._b, xs, threshold=t, random_bytes=self._rand)
+        s_sh = shamir.split(kex.private_bytes(self._s_sk), xs, threshold=t, random_bytes=self._rand)
+        recipients: list[int] = []
+        cts: list[bytes] = []
+        for v, yb, ys in zip(msg.ids, b_sh, s_sh, strict=True):
+            if v == self._cid:
+                self._held[v] = (yb, ys)
+                continue
+            try:
+                key = self._share_key(v)
+            except ValueError as exc:  # e.g. a low-order point: no usable shared secret
+                raise ProtocolError(f"client {v}'s advertised encryption key is unusable: {exc}") from exc
+            pt = shamir.encode_share(yb) + shamir.encode_share(ys)
+            cts.append(
+                aead.encrypt(
+                    key,
+                    pt,
+                    session=self._session,
+                    round=self._round,
+                    sender=self._cid,
+                    recipient=v,
+                    random_bytes=self._rand,
+                )
+            )
+            recipients.append(v)
+        return [ShareKeys(self._cid, SERVER, self._session, self._round, tuple(recipients), tuple(cts))]
+
+    def _share_key(self, v: int) -> bytes:
+        key = self._share_keys.get(v)
+        if key is None:
+            key = self._share_keys[v] = self._derive_share_key(v)
+        return key
+
+    def _derive_share_key(self, v: int) -> bytes:
+        c_pk_v = self._dir[v][0]
+        return kex.agree(
+            self._c_sk, c_pk_v, label=SHARE_KEY_LABEL, context=pair_context(self._session, self._round, self._cid, v)
+        )
+
+    def _on_delivery(self, msg: ShareDelivery) -> list[Message]:
+        if len(msg.senders) != len(msg.ciphertexts) or not sorted_unique(msg.senders):
+            raise ProtocolError("share delivery is malformed")
+        if self._cid in msg.senders or not set(msg.senders) <= set(self._dir):
+            raise ProtocolError("share delivery names senders outside this client's key directory")
+        if len(msg.senders) + 1 < self._t:
+            raise ProtocolError(f"only {len(msg.senders) + 1} share holders, fewer than the threshold {self._t}")
+        for v, ct in zip(msg.senders, msg.ciphertexts, strict=True):
+            if len(ct) != CIPHERTEXT_BYTES:
+                raise ProtocolError(f"ciphertext from client {v} has the wrong length")
+            try:
+                pt = aead.decrypt(
+                    self._share_key(v), ct, session=self._session, round=self._round, sender=v, recipient=self._cid
+                )
+                self._held[v] = (
+                    shamir.decode_share(pt[: shamir.SHARE_BYTES]),
+                    shamir.decode_share(pt[shamir.SHARE_BYTES :]),
+                )
+            except (KeyMismatchError, ValueError) as exc:
+                raise ProtocolError(f"share from client {v} is invalid: {exc}") from exc
+        seeds: list[tuple[bytes, int]] = []
+        for v in msg.senders:
+            try:
+                seed = kex.agree(
+                    self._s_sk,
+                    self._dir[v][1],
+                    label=PAIR_MASK_LABEL,
+                    context=pair_context(self._session, self._round, self._cid, v),
+                )
+            except ValueError as exc:
+                raise ProtocolError(f"client {v}'s advertised mask key is unusable: {exc}") from exc
+            seeds.append((seed, +1 if self._cid < v else -1))
+        y = self._value  # masked in place: the clear input is dropped right after
+        exp = prg.MaskExpander(self._size, self._dtype)
+        exp.add(y, self._b, +1)
+        for seed, sign_ in seeds:
+            exp.add(y, seed, sign_)
+        if self._bits < 8 * np.dtype(self._dtype).itemsize:
+            y &= self._dtype(self._modulus - 1)
+        self._value = np.zeros(0, dtype=self._dtype)  # the clear input is no longer needed
+        self._share_keys.clear()
+        return [MaskedInput(self._cid, SERVER, self._session, self._round, y)]
+
+    def _on_consistency(self, msg: ConsistencyCheck) -> list[Message]:
+        assert self._graph is not None and self._identity_key is not None
+        survivors = msg.survivors
+        if not sorted_unique(survivors) or self._cid not in survivors:
+            raise ProtocolError("survivor list is malformed or leaves out this client, which sent its input")
+        mine = set(survivors) & (set(self._held))
+        if len(mine) < self._t:
+            raise ProtocolError(f"survivor list names {len(mine)} of this client's group, fewer than t={self._t}")
+        self._survivors = survivors
+        sig = sign.sign(
+            sign.private_from_bytes(self._identity_key),
+            label=SURVIVORS_SIG_LABEL,
+            payload=survivors_payload(self._session, self._round, survivors),
+        )
+        return [ConsistencySignature(self._cid, SERVER, self._session, self._round, sig)]
+
+    def _on_unmask(self, msg: UnmaskRequest) -> list[Message]:
+        alive, dropped = msg.alive, msg.dropped
+        if not sorted_unique(alive) or not sorted_unique(dropped):
+            raise ProtocolError("unmask request lists are not sorted and unique")
+        both = set(alive) & set(dropped)
+        if both:
+            raise ProtocolError(
+                f"unmask request names client(s) {sorted(both)} both alive and dropped: answering would give "
+                f"the server both the self-mask and the mask key, i.e. the client's input"
+            )
+        if self._cid not in alive:
+            raise ProtocolError("unmask request does not list this client as alive, yet it sent its masked input")
+        unknown = (set(alive) | set(dropped)) - set(self._held)
+        if unknown:
+            raise ProtocolError(f"unmask request asks for shares of {sorted(unknown)}, which this client does not hold")
+        if len(alive) < self._t:
+            raise ProtocolError(f"unmask request names {len(alive)} survivor(s), fewer than the threshold t={self._t}")
+        if self._auth:
+            self._check_signed_survivors(msg)
+        b_sh = tuple(shamir.encode_share(self._held[v][0]) for v in alive)
+        s_sh = tuple(shamir.encode_share(self._held[v][1]) for v in dropped)
+        self._held.clear()  # answer at most once
+        return [UnmaskResponse(self._cid, SERVER, self._session, self._round, alive, b_sh, dropped, s_sh)]
+
+    def _check_signed_survivors(self, msg: UnmaskRequest) -> None:
+        assert self._survivors is not None and self._identities is not None and self._graph is not None
+        surv = set(self._survivors)
+        held = set(self._held)
+        if set(msg.alive) != surv & held or not set(msg.dropped) <= held - surv:
+            raise ProtocolError("unmask request disagrees with the survivor list this client signed")
+        if len(msg.signers) != len(msg.signatures) or not sorted_unique(msg.signers):
+            raise ProtocolError("consistency signatures are malformed")
+        payload = survivors_payload(self._session, self._round, self._survivors)
+        group = self._graph.group(self._cid)
+        valid = 0
+        for v, sig in zip(msg.signers, msg.signatures, strict=True):
+            ident = self._identities.get(v)
+            if (
+                v not in surv
+                or ident is None
+                or not sign.verify(ident, sig, label=SURVIVORS_SIG_LABEL, payload=payload)
+            ):
+                raise ProtocolError(f"client {v}'s signature on the survivor list is missing or invalid")
+            valid += v in group
+        if valid < self._t:
+            raise ProtocolError(f"only {valid} neighbours signed the survivor list, fewer than t={self._t}")

@@ -1,0 +1,405 @@
+"""The SecAgg / SecAgg+ server as a sans-IO state machine.
+
+It collects one phase at a time and moves on when the runner calls :meth:`SecAggServer.end_phase` (the
+phase deadline): whoever has not answered has dropped. Every phase needs at least ``t`` members of each
+affected share group, else the round aborts with :class:`~secagg.errors.AbortError`. For each client the
+server asks for exactly one kind of share -- the self-mask seed ``b_u`` of a survivor of the masked-input
+phase, the mask key ``s_u^SK`` of a client that dropped after sharing its keys -- never both.
+
+The result is ``sum_{u in U3} y_u - PRG(b_u) -/+ PRG(s_{u,v}) for dropped v``, computed with in-place
+uint32/uint64 vector operations (natural wrap-around) and reduced mod 2^k.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+from secagg import _state
+from secagg._common import (
+    ADVERTISE_SIG_LABEL,
+    CIPHERTEXT_BYTES,
+    PAIR_MASK_LABEL,
+    SURVIVORS_SIG_LABEL,
+    advertise_payload,
+    pair_context,
+    ring_bits,
+    survivors_payload,
+    word_dtype,
+)
+from secagg._hazmat import kex, prg, shamir, sign
+from secagg.errors import AbortError, ProtocolError
+from secagg.graph import GraphSpec, NeighbourGraph, threshold_for
+from secagg.machine import SERVER, Message
+from secagg.messages import (
+    AdvertiseKeys,
+    ConsistencyCheck,
+    ConsistencySignature,
+    KeyDirectory,
+    MaskedInput,
+    ShareDelivery,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+
+__all__ = ["SecAggServer"]
+
+
+class SecAggServer:
+    """The aggregator of one SecAgg(+) round over the clients ``cids``.
+
+    ``identities``: raw Ed25519 public keys of the clients, which turns on authenticated mode (signed
+    keys and the consistency-check phase). ``random_bytes``: the CSPRNG for the server's throw-away key
+    that probes advertised keys for low-order points (test seam, as for the client).
+    """
+
+    def __init__(
+        self,
+        cids: Sequence[int],
+        *,
+        session: bytes,
+        round: int,
+        modulus: int,
+        size: int,
+        threshold: float | int,
+        graph: GraphSpec | None = None,
+        identities: Mapping[int, bytes] | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self._session = bytes(session)
+        self._round = round
+        self._bits = ring_bits(modulus)
+        self._modulus = modulus
+        self._dtype = word_dtype(modulus)
+        self._size = size
+        self._identities = identities
+        self._auth = identities is not None
+        self._phases = _state.server_phases(self._auth)
+        self._i = 0
+        self._graph: NeighbourGraph = (graph or GraphSpec()).build(
+            list(cids), threshold=threshold, session=self._session, round=round
+        )
+        self._members = frozenset(self._graph.cohort)
+        self._probe = kex.generate_private(random_bytes)
+        self._t = threshold_for(threshold, self._graph.k + 1)
+        if self._t < 2 and self._graph.n > 1:
+            raise ValueError(f"threshold t={self._t}: one share would reveal a client's secrets; use t >= 2")
+        if self._auth and identities is not None and not set(self._graph.cohort) <= set(identities):
+            raise ValueError("authenticated mode needs an identity key for every sampled client")
+        self._adverts: dict[int, AdvertiseKeys] = {}
+        self._shares: dict[int, ShareKeys] = {}
+        self._acc = np.zeros(size, dtype=self._dtype)
+        self._u3: set[int] = set()
+        self._sigs: dict[int, bytes] = {}
+        self._requests: dict[int, UnmaskRequest] = {}
+        self._responses: dict[int, UnmaskResponse] = {}
+        self._u1: tuple[int, ...] = ()
+        self._u2: tuple[int, ...] = ()
+        self._survivors: tuple[int, ...] = ()
+        self._result: NDArray[np.uint64] | None = None
+        self._done = False
+        self._asked_b: set[int] = set()
+        self._asked_s: set[int] = set()
+
+    # ------------------------------------------------------------------ public state
+    @property
+    def phases(self) -> tuple[str, ...]:
+        return self._phases
+
+    @property
+    def phase(self) -> str:
+        return self._phases[min(self._i, len(self._phases) - 1)]
+
+    @property
+    def done(self) -> bool:
+        return self._done
+
+    @property
+    def result(self) -> NDArray[np.uint64] | None:
+        return self._result
+
+    @property
+    def included(self) -> tuple[int, ...]:
+        return self._survivors if self._done else ()
+
+    @property
+    def threshold(self) -> int:
+        return self._t
+
+    @property
+    def graph(self) -> NeighbourGraph:
+        return self._graph
+
+    @property
+    def asked(self) -> tuple[frozenset[int], frozenset[int]]:
+        """(clients whose b share was requested, clients whose s_sk share was requested) -- disjoint."""
+        return frozenset(self._asked_b), frozenset(self._asked_s)
+
+    def start(self) -> list[Message]:
+        return []
+
+    # ------------------------------------------------------------------ receiving
+    def receive(self, msg: Message) -> list[Message]:
+        if self._done:
+            raise ProtocolError("the round is over; no more messages are accepted")
+        expected = _state.SERVER_ACCEPTS[self.phase]
+        if getattr(msg, "session", None) != self._session or getattr(msg, "round", None) != self._round:
+            raise ProtocolError(f"{type(msg).__name__} from {msg.sender} belongs to another session or round")
+        if msg.recipient != SERVER:
+            raise ProtocolError(f"{type(msg).__name__} is not addressed to the server")
+        if msg.sender not in self._members:
+            raise ProtocolError(f"client {msg.sender} was not sampled for this round")
+        if type(msg) is not expected:
+            raise ProtocolError(
+                f"{type(msg).__name__} from client {msg.sender} is out of phase: the server is collecting "
+                f"{expected.__name__} (phase {self.phase!r})"
+            )
+        if isinstance(msg, AdvertiseKeys):
+            self._on_advertise(msg)
+        elif isinstance(msg, ShareKeys):
+            self._on_share(msg)
+        elif isinstance(msg, MaskedInput):
+            self._on_masked(msg)
+        elif isinstance(msg, ConsistencySignature):
+            self._on_signature(msg)
+        elif isinstance(msg, UnmaskResponse):
+            self._on_unmask(msg)
+        return []
+
+    def _dup(self, seen: Iterable[int], sender: int) -> None:
+        if sender in seen:
+            raise ProtocolError(f"client {sender} already answered this phase (duplicated or replayed message)")
+
+    def _on_advertise(self, msg: AdvertiseKeys) -> None:
+        self._dup(self._adverts, msg.sender)
+        if len(msg.c_pk) != kex.KEY_BYTES or len(msg.s_pk) != kex.KEY_BYTES or msg.c_pk == msg.s_pk:
+            raise ProtocolError(f"client {msg.sender} advertised malformed keys")
+        for pk in (msg.c_pk, msg.s_pk):
+            try:  # a low-order point gives an all-zero shared secret with any key: refuse it now
+                kex.agree(self._probe, pk, label=b"privagg/secagg/key-validity-probe")
+            except ValueError as exc:
+                raise ProtocolError(f"client {msg.sender} advertised an unusable X25519 key") from exc
+        if self._identities is not None:
+            payload = advertise_payload(self._session, self._round, msg.sender, msg.c_pk, msg.s_pk)
+            if not sign.verify(self._identities[msg.sender], msg.signature, label=ADVERTISE_SIG_LABEL, payload=payload):
+                raise ProtocolError(f"client {msg.sender}'s advertised keys are not signed by its identity key")
+        elif msg.signature:
+            raise ProtocolError("signature on advertised keys in unauthenticated mode")
+        self._adverts[msg.sender] = msg
+
+    def _on_share(self, msg: ShareKeys) -> None:
+        self._dup(self._shares, msg.sender)
+        if msg.sender not in self._u1:
+            raise ProtocolError(f"client {msg.sender} did not take part in the advertise phase")
+        want = tuple(sorted((self._graph.group(msg.sender) & set(self._u1)) - {msg.sender}))
+        if msg.recipients != want or len(msg.ciphertexts) != len(want):
+            raise ProtocolError(f"client {msg.sender} must send one ciphertext to each of {list(want)}")
+        if any(len(c) != CIPHERTEXT_BYTES for c in msg.ciphertexts):
+            raise ProtocolError(f"client {msg.sender} sent ciphertexts of the wrong length")
+        self._shares[msg.sender] = msg
+
+    def _on_masked(self, msg: MaskedInput) -> None:
+        self._dup(self._u3, msg.sender)
+        if msg.sender not in self._u2:
+            raise ProtocolError(f"client {msg.sender} did not share its keys; its masked input cannot be unmasked")
+        y = msg.y
+        if not isinstance(y, np.ndarray) or y.dtype != np.dtype(self._dtype) or y.shape != (self._size,):
+            raise ProtocolError(
+                f"client {msg.sender} sent a masked input of {getattr(y, 'dtype', type(y))} "
+                f"{getattr(y, 'shape', '')}; expected {np.dtype(self._dtype)} ({self._size},)"
+            )
+        np.add(self._acc, y, out=self._acc)
+        self._u3.add(msg.sender)
+
+    def _on_signature(self, msg: ConsistencySignature) -> None:
+        self._dup(self._sigs, msg.sender)
+        assert self._identities is not None
+        if msg.sender not in self._survivors:
+            raise ProtocolError(f"client {msg.sender} is not a survivor and may not sign the survivor list")
+        payload = survivors_payload(self._session, self._round, self._survivors)
+        if not sign.verify(self._identities[msg.sender], msg.signature, label=SURVIVORS_SIG_LABEL, payload=payload):
+            raise ProtocolError(f"client {msg.sender}'s consistency signature is invalid")
+        self._sigs[msg.sender] = msg.signature
+
+    def _on_unmask(self, msg: UnmaskResponse) -> None:
+        self._dup(self._responses, msg.sender)
+        req = self._requests.get(msg.sender)
+        if req is None:
+            raise ProtocolError(f"client {msg.sender} was not asked to unmask")
+        if msg.alive != req.alive or msg.dropped != req.dropped:
+            raise ProtocolError(f"client {msg.sender} answered for other clients than the server asked about")
+        if len(msg.b_shares) != len(req.alive) or len(msg.s_shares) != len(req.dropped):
+            raise ProtocolError(f"client {msg.sender} sent the wrong number of shares")
+        try:
+            for s in (*msg.b_shares, *msg.s_shares):
+                shamir.decode_share(s)
+        except ValueError as exc:
+            raise ProtocolError(f"client {msg.sender} sent a malformed share: {exc}") from exc
+        self._responses[msg.sender] = msg
+
+    # ------------------------------------------------------------------ phase transitions
+    def _require(self, phase: str, live: set[int], whose: Iterable[int]) -> None:
+        """Abort unless every share group of ``whose`` keeps >= t members in ``live``."""
+        worst = None
+        for u in whose:
+            c = len(self._graph.group(u) & live)
+            worst = c if worst is None else min(worst, c)
+        if worst is None:
+            worst = 0
+        if worst < self._t:
+            raise AbortError(phase, needed=self._t, answered=worst)
+
+    def end_phase(self) -> list[Message]:
+        if self._done:
+            return []
+        phase = self.phase
+        if phase == _state.ADVERTISE:
+            out = self._close_advertise()
+        elif phase == _state.SHARE:
+            out = self._close_share()
+        elif phase == _state.MASKED:
+            out = self._close_masked()
+        elif phase == _state.CONSISTENCY:
+            out = self._close_consistency()
+        else:
+            self._close_unmask()
+            return []
+        self._i += 1
+        return out
+
+    def _close_advertise(self) -> list[Message]:
+        u1 = set(self._adverts)
+        self._require(_state.ADVERTISE, u1, u1)
+        self._u1 = tuple(sorted(u1))
+        out: list[Message] = []
+        for u in self._u1:
+            ids = tuple(sorted(self._graph.group(u) & u1))
+            ads = [self._adverts[v] for v in ids]
+            out.append(
+                KeyDirectory(
+                    SERVER,
+                    u,
+                    self._session,
+                    self._round,
+                    self._graph.cohort,
+                    ids,
+                    tuple(a.c_pk for a in ads),
+                    tuple(a.s_pk for a in ads),
+                    tuple(a.signature for a in ads),
+                )
+            )
+        return out
+
+    def _close_share(self) -> list[Message]:
+        u2 = set(self._shares)
+        self._require(_state.SHARE, u2, u2)
+        self._u2 = tuple(sorted(u2))
+        inbox: dict[int, list[tuple[int, bytes]]] = {u: [] for u in self._u2}
+        for v in self._u2:
+            sk = self._shares[v]
+            for r, ct in zip(sk.recipients, sk.ciphertexts, strict=True):
+                if r in inbox:
+                    inbox[r].append((v, ct))
+        out: list[Message] = []
+        for u in self._u2:
+            items = sorted(inbox[u])
+            out.append(
+                ShareDelivery(
+                    SERVER, u, self._session, self._round, tuple(v for v, _ in items), tuple(c for _, c in items)
+                )
+            )
+        return out
+
+    def _needs_s(self, live: set[int]) -> list[int]:
+        """Dropped clients (shared keys, no masked input) whose masks sit in some survivor's input."""
+        return [w for w in self._u2 if w not in self._u3 and self._graph.neighbours(w) & live]
+
+    def _close_masked(self) -> list[Message]:
+        u3 = set(self._u3)
+        self._require(_state.MASKED, u3, [*u3, *self._needs_s(u3)])
+        self._survivors = tuple(sorted(u3))
+        if self._auth:
+            return [ConsistencyCheck(SERVER, u, self._session, self._round, self._survivors) for u in self._survivors]
+        return self._unmask_requests(u3)
+
+    def _close_consistency(self) -> list[Message]:
+        u4 = set(self._sigs)
+        self._require(_state.CONSISTENCY, u4, [*self._u3, *self._needs_s(set(self._u3))])
+        return self._unmask_requests(u4)
+
+    def _unmask_requests(self, responders: set[int]) -> list[Message]:
+        u2, u3 = set(self._u2), set(self._u3)
+        out: list[Message] = []
+        for u in sorted(responders):
+            group = self._graph.group(u)
+            alive = tuple(sorted(group & u3))
+            dropped = tuple(sorted((group & u2) - u3))
+            signers: tuple[int, ...] = ()
+            sigs: tuple[bytes, ...] = ()
+            if self._auth:
+                signers = tuple(sorted(group & set(self._sigs)))
+                sigs = tuple(self._sigs[v] for v in signers)
+            # Invariant: one kind of share per client, across the whole round.
+            if set(alive) & self._asked_s or set(dropped) & self._asked_b:  # never reached by construction
+                raise ProtocolError("refusing to ask for both kinds of share of one client")
+            self._asked_b.update(alive)
+            self._asked_s.update(dropped)
+            req = UnmaskRequest(SERVER, u, self._session, self._round, alive, dropped, signers, sigs)
+            self._requests[u] = req
+            out.append(req)
+        return out
+
+    def _close_unmask(self) -> None:
+        u5 = set(self._responses)
+        u3 = set(self._u3)
+        needs_s = self._needs_s(u3)
+        self._require(_state.UNMASK, u5, [*u3, *needs_s])
+        b_sh: dict[int, list[tuple[int, int]]] = {u: [] for u in u3}
+        s_sh: dict[int, list[tuple[int, int]]] = {w: [] for w in needs_s}
+        for r in sorted(u5):
+            resp = self._responses[r]
+            for v, s in zip(resp.alive, resp.b_shares, strict=True):
+                if len(b_sh[v]) < self._t:
+                    b_sh[v].append((r + 1, shamir.decode_share(s)))
+            for v, s in zip(resp.dropped, resp.s_shares, strict=True):
+                if v in s_sh and len(s_sh[v]) < self._t:
+                    s_sh[v].append((r + 1, shamir.decode_share(s)))
+        total = self._acc  # the accumulator is not needed afterwards: unmask in place
+        exp = prg.MaskExpander(self._size, self._dtype)
+        for u in sorted(u3):
+            try:
+                b = shamir.combine(b_sh[u], threshold=self._t)
+            except ValueError as exc:
+                raise ProtocolError(f"the shares of client {u}'s self-mask seed are inconsistent: {exc}") from exc
+            exp.add(total, b, -1)
+        for w in needs_s:
+            try:
+                s_sk = shamir.combine(s_sh[w], threshold=self._t)
+                ok = kex.public_from_private_bytes(s_sk) == self._adverts[w].s_pk
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ProtocolError(
+                    f"the shares of dropped client {w}'s mask key do not reconstruct its advertised key: "
+                    f"a client sent a wrong share"
+                )
+            sk = kex.private_from_bytes(s_sk)
+            for v in sorted(self._graph.neighbours(w) & u3):
+                seed = kex.agree(
+                    sk,
+                    self._adverts[v].s_pk,
+                    label=PAIR_MASK_LABEL,
+                    context=pair_context(self._session, self._round, v, w),
+                )
+                # v added +PRG if v < w, -PRG otherwise: remove it.
+                exp.add(total, seed, -1 if v < w else +1)
+        result = total.astype(np.uint64)
+        if self._bits < 64:
+            result &= np.uint64(self._modulus - 1)
+        self._result = result
+        self._done = True
+        self._i = len(self._phases) - 1

@@ -1,0 +1,193 @@
+"""Versioned, length-checked codec between protocol messages and bytes (for network runners).
+
+Layout: ``b"PAGW" | version (u8) | type tag (u8) | fields``; every field has a fixed kind:
+``i64`` (signed big-endian), ``bytes`` (u32 length + data), ``ids`` (u32 count + i64 each),
+``blobs`` (u32 count + bytes each), ``array`` (dtype code u8 + u64 count + little-endian words). Decoding
+checks every length against what is left and refuses trailing bytes; any bad input raises
+:class:`~secagg.errors.CodecError` and nothing else. Masked inputs travel as uint32 when the ring fits.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import fields
+from typing import Any, Final
+
+import numpy as np
+
+from secagg.errors import CodecError
+from secagg.machine import Message
+from secagg.messages import (
+    AdvertiseKeys,
+    ConsistencyCheck,
+    ConsistencySignature,
+    KeyDirectory,
+    MaskedInput,
+    ShareDelivery,
+    ShareKeys,
+    UnmaskRequest,
+    UnmaskResponse,
+)
+from secagg.plain import PlainInput
+
+__all__ = ["MAGIC", "VERSION", "dumps", "loads"]
+
+MAGIC: Final = b"PAGW"
+VERSION: Final = 1
+MAX_ITEMS: Final = 1 << 24
+"""Upper bound on list lengths and array sizes a decoder accepts (a guard against absurd allocations)."""
+
+_TYPES: Final[dict[int, type]] = {
+    1: AdvertiseKeys,
+    2: KeyDirectory,
+    3: ShareKeys,
+    4: ShareDelivery,
+    5: MaskedInput,
+    6: ConsistencyCheck,
+    7: ConsistencySignature,
+    8: UnmaskRequest,
+    9: UnmaskResponse,
+    10: PlainInput,
+}
+_TAGS: Final = {cls: tag for tag, cls in _TYPES.items()}
+_DTYPES: Final[dict[int, np.dtype[Any]]] = {
+    1: np.dtype("<u4"),
+    2: np.dtype("<u8"),
+    3: np.dtype("<f8"),
+    4: np.dtype("<i8"),
+}
+_DTYPE_CODES: Final = {dt: code for code, dt in _DTYPES.items()}
+
+_KIND_OF_FIELD: Final = {
+    "sender": "i64",
+    "recipient": "i64",
+    "session": "bytes",
+    "round": "i64",
+    "c_pk": "bytes",
+    "s_pk": "bytes",
+    "signature": "bytes",
+    "cohort": "ids",
+    "ids": "ids",
+    "recipients": "ids",
+    "senders": "ids",
+    "survivors": "ids",
+    "alive": "ids",
+    "dropped": "ids",
+    "signers": "ids",
+    "c_pks": "blobs",
+    "s_pks": "blobs",
+    "signatures": "blobs",
+    "ciphertexts": "blobs",
+    "b_shares": "blobs",
+    "s_shares": "blobs",
+    "y": "array",
+    "value": "array",
+}
+_SCHEMA: Final = {cls: tuple((f.name, _KIND_OF_FIELD[f.name]) for f in fields(cls)) for cls in _TYPES.values()}
+_I64 = struct.Struct(">q")
+_U32 = struct.Struct(">I")
+_U64 = struct.Struct(">Q")
+
+
+def dumps(msg: Message) -> bytes:
+    """Encode one protocol message; ``CodecError`` for an unknown type or a field of the wrong kind."""
+    tag = _TAGS.get(type(msg))
+    if tag is None:
+        raise CodecError(f"no wire encoding for {type(msg).__name__}")
+    out = [MAGIC, bytes((VERSION, tag))]
+    try:
+        for name, kind in _SCHEMA[type(msg)]:
+            _encode(out, kind, getattr(msg, name))
+    except (TypeError, ValueError, OverflowError, struct.error) as exc:
+        raise CodecError(f"cannot encode {type(msg).__name__}: {exc}") from exc
+    return b"".join(out)
+
+
+def _encode(out: list[bytes], kind: str, v: Any) -> None:
+    if kind == "i64":
+        if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
+            raise TypeError(f"expected an int, got {type(v).__name__}")
+        out.append(_I64.pack(int(v)))
+    elif kind == "bytes":
+        if not isinstance(v, (bytes, bytearray)):
+            raise TypeError(f"expected bytes, got {type(v).__name__}")
+        out += [_U32.pack(len(v)), bytes(v)]
+    elif kind == "ids":
+        ids = [int(i) for i in v]
+        out += [_U32.pack(len(ids)), b"".join(_I64.pack(i) for i in ids)]
+    elif kind == "blobs":
+        out.append(_U32.pack(len(v)))
+        for b in v:
+            _encode(out, "bytes", b)
+    else:
+        arr = np.asarray(v)
+        if arr.ndim != 1:
+            raise ValueError(f"arrays on the wire are 1-D, got shape {arr.shape}")
+        dt = arr.dtype.newbyteorder("<")
+        code = _DTYPE_CODES.get(dt)
+        if code is None:
+            raise TypeError(f"no wire encoding for arrays of {arr.dtype}")
+        out += [bytes((code,)), _U64.pack(arr.size), np.ascontiguousarray(arr, dtype=dt).tobytes()]
+
+
+class _Reader:
+    __slots__ = ("data", "pos")
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise CodecError(
+                f"truncated message: needs {n} more byte(s) at offset {self.pos}, has {len(self.data) - self.pos}"
+            )
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def count(self, item_bytes: int) -> int:
+        n = int(_U32.unpack(self.take(4))[0])
+        if n > MAX_ITEMS or n * item_bytes > len(self.data) - self.pos:
+            raise CodecError(f"declared length {n} exceeds the message")
+        return n
+
+    def read(self, kind: str) -> Any:
+        if kind == "i64":
+            return int(_I64.unpack(self.take(8))[0])
+        if kind == "bytes":
+            return self.take(self.count(1))
+        if kind == "ids":
+            n = self.count(8)
+            return tuple(int(x) for x in np.frombuffer(self.take(8 * n), dtype=">i8"))
+        if kind == "blobs":
+            n = self.count(4)
+            return tuple(self.read("bytes") for _ in range(n))
+        code = self.take(1)[0]
+        dt = _DTYPES.get(code)
+        if dt is None:
+            raise CodecError(f"unknown array dtype code {code}")
+        n = int(_U64.unpack(self.take(8))[0])
+        if n > MAX_ITEMS or n * dt.itemsize > len(self.data) - self.pos:
+            raise CodecError(f"declared array length {n} exceeds the message")
+        return np.frombuffer(self.take(n * dt.itemsize), dtype=dt).astype(dt.newbyteorder("="))
+
+
+def loads(data: bytes) -> Message:
+    """Decode bytes from :func:`dumps`; raises only ``CodecError`` on bad input."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CodecError(f"expected bytes, got {type(data).__name__}")
+    r = _Reader(bytes(data))
+    if r.take(4) != MAGIC:
+        raise CodecError("not a privagg wire message (bad magic)")
+    version, tag = r.take(2)
+    if version != VERSION:
+        raise CodecError(f"wire version {version} is not supported (this build speaks version {VERSION})")
+    cls = _TYPES.get(tag)
+    if cls is None:
+        raise CodecError(f"unknown message type tag {tag}")
+    values = {name: r.read(kind) for name, kind in _SCHEMA[cls]}
+    if r.pos != len(r.data):
+        raise CodecError(f"{len(r.data) - r.pos} trailing byte(s) after the message")
+    msg: Message = cls(**values)
+    return msg
