@@ -52,7 +52,7 @@ class Clip:
             Guarantee(
                 layer=self.name,
                 property=f"each client's contribution has L2 norm <= {self.l2:g} (bounded sensitivity)",
-                against="no one by itself; it is what the DP noise is calibrated to",
+                against="no one by itself: it bounds one client's influence (DP noise, if any, is calibrated to it)",
                 params={"l2": self.l2},
             ),
         )
