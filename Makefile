@@ -25,9 +25,15 @@ test: $(STAMP)
 	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider
 
+## make bench: every benchmark, ours against its peer, JSON under out/bench
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[bench]'
-	$(BIN)/python benchmarks/loop_overhead.py
+	$(BIN)/pip install --quiet -e '.[dev,flower,bench]'
+	mkdir -p out/bench
+	$(BIN)/python benchmarks/loop_overhead.py --json out/bench/loop.json
+	$(BIN)/python benchmarks/dpsgd_overhead.py --json out/bench/dpsgd.json
+	$(BIN)/python benchmarks/paillier_vs_phe.py --json out/bench/paillier.json
+	$(BIN)/python benchmarks/secagg_vs_flower.py --json out/bench/secagg.json
+	$(BIN)/python benchmarks/flower_round_latency.py --json out/bench/flower.json
 
 clean:
 	rm -rf $(VENV) out .mypy_cache .ruff_cache .pytest_cache

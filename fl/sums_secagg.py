@@ -81,8 +81,36 @@ def _check_threshold(threshold: float | int, n: int) -> int:
     return t
 
 
+class _MaskedSum:
+    """The SecureSum methods SecAgg and SecAggPlus share; they differ only in their graph and bind checks."""
+
+    __slots__ = ()
+    threshold: float | int
+    authenticated: bool
+    registry: IdentityRegistry
+
+    @property
+    def name(self) -> str:
+        raise TypeError("subclasses name themselves")
+
+    def _graph(self) -> GraphSpec:
+        raise TypeError("subclasses define their neighbour graph")
+
+    def client(self, cid: int, value: NDArray[Any], *, spec: ValueSpec, session: bytes, round: int) -> ClientMachine:
+        return _client(self, cid, value, spec=spec, session=session, round=round)
+
+    def server(self, cids: Sequence[int], *, spec: ValueSpec, session: bytes, round: int) -> ServerMachine:
+        return _server(self, cids, spec=spec, session=session, round=round)
+
+    def parties(self, *, spec: ValueSpec, session: bytes, round: int) -> Mapping[int, ClientMachine]:
+        return {}
+
+    def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]:
+        return (_guarantee(self.name, self._graph(), self.threshold, self.authenticated, spec, info),)
+
+
 @dataclass(frozen=True, slots=True)
-class SecAgg:
+class SecAgg(_MaskedSum):
     """Pairwise-masked secure aggregation over the complete graph (the original protocol).
 
     ``threshold``: fraction of the cohort (0, 1], or an absolute count t: every phase needs t survivors.
@@ -105,21 +133,10 @@ class SecAgg:
         _check_threshold(self.threshold, spec.cohort)
         return spec
 
-    def client(self, cid: int, value: NDArray[Any], *, spec: ValueSpec, session: bytes, round: int) -> ClientMachine:
-        return _client(self, cid, value, spec=spec, session=session, round=round)
-
-    def server(self, cids: Sequence[int], *, spec: ValueSpec, session: bytes, round: int) -> ServerMachine:
-        return _server(self, cids, spec=spec, session=session, round=round)
-
-    def parties(self, *, spec: ValueSpec, session: bytes, round: int) -> Mapping[int, ClientMachine]:
-        return {}
-
-    def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]:
-        return (_guarantee(self.name, self._graph(), self.threshold, self.authenticated, spec, info),)
 
 
 @dataclass(frozen=True, slots=True)
-class SecAggPlus:
+class SecAggPlus(_MaskedSum):
     """SecAgg+ : each client masks against, and shares secrets with, k neighbours of a public random graph.
 
     ``threshold``: fraction of each share group (a client and its k neighbours), or an absolute count.
@@ -162,21 +179,10 @@ class SecAggPlus:
         _check_threshold(self.threshold, k + 1)
         return spec
 
-    def client(self, cid: int, value: NDArray[Any], *, spec: ValueSpec, session: bytes, round: int) -> ClientMachine:
-        return _client(self, cid, value, spec=spec, session=session, round=round)
-
-    def server(self, cids: Sequence[int], *, spec: ValueSpec, session: bytes, round: int) -> ServerMachine:
-        return _server(self, cids, spec=spec, session=session, round=round)
-
-    def parties(self, *, spec: ValueSpec, session: bytes, round: int) -> Mapping[int, ClientMachine]:
-        return {}
-
-    def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]:
-        return (_guarantee(self.name, self._graph(), self.threshold, self.authenticated, spec, info),)
 
 
 def _client(
-    ad: SecAgg | SecAggPlus, cid: int, value: NDArray[Any], *, spec: ValueSpec, session: bytes, round: int
+    ad: _MaskedSum, cid: int, value: NDArray[Any], *, spec: ValueSpec, session: bytes, round: int
 ) -> SecAggClient:
     _check_ring(spec)
     assert spec.modulus is not None
@@ -195,7 +201,7 @@ def _client(
 
 
 def _server(
-    ad: SecAgg | SecAggPlus, cids: Sequence[int], *, spec: ValueSpec, session: bytes, round: int
+    ad: _MaskedSum, cids: Sequence[int], *, spec: ValueSpec, session: bytes, round: int
 ) -> SecAggServer:
     _check_ring(spec)
     assert spec.modulus is not None
