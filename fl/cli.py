@@ -120,7 +120,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """Five hospitals, breast cancer, label-skewed, with the privacy layers on."""
     out: Path = args.out
     config = TrainConfig(
-        dataset="breast_cancer", clients=5, partition="dirichlet:0.5", model="logreg", rounds=5, lr=1.0, seed=0,
+        dataset="breast_cancer", clients=5, partition="dirichlet:0.5", model="logreg", rounds=10, lr=1.0, seed=0,
         privacy=PrivacyConfig(spec=DEMO_PRIVACY, clip=5.0, epsilon=1.0, delta=1e-5, dpsgd_batch_size=64),
     )
     print("privagg demo: 5 hospitals share a breast-cancer model (569 patients, label-skewed split).\n"
