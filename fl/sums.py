@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,7 @@ from typing import Any
 from numpy.typing import NDArray
 
 from fl.spec import CompositionError, Guarantee, RoundInfo, ValueSpec
+from secagg.graph import threshold_for
 from secagg.machine import ClientMachine, ServerMachine
 from secagg.plain import PlainClient, PlainServer
 
@@ -21,12 +21,10 @@ __all__ = ["PlainSum", "threshold_count"]
 
 def threshold_count(threshold: float | int, n: int) -> int:
     """A threshold given as a fraction of ``n`` (``0.7``) or an absolute count (``7``) -> count."""
-    if isinstance(threshold, float) and 0 < threshold <= 1:
-        return max(1, math.ceil(threshold * n))
-    t = int(threshold)
-    if t < 1:
-        raise CompositionError(f"threshold must be a fraction in (0, 1] or a count >= 1, got {threshold}")
-    return t
+    try:
+        return threshold_for(threshold, n)
+    except ValueError as exc:
+        raise CompositionError(str(exc)) from exc
 
 
 @dataclass(frozen=True, slots=True)
