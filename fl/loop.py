@@ -406,7 +406,9 @@ def train(
         log.info("resumed from %s at round %d", checkpoint_dir, fed.next_round)
     base = centralized_baseline(fed.data, config) if baseline else None
     stopped = None
-    bar = tqdm(range(fed.next_round, config.rounds + 1), desc="rounds", unit="round", disable=not progress)
+    # disable=None: tqdm hides the bar when stderr is not a terminal (CI logs), keeping the round lines
+    bar = tqdm(range(fed.next_round, config.rounds + 1), desc="rounds", unit="round",
+               disable=None if progress else True)
     for r in bar:
         try:
             record = fed.run_round(r)

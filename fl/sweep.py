@@ -63,7 +63,7 @@ def sweep(base: TrainConfig, epsilons: list[float], seeds: list[int], *, progres
 
     runs: list[dict[str, Any]] = []
     centralized: float | None = None
-    bar = tqdm(total=len(epsilons) * len(seeds), desc="sweep", unit="run", disable=not progress)
+    bar = tqdm(total=len(epsilons) * len(seeds), desc="sweep", unit="run", disable=None if progress else True)
     for eps in epsilons:
         for seed in seeds:
             cfg = _config_for(base, eps, seed)
