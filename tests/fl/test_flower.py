@@ -8,7 +8,6 @@ started, by PID, also when the test fails, and then checks that none of them is 
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,19 +19,9 @@ import pytest
 pytest.importorskip("flwr")
 
 from fl.config import PrivacyConfig, TrainConfig
-from fl.runners.flower import FlowerJob, LocalCluster, wait_result
+from fl.runners.flower import FlowerJob, LocalCluster, _group_alive, wait_result
 
 pytestmark = [pytest.mark.flower]
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @pytest.fixture
