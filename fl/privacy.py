@@ -49,16 +49,22 @@ class PrivacyPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _secure_sum(token: str, config: TrainConfig) -> SecureSum:
+def _secure_sum(token: str, config: TrainConfig, population: int) -> SecureSum:
     threshold = config.privacy.threshold
+    # clients pin the smallest cohort they accept (a server cannot shrink t): the fixed cohort, or for
+    # Poisson sampling six standard deviations below the expected count (smaller rounds abort)
+    min_cohort = None
+    if config.sample_rate is not None:
+        mu = config.sample_rate * population
+        min_cohort = min(population, max(2, math.floor(mu - 6 * math.sqrt(mu * (1 - config.sample_rate)))))
     if token == "secagg":
         from fl.sums_secagg import SecAgg
 
-        return SecAgg(threshold=threshold)
+        return SecAgg(threshold=threshold, min_cohort=min_cohort)
     if token == "secagg+":
         from fl.sums_secagg import SecAggPlus
 
-        return SecAggPlus(threshold=threshold)
+        return SecAggPlus(threshold=threshold, min_cohort=min_cohort)
     from fl.sums_paillier import PaillierSum
 
     return PaillierSum()
@@ -240,7 +246,7 @@ def build_plan(
             if not any(isinstance(layer, Clip) for layer in layers):
                 layers.append(Clip(l2=config.privacy.clip))
             layers.append(Quantize(bits=config.privacy.quant_bits))
-        ssum = _secure_sum(sums[0], config)
+        ssum = _secure_sum(sums[0], config, population)
     return PrivacyPlan(
         Pipeline(layers, sum=ssum), trainer=trainer, accounting=accounting, weighting=weighting, notes=tuple(notes)
     )

@@ -40,6 +40,10 @@ class PlainSum:
     def name(self) -> str:
         return "plain-sum"
 
+    def min_included(self, spec: ValueSpec) -> int:
+        """A plain sum protects nobody, so any number of clients will do."""
+        return max(1, self.min_clients)
+
     def bind(self, spec: ValueSpec) -> ValueSpec:
         if spec.domain == "ring" and (spec.modulus is None or spec.modulus & (spec.modulus - 1)):
             raise CompositionError("a ring-domain value needs a power-of-two modulus (use Quantize)")

@@ -56,7 +56,7 @@ class PaillierSum:
     key_bits: int = 2048
     key_holder: Literal["separate", "clients"] = "separate"
     randomness: Literal["fixed-base", "full"] = "fixed-base"
-    min_clients: int = 1
+    min_clients: int = 2
     workers: int | None = None
     _keys: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -67,8 +67,10 @@ class PaillierSum:
             raise CompositionError(f"key_holder must be 'separate' or 'clients', got {self.key_holder!r}")
         if self.randomness not in ("fixed-base", "full"):
             raise CompositionError(f"randomness must be 'fixed-base' or 'full', got {self.randomness!r}")
-        if self.min_clients < 1:
-            raise CompositionError(f"min_clients must be >= 1, got {self.min_clients}")
+        if self.min_clients < 2:
+            raise CompositionError(
+                f"min_clients must be >= 2 (the sum of one client is that client's update), got {self.min_clients}"
+            )
 
     @property
     def name(self) -> str:
@@ -111,9 +113,18 @@ class PaillierSum:
 
     # -- SecureSum -------------------------------------------------------------------------------------
 
+    def min_included(self, spec: ValueSpec) -> int:
+        """The fewest clients a decrypted sum may have (the key holder refuses fewer)."""
+        return self.min_clients
+
     def bind(self, spec: ValueSpec) -> ValueSpec:
         if spec.domain != "ring" or spec.value_bits is None or spec.modulus is None:
             raise CompositionError("PaillierSum encrypts integers: put Quantize(bits=...) before it")
+        if spec.cohort < self.min_clients:
+            raise CompositionError(
+                f"a Paillier sum over a cohort of {spec.cohort} client(s) would decrypt fewer than min_clients="
+                f"{self.min_clients} updates, revealing them: sample a cohort of at least {self.min_clients}"
+            )
         if spec.modulus & (spec.modulus - 1) or spec.modulus > (1 << 64):
             raise CompositionError("PaillierSum needs a power-of-two ring modulus <= 2^64 (use Quantize)")
         plan = self.plan(spec)

@@ -27,7 +27,7 @@ from secagg.graph import GraphSpec, achieved_bits, threshold_for
 from secagg.machine import ClientMachine, ServerMachine
 from secagg.server import SecAggServer
 
-__all__ = ["IdentityRegistry", "SecAgg", "SecAggPlus"]
+__all__ = ["IdentityRegistry", "SecAgg", "SecAggPlus", "max_colluders"]
 
 _RING_MESSAGE = "SecAgg masks integers in Z_2^k: put Quantize(bits=...) before it"
 
@@ -74,11 +74,40 @@ def _check_ring(spec: ValueSpec) -> None:
         )
 
 
-def _check_threshold(threshold: float | int, n: int) -> int:
-    t = threshold_count(threshold, n)
-    if t < 2 and n > 1:
+def _check_threshold(threshold: float | int, m: int, *, authenticated: bool) -> int:
+    """t for a share group of ``m``; refuses t < 2 and, in authenticated mode, 2t <= m (split view)."""
+    t = threshold_count(threshold, m)
+    if t < 2:
         raise CompositionError(f"threshold {threshold} gives t={t}: one share would reveal a secret; use t >= 2")
+    if t > m:
+        raise CompositionError(f"threshold {threshold} gives t={t} > {m} share holders: no round could finish")
+    if authenticated and 2 * t <= m:
+        raise CompositionError(
+            f"authenticated mode with t={t} of {m} (2t <= {m}): an active server showing two survivor lists "
+            f"recovers inputs with no colluder at all; use a threshold above one half (t >= {m // 2 + 1})"
+        )
     return t
+
+
+def max_colluders(t: int, m: int, *, authenticated: bool) -> int:
+    """The most colluding clients (per share group of ``m``) against which input privacy is proved.
+
+    Honest-but-curious server: any t - 1 clients (fewer than t shares of any secret). Active server with
+    the consistency check (authenticated mode): also 2t > m + c, else a server showing two survivor lists
+    gets t shares of both a victim's self-mask seed and its mask key -- so c <= min(t - 1, 2t - m - 1).
+    """
+    c = t - 1
+    if authenticated:
+        c = min(c, 2 * t - m - 1)
+    return max(c, -1)
+
+
+def _check_cohort(spec: ValueSpec, min_included: int) -> None:
+    if spec.cohort < min_included:
+        raise CompositionError(
+            f"a secure sum over a cohort of {spec.cohort} client(s) cannot hide anyone's input (it needs at "
+            f"least {min_included} included clients): sample a cohort of at least {min_included}"
+        )
 
 
 class _MaskedSum:
@@ -105,6 +134,11 @@ class _MaskedSum:
 
     def parties(self, *, spec: ValueSpec, session: bytes, round: int) -> Mapping[int, ClientMachine]:
         return {}
+
+    def min_included(self, spec: ValueSpec) -> int:
+        """The fewest included clients a round can have: t of a share group (never below 2)."""
+        m = self._graph().degree(max(2, spec.cohort), self.threshold) + 1
+        return max(2, threshold_count(self.threshold, m))
 
     def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]:
         return (_guarantee(self.name, self._graph(), self.threshold, self.authenticated, spec, info),)
@@ -134,7 +168,9 @@ class SecAgg(_MaskedSum):
 
     def bind(self, spec: ValueSpec) -> ValueSpec:
         _check_ring(spec)
-        _check_threshold(self.threshold, spec.cohort)
+        _check_cohort(spec, 2)
+        _check_threshold(self.threshold, spec.cohort, authenticated=self.authenticated)
+        _check_min_cohort(self, spec)
         return spec
 
 
@@ -178,11 +214,13 @@ class SecAggPlus(_MaskedSum):
         _check_ring(spec)
         if self.neighbours is not None and self.neighbours < 2:
             raise CompositionError(f"SecAggPlus(neighbours=...) needs at least 2 neighbours, got {self.neighbours}")
+        _check_cohort(spec, 2)
         try:
             k = self._graph().degree(spec.cohort, self.threshold)
         except ValueError as exc:
             raise CompositionError(str(exc)) from exc
-        _check_threshold(self.threshold, k + 1)
+        _check_threshold(self.threshold, k + 1, authenticated=self.authenticated)
+        _check_min_cohort(self, spec)
         return spec
 
 
@@ -205,6 +243,14 @@ def _client(
         identity_key=ad.registry.private(cid) if ad.authenticated else None,
         identities=ad.registry.publics() if ad.authenticated else None,
     )
+
+
+def _check_min_cohort(ad: _MaskedSum, spec: ValueSpec) -> None:
+    if ad.min_cohort is not None and not 2 <= ad.min_cohort <= spec.cohort:
+        raise CompositionError(
+            f"min_cohort={ad.min_cohort} must be in [2, {spec.cohort}] (the planned cohort): clients refuse "
+            f"any round whose cohort is smaller"
+        )
 
 
 def _min_cohort(ad: _MaskedSum, spec: ValueSpec) -> int:
@@ -244,27 +290,43 @@ def _guarantee(
     m = k + 1
     t = threshold_for(threshold, m)
     complete = k >= n - 1
+    c = max_colluders(t, m, authenticated=authenticated)
+    scope = "cohort" if complete else "share group"
     who = "an active (malicious) server" if authenticated else "an honest-but-curious server"
     against = (
-        f"{who} colluding with < {t} clients"
+        f"{who} colluding with at most {c} clients"
         if complete
-        else f"{who} colluding with < {t} clients of any share group (< {graph.corrupt:.0%} of all clients)"
+        else f"{who} colluding with at most {c} clients of any share group (< {graph.corrupt:.0%} of all clients)"
     )
+    bound = f"at most {c} colluding clients per {scope}: c <= t - 1"
+    if authenticated:
+        bound += f" and 2t > {scope} + c (t = {t}, {scope} = {m})"
     assumptions = [
-        f"t = {t} of each {'cohort' if complete else 'share group'} of {m}",
+        f"t = {t} of each {scope} of {m}",
         f"k = {k} neighbours"
         + (" (complete graph)" if complete else " (Harary graph under a public random permutation)"),
         "X25519, HKDF-SHA256, AES-GCM and AES-CTR are secure",
-        f"at most {m - t} dropouts per {'cohort' if complete else 'share group'}",
+        bound,
+        f"at most {m - t} dropouts per {scope}",
     ]
     if authenticated:
-        assumptions.append("identity keys were distributed honestly at set-up (PKI); t > (n + corrupt clients) / 2")
+        assumptions.append(
+            "identity keys were distributed honestly at set-up (PKI); every client pins the planned cohort size "
+            "(min_cohort) in its own configuration; messages are signed, so tampering is detected"
+        )
+    else:
+        assumptions.append(
+            "message integrity and client authentication come from the transport (TLS with server and client "
+            "authentication); without it a network attacker can alter a masked input or a share undetected"
+        )
     params: dict[str, Any] = {
         "t": t,
         "k": k,
         "n": n,
         "group": m,
         "authenticated": authenticated,
+        "max_colluders": c,
+        "max_dropouts": m - t,
         "modulus_bits": (spec.modulus or 2).bit_length() - 1,
         "included": info.n_included,
     }
@@ -275,10 +337,8 @@ def _guarantee(
             f"graph: security 2^-{sec:.1f}, correctness 2^-{cor:.1f}"
         )
         params.update(sigma_bits=sec, eta_bits=cor, assumed_dropout=graph.dropout, assumed_corrupt=graph.corrupt)
-    return Guarantee(
-        layer=name,
-        property="input privacy: the server learns only the sum of the included clients' updates",
-        against=against,
-        assumptions=tuple(assumptions),
-        params=params,
-    )
+    prop = "input privacy: the server learns only the sum of the included clients' updates"
+    if info.n_included == 1 or c < 0:
+        prop = "none: a sum of one client's update is that update"
+        against = "no one"
+    return Guarantee(layer=name, property=prop, against=against, assumptions=tuple(assumptions), params=params)

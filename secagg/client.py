@@ -240,8 +240,13 @@ class SecAggClient:
             raise ProtocolError("key directory lists clients that are not this client's neighbours")
         if n < t:
             raise ProtocolError(f"only {n} keys in the directory, fewer than the threshold {t}")
-        if t < 2 and len(msg.cohort) > 1:
+        if t < 2:
             raise ProtocolError(f"the announced cohort gives threshold t={t}: one share would reveal a secret")
+        if self._auth and 2 * t <= graph.k + 1:
+            raise ProtocolError(
+                f"threshold t={t} of a share group of {graph.k + 1} allows a split view (2t <= group): "
+                f"authenticated mode needs a threshold above one half"
+            )
         entries = dict(zip(msg.ids, zip(msg.c_pks, msg.s_pks, strict=True), strict=True))
         own = (kex.public_bytes(self._c_sk), kex.public_bytes(self._s_sk))
         if entries.get(self._cid) != own:

@@ -602,11 +602,12 @@ class PaillierClient:
     workers: int | None = None
     modulus: int | None = None
     private: PaillierPrivateKey | None = field(default=None, repr=False)
-    min_summands: int = 1
+    min_summands: int = 2
     _signed: NDArray[np.int64] = field(init=False, repr=False)
     _decrypted: bool = field(default=False, init=False, repr=False)
 
     def __post_init__(self) -> None:
+        _check_min(self.min_summands, "min_summands")
         self._signed = ring_to_signed(self.value, self.modulus)
         if self._signed.size:
             worst = int(np.max(np.abs(self._signed)))
@@ -640,8 +641,11 @@ class PaillierKeyHolder:
     session: bytes
     round: int
     workers: int | None = None
-    min_summands: int = 1
+    min_summands: int = 2
     _decrypted: bool = field(default=False, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        _check_min(self.min_summands, "min_summands")
 
     def start(self) -> list[Message]:
         return []
@@ -650,6 +654,12 @@ class PaillierKeyHolder:
         if not isinstance(msg, PaillierAggregate):
             raise ProtocolError(f"the key holder expects PaillierAggregate, got {type(msg).__name__}")
         return _decrypt_request(self.cid, self, msg)
+
+
+def _check_min(value: int, name: str) -> None:
+    """A secure sum of fewer than two clients reveals the one input: refuse such a configuration."""
+    if value < 2:
+        raise ValueError(f"{name} must be >= 2 (a decrypted sum of one client is that client's update), got {value}")
 
 
 def _decrypt_request(me: int, party: PaillierClient | PaillierKeyHolder, msg: PaillierAggregate) -> list[Message]:
@@ -689,7 +699,7 @@ class PaillierServer:
     round: int
     public: PaillierPublicKey
     plan: PackingPlan
-    min_clients: int = 1
+    min_clients: int = 2
     decryptor: int | None = KEY_HOLDER
     modulus: int | None = None
     workers: int | None = None
@@ -699,6 +709,14 @@ class PaillierServer:
     _aggregate: PaillierAggregate | None = field(default=None, init=False, repr=False)
     _result: NDArray[np.uint64] | None = field(default=None, init=False)
     _done: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        _check_min(self.min_clients, "min_clients")
+        if len(set(self.cids)) < self.min_clients:
+            raise ValueError(
+                f"a Paillier round over {len(set(self.cids))} client(s) cannot reach min_clients={self.min_clients}: "
+                f"sample more clients"
+            )
 
     @property
     def phases(self) -> tuple[str, ...]:

@@ -86,8 +86,17 @@ class SecAggServer:
         self._members = frozenset(self._graph.cohort)
         self._probe = kex.generate_private(random_bytes)
         self._t = threshold_for(threshold, self._graph.k + 1)
-        if self._t < 2 and self._graph.n > 1:
+        if self._graph.n < 2:
+            raise ValueError(
+                f"a secure sum over {self._graph.n} client(s) reveals that client's input: sample at least 2"
+            )
+        if self._t < 2:
             raise ValueError(f"threshold t={self._t}: one share would reveal a client's secrets; use t >= 2")
+        if self._auth and 2 * self._t <= self._graph.k + 1:
+            raise ValueError(
+                f"authenticated mode needs 2t > share group ({self._t} of {self._graph.k + 1}): with 2t <= group "
+                f"an active server showing two survivor lists needs no colluder; raise the threshold above 1/2"
+            )
         if self._auth and identities is not None and not set(self._graph.cohort) <= set(identities):
             raise ValueError("authenticated mode needs an identity key for every sampled client")
         self._adverts: dict[int, AdvertiseKeys] = {}

@@ -175,9 +175,9 @@ def test_secaggplus_exact_sum_or_clean_abort(n: int, k: int, frac: float, drops:
 )
 def test_authenticated_exact_sum_or_clean_abort(n: int, plus: bool, drops: dict[int, int], seed: int) -> None:
     adapter: SecAgg | SecAggPlus = (
-        SecAggPlus(threshold=0.5, neighbours=4, authenticated=True)
+        SecAggPlus(threshold=0.6, neighbours=4, authenticated=True)
         if plus
-        else SecAgg(threshold=0.5, authenticated=True)
+        else SecAgg(threshold=0.6, authenticated=True)
     )
     _run_case(adapter, n, drops, seed)
 

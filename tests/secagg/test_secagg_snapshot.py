@@ -33,7 +33,7 @@ def _round(
     clients = {
         c: SecAggClient(
             c, np.arange(d, dtype=np.uint64) * (c + 1) + seed, session=SESSION, round=3, modulus=mod, size=d,
-            threshold=3, min_cohort=n, graph=graph, identity_key=ids[c].private if ids else None, identities=pubs,
+            threshold=4, min_cohort=n, graph=graph, identity_key=ids[c].private if ids else None, identities=pubs,
             random_bytes=rngs[c],
         )
         for c in range(n)
@@ -49,7 +49,7 @@ def _round(
             )
         return clients[c]
 
-    server = SecAggServer(list(range(n)), session=SESSION, round=3, modulus=mod, size=d, threshold=3, graph=graph,
+    server = SecAggServer(list(range(n)), session=SESSION, round=3, modulus=mod, size=d, threshold=4, graph=graph,
                           identities=pubs)
     log: list[str] = []
     to_server: list[Message] = [m for c in range(n) for m in fresh(c).start()]
