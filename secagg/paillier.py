@@ -66,6 +66,7 @@ from secagg import _paillier_fast as fast
 from secagg._paillier_pack import slot_bits_for
 from secagg.errors import AbortError, CodecError, KeyMismatchError, OverflowRiskError, ProtocolError
 from secagg.machine import KEY_HOLDER, SERVER, Message
+from secagg.quantize import to_signed
 
 __all__ = [
     "CiphertextBatch",
@@ -565,14 +566,9 @@ def ring_to_signed(value: NDArray[Any], modulus: int | None) -> NDArray[np.int64
     if modulus & (modulus - 1) or modulus > (1 << 64):
         raise OverflowRiskError(f"ring modulus must be a power of two <= 2^64, got {modulus}")
     u = v.astype(np.uint64)
-    if modulus < (1 << 64):
-        if np.any(u >= np.uint64(modulus)):
-            raise OverflowRiskError(f"a ring element is >= the modulus {modulus}; it was not encoded by Quantize")
-        half = np.uint64(modulus >> 1)
-        signed = u.astype(np.int64)
-        signed[u >= half] -= np.int64(modulus)
-        return signed
-    return u.view(np.int64)
+    if modulus < (1 << 64) and np.any(u >= np.uint64(modulus)):
+        raise OverflowRiskError(f"a ring element is >= the modulus {modulus}; it was not encoded by Quantize")
+    return to_signed(u, modulus.bit_length() - 1)  # overflow-safe up to 2^64 (a 2^63 ring overflowed int64)
 
 
 def _check_round(msg: Any, session: bytes, round: int) -> None:

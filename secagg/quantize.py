@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 
 from secagg.errors import OverflowRiskError
 
-__all__ = ["MAX_RING_BITS", "Quantizer", "ring_bits_for"]
+__all__ = ["MAX_RING_BITS", "Quantizer", "ring_bits_for", "to_signed"]
 
 MAX_RING_BITS = 63
 """Largest ring we use: sums are kept in uint64 and decoded through int64."""
@@ -83,6 +83,10 @@ class Quantizer:
             )
         u = uniform(x.size)
         q = np.floor(x * self.scale + u).astype(np.int64)
+        # Float rounding can push |x| = bound one step past the largest value (x * scale rounds up, then
+        # u adds almost 1): clamp in integer space so no value reaches 2^(value_bits-1) and wraps.
+        top = (1 << (self.value_bits - 1)) - 1
+        np.clip(q, -top, top, out=q)
         return q.view(np.uint64) & np.uint64(self.modulus - 1)
 
     def decode(self, total: NDArray[np.unsignedinteger], summands: int) -> NDArray[np.float64]:
@@ -92,8 +96,16 @@ class Quantizer:
                 f"the sum has {summands} summands but the ring was sized for {self.cohort}; "
                 f"size the quantizer for the whole cohort"
             )
-        t = np.asarray(total, dtype=np.uint64) & np.uint64(self.modulus - 1)
-        signed = t.astype(np.int64)
-        half = 1 << (self.ring_bits - 1)
-        signed[signed >= half] -= self.modulus
-        return signed.astype(np.float64) / self.scale
+        return to_signed(np.asarray(total, dtype=np.uint64), self.ring_bits).astype(np.float64) / self.scale
+
+
+def to_signed(words: NDArray[np.uint64], bits: int) -> NDArray[np.int64]:
+    """Two's-complement value of each ``bits``-bit ring element (``1 <= bits <= 64``), without overflow.
+
+    Shifts the ring's sign bit to bit 63 and shifts back arithmetically: exact for every ring up to 2^64
+    (subtracting the modulus in int64, as before, overflowed for a 2^63 ring).
+    """
+    if not 1 <= bits <= 64:
+        raise ValueError(f"ring bits must be in [1, 64], got {bits}")
+    shift = np.uint64(64 - bits)
+    return (np.asarray(words, dtype=np.uint64) << shift).view(np.int64) >> np.int64(64 - bits)
