@@ -50,15 +50,17 @@ class PrivacyPlan:
 
 
 def _secure_sum(token: str, config: TrainConfig) -> SecureSum:
-    threshold = config.privacy.threshold
+    pc = config.privacy
     if token == "secagg":
         from fl.sums_secagg import SecAgg
 
-        return SecAgg(threshold=threshold)
+        return SecAgg(threshold=pc.cohort_threshold)
     if token == "secagg+":
         from fl.sums_secagg import SecAggPlus
 
-        return SecAggPlus(threshold=threshold)
+        return SecAggPlus(
+            threshold=pc.threshold, neighbours=pc.neighbours, corrupt=pc.corrupt_fraction, dropout=pc.dropout_fraction
+        )
     from fl.sums_paillier import PaillierSum
 
     return PaillierSum()
@@ -98,12 +100,12 @@ def _dp_fedavg(
     if placement == "clients":
         # dropout tolerance: a round is released with at least the secure sum's threshold of the planned
         # clients (SecAgg(+) aborts below it); the noise must suffice even then
-        floor = min(expected, threshold_count(pc.threshold, expected))
+        floor = min(expected, threshold_count(pc.cohort_threshold, expected))
         if pc.epsilon is not None and floor < expected:
             z *= math.sqrt(expected / floor)
             notes.append(
                 f"distributed noise raised to z = {z:.4f} so the budget holds with as few as {floor} of "
-                f"{expected} clients surviving a round (--threshold {pc.threshold:g})"
+                f"{expected} clients surviving a round (--threshold {pc.cohort_threshold:g})"
             )
         if not sums_enforce_threshold:
             notes.append(

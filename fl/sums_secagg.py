@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from fl.spec import CompositionError, Guarantee, RoundInfo, ValueSpec
 from fl.sums import threshold_count
 from secagg.client import IdentityKeys, SecAggClient
-from secagg.graph import GraphSpec, achieved_bits, threshold_for
+from secagg.graph import GraphSpec, achieved_bits
 from secagg.machine import ClientMachine, ServerMachine
 from secagg.server import SecAggServer
 
@@ -85,7 +85,7 @@ class _MaskedSum:
     """The SecureSum methods SecAgg and SecAggPlus share; they differ only in their graph and bind checks."""
 
     __slots__ = ()
-    threshold: float | int
+    threshold: float | int | None
     authenticated: bool
     registry: IdentityRegistry
 
@@ -139,19 +139,22 @@ class SecAgg(_MaskedSum):
 class SecAggPlus(_MaskedSum):
     """SecAgg+ : each client masks against, and shares secrets with, k neighbours of a public random graph.
 
-    ``threshold``: fraction of each share group (a client and its k neighbours), or an absolute count.
-    ``neighbours``: k; ``None`` picks the smallest k meeting ``security_bits`` and ``correctness_bits``
-    when at most ``dropout_rate`` of the clients drop and ``corrupt_rate`` are corrupt (see
-    :func:`secagg.graph.choose_k`; small cohorts get the complete graph).
+    ``neighbours``: k; ``None`` finds the smallest k (and its threshold t) meeting ``security_bits`` and
+    ``correctness_bits`` when at most a ``dropout`` fraction of the clients drop and a ``corrupt``
+    fraction are corrupt, from exact hypergeometric tails (:func:`secagg.graph.find_parameters`; small
+    cohorts get the complete graph). ``threshold``: ``None`` takes that t (or, with explicit
+    ``neighbours``, the smallest t meeting ``security_bits``); a fraction of each share group (a client
+    and its k neighbours) or an absolute count overrides it, and the guarantee then states the bits it
+    achieves. ``authenticated``: signed keys and the consistency check, parameters for an active server.
     """
 
-    threshold: float | int = 0.7
+    threshold: float | int | None = None
     neighbours: int | None = None
     authenticated: bool = False
     security_bits: float = 40.0
     correctness_bits: float = 30.0
-    dropout_rate: float = 0.1
-    corrupt_rate: float = 0.1
+    dropout: float = 0.1
+    corrupt: float = 0.1
     registry: IdentityRegistry = field(default_factory=IdentityRegistry, compare=False, repr=False)
 
     @property
@@ -164,8 +167,9 @@ class SecAggPlus(_MaskedSum):
             neighbours=self.neighbours,
             sigma=self.security_bits,
             eta=self.correctness_bits,
-            dropout=self.dropout_rate,
-            corrupt=self.corrupt_rate,
+            dropout=self.dropout,
+            corrupt=self.corrupt,
+            active=self.authenticated,
         )
 
     def bind(self, spec: ValueSpec) -> ValueSpec:
@@ -173,12 +177,15 @@ class SecAggPlus(_MaskedSum):
         if self.neighbours is not None and self.neighbours < 2:
             raise CompositionError(f"SecAggPlus(neighbours=...) needs at least 2 neighbours, got {self.neighbours}")
         try:
-            k = self._graph().degree(spec.cohort, self.threshold)
+            k, t = self._graph().parameters(spec.cohort, self.threshold)
         except ValueError as exc:
             raise CompositionError(str(exc)) from exc
-        _check_threshold(self.threshold, k + 1)
+        if spec.cohort > 1 and not 2 <= t <= k + 1:
+            raise CompositionError(
+                f"threshold t={t} for share groups of {k + 1}: it must be in [2, {k + 1}] (t=1 would let one share "
+                f"reveal a secret; t > k + 1 can never be met)"
+            )
         return spec
-
 
 
 def _client(
@@ -220,12 +227,11 @@ def _server(
 
 
 def _guarantee(
-    name: str, graph: GraphSpec, threshold: float | int, authenticated: bool, spec: ValueSpec, info: RoundInfo
+    name: str, graph: GraphSpec, threshold: float | int | None, authenticated: bool, spec: ValueSpec, info: RoundInfo
 ) -> Guarantee:
     n = max(1, len(info.planned))
-    k = graph.degree(n, threshold)
+    k, t = graph.parameters(n, threshold)
     m = k + 1
-    t = threshold_for(threshold, m)
     complete = k >= n - 1
     who = "an active (malicious) server" if authenticated else "an honest-but-curious server"
     against = (
@@ -236,7 +242,7 @@ def _guarantee(
     assumptions = [
         f"t = {t} of each {'cohort' if complete else 'share group'} of {m}",
         f"k = {k} neighbours"
-        + (" (complete graph)" if complete else " (Harary graph under a public random permutation)"),
+        + (" (complete graph)" if complete else " (Harary graph under a public pseudorandom permutation)"),
         "X25519, HKDF-SHA256, AES-GCM and AES-CTR are secure",
         f"at most {m - t} dropouts per {'cohort' if complete else 'share group'}",
     ]
@@ -252,10 +258,10 @@ def _guarantee(
         "included": info.n_included,
     }
     if not complete:
-        sec, cor = achieved_bits(n, k, threshold=threshold, dropout=graph.dropout, corrupt=graph.corrupt)
+        sec, cor = achieved_bits(n, k, t, dropout=graph.dropout, corrupt=graph.corrupt, active=authenticated)
         assumptions.append(
-            f"dropouts <= {graph.dropout:g} and corruptions <= {graph.corrupt:g} of clients, independent of the "
-            f"graph: security 2^-{sec:.1f}, correctness 2^-{cor:.1f}"
+            f"dropouts <= {graph.dropout:g} and corruptions <= {graph.corrupt:g} of clients, fixed before the "
+            f"session seed: security 2^-{sec:.1f}, correctness 2^-{cor:.1f} (exact hypergeometric tails)"
         )
         params.update(sigma_bits=sec, eta_bits=cor, assumed_dropout=graph.dropout, assumed_corrupt=graph.corrupt)
     return Guarantee(

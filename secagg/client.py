@@ -33,7 +33,7 @@ from secagg._common import (
 )
 from secagg._hazmat import aead, kex, prg, shamir, sign
 from secagg.errors import KeyMismatchError, OverflowRiskError, ProtocolError
-from secagg.graph import GraphSpec, NeighbourGraph, threshold_for
+from secagg.graph import GraphSpec, NeighbourGraph
 from secagg.machine import SERVER, Message
 from secagg.messages import (
     AdvertiseKeys,
@@ -69,7 +69,8 @@ class SecAggClient:
     """One client's half of a SecAgg(+) round.
 
     ``value``: the client's vector in Z_modulus (uint64 from ``Quantize``), ``size`` long.
-    ``threshold``: fraction of the share group (or absolute count) needed at every phase.
+    ``threshold``: fraction of the share group (or absolute count) needed at every phase; ``None`` takes
+    the t of the graph parameters (:func:`secagg.graph.find_parameters`).
     ``graph``: complete (SecAgg) or sparse (SecAgg+) neighbour graph parameters.
     ``identity_key``/``identities``: raw Ed25519 private key of this client and public keys of all
     clients, for authenticated mode (both or neither). ``random_bytes``: the CSPRNG (``os.urandom``;
@@ -85,7 +86,7 @@ class SecAggClient:
         round: int,
         modulus: int,
         size: int,
-        threshold: float | int,
+        threshold: float | int | None,
         graph: GraphSpec | None = None,
         identity_key: bytes | None = None,
         identities: Mapping[int, bytes] | None = None,
@@ -198,8 +199,8 @@ class SecAggClient:
             )
         except ValueError as exc:
             raise ProtocolError(f"cannot rebuild the neighbour graph: {exc}") from exc
-        group = graph.group(self._cid)
-        t = threshold_for(self._threshold, graph.k + 1)
+        group = graph.group(self._cid)  # O(k + log n): only this client's neighbourhood is evaluated
+        t = self._graph_spec.parameters(graph.n, self._threshold)[1]
         if not set(msg.ids) <= group:
             raise ProtocolError("key directory lists clients that are not this client's neighbours")
         if n < t:

@@ -32,7 +32,7 @@ from secagg._common import (
 )
 from secagg._hazmat import kex, prg, shamir, sign
 from secagg.errors import AbortError, ProtocolError
-from secagg.graph import GraphSpec, NeighbourGraph, threshold_for
+from secagg.graph import GraphSpec, NeighbourGraph
 from secagg.machine import SERVER, Message
 from secagg.messages import (
     AdvertiseKeys,
@@ -65,7 +65,7 @@ class SecAggServer:
         round: int,
         modulus: int,
         size: int,
-        threshold: float | int,
+        threshold: float | int | None,
         graph: GraphSpec | None = None,
         identities: Mapping[int, bytes] | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
@@ -80,12 +80,12 @@ class SecAggServer:
         self._auth = identities is not None
         self._phases = _state.server_phases(self._auth)
         self._i = 0
-        self._graph: NeighbourGraph = (graph or GraphSpec()).build(
-            list(cids), threshold=threshold, session=self._session, round=round
-        )
+        spec = graph or GraphSpec()
+        self._graph: NeighbourGraph = spec.build(list(cids), threshold=threshold, session=self._session, round=round)
+        self._graph.materialise()  # the server needs every neighbourhood: all at once, vectorised
         self._members = frozenset(self._graph.cohort)
         self._probe = kex.generate_private(random_bytes)
-        self._t = threshold_for(threshold, self._graph.k + 1)
+        self._t = spec.parameters(self._graph.n, threshold)[1]
         if self._t < 2 and self._graph.n > 1:
             raise ValueError(f"threshold t={self._t}: one share would reveal a client's secrets; use t >= 2")
         if self._auth and identities is not None and not set(self._graph.cohort) <= set(identities):
