@@ -42,7 +42,7 @@ from fl.sums_secagg import SecAggPlus
 from secagg import wire
 from secagg._hazmat import prg
 from secagg.machine import ClientMachine, Message, ServerMachine
-from secagg.messages import MaskedInput, ShareDelivery
+from secagg.messages import MaskedInput
 from secagg.server import SecAggServer
 
 INPUT_BITS = 16

@@ -185,7 +185,7 @@ class SecAggClient:
             )
         if v.size and (int(v.min()) < 0 or int(v.max()) >= self._modulus):
             raise OverflowRiskError(f"client {self._cid}'s value has entries outside Z_2^{self._bits}")
-        return v.astype(self._dtype)
+        return v  # checked, not copied: the masking step makes the one working copy (O(d) per live client)
 
     def _on_directory(self, msg: KeyDirectory) -> list[Message]:
         n = len(msg.ids)
@@ -294,7 +294,7 @@ class SecAggClient:
             except ValueError as exc:
                 raise ProtocolError(f"client {v}'s advertised mask key is unusable: {exc}") from exc
             seeds.append((seed, +1 if self._cid < v else -1))
-        y = self._value  # masked in place: the clear input is dropped right after
+        y = self._value.astype(self._dtype)  # a fresh copy, masked in place; the caller's array is untouched
         exp = prg.MaskExpander(self._size, self._dtype)
         exp.add(y, self._b, +1)
         for seed, sign_ in seeds:

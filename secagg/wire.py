@@ -220,9 +220,9 @@ def pack_bits(values: Any, width: int) -> bytes:
     group = 64 // math.gcd(64, width)
     words = group * width // 64
     rows = -(-m // group)
-    cols = np.zeros(rows * group, dtype=np.uint64)
-    cols[:m] = v & np.uint64((1 << width) - 1)
-    cols = cols.reshape(rows, group)
+    flat = np.zeros(rows * group, dtype=np.uint64)
+    flat[:m] = v & np.uint64((1 << width) - 1)
+    cols = flat.reshape(rows, group)
     out = np.zeros((rows, words), dtype="<u8")
     for j in range(group):
         w, s = divmod(j * width, 64)

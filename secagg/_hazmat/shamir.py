@@ -126,7 +126,7 @@ def lagrange_batch(point_sets: Sequence[tuple[int, ...]]) -> list[tuple[int, ...
         if len(set(xs)) != len(xs):
             raise ValueError("evaluation points must be distinct")
         totals.append(math.prod(xs) % PRIME)
-        for i, xi in enumerate(xs):
+        for xi in xs:
             dens.append(xi * math.prod([xj - xi for xj in xs if xj != xi]) % PRIME)
     prefix = [1]
     for den in dens:
