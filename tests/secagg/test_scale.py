@@ -55,7 +55,7 @@ def test_default_parameters_sum_exactly_with_dropouts_at_every_phase() -> None:
     spec = _spec(n, d)
     ssum.bind(spec)
     k, t = ssum._graph().parameters(n, None)
-    assert k < n - 1  # sparse by default
+    assert k < n - 1 and 2 <= t <= k + 1  # sparse by default
     rng = np.random.default_rng(5)
     values = {c: rng.integers(0, 1 << 16, size=d, dtype=np.uint64) for c in range(n)}
     drops = DropoutSchedule.random(list(range(n)), 0.05, rng, phases=4)
