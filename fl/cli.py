@@ -67,7 +67,15 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--accountant", choices=["pld", "rdp"], default=pd.accountant, help="privacy accountant")
     g.add_argument("--quant-bits", type=int, default=pd.quant_bits, help="bits per quantized client value")
     g.add_argument("--threshold", type=float, default=pd.threshold,
-                   help="secure-aggregation threshold t, as a fraction of the cohort (default: %(default)s)")
+                   help="secure-aggregation threshold t: a fraction of the cohort for secagg (default 0.7), of each "
+                        "share group for secagg+ (default: the t found with --neighbours)")
+    g.add_argument("--neighbours", type=int, default=pd.neighbours,
+                   help="SecAgg+ neighbours k per client (default: the smallest k meeting 40-bit security and 30-bit "
+                        "correctness for the corrupt and dropout fractions)")
+    g.add_argument("--corrupt-fraction", type=float, default=pd.corrupt_fraction,
+                   help="SecAgg+: assumed fraction of corrupt clients (default: %(default)s)")
+    g.add_argument("--dropout-fraction", type=float, default=pd.dropout_fraction,
+                   help="SecAgg+: assumed fraction of clients that drop in a round (default: %(default)s)")
     g.add_argument("--dpsgd-clip", type=float, default=pd.dpsgd_clip, help="DP-SGD per-example clip norm")
     g.add_argument("--dpsgd-noise-multiplier", type=float, help="DP-SGD noise multiplier (else from --epsilon)")
     g.add_argument("--dpsgd-batch-size", type=int, default=pd.dpsgd_batch_size, help="DP-SGD expected batch size")
@@ -79,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     privacy = PrivacyConfig(
         spec=args.privacy, clip=args.clip, noise_multiplier=args.noise_multiplier, epsilon=args.epsilon,
         delta=args.delta, accountant=args.accountant, quant_bits=args.quant_bits, threshold=args.threshold,
+        neighbours=args.neighbours, corrupt_fraction=args.corrupt_fraction, dropout_fraction=args.dropout_fraction,
         dpsgd_clip=args.dpsgd_clip, dpsgd_noise_multiplier=args.dpsgd_noise_multiplier,
         dpsgd_batch_size=args.dpsgd_batch_size,
     )

@@ -19,6 +19,10 @@ class PrivacyConfig:
     ``secagg+``, ``paillier``, ``dp-sgd`` (example-level DP-SGD in client training).
     ``epsilon``/``delta``: target budget; when ``epsilon`` is set the noise multiplier is calibrated for
     the planned rounds, and training stops before the budget would be exceeded.
+    ``threshold``: the secure sum's threshold as a fraction of the cohort (secagg; 0.7 when ``None``) or
+    of each share group (secagg+; ``None`` takes the t found with the graph). ``neighbours``: SecAgg+'s k
+    (``None``: the smallest k meeting 40-bit security and 30-bit correctness when at most
+    ``corrupt_fraction`` of the clients are corrupt and ``dropout_fraction`` drop).
     """
 
     spec: str = "none"
@@ -28,10 +32,18 @@ class PrivacyConfig:
     delta: float = 1e-5
     accountant: Literal["pld", "rdp"] = "pld"
     quant_bits: int = 20
-    threshold: float = 0.7
+    threshold: float | None = None
+    neighbours: int | None = None
+    corrupt_fraction: float = 0.1
+    dropout_fraction: float = 0.1
     dpsgd_clip: float = 1.0
     dpsgd_noise_multiplier: float | None = None
     dpsgd_batch_size: int = 32
+
+    @property
+    def cohort_threshold(self) -> float:
+        """The threshold as a fraction of the cohort (SecAgg, dropout floors): 0.7 unless set."""
+        return 0.7 if self.threshold is None else self.threshold
 
     def tokens(self) -> tuple[str, ...]:
         toks = tuple(t.strip().lower() for t in self.spec.split(",") if t.strip())

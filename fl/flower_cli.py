@@ -123,7 +123,7 @@ def _job(args: argparse.Namespace) -> Any:
     if protocol not in ("secagg", "secagg+", "plain"):
         raise ValueError(f"--task sum runs secagg, secagg+ or none (plain), not {config.privacy.spec!r}")
     return FlowerJob(task="sum", clients=config.clients, size=args.size, rounds=config.rounds, seed=config.seed,
-                     protocol=protocol, threshold=config.privacy.threshold, **common)
+                     protocol=protocol, threshold=config.privacy.cohort_threshold, **common)
 
 
 def _follow(out: Path, *, timeout: float) -> dict[str, Any]:

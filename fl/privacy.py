@@ -50,7 +50,7 @@ class PrivacyPlan:
 
 
 def _secure_sum(token: str, config: TrainConfig, population: int) -> SecureSum:
-    threshold = config.privacy.threshold
+    pc = config.privacy
     # clients pin the smallest cohort they accept (a server cannot shrink t): the fixed cohort, or for
     # Poisson sampling six standard deviations below the expected count (smaller rounds abort)
     min_cohort = None
@@ -60,11 +60,14 @@ def _secure_sum(token: str, config: TrainConfig, population: int) -> SecureSum:
     if token == "secagg":
         from fl.sums_secagg import SecAgg
 
-        return SecAgg(threshold=threshold, min_cohort=min_cohort)
+        return SecAgg(threshold=pc.cohort_threshold, min_cohort=min_cohort)
     if token == "secagg+":
         from fl.sums_secagg import SecAggPlus
 
-        return SecAggPlus(threshold=threshold, min_cohort=min_cohort)
+        return SecAggPlus(
+            threshold=pc.threshold, neighbours=pc.neighbours, corrupt=pc.corrupt_fraction,
+            dropout=pc.dropout_fraction, min_cohort=min_cohort,
+        )
     from fl.sums_paillier import PaillierSum
 
     return PaillierSum()
@@ -104,12 +107,12 @@ def _dp_fedavg(
     if placement == "clients":
         # dropout tolerance: a round is released with at least the secure sum's threshold of the planned
         # clients (SecAgg(+) aborts below it); the noise must suffice even then
-        floor = min(expected, threshold_count(pc.threshold, expected))
+        floor = min(expected, threshold_count(pc.cohort_threshold, expected))
         if pc.epsilon is not None and floor < expected:
             z *= math.sqrt(expected / floor)
             notes.append(
                 f"distributed noise raised to z = {z:.4f} so the budget holds with as few as {floor} of "
-                f"{expected} clients surviving a round (--threshold {pc.threshold:g})"
+                f"{expected} clients surviving a round (--threshold {pc.cohort_threshold:g})"
             )
         if not sums_enforce_threshold:
             notes.append(

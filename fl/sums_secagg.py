@@ -23,7 +23,7 @@ from numpy.typing import NDArray
 from fl.spec import CompositionError, Guarantee, RoundInfo, ValueSpec
 from fl.sums import threshold_count
 from secagg.client import IdentityKeys, SecAggClient
-from secagg.graph import GraphSpec, achieved_bits, threshold_for
+from secagg.graph import GraphSpec, achieved_bits
 from secagg.machine import ClientMachine, ServerMachine
 from secagg.server import SecAggServer
 
@@ -76,11 +76,15 @@ def _check_ring(spec: ValueSpec) -> None:
 
 def _check_threshold(threshold: float | int, m: int, *, authenticated: bool) -> int:
     """t for a share group of ``m``; refuses t < 2 and, in authenticated mode, 2t <= m (split view)."""
-    t = threshold_count(threshold, m)
+    return _check_t(threshold_count(threshold, m), m, authenticated=authenticated, what=f"threshold {threshold}")
+
+
+def _check_t(t: int, m: int, *, authenticated: bool, what: str) -> int:
+    """Refuse t < 2, t > m and, in authenticated mode, 2t <= m (split view); ``what`` names the setting."""
     if t < 2:
-        raise CompositionError(f"threshold {threshold} gives t={t}: one share would reveal a secret; use t >= 2")
+        raise CompositionError(f"{what} gives t={t}: one share would reveal a secret; use t >= 2")
     if t > m:
-        raise CompositionError(f"threshold {threshold} gives t={t} > {m} share holders: no round could finish")
+        raise CompositionError(f"{what} gives t={t} > {m} share holders: no round could finish")
     if authenticated and 2 * t <= m:
         raise CompositionError(
             f"authenticated mode with t={t} of {m} (2t <= {m}): an active server showing two survivor lists "
@@ -114,7 +118,7 @@ class _MaskedSum:
     """The SecureSum methods SecAgg and SecAggPlus share; they differ only in their graph and bind checks."""
 
     __slots__ = ()
-    threshold: float | int
+    threshold: float | int | None
     authenticated: bool
     min_cohort: int | None
     registry: IdentityRegistry
@@ -137,8 +141,7 @@ class _MaskedSum:
 
     def min_included(self, spec: ValueSpec) -> int:
         """The fewest included clients a round can have: t of a share group (never below 2)."""
-        m = self._graph().degree(max(2, spec.cohort), self.threshold) + 1
-        return max(2, threshold_count(self.threshold, m))
+        return max(2, self._graph().parameters(max(2, spec.cohort), self.threshold)[1])
 
     def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]:
         return (_guarantee(self.name, self._graph(), self.threshold, self.authenticated, spec, info),)
@@ -179,21 +182,24 @@ class SecAgg(_MaskedSum):
 class SecAggPlus(_MaskedSum):
     """SecAgg+ : each client masks against, and shares secrets with, k neighbours of a public random graph.
 
-    ``threshold``: fraction of each share group (a client and its k neighbours), or an absolute count.
-    ``neighbours``: k; ``None`` picks the smallest k meeting ``security_bits`` and ``correctness_bits``
-    when at most ``dropout_rate`` of the clients drop and ``corrupt_rate`` are corrupt (see
-    :func:`secagg.graph.choose_k`; small cohorts get the complete graph).
+    ``neighbours``: k; ``None`` finds the smallest k (and its threshold t) meeting ``security_bits`` and
+    ``correctness_bits`` when at most a ``dropout`` fraction of the clients drop and a ``corrupt``
+    fraction are corrupt, from exact hypergeometric tails (:func:`secagg.graph.find_parameters`; small
+    cohorts get the complete graph). ``threshold``: ``None`` takes that t (or, with explicit
+    ``neighbours``, the smallest t meeting ``security_bits``); a fraction of each share group (a client
+    and its k neighbours) or an absolute count overrides it, and the guarantee then states the bits it
+    achieves. ``authenticated``: signed keys and the consistency check, parameters for an active server.
     ``min_cohort``: as for :class:`SecAgg`.
     """
 
-    threshold: float | int = 0.7
+    threshold: float | int | None = None
     neighbours: int | None = None
     authenticated: bool = False
     min_cohort: int | None = None
     security_bits: float = 40.0
     correctness_bits: float = 30.0
-    dropout_rate: float = 0.1
-    corrupt_rate: float = 0.1
+    dropout: float = 0.1
+    corrupt: float = 0.1
     registry: IdentityRegistry = field(default_factory=IdentityRegistry, compare=False, repr=False)
 
     @property
@@ -206,8 +212,9 @@ class SecAggPlus(_MaskedSum):
             neighbours=self.neighbours,
             sigma=self.security_bits,
             eta=self.correctness_bits,
-            dropout=self.dropout_rate,
-            corrupt=self.corrupt_rate,
+            dropout=self.dropout,
+            corrupt=self.corrupt,
+            active=self.authenticated,
         )
 
     def bind(self, spec: ValueSpec) -> ValueSpec:
@@ -216,13 +223,12 @@ class SecAggPlus(_MaskedSum):
             raise CompositionError(f"SecAggPlus(neighbours=...) needs at least 2 neighbours, got {self.neighbours}")
         _check_cohort(spec, 2)
         try:
-            k = self._graph().degree(spec.cohort, self.threshold)
+            k, t = self._graph().parameters(spec.cohort, self.threshold)
         except ValueError as exc:
             raise CompositionError(str(exc)) from exc
-        _check_threshold(self.threshold, k + 1, authenticated=self.authenticated)
+        _check_t(t, k + 1, authenticated=self.authenticated, what=f"threshold {self.threshold}")
         _check_min_cohort(self, spec)
         return spec
-
 
 
 def _client(
@@ -283,12 +289,11 @@ def _server(
 
 
 def _guarantee(
-    name: str, graph: GraphSpec, threshold: float | int, authenticated: bool, spec: ValueSpec, info: RoundInfo
+    name: str, graph: GraphSpec, threshold: float | int | None, authenticated: bool, spec: ValueSpec, info: RoundInfo
 ) -> Guarantee:
     n = max(1, len(info.planned))
-    k = graph.degree(n, threshold)
+    k, t = graph.parameters(n, threshold)
     m = k + 1
-    t = threshold_for(threshold, m)
     complete = k >= n - 1
     c = max_colluders(t, m, authenticated=authenticated)
     scope = "cohort" if complete else "share group"
@@ -304,7 +309,7 @@ def _guarantee(
     assumptions = [
         f"t = {t} of each {scope} of {m}",
         f"k = {k} neighbours"
-        + (" (complete graph)" if complete else " (Harary graph under a public random permutation)"),
+        + (" (complete graph)" if complete else " (Harary graph under a public pseudorandom permutation)"),
         "X25519, HKDF-SHA256, AES-GCM and AES-CTR are secure",
         bound,
         f"at most {m - t} dropouts per {scope}",
@@ -331,10 +336,10 @@ def _guarantee(
         "included": info.n_included,
     }
     if not complete:
-        sec, cor = achieved_bits(n, k, threshold=threshold, dropout=graph.dropout, corrupt=graph.corrupt)
+        sec, cor = achieved_bits(n, k, t, dropout=graph.dropout, corrupt=graph.corrupt, active=authenticated)
         assumptions.append(
-            f"dropouts <= {graph.dropout:g} and corruptions <= {graph.corrupt:g} of clients, independent of the "
-            f"graph: security 2^-{sec:.1f}, correctness 2^-{cor:.1f}"
+            f"dropouts <= {graph.dropout:g} and corruptions <= {graph.corrupt:g} of clients, fixed before the "
+            f"session seed: security 2^-{sec:.1f}, correctness 2^-{cor:.1f} (exact hypergeometric tails)"
         )
         params.update(sigma_bits=sec, eta_bits=cor, assumed_dropout=graph.dropout, assumed_corrupt=graph.corrupt)
     prop = "input privacy: the server learns only the sum of the included clients' updates"

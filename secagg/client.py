@@ -33,7 +33,7 @@ from secagg._common import (
 )
 from secagg._hazmat import aead, kex, prg, shamir, sign
 from secagg.errors import CodecError, KeyMismatchError, OverflowRiskError, ProtocolError
-from secagg.graph import GraphSpec, NeighbourGraph, threshold_for
+from secagg.graph import GraphSpec, NeighbourGraph
 from secagg.machine import SERVER, Message
 from secagg.messages import (
     AdvertiseKeys,
@@ -69,7 +69,8 @@ class SecAggClient:
     """One client's half of a SecAgg(+) round.
 
     ``value``: the client's vector in Z_modulus (uint64 from ``Quantize``), ``size`` long.
-    ``threshold``: fraction of the share group (or absolute count) needed at every phase.
+    ``threshold``: fraction of the share group (or absolute count) needed at every phase; ``None`` takes
+    the t of the graph parameters (:func:`secagg.graph.find_parameters`).
     ``min_cohort``: the smallest cohort this client's own configuration accepts (the planned cohort
     size). The server's key directory names the cohort but nobody signs it, so a directory showing
     fewer clients is refused: a server cannot shrink the cohort to shrink ``t``.
@@ -88,7 +89,7 @@ class SecAggClient:
         round: int,
         modulus: int,
         size: int,
-        threshold: float | int,
+        threshold: float | int | None,
         min_cohort: int,
         graph: GraphSpec | None = None,
         identity_key: bytes | None = None,
@@ -113,7 +114,7 @@ class SecAggClient:
         session: bytes,
         round: int,
         modulus: int,
-        threshold: float | int,
+        threshold: float | int | None,
         min_cohort: int,
         graph: GraphSpec | None,
         identity_key: bytes | None,
@@ -214,7 +215,7 @@ class SecAggClient:
             )
         if v.size and (int(v.min()) < 0 or int(v.max()) >= self._modulus):
             raise OverflowRiskError(f"client {self._cid}'s value has entries outside Z_2^{self._bits}")
-        return v.astype(self._dtype)
+        return v  # checked, not copied: the masking step makes the one working copy (O(d) per live client)
 
     def _on_directory(self, msg: KeyDirectory) -> list[Message]:
         n = len(msg.ids)
@@ -234,8 +235,8 @@ class SecAggClient:
             )
         except ValueError as exc:
             raise ProtocolError(f"cannot rebuild the neighbour graph: {exc}") from exc
-        group = graph.group(self._cid)
-        t = threshold_for(self._threshold, graph.k + 1)
+        group = graph.group(self._cid)  # O(k + log n): only this client's neighbourhood is evaluated
+        t = self._graph_spec.parameters(graph.n, self._threshold)[1]
         if not set(msg.ids) <= group:
             raise ProtocolError("key directory lists clients that are not this client's neighbours")
         if n < t:
@@ -334,7 +335,7 @@ class SecAggClient:
             except ValueError as exc:
                 raise ProtocolError(f"client {v}'s advertised mask key is unusable: {exc}") from exc
             seeds.append((seed, +1 if self._cid < v else -1))
-        y = self._value  # masked in place: the clear input is dropped right after
+        y = self._value.astype(self._dtype)  # a fresh copy, masked in place; the caller's array is untouched
         exp = prg.MaskExpander(self._size, self._dtype)
         exp.add(y, self._b, +1)
         for seed, sign_ in seeds:
@@ -450,14 +451,24 @@ SNAPSHOT_VERSION = 1
 _STATES = ("new", "advertised", "shared", "masked", "signed", "done")
 _SNAPSHOT_KINDS = (
     "bytes", "i64", "bytes", "i64",  # state, cid, session, round
-    "i64", "i64", "i64", "i64", "f64",  # ring bits, size, min_cohort, threshold is-float, threshold
-    "i64", "i64", "f64", "f64", "f64", "f64",  # graph: complete, neighbours (-1: none), sigma, eta, dropout, corrupt
+    "i64", "i64", "i64", "i64", "f64",  # ring bits, size, min_cohort, threshold kind (0 int 1 float 2 none), value
+    "i64", "i64", "f64", "f64", "f64", "f64", "i64",  # graph: complete, k (-1 none), sigma, eta, drop, corrupt, active
     "i64", "array", "bytes", "bytes", "bytes",  # authenticated, value, c_sk, s_sk, b
     "i64", "ids", "i64",  # has graph, cohort, t
     "ids", "blobs", "blobs",  # directory: ids, c_pks, s_pks
     "ids", "blobs", "blobs",  # held shares: senders, b shares, s shares
     "i64", "ids",  # has survivors, survivors
 )
+
+
+def _threshold_kind(threshold: float | int | None) -> int:
+    return 2 if threshold is None else int(isinstance(threshold, float))
+
+
+def _threshold_from(kind: int, value: float) -> float | int | None:
+    if kind not in (0, 1, 2):
+        raise ValueError(f"unknown threshold kind {kind}")
+    return None if kind == 2 else value if kind == 1 else int(value)
 
 
 def _dump_state(c: SecAggClient) -> bytes:
@@ -467,9 +478,9 @@ def _dump_state(c: SecAggClient) -> bytes:
     items: list[tuple[str, Any]] = [
         ("bytes", c._state.encode()), ("i64", c._cid), ("bytes", c._session), ("i64", c._round),
         ("i64", c._bits), ("i64", c._size), ("i64", c._min_cohort),
-        ("i64", int(isinstance(c._threshold, float))), ("f64", float(c._threshold)),
+        ("i64", _threshold_kind(c._threshold)), ("f64", float(c._threshold or 0)),
         ("i64", int(g.complete)), ("i64", -1 if g.neighbours is None else g.neighbours),
-        ("f64", g.sigma), ("f64", g.eta), ("f64", g.dropout), ("f64", g.corrupt),
+        ("f64", g.sigma), ("f64", g.eta), ("f64", g.dropout), ("f64", g.corrupt), ("i64", int(g.active)),
         ("i64", int(c._auth)), ("array", c._value), ("bytes", kex.private_bytes(c._c_sk)),
         ("bytes", kex.private_bytes(c._s_sk)), ("bytes", c._b),
         ("i64", int(c._graph is not None)), ("ids", c._graph.cohort if c._graph is not None else ()), ("i64", c._t),
@@ -493,7 +504,7 @@ def _load_state(
     random_bytes: Callable[[int], bytes],
 ) -> None:
     v = wire.unpack_record(blob, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, _SNAPSHOT_KINDS)
-    (st, cid, sess, rnd, bits, size, min_cohort, is_float, thr, complete, nb, sigma, eta, dropout, corrupt,
+    (st, cid, sess, rnd, bits, size, min_cohort, thr_kind, thr, complete, nb, sigma, eta, dropout, corrupt, active,
      auth, value, c_sk, s_sk, b, has_graph, cohort, t, dir_ids, c_pks, s_pks, held, hb, hs, has_surv, surv) = v
     if sess != bytes(session) or rnd != round or st != state.encode():
         raise ProtocolError(
@@ -506,9 +517,9 @@ def _load_state(
         if not 1 <= bits <= 64 or not 0 <= size <= wire.MAX_ITEMS:
             raise ValueError(f"ring bits {bits} or size {size} out of range")
         c._init_state(
-            cid, session=sess, round=rnd, modulus=1 << bits, threshold=thr if is_float else int(thr),
+            cid, session=sess, round=rnd, modulus=1 << bits, threshold=_threshold_from(thr_kind, thr),
             min_cohort=min_cohort,
-            graph=GraphSpec(bool(complete), None if nb < 0 else nb, sigma, eta, dropout, corrupt),
+            graph=GraphSpec(bool(complete), None if nb < 0 else nb, sigma, eta, dropout, corrupt, bool(active)),
             identity_key=identity_key, identities=identities, random_bytes=random_bytes,
         )
         if st.decode() not in _STATES or len(dir_ids) != len(c_pks) or len(dir_ids) != len(s_pks):

@@ -32,7 +32,7 @@ from secagg._common import (
 )
 from secagg._hazmat import kex, prg, shamir, sign
 from secagg.errors import AbortError, ProtocolError
-from secagg.graph import GraphSpec, NeighbourGraph, threshold_for
+from secagg.graph import GraphSpec, NeighbourGraph
 from secagg.machine import SERVER, Message
 from secagg.messages import (
     AdvertiseKeys,
@@ -65,7 +65,7 @@ class SecAggServer:
         round: int,
         modulus: int,
         size: int,
-        threshold: float | int,
+        threshold: float | int | None,
         graph: GraphSpec | None = None,
         identities: Mapping[int, bytes] | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
@@ -80,12 +80,12 @@ class SecAggServer:
         self._auth = identities is not None
         self._phases = _state.server_phases(self._auth)
         self._i = 0
-        self._graph: NeighbourGraph = (graph or GraphSpec()).build(
-            list(cids), threshold=threshold, session=self._session, round=round
-        )
+        spec = graph or GraphSpec()
+        self._graph: NeighbourGraph = spec.build(list(cids), threshold=threshold, session=self._session, round=round)
+        self._graph.materialise()  # the server needs every neighbourhood: all at once, vectorised
         self._members = frozenset(self._graph.cohort)
         self._probe = kex.generate_private(random_bytes)
-        self._t = threshold_for(threshold, self._graph.k + 1)
+        self._t = spec.parameters(self._graph.n, threshold)[1]
         if self._graph.n < 2:
             raise ValueError(
                 f"a secure sum over {self._graph.n} client(s) reveals that client's input: sample at least 2"
@@ -362,6 +362,22 @@ class SecAggServer:
             out.append(req)
         return out
 
+    def _reconstruct(self, shares: dict[tuple[str, int], list[tuple[int, int]]]) -> dict[tuple[str, int], bytes | None]:
+        """Every secret from exactly t shares; Lagrange coefficients once per share-holder set, batched.
+
+        ``None`` marks a secret whose shares are inconsistent (or too few): the caller names the client.
+        """
+        pts = {key: sorted(sh) for key, sh in shares.items() if len(sh) == self._t}
+        sets = sorted({tuple(x for x, _ in p) for p in pts.values()})
+        coeffs = dict(zip(sets, shamir.lagrange_batch(sets), strict=True))
+        out: dict[tuple[str, int], bytes | None] = dict.fromkeys(shares)
+        for key, p in pts.items():
+            try:
+                out[key] = shamir.combine_with(coeffs[tuple(x for x, _ in p)], [y for _, y in p])
+            except ValueError:
+                out[key] = None
+        return out
+
     def _close_unmask(self) -> None:
         u5 = set(self._responses)
         u3 = set(self._u3)
@@ -379,16 +395,16 @@ class SecAggServer:
                     s_sh[v].append((r + 1, shamir.decode_share(s)))
         total = self._acc  # the accumulator is not needed afterwards: unmask in place
         exp = prg.MaskExpander(self._size, self._dtype)
+        secrets = self._reconstruct({**{("b", u): b_sh[u] for u in u3}, **{("s", w): s_sh[w] for w in needs_s}})
         for u in sorted(u3):
-            try:
-                b = shamir.combine(b_sh[u], threshold=self._t)
-            except ValueError as exc:
-                raise ProtocolError(f"the shares of client {u}'s self-mask seed are inconsistent: {exc}") from exc
+            b = secrets[("b", u)]
+            if b is None:
+                raise ProtocolError(f"the shares of client {u}'s self-mask seed are inconsistent")
             exp.add(total, b, -1)
         for w in needs_s:
+            s_sk = secrets[("s", w)]
             try:
-                s_sk = shamir.combine(s_sh[w], threshold=self._t)
-                ok = kex.public_from_private_bytes(s_sk) == self._adverts[w].s_pk
+                ok = s_sk is not None and kex.public_from_private_bytes(s_sk) == self._adverts[w].s_pk
             except ValueError:
                 ok = False
             if not ok:
@@ -396,6 +412,7 @@ class SecAggServer:
                     f"the shares of dropped client {w}'s mask key do not reconstruct its advertised key: "
                     f"a client sent a wrong share"
                 )
+            assert s_sk is not None
             sk = kex.private_from_bytes(s_sk)
             for v in sorted(self._graph.neighbours(w) & u3):
                 seed = kex.agree(

@@ -2,13 +2,17 @@
 
 Layout: ``b"PAGW" | version (u8) | type tag (u8) | fields``; every field has a fixed kind:
 ``i64`` (signed big-endian), ``bytes`` (u32 length + data), ``ids`` (u32 count + i64 each),
-``blobs`` (u32 count + bytes each), ``array`` (dtype code u8 + u64 count + little-endian words). Decoding
-checks every length against what is left and refuses trailing bytes; any bad input raises
-:class:`~secagg.errors.CodecError` and nothing else. Masked inputs travel as uint32 when the ring fits.
+``blobs`` (u32 count + bytes each), ``array`` (dtype code u8 + u64 count + little-endian words),
+``packed`` (dtype code u8 + u64 count + bit width u8 + the values' low ``width`` bits, packed LSB-first,
+the last byte zero-padded). Decoding checks every length against what is left and refuses trailing
+bytes and non-canonical padding; any bad input raises :class:`~secagg.errors.CodecError` and nothing
+else. Masked inputs travel packed to the ring width (e.g. 26 bits for 16-bit inputs of 1024 clients),
+not rounded up to 32/64-bit words (version 2; version 1 sent whole words).
 """
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import fields
@@ -31,10 +35,10 @@ from secagg.messages import (
 )
 from secagg.plain import PlainInput
 
-__all__ = ["MAGIC", "VERSION", "dumps", "loads", "pack_record", "unpack_record"]
+__all__ = ["MAGIC", "VERSION", "dumps", "loads", "pack_bits", "pack_record", "unpack_bits", "unpack_record"]
 
 MAGIC: Final = b"PAGW"
-VERSION: Final = 1
+VERSION: Final = 2
 MAX_ITEMS: Final = 1 << 24
 """Upper bound on list lengths and array sizes a decoder accepts (a guard against absurd allocations)."""
 
@@ -81,7 +85,7 @@ _KIND_OF_FIELD: Final = {
     "ciphertexts": "blobs",
     "b_shares": "blobs",
     "s_shares": "blobs",
-    "y": "array",
+    "y": "packed",
     "value": "array",
 }
 _SCHEMA: Final = {cls: tuple((f.name, _KIND_OF_FIELD[f.name]) for f in fields(cls)) for cls in _TYPES.values()}
@@ -125,6 +129,15 @@ def _encode(out: list[bytes], kind: str, v: Any) -> None:
         out.append(_U32.pack(len(v)))
         for b in v:
             _encode(out, "bytes", b)
+    elif kind == "packed":
+        arr = np.asarray(v)
+        if arr.ndim != 1 or arr.dtype.kind != "u":
+            raise TypeError(f"packed arrays are 1-D unsigned integers, got {arr.dtype} {arr.shape}")
+        code = _DTYPE_CODES.get(arr.dtype.newbyteorder("<"))
+        if code is None:
+            raise TypeError(f"no wire encoding for arrays of {arr.dtype}")
+        width = max(1, int(arr.max()).bit_length()) if arr.size else 1
+        out += [bytes((code,)), _U64.pack(arr.size), bytes((width,)), pack_bits(arr, width)]
     else:
         arr = np.asarray(v)
         if arr.ndim != 1:
@@ -171,6 +184,8 @@ class _Reader:
         if kind == "blobs":
             n = self.count(4)
             return tuple(self.read("bytes") for _ in range(n))
+        if kind == "packed":
+            return self.read_packed()
         code = self.take(1)[0]
         dt = _DTYPES.get(code)
         if dt is None:
@@ -179,6 +194,71 @@ class _Reader:
         if n > MAX_ITEMS or n * dt.itemsize > len(self.data) - self.pos:
             raise CodecError(f"declared array length {n} exceeds the message")
         return np.frombuffer(self.take(n * dt.itemsize), dtype=dt).astype(dt.newbyteorder("="))
+
+
+    def read_packed(self) -> Any:
+        code = self.take(1)[0]
+        dt = _DTYPES.get(code)
+        if dt is None or dt.kind != "u":
+            raise CodecError(f"unknown packed array dtype code {code}")
+        n = int(_U64.unpack(self.take(8))[0])
+        width = self.take(1)[0]
+        if not 1 <= width <= 8 * dt.itemsize:
+            raise CodecError(f"packed width {width} does not fit {dt}")
+        nbytes = (n * width + 7) // 8
+        if n > MAX_ITEMS or nbytes > len(self.data) - self.pos:
+            raise CodecError(f"declared array length {n} exceeds the message")
+        raw = self.take(nbytes)
+        spare = nbytes * 8 - n * width
+        if spare and raw[-1] >> (8 - spare):
+            raise CodecError("packed array has non-zero padding bits")
+        return unpack_bits(raw, width, n).astype(dt.newbyteorder("="))
+
+
+def pack_bits(values: Any, width: int) -> bytes:
+    """The low ``width`` bits of each value, concatenated LSB-first (vectorised: one pass per column).
+
+    ``64 / gcd(64, width)`` values fill a whole number of 64-bit words; values are laid out in rows of
+    that many, and each column is shifted into its word(s) at once.
+    """
+    v = np.asarray(values).astype(np.uint64)
+    m = v.size
+    if width in (8, 16, 32, 64):
+        return v.astype(f"<u{width // 8}").tobytes()
+    group = 64 // math.gcd(64, width)
+    words = group * width // 64
+    rows = -(-m // group)
+    flat = np.zeros(rows * group, dtype=np.uint64)
+    flat[:m] = v & np.uint64((1 << width) - 1)
+    cols = flat.reshape(rows, group)
+    out = np.zeros((rows, words), dtype="<u8")
+    for j in range(group):
+        w, s = divmod(j * width, 64)
+        out[:, w] |= cols[:, j] << np.uint64(s)
+        if s + width > 64:
+            out[:, w + 1] |= cols[:, j] >> np.uint64(64 - s)
+    return out.tobytes()[: (m * width + 7) // 8]
+
+
+def unpack_bits(raw: bytes, width: int, count: int) -> Any:
+    """Inverse of :func:`pack_bits`: ``count`` uint64 values of ``width`` bits from ``raw``."""
+    if width in (8, 16, 32, 64):
+        return np.frombuffer(raw, dtype=f"<u{width // 8}", count=count).astype(np.uint64)
+    group = 64 // math.gcd(64, width)
+    words = group * width // 64
+    rows = -(-count // group)
+    buf = np.zeros(rows * words * 8, dtype=np.uint8)
+    buf[: len(raw)] = np.frombuffer(raw, dtype=np.uint8)
+    packed = buf.view("<u8").reshape(rows, words)
+    mask = np.uint64((1 << width) - 1)
+    cols = np.empty((rows, group), dtype=np.uint64)
+    for j in range(group):
+        w, s = divmod(j * width, 64)
+        col = packed[:, w] >> np.uint64(s)
+        if s + width > 64:
+            col |= packed[:, w + 1] << np.uint64(64 - s)
+        cols[:, j] = col & mask
+    return cols.reshape(-1)[:count]
 
 
 def loads(data: bytes) -> Message:

@@ -3,6 +3,10 @@
 Time does not exist here: a phase ends when every live party has answered, and a client that "drops at
 phase p" simply stops sending from phase p on (its messages of that phase are lost, and messages to it
 are not delivered). This is how tests drive every dropout pattern deterministically.
+
+Replies to the server are delivered as soon as a party sends them (streaming): a masked input goes into
+the server's running sum before the next client masks, so a round holds O(d) of masked data, not O(n d)
+(delivery order within a phase is shuffled by ``reorder`` through the order the parties answer in).
 """
 
 from __future__ import annotations
@@ -132,7 +136,12 @@ def run_secure_sum(
                     refused.add(msg.recipient)
                     continue
                 for r in replies:
-                    (to_parties if r.recipient in parties else to_server).append(r)
+                    if r.recipient in parties:
+                        to_parties.append(r)
+                    else:  # streamed: the server folds a masked input into its running sum at once
+                        count += 1
+                        if alive(r.sender):
+                            to_parties += server.receive(r)
         for msg in _shuffled(to_server, reorder):
             count += 1
             if msg.sender in parties and not alive(msg.sender):

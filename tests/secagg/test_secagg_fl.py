@@ -13,7 +13,7 @@ from fl.pipeline import Pipeline
 from fl.runners.local import run_secure_sum
 from fl.spec import CompositionError, RoundInfo, ValueSpec
 from fl.sums_secagg import SecAgg, SecAggPlus
-from secagg.graph import achieved_bits, choose_k
+from secagg.graph import achieved_bits, choose_k, find_parameters
 
 
 def test_public_names_resolve_and_hazmat_is_not_exported() -> None:
@@ -42,26 +42,35 @@ def test_names_and_ring_requirement() -> None:
 def test_guarantees_are_data() -> None:
     info = RoundInfo(round=0, planned=tuple(range(1000)), included=tuple(range(950)), population=5000, sample_rate=0.2)
     spec = ValueSpec(size=3, cohort=1000, domain="ring", modulus=1 << 32, value_bits=20)
-    (g,) = SecAggPlus(threshold=0.5).guarantees(spec, info)
+    (g,) = SecAggPlus().guarantees(spec, info)
     assert g.layer == "secagg+" and "only the sum" in g.property and "honest-but-curious" in g.against
-    k = choose_k(1000, threshold=0.5)
-    assert g.params["k"] == k and g.params["t"] == math.ceil(0.5 * (k + 1))
+    k, t = find_parameters(1000, corrupt=0.1, dropout=0.1, sigma=40, eta=30)
+    assert g.params["k"] == k and g.params["t"] == t and k < 999
     assert g.params["sigma_bits"] >= 40 and g.params["eta_bits"] >= 30
     assert any(a.startswith("t = ") for a in g.assumptions) and any("neighbours" in a for a in g.assumptions)
+    assert any(f"security 2^-{g.params['sigma_bits']:.1f}" in a for a in g.assumptions)
+    (g5,) = SecAggPlus(threshold=0.5).guarantees(spec, info)
+    assert g5.params["t"] == math.ceil(0.5 * (k + 1))  # an explicit threshold overrides t, bits restated
     (ga,) = SecAgg(authenticated=True).guarantees(spec, info)
     assert "active" in ga.against and ga.params["k"] == 999
     assert g.as_dict()["params"]["n"] == 1000
 
 
 def test_degree_is_of_order_log_n_and_meets_the_stated_bits() -> None:
-    ks = [choose_k(n, threshold=0.5) for n in (10**3, 10**4, 10**5, 10**6)]
+    ns = (10**3, 10**4, 10**5, 10**6)
+    params = [find_parameters(n, corrupt=0.1, dropout=0.1, sigma=40, eta=30) for n in ns]
+    ks = [k for k, _ in params]
     assert ks == sorted(ks) and ks[-1] < 100  # grows like log n
-    for n, k in zip((10**3, 10**4, 10**5, 10**6), ks, strict=True):
-        sec, cor = achieved_bits(n, k, threshold=0.5, dropout=0.1, corrupt=0.1)
+    for n, (k, t) in zip(ns, params, strict=True):
+        sec, cor = achieved_bits(n, k, t, dropout=0.1, corrupt=0.1)
         assert sec >= 40 and cor >= 30
-        sec2, cor2 = achieved_bits(n, k - 2, threshold=0.5, dropout=0.1, corrupt=0.1)
-        assert sec2 < 40 or cor2 < 30  # k is the smallest even degree that works
-    assert choose_k(50, threshold=0.7) == 49  # small cohorts: the complete graph
+        assert all(  # k is the smallest even degree for which some threshold works
+            min(achieved_bits(n, k - 2, tt, dropout=0.1, corrupt=0.1)) < 30
+            or achieved_bits(n, k - 2, tt, dropout=0.1, corrupt=0.1)[0] < 40
+            for tt in range(2, k)
+        )
+    assert choose_k(1000) == ks[0]  # the compat wrapper
+    assert find_parameters(4, corrupt=0.3, dropout=0.3) == (3, 2)  # too small to be sparse: the complete graph
 
 
 def test_identity_keys_come_from_a_csprng_per_adapter() -> None:

@@ -105,12 +105,48 @@ def test_random_bytes_raise_only_codec_error(data: bytes, prefix: bytes, tag: in
 
 def test_codec_refuses_other_versions_and_unknown_objects() -> None:
     raw = bytearray(wire.dumps(ConsistencySignature(1, -1, b"s", 0, b"sig")))
-    raw[4] = 2
-    with pytest.raises(CodecError, match="version"):
-        wire.loads(bytes(raw))
+    for other in (1, wire.VERSION + 1):  # version 1 sent masked inputs as whole words
+        raw[4] = other
+        with pytest.raises(CodecError, match="version"):
+            wire.loads(bytes(raw))
     with pytest.raises(CodecError):
         wire.dumps(object())  # type: ignore[arg-type]
     with pytest.raises(CodecError):
         wire.dumps(MaskedInput(1, -1, b"s", 0, np.zeros((2, 2), np.uint32)))
     with pytest.raises(CodecError):
         wire.loads("not bytes")  # type: ignore[arg-type]
+
+
+@settings(max_examples=200, deadline=None)
+@given(width=st.integers(1, 64), data=st.data())
+def test_bit_packing_round_trips_at_every_width(width: int, data: st.DataObject) -> None:
+    vals = data.draw(st.lists(st.integers(0, (1 << width) - 1), max_size=300))
+    arr = np.array(vals, dtype=np.uint64)
+    raw = wire.pack_bits(arr, width)
+    assert len(raw) == (len(vals) * width + 7) // 8
+    assert wire.unpack_bits(raw, width, len(vals)).tolist() == vals
+
+
+def test_masked_inputs_travel_packed_to_the_ring_width() -> None:
+    """16-bit inputs of 1024 clients live in a 26-bit ring: 26 bits per value on the wire, not 32."""
+    rng = np.random.default_rng(0)
+    d = 1 << 16
+    y = rng.integers(0, 1 << 26, size=d, dtype=np.uint64).astype(np.uint32)
+    raw = wire.dumps(MaskedInput(3, -1, b"s" * 16, 0, y))
+    assert len(raw) <= d * 26 // 8 + 64  # header + ids, no 32-bit words
+    back = wire.loads(raw)
+    assert isinstance(back, MaskedInput) and back.y.dtype == np.uint32 and np.array_equal(back.y, y)
+
+
+def test_packed_arrays_refuse_bad_widths_and_padding() -> None:
+    y = np.array([5, 3, 7], dtype=np.uint32)  # width 3: 9 bits -> 2 bytes, 7 padding bits
+    raw = bytearray(wire.dumps(MaskedInput(3, -1, b"s", 0, y)))
+    assert np.array_equal(wire.loads(bytes(raw)).y, y)  # type: ignore[attr-defined]
+    bad = bytearray(raw)
+    bad[-1] |= 0x80  # a padding bit set: a second encoding of the same value is refused
+    with pytest.raises(CodecError, match="padding"):
+        wire.loads(bytes(bad))
+    bad = bytearray(raw)
+    bad[-3] = 33  # width 33 does not fit uint32
+    with pytest.raises(CodecError, match="width"):
+        wire.loads(bytes(bad))
