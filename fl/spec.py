@@ -199,7 +199,8 @@ class PrivacyAccounting(Protocol):
 
     The loop asks :meth:`can_run` before each round and stops, with a clear message, if the next round
     would exceed the budget; :meth:`record` returns the per-round figures (``epsilon``, ``delta``, ...)
-    that go into the round's report line; :meth:`report` is the JSON report's ``privacy`` section.
+    that go into the round's report line; :meth:`report` is the JSON report's ``privacy`` section, which
+    lists per observer the composed ``dp_accounting`` event as data, so anyone can recompute epsilon.
     """
 
     def can_run(self, info: RoundInfo) -> tuple[bool, str]: ...
@@ -209,5 +210,13 @@ class PrivacyAccounting(Protocol):
     def report(self) -> dict[str, Any]: ...
 
     def guarantees(self) -> tuple[Guarantee, ...]:
-        """Claims not made by any pipeline layer (e.g. example-level DP-SGD inside client training)."""
+        """Claims derived from the composed events, one per privacy unit and observer."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """The composed event lists as JSON-ready data (checkpoints; no pickled objects)."""
+        ...
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state` wrote (resume)."""
         ...
