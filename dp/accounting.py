@@ -417,6 +417,15 @@ def calibrate_noise(
 
     # Without sampling (and nothing spent) the composition is one Gaussian with mu = sqrt(steps)/z: that
     # z meets the budget exactly, and sampling only amplifies, so it is an upper end of the bracket.
+    if spent:
+        already = Accountant(accountant=accountant, pld_interval=pld_interval)
+        for s, c in spent:
+            already.compose(s, c)
+        if already.epsilon(delta) >= epsilon:
+            raise ValueError(
+                f"the steps already spent use epsilon {already.epsilon(delta):.4g} >= the target {epsilon:g}; "
+                "no further step fits: raise the budget"
+            )
     hi = math.sqrt(steps) / _gaussian_mu(epsilon, delta)
     if wor:
         hi *= 2.0  # replace-one: twice the sensitivity

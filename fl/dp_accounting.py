@@ -362,11 +362,14 @@ class DpSgdAccounting:
                 ),
                 against="the server and anyone who sees a client's update or the released model",
                 assumptions=(
-                    "per-example gradients clipped, Gaussian noise from a CSPRNG, Poisson-sampled batches",
-                    "one record per example (not per person); client-level membership is not hidden",
+                    "per-example gradients clipped, Gaussian noise from a CSPRNG, Poisson-sampled batches drawn "
+                    "from the client's CSPRNG (secret from the server, so amplification by sampling applies)",
+                    "add/remove-one example neighbours; one record per example (not per person)",
+                    "public: each client's sample count n_k (it sets the rate batch / n_k), its number of steps, "
+                    "and whether it took part in a round; client-level membership is not hidden",
                     "floating-point Gaussian (Mironov 2012 caveat)",
                 ),
-                params={"epsilon": eps, "delta": self.delta, "accountant": self.accountant},
+                params={"epsilon": eps, "delta": self.delta, "accountant": self.accountant, "observer": "server"},
             ),
         )
 
