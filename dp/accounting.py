@@ -15,7 +15,15 @@ multiplier ``z`` (noise std / L2 sensitivity), amplified by how its inputs were 
 - **Everyone, every time** (``q == 1``): a plain ``GaussianDpEvent(z)`` (add/remove-one).
 
 :func:`calibrate_noise` finds the smallest noise multiplier that keeps a planned number of steps within
-a target (epsilon, delta), by bisection over the accountant.
+a target (epsilon, delta), with ``dp_accounting.mechanism_calibration.calibrate_dp_mechanism`` over
+dp-accounting's own accountant (Brent's method; the result is guaranteed within the budget).
+
+**Accounting as data.** :meth:`Accountant.event` is the whole composition as one ``dp_accounting``
+DpEvent; :func:`event_to_json` / :func:`event_from_json` write and read it (a whitelist of event classes,
+never an import by name), so a report carries exactly what anyone needs to recompute epsilon.
+
+:func:`rounding_sensitivity` is the one L2 sensitivity of a clipped vector after randomized rounding onto
+a grid (the discrete Gaussian's input), used by the noise layer and the accountant alike.
 """
 
 from __future__ import annotations
@@ -25,11 +33,11 @@ import functools
 import logging
 import math
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
-from dp_accounting import dp_event
+from dp_accounting import dp_event, mechanism_calibration
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.privacy_accountant import NeighboringRelation
@@ -42,9 +50,12 @@ __all__ = [
     "Sampling",
     "calibrate_noise",
     "compute_epsilon",
+    "event_from_json",
+    "event_to_json",
     "gaussian_delta",
     "gaussian_epsilon",
     "make_event",
+    "rounding_sensitivity",
 ]
 
 AccountantName = Literal["pld", "rdp"]
@@ -231,6 +242,33 @@ class Accountant:
             acc.compose(dp_event.SelfComposedDpEvent(step.event(), count))
         return acc
 
+    @property
+    def neighboring_relation(self) -> str:
+        """The neighbour relation the composition is accounted under (what a recomputation must use)."""
+        if any(s.without_replacement for s in self._steps):
+            return "replace_one"
+        return "add_or_remove_one"
+
+    def event(self) -> dp_event.DpEvent:
+        """The whole composition as one ``dp_accounting`` event (``NoOpDpEvent`` when empty)."""
+        parts = [dp_event.SelfComposedDpEvent(s.event(), c) for s, c in sorted(self._steps.items())]
+        if not parts:
+            return dp_event.NoOpDpEvent()
+        return parts[0] if len(parts) == 1 else dp_event.ComposedDpEvent(parts)
+
+    def state(self) -> list[dict[str, float | int | str]]:
+        """The composed steps as JSON-ready data (for checkpoints); :meth:`load_state` restores them."""
+        return [{**s.as_dict(), "count": c} for s, c in sorted(self._steps.items())]
+
+    def load_state(self, state: Iterable[dict[str, float | int | str]]) -> None:
+        """Replace the composition with ``state`` (as written by :meth:`state`)."""
+        steps: Counter[GaussianStep] = Counter()
+        for row in state:
+            fields = dict(row)
+            count = int(fields.pop("count"))
+            steps[GaussianStep(**fields)] += count  # type: ignore[arg-type]
+        self._steps = steps
+
     def epsilon(self, delta: float) -> float:
         """The smallest epsilon the accountant certifies at ``delta`` (0 for no steps, inf without noise)."""
         if not 0 < delta < 1:
@@ -346,56 +384,151 @@ def calibrate_noise(
     accountant: AccountantName = "pld",
     sampling: Sampling = "poisson",
     population: int | None = None,
-    rtol: float = 5e-3,
+    rtol: float = 2e-3,
     extra: Iterable[tuple[GaussianStep, int]] = (),
     pld_interval: float = PLD_FAST,
 ) -> float:
     """The smallest noise multiplier (to ``rtol``) whose ``steps`` steps stay within (epsilon, delta).
 
-    Bisection on ``log z`` over the accountant; the returned value always satisfies the budget
-    (``compute_epsilon(...) <= epsilon``). ``extra`` adds steps already spent (e.g. earlier rounds).
-    ``pld_interval``: use the same as the ledger that will enforce the budget (default: the ledgers').
+    Runs ``dp_accounting``'s ``calibrate_dp_mechanism`` (Brent's method, result guaranteed not to exceed
+    the budget) over a fresh dp-accounting accountant: PLD with ``pld_interval`` (use the ledger's), or
+    RDP; fixed cohorts smaller than the population always go to RDP under replace-one neighbours, as the
+    ledger does. ``extra`` adds steps already spent (e.g. earlier rounds).
     """
     if not (epsilon > 0 and math.isfinite(epsilon)):
         raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
-    base = Accountant(accountant=accountant, pld_interval=pld_interval)
-    for s, c in extra:
-        base.compose(s, c)
+    spent = [(s, c) for s, c in extra if c]
+    probe = _step(1.0, sample_rate, sampling, population)
+    wor = probe.without_replacement or any(s.without_replacement for s, _ in spent)
 
-    def eps(z: float) -> float:
-        acc = base.copy()
-        acc.compose(_step(z, sample_rate, sampling, population), steps)
-        return acc.epsilon(delta)
+    def fresh() -> PLDAccountant | RdpAccountant:
+        if accountant == "rdp" or wor:
+            relation = NeighboringRelation.REPLACE_ONE if wor else NeighboringRelation.ADD_OR_REMOVE_ONE
+            return RdpAccountant(neighboring_relation=relation)
+        return PLDAccountant(value_discretization_interval=pld_interval)
 
-    # Without sampling the composition is one Gaussian with mu = sqrt(steps)/z: solve for z exactly.
-    # Sampling only amplifies privacy, so that z is an upper bracket (found without the accountant).
-    mu_lo, mu_hi = 1e-6, 1.0
-    while gaussian_delta(mu=mu_hi, epsilon=epsilon) <= delta and mu_hi < 1e6:
-        mu_lo, mu_hi = mu_hi, mu_hi * 2
-    for _ in range(200):
-        mid = math.sqrt(mu_lo * mu_hi)
-        mu_lo, mu_hi = (mid, mu_hi) if gaussian_delta(mu=mid, epsilon=epsilon) <= delta else (mu_lo, mid)
-        if mu_hi / mu_lo < 1 + 1e-9:
-            break
-    hi = math.sqrt(steps) / mu_lo
-    lo = max(0.3, hi * min(1.0, sample_rate) / 2)
-    if hi <= lo:
-        lo = hi / 2
-    while eps(hi) > epsilon:
+    def event(z: float) -> dp_event.DpEvent:
+        mine = dp_event.SelfComposedDpEvent(_step(z, sample_rate, sampling, population).event(), steps)
+        return dp_event.ComposedDpEvent([*(dp_event.SelfComposedDpEvent(s.event(), c) for s, c in spent), mine])
+
+    # Without sampling (and nothing spent) the composition is one Gaussian with mu = sqrt(steps)/z: that
+    # z meets the budget exactly, and sampling only amplifies, so it is an upper end of the bracket.
+    if spent:
+        already = Accountant(accountant=accountant, pld_interval=pld_interval)
+        for s, c in spent:
+            already.compose(s, c)
+        if already.epsilon(delta) >= epsilon:
+            raise ValueError(
+                f"the steps already spent use epsilon {already.epsilon(delta):.4g} >= the target {epsilon:g}; "
+                "no further step fits: raise the budget"
+            )
+    hi = math.sqrt(steps) / _gaussian_mu(epsilon, delta)
+    if wor:
+        hi *= 2.0  # replace-one: twice the sensitivity
+    lo = hi * min(1.0, sample_rate) / 4
+    with _quiet_absl():
+        gap = _gap(fresh, event, epsilon, delta)
+        while gap(hi) > 0:
+            lo, hi = hi, hi * 2
+            if hi > 1e6:
+                raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon={epsilon} at delta={delta}")
+        while gap(lo) <= 0:
+            if lo < 1e-3:
+                return lo
+            hi, lo = lo, lo / 4
+        z = mechanism_calibration.calibrate_dp_mechanism(
+            fresh, event, epsilon, delta, mechanism_calibration.ExplicitBracketInterval(lo, hi), tol=rtol * lo
+        )
+    return float(z)
+
+
+def _gap(
+    fresh: Callable[[], PLDAccountant | RdpAccountant],
+    event: Callable[[float], dp_event.DpEvent],
+    epsilon: float,
+    delta: float,
+) -> Callable[[float], float]:
+    def gap(z: float) -> float:
+        return float(fresh().compose(event(z)).get_epsilon(delta)) - epsilon
+
+    return gap
+
+
+def _gaussian_mu(epsilon: float, delta: float) -> float:
+    """The largest Gaussian-DP mu with ``gaussian_delta(mu, epsilon) <= delta`` (geometric bisection)."""
+    lo, hi = 1e-6, 1.0
+    while gaussian_delta(mu=hi, epsilon=epsilon) <= delta and hi < 1e6:
         lo, hi = hi, hi * 2
-        if hi > 1e6:
-            raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon={epsilon} at delta={delta}")
-    if eps(lo) <= epsilon:
-        while lo > 1e-3 and eps(lo) <= epsilon:
-            hi, lo = lo, lo / 2
-        if eps(lo) <= epsilon:
-            return lo
-    while hi / lo > 1 + rtol:
+    for _ in range(200):
         mid = math.sqrt(lo * hi)
-        if eps(mid) <= epsilon:
-            hi = mid
-        else:
-            lo = mid
-    return hi
+        lo, hi = (mid, hi) if gaussian_delta(mu=mid, epsilon=epsilon) <= delta else (lo, mid)
+        if hi / lo < 1 + 1e-9:
+            break
+    return lo
+
+
+def rounding_sensitivity(*, clip: float, granularity: float, dim: int) -> float:
+    """L2 sensitivity of a vector clipped to ``clip`` after unbiased randomized rounding onto ``granularity * Z``.
+
+    Each coordinate moves by less than ``granularity``, so the rounded vector's norm is at most
+    ``clip + granularity * sqrt(dim)`` -- a deterministic bound, so no extra delta is charged (Kairouz, Liu,
+    Steinke 2021 give a tighter bound that holds with probability ``1 - beta``; it would need ``beta`` added
+    to delta). This one function is used by the noise layer and by the accountant.
+    """
+    if not (clip > 0 and granularity > 0 and dim >= 1):
+        raise ValueError(f"need clip > 0, granularity > 0, dim >= 1; got {clip}, {granularity}, {dim}")
+    return clip + granularity * math.sqrt(dim)
+
+
+_EVENTS: dict[str, type[dp_event.DpEvent]] = {
+    cls.__name__: cls
+    for cls in (
+        dp_event.NoOpDpEvent,
+        dp_event.GaussianDpEvent,
+        dp_event.PoissonSampledDpEvent,
+        dp_event.SampledWithoutReplacementDpEvent,
+        dp_event.SelfComposedDpEvent,
+        dp_event.ComposedDpEvent,
+    )
+}
+
+
+def event_to_json(event: dp_event.DpEvent) -> dict[str, Any]:
+    """A DpEvent as JSON-ready data: ``{"class_name": ..., <its dp_accounting fields>}``, nested.
+
+    Built from dp-accounting's own ``DpEvent.to_named_tuple`` (its serialization form), minus the
+    module path.
+    """
+    name = type(event).__name__
+    if name not in _EVENTS:
+        raise ValueError(f"cannot serialize {name}; supported: {', '.join(sorted(_EVENTS))}")
+    return _tuple_to_json(event.to_named_tuple())
+
+
+def _tuple_to_json(value: Any) -> Any:
+    if hasattr(value, "_asdict") and hasattr(value, "class_name"):
+        return {k: _tuple_to_json(v) for k, v in value._asdict().items() if k != "module_name"}
+    if isinstance(value, list | tuple):
+        return [_tuple_to_json(v) for v in value]
+    return value
+
+
+def event_from_json(data: Mapping[str, Any]) -> dp_event.DpEvent:
+    """Inverse of :func:`event_to_json`; only the whitelisted event classes, never an import by name."""
+    name = data.get("class_name")
+    if name not in _EVENTS:
+        raise ValueError(f"unknown DpEvent class {name!r}; expected one of {', '.join(sorted(_EVENTS))}")
+    fields: dict[str, Any] = {}
+    for key, value in data.items():
+        if key == "class_name":
+            continue
+        if isinstance(value, Mapping):
+            value = event_from_json(value)
+        elif isinstance(value, list):
+            value = [event_from_json(v) if isinstance(v, Mapping) else v for v in value]
+        fields[key] = value
+    return _EVENTS[name](**fields)

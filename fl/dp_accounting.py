@@ -2,147 +2,243 @@
 
 Both implement :class:`fl.spec.PrivacyAccounting`: the loop asks :meth:`can_run` before a round (and
 stops with the returned message if the round would overspend), then :meth:`record` after it, whose
-dict goes into the round's report line; :meth:`report` is the report's ``privacy`` section. Every figure
-needed to recompute epsilon independently is in the report: the accountant, delta, and per mechanism the
-noise multiplier, sampling rate and scheme, and the number of steps.
+dict goes into the round's report line; :meth:`report` is the report's ``privacy`` section.
 
-- :class:`DpFedAvgAccounting` (client level): one subsampled Gaussian event per round, Poisson at rate
-  ``q`` or a fixed cohort without replacement (see :mod:`dp.accounting`). With distributed noise the
-  event's multiplier is ``z * sqrt(included / shares)``: the ledger charges the noise that actually
-  reached the sum.
+**Accounting as data.** A ledger holds, per privacy unit and observer, the composition of the
+mechanisms the layers and trainers reported (:class:`dp.accounting.GaussianStep`, each one
+``dp_accounting`` DpEvent). The report's ``privacy.observers`` lists, for each observer, the composed
+DpEvent as JSON (``dp.accounting.event_to_json``), the neighbour relation, the accountant and its PLD
+discretization, and the epsilon: anyone can rebuild the event with dp-accounting and recompute epsilon.
+:meth:`state` / :meth:`load_state` are the event lists, for checkpoints.
+
+- :class:`DpFedAvgAccounting` (client level): the steps the noise layer reports each round
+  (:meth:`fl.dp_layers.GaussianNoise.steps`) -- for the released model, amplified by the secret client
+  sample; with distributed noise also for the server, unamplified in every round (the server knows the
+  sample). The headline epsilon is the largest over observers.
 - :class:`DpSgdAccounting` (example level): one accountant per client, charged with the DP-SGD steps the
-  client reports in ``TrainResult.extra["dp_sgd"]`` (Poisson rate ``batch / local size``). The run's
-  epsilon is the worst client's.
+  client reports in ``TrainResult.extra["dp_sgd"]`` (Poisson rate ``batch / local size``; the batches are
+  drawn from the client's CSPRNG, so amplification holds against everyone). The run's epsilon is the
+  worst client's.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from typing import Any
 
-from dp.accounting import Accountant, AccountantName, GaussianStep
-from fl.spec import Guarantee, RoundInfo, TrainResult
+from dp.accounting import PLD_FAST, Accountant, AccountantName, GaussianStep, event_to_json
+from fl.dp_layers import RELEASED, SERVER, GaussianNoise
+from fl.spec import Guarantee, RoundInfo, TrainResult, ValueSpec
+from secagg.graph import GraphSpec
 
-__all__ = ["DpFedAvgAccounting", "DpSgdAccounting"]
+__all__ = ["DpFedAvgAccounting", "DpSgdAccounting", "SurvivorFloor"]
 
 _TOL = 1e-9
 
 
-def _step_for(info: RoundInfo, z: float) -> GaussianStep:
-    q = min(1.0, info.sample_rate)
-    if info.sampling == "poisson":
-        return GaussianStep(z, q, "poisson")
-    if q >= 1:
-        return GaussianStep(z, 1.0, "fixed")
-    return GaussianStep(z, q, "fixed", info.population, len(info.planned))
+@dataclass(frozen=True, slots=True)
+class SurvivorFloor:
+    """The fewest survivors a round planned with ``n`` clients can be released with: the secure sum's rule.
+
+    SecAgg(+) (``threshold`` set): every share group of ``k + 1`` clients (``k`` from ``graph``) keeps at
+    least ``t`` members (``GraphSpec.parameters``, as the sum computes it), else the round aborts -- so at least ``t``
+    survive. Other sums: ``min_clients`` (the plain sum and Paillier abort below it).
+    """
+
+    threshold: float | int | None = None
+    graph: GraphSpec | None = None
+    min_clients: int = 1
+
+    def __call__(self, n: int) -> int:
+        if n <= 0:
+            return 0
+        t = self.min_clients
+        if self.threshold is not None or self.graph is not None:
+            graph = self.graph if self.graph is not None else GraphSpec(complete=True)
+            t = max(t, graph.parameters(n, self.threshold)[1])  # the (k, t) rule the sum itself uses
+        return max(1, min(n, t))
+
+
+def _observer_entry(acc: Accountant, delta: float, observer: str, unit: str) -> dict[str, Any]:
+    used = acc.accountant_used
+    return {
+        "observer": observer,
+        "unit": unit,
+        "epsilon": acc.epsilon(delta),
+        "delta": delta,
+        "accountant_used": used,
+        "neighboring_relation": acc.neighboring_relation,
+        "pld_value_discretization_interval": acc.pld_interval if used.startswith("pld") else None,
+        "steps": acc.total_steps,
+        "event": event_to_json(acc.event()),
+    }
+
+
+_KNOWS = {
+    RELEASED: "does not know the client sample (CSPRNG, never released): amplification by sampling applies",
+    SERVER: "knows the client sample: no amplification; every released round is charged, as if the client "
+    "took part in each",
+}
 
 
 class DpFedAvgAccounting:
-    """Client-level ledger for DP-FedAvg: noise ``multiplier * clip`` on the sum, once per round.
+    """Client-level ledger for DP-FedAvg: composes what the noise layer reports, per observer.
 
-    ``placement="clients"``: distributed noise split over ``shares`` clients (survivors are charged).
-    ``min_included``: the fewest survivors a released round can have (the secure sum's threshold);
-    :meth:`can_run` charges that worst case, so dropouts down to it never overspend the budget.
+    ``noise``: the pipeline's :class:`~fl.dp_layers.GaussianNoise`; ``clip`` and ``size``: its input spec
+    (clip norm and vector length, so discrete rounding is charged). ``floor``: the fewest survivors a
+    round can be released with (distributed noise); :meth:`can_run` charges that worst case, so dropouts
+    never overspend the budget. ``sum_hides_updates``: the sum reveals only the sum (SecAgg(+),
+    Paillier); without it the server sees each update with one noise share.
     ``epsilon``: the budget (``None``: unlimited; epsilon is still reported).
     """
 
     def __init__(
         self,
         *,
-        noise_multiplier: float,
-        delta: float,
+        noise: GaussianNoise,
         clip: float,
+        size: int,
+        delta: float,
         accountant: AccountantName = "pld",
-        placement: str = "server",
-        shares: int = 1,
         epsilon: float | None = None,
-        sensitivity: float | None = None,
-        min_included: int | None = None,
+        floor: SurvivorFloor | None = None,
+        sum_hides_updates: bool = True,
     ) -> None:
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
-        self.noise_multiplier = noise_multiplier
+        self.noise = noise
+        self.spec = ValueSpec(size=size, cohort=noise.shares or 1, l2_bound=clip)
         self.delta = delta
-        self.clip = clip
-        self.sensitivity = sensitivity if sensitivity is not None else clip
-        self.placement = placement
-        self.shares = shares
-        self.min_included = max(1, min(shares, min_included if min_included is not None else shares))
         self.budget = epsilon
-        self.acc = Accountant(accountant=accountant)
+        self.floor = floor if floor is not None else SurvivorFloor()
+        self.sum_hides_updates = sum_hides_updates
+        observers = (RELEASED, SERVER) if noise.placement == "clients" else (RELEASED,)
+        self.accs = {o: Accountant(accountant=accountant, pld_interval=PLD_FAST) for o in observers}
+        self.accountant: AccountantName = accountant
         self.rounds = 0
-        self.events: list[dict[str, Any]] = []
 
-    def effective_multiplier(self, info: RoundInfo, *, included: int | None = None) -> float:
-        z = self.noise_multiplier * self.clip / self.sensitivity
-        if self.placement == "clients":
-            z *= math.sqrt((info.n_included if included is None else included) / self.shares)
-        return z
+    @property
+    def noise_multiplier(self) -> float:
+        return self.noise.multiplier
+
+    def _steps(self, info: RoundInfo) -> dict[str, GaussianStep]:
+        return self.noise.steps(self.spec, info, sum_hides_updates=self.sum_hides_updates)
+
+    def epsilons(self) -> dict[str, float]:
+        """Epsilon spent so far, per observer."""
+        return {o: acc.epsilon(self.delta) for o, acc in self.accs.items()}
 
     def spent(self) -> tuple[float, float]:
-        return self.acc.epsilon(self.delta), self.delta
+        return max(self.epsilons().values()), self.delta
+
+    def worst_case(self, info: RoundInfo) -> RoundInfo:
+        """``info`` with the fewest survivors the round can be released with (all planned, central noise)."""
+        if self.noise.placement != "clients":
+            return replace(info, included=info.planned)
+        return replace(info, included=info.planned[: self.floor(len(info.planned))])
 
     def can_run(self, info: RoundInfo) -> tuple[bool, str]:
-        if self.budget is None:
+        if self.budget is None or not info.planned:
             return True, ""
-        trial = self.acc.copy()
-        # distributed noise: dropouts are not known yet, so charge the fewest survivors a round can have
-        worst = min(info.n_included, self.min_included) if self.placement == "clients" else None
-        trial.compose(_step_for(info, self.effective_multiplier(info, included=worst)))
-        eps = trial.epsilon(self.delta)
-        if eps > self.budget + _TOL:
-            return False, (
-                f"round {info.round} would raise client-level epsilon to {eps:.4f} > the budget "
-                f"{self.budget:g} (delta={self.delta:g}); {self.rounds} rounds used epsilon "
-                f"{self.acc.epsilon(self.delta):.4f}. Raise --epsilon, lower --rounds, or add noise"
-            )
+        worst = self.worst_case(info)
+        for observer, step in self._steps(worst).items():
+            trial = self.accs[observer].copy()
+            trial.compose(step)
+            eps = trial.epsilon(self.delta)
+            if eps > self.budget + _TOL:
+                return False, (
+                    f"round {info.round} would raise client-level epsilon (observer: {observer}) to {eps:.4f} > "
+                    f"the budget {self.budget:g} (delta={self.delta:g}) if only {worst.n_included} of "
+                    f"{len(info.planned)} clients survive; {self.rounds} rounds used epsilon "
+                    f"{self.spent()[0]:.4f}. Raise --epsilon, lower --rounds, or add noise"
+                )
         return True, ""
 
     def record(self, info: RoundInfo, trainer_results: Mapping[int, TrainResult]) -> dict[str, Any]:
         if info.n_included == 0:
-            return {"epsilon": self.acc.epsilon(self.delta), "delta": self.delta}
-        z = self.effective_multiplier(info)
-        step = _step_for(info, z)
-        self.acc.compose(step)
+            return {"epsilon": self.spent()[0], "delta": self.delta}
+        steps = self._steps(info)
+        for observer, step in steps.items():
+            self.accs[observer].compose(step)
         self.rounds += 1
-        self.events.append({"round": info.round, "included": info.n_included, **step.as_dict()})
-        eps = self.acc.epsilon(self.delta)
+        eps = self.epsilons()
         return {
-            "epsilon": eps,
+            "epsilon": max(eps.values()),
             "delta": self.delta,
-            "noise_multiplier": z,
-            "sample_rate": step.sample_rate,
-            "sampling": step.sampling,
+            "epsilon_by_observer": eps,
+            "noise_multiplier": steps[RELEASED].noise_multiplier,
+            "sample_rate": steps[RELEASED].sample_rate,
+            "sampling": steps[RELEASED].sampling,
             "steps": self.rounds,
         }
 
     def guarantees(self) -> tuple[Guarantee, ...]:
-        """None of its own: the GaussianNoise layer states the DP-FedAvg claim in the ledger."""
-        return ()
+        """One claim per observer, derived from the composed events."""
+        out = []
+        for observer, acc in self.accs.items():
+            eps = acc.epsilon(self.delta)
+            out.append(
+                Guarantee(
+                    layer="dp-fedavg",
+                    property=f"({eps:.4g}, {self.delta:g})-DP at client level over all rounds so far",
+                    against=observer if observer == SERVER else f"anyone who sees the {observer} and the report",
+                    assumptions=(
+                        f"this observer {_KNOWS[observer]}",
+                        f"neighbours: {acc.neighboring_relation.replace('_', '-')} client",
+                        "public: participant counts per round, each client's n_k, the population size",
+                    ),
+                    params={"epsilon": eps, "delta": self.delta, "observer": observer,
+                            "accountant": acc.accountant_used},
+                )
+            )
+        return tuple(out)
+
+    def state(self) -> dict[str, Any]:
+        """The composed events per observer (JSON-ready), for checkpoints."""
+        return {"rounds": self.rounds, "observers": {o: acc.state() for o, acc in self.accs.items()}}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        observers = dict(state["observers"])
+        if set(observers) != set(self.accs):
+            raise ValueError(f"checkpoint ledger covers observers {sorted(observers)}, this run {sorted(self.accs)}")
+        for o, rows in observers.items():
+            self.accs[o].load_state(rows)
+        self.rounds = int(state["rounds"])
 
     def report(self) -> dict[str, Any]:
-        eps = self.acc.epsilon(self.delta)
-        steps = [{**s.as_dict(), "count": c} for s, c in sorted(self.acc.steps.items())]
+        eps = self.spent()[0]
+        released = self.accs[RELEASED]
+        steps = [{**s.as_dict(), "count": c} for s, c in sorted(released.steps.items())]
+        distributed = self.noise.placement == "clients"
         return {
-            "accountant": self.acc.accountant,
-            "accountant_used": self.acc.accountant_used,
+            "accountant": self.accountant,
+            "accountant_used": released.accountant_used,
             "delta": self.delta,
             "epsilon": eps,
             "target_epsilon": self.budget,
+            "unit": "client",
+            "observers": [
+                {**_observer_entry(acc, self.delta, o, "client"), "knows_schedule": o == SERVER,
+                 "note": _KNOWS[o]}
+                for o, acc in self.accs.items()
+            ],
             "mechanisms": [
                 {
                     "name": "dp-fedavg",
                     "level": "client",
-                    "placement": "distributed" if self.placement == "clients" else "central",
-                    "clip": self.clip,
-                    "l2_sensitivity": self.sensitivity,
-                    "noise_multiplier": self.noise_multiplier,
+                    "placement": "distributed" if distributed else "central",
+                    "clip": self.spec.l2_bound,
+                    "l2_sensitivity": self.noise.sensitivity(self.spec),
+                    "discrete": self.noise.discrete,
+                    "granularity": self.noise.grid(self.spec) if self.noise.discrete else None,
+                    "noise_multiplier": self.noise.multiplier,
                     "steps": self.rounds,
                     "sample_rate": steps[0]["sample_rate"] if steps else None,
                     "sampling": steps[0]["sampling"] if steps else None,
-                    "shares": self.shares if self.placement == "clients" else None,
-                    "min_included": self.min_included if self.placement == "clients" else None,
+                    "shares": self.noise.n_shares(self.spec) if distributed else None,
+                    "min_included": self.floor(self.noise.n_shares(self.spec)) if distributed else None,
                     "composition": steps,
                     "epsilon": eps,
                 }
@@ -177,7 +273,7 @@ class DpSgdAccounting:
 
     def _acc(self, cid: int) -> Accountant:
         if cid not in self.clients:
-            self.clients[cid] = Accountant(accountant=self.accountant)
+            self.clients[cid] = Accountant(accountant=self.accountant, pld_interval=PLD_FAST)
             self.steps[cid] = 0
         return self.clients[cid]
 
@@ -240,6 +336,20 @@ class DpSgdAccounting:
             )
         return out
 
+    def state(self) -> dict[str, Any]:
+        """Each client's composed DP-SGD steps (JSON-ready), for checkpoints."""
+        return {"clients": {str(c): acc.state() for c, acc in self.clients.items()},
+                "params": {str(c): list(p) for c, p in self.params.items()},
+                "planned": {str(c): list(p) for c, p in self.planned.items()}}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.clients, self.steps = {}, {}
+        for c, rows in state["clients"].items():
+            self._acc(int(c)).load_state(rows)
+            self.steps[int(c)] = self.clients[int(c)].total_steps
+        self.params = {int(c): (float(p[0]), float(p[1])) for c, p in state["params"].items()}
+        self.planned = {int(c): (float(p[0]), float(p[1]), int(p[2])) for c, p in state["planned"].items()}
+
     def guarantees(self) -> tuple[Guarantee, ...]:
         """The example-level claim, for the ledger (DP-SGD is a trainer, not a pipeline layer)."""
         eps, _ = self.spent()
@@ -252,11 +362,14 @@ class DpSgdAccounting:
                 ),
                 against="the server and anyone who sees a client's update or the released model",
                 assumptions=(
-                    "per-example gradients clipped, Gaussian noise from a CSPRNG, Poisson-sampled batches",
-                    "one record per example (not per person); client-level membership is not hidden",
+                    "per-example gradients clipped, Gaussian noise from a CSPRNG, Poisson-sampled batches drawn "
+                    "from the client's CSPRNG (secret from the server, so amplification by sampling applies)",
+                    "add/remove-one example neighbours; one record per example (not per person)",
+                    "public: each client's sample count n_k (it sets the rate batch / n_k), its number of steps, "
+                    "and whether it took part in a round; client-level membership is not hidden",
                     "floating-point Gaussian (Mironov 2012 caveat)",
                 ),
-                params={"epsilon": eps, "delta": self.delta, "accountant": self.accountant},
+                params={"epsilon": eps, "delta": self.delta, "accountant": self.accountant, "observer": "server"},
             ),
         )
 
@@ -272,12 +385,21 @@ class DpSgdAccounting:
             }
             for cid in sorted(self.clients)
         }
+        worst = [max(self.clients, key=self.epsilon)] if self.clients else []
         return {
             "accountant": self.accountant,
             "accountant_used": self.accountant,
             "delta": self.delta,
             "epsilon": eps,
             "target_epsilon": self.budget,
+            "unit": "example",
+            "observers": [
+                {**_observer_entry(self.clients[c], self.delta, "server", "example"), "client": c,
+                 "knows_schedule": False,
+                 "note": "the server and anyone who sees this client's updates or the model; batches are "
+                 "Poisson-sampled from the client's CSPRNG, so amplification applies (worst client shown)"}
+                for c in worst
+            ],
             "mechanisms": [
                 {
                     "name": "dp-sgd",

@@ -16,33 +16,54 @@ Gaussian noise with std ``sigma = z * S`` lands on the sum:
 ``granularity * Z``, after rounding the clipped update onto the same grid with unbiased stochastic
 rounding, so every value leaving the client is an exact multiple of the grid step -- the integer-domain
 mechanism, which avoids the floating-point Gaussian's least-significant-bit leak (Mironov 2012). The
-rounding can grow the L2 norm by up to ``granularity * sqrt(d)``, which :meth:`effective_multiplier`
-charges. With a following ``Quantize`` whose step equals ``granularity``, the ring values are the exact
-integers; with another step, Quantize's own stochastic rounding (post-processing per client) follows.
+rounding can grow the L2 norm by up to ``granularity * sqrt(d)``: :meth:`GaussianNoise.sensitivity`
+(:func:`dp.accounting.rounding_sensitivity`) is that bound, and the accountant charges it. With a
+following ``Quantize`` whose step equals ``granularity``, the ring values are the exact integers; with
+another step, Quantize's own stochastic rounding (post-processing per client) follows.
 The sum of ``n`` discrete Gaussians is close to, but not exactly, a discrete Gaussian (Kairouz, Liu,
 Steinke 2021 bound the gap; it is negligible for ``sigma / granularity >= 1``); the accounting uses the
 continuous Gaussian's epsilon, as that paper shows is accurate in this regime.
+
+**Observers.** :meth:`GaussianNoise.steps` is the round's mechanism, as accounting data, for each observer
+the layer protects (:data:`RELEASED`: whoever sees the released model and report, who does not know the
+client sample, so sampling amplifies; :data:`SERVER`, for distributed noise only: the server knows which
+clients were sampled, so no amplification, in every round a client could have been in). The loop draws
+the sample from a CSPRNG and releases only participant counts, never the schedule.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
+from dp.accounting import GaussianStep, rounding_sensitivity
 from dp.mechanisms import discrete_gaussian
 from fl.spec import CompositionError, Guarantee, RandomSource, RoundInfo, ValueSpec
 
-__all__ = ["BudgetView", "GaussianNoise"]
+__all__ = ["RELEASED", "SERVER", "GaussianNoise", "sampled_step"]
+
+RELEASED = "released model"
+"""Observer: anyone who sees the released model and the report (not the client sample)."""
+SERVER = "server"
+"""Observer: the server, which chose the client sample and sees the (noisy) sum."""
 
 
-class BudgetView(Protocol):
-    """What the layer reads from the accountant to state its guarantee: (epsilon, delta) spent so far."""
+def sampled_step(info: RoundInfo, z: float) -> GaussianStep:
+    """The round's Gaussian with multiplier ``z``, amplified by the client sampling ``info`` describes.
 
-    def spent(self) -> tuple[float, float]: ...
+    Poisson sampling: add/remove-one neighbours. A fixed cohort of ``m`` of ``N``: sampling without
+    replacement under replace-one neighbours (``N`` public). Everyone every round: the plain Gaussian.
+    """
+    q = min(1.0, info.sample_rate)
+    if info.sampling == "poisson":
+        return GaussianStep(z, q, "poisson")
+    if q >= 1:
+        return GaussianStep(z, 1.0, "fixed")
+    return GaussianStep(z, q, "fixed", info.population, len(info.planned))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,8 +72,8 @@ class GaussianNoise:
 
     ``shares``: for ``placement="clients"``, how many clients split the noise (default: the spec's
     cohort); set it to the planned clients per round. ``granularity``: the grid step for
-    ``discrete=True`` (default ``S / 2**16``). ``budget``: the accountant, so :meth:`guarantees` can state
-    the (epsilon, delta) spent (it is not part of the layer's identity).
+    ``discrete=True`` (default ``S / 2**16``). The layer holds no accountant: it reports its mechanism
+    per round (:meth:`steps`) and the ledger (:mod:`fl.dp_accounting`) composes and states epsilon.
     """
 
     multiplier: float
@@ -60,7 +81,6 @@ class GaussianNoise:
     discrete: bool = False
     shares: int | None = None
     granularity: float | None = None
-    budget: BudgetView | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (self.multiplier > 0 and math.isfinite(self.multiplier)):
@@ -94,19 +114,36 @@ class GaussianNoise:
     def grid(self, spec: ValueSpec) -> float:
         return self.granularity if self.granularity is not None else self._clip(spec) / 2.0**16
 
+    def sensitivity(self, spec: ValueSpec) -> float:
+        """L2 sensitivity of one client's contribution: the clip norm, plus the grid rounding if discrete."""
+        if self.discrete:
+            return rounding_sensitivity(clip=self._clip(spec), granularity=self.grid(spec), dim=spec.size)
+        return self._clip(spec)
+
     def effective_multiplier(self, spec: ValueSpec, *, included: int | None = None) -> float:
         """Noise std on the sum divided by the sensitivity, for ``included`` surviving shares.
 
         Central noise is unaffected by dropouts; distributed noise shrinks to ``sqrt(included/shares)``.
-        With ``discrete=True`` the sensitivity grows by the rounding to the grid.
+        With ``discrete=True`` the sensitivity grows by the rounding to the grid (:meth:`sensitivity`).
         """
-        sens = self._clip(spec)
-        if self.discrete:
-            sens += self.grid(spec) * math.sqrt(spec.size)
         sigma = self.sigma(spec)
         if self.placement == "clients" and included is not None:
             sigma *= math.sqrt(included / self.n_shares(spec))
-        return sigma / sens
+        return sigma / self.sensitivity(spec)
+
+    def steps(self, spec: ValueSpec, info: RoundInfo, *, sum_hides_updates: bool = True) -> dict[str, GaussianStep]:
+        """This round's mechanism for each observer the layer protects (what the ledger composes).
+
+        :data:`RELEASED`: the noise on the sum, amplified by the (secret) client sampling. :data:`SERVER`
+        (distributed noise only): the server knows the sample, so the same Gaussian unamplified -- or, if
+        the sum does not hide single updates (``sum_hides_updates=False``), one update with one noise share.
+        """
+        z_sum = self.effective_multiplier(spec, included=info.n_included)
+        out = {RELEASED: sampled_step(info, z_sum)}
+        if self.placement == "clients":
+            one_share = self.sigma(spec) / math.sqrt(self.n_shares(spec)) / self.sensitivity(spec)
+            out[SERVER] = GaussianStep(z_sum if sum_hides_updates else one_share, 1.0)
+        return out
 
     def _noise(self, n: int, std: float, spec: ValueSpec, rng: RandomSource) -> NDArray[np.float64]:
         if not self.discrete:
@@ -149,29 +186,43 @@ class GaussianNoise:
         params: dict[str, Any] = {
             "noise_multiplier": self.multiplier,
             "effective_noise_multiplier": z_eff,
-            "l2_sensitivity": self._clip(spec),
+            "clip": self._clip(spec),
+            "l2_sensitivity": self.sensitivity(spec),
             "sigma": self.sigma(spec),
             "placement": self.placement,
             "discrete": self.discrete,
             "sample_rate": info.sample_rate,
             "sampling": info.sampling,
         }
+        if self.discrete:
+            params["granularity"] = self.grid(spec)
         if self.placement == "clients":
             params["shares"] = self.n_shares(spec)
             params["included"] = info.n_included
-        if self.budget is not None:
-            eps, delta = self.budget.spent()
-            params["epsilon"], params["delta"] = eps, delta
-            prop = f"({eps:.4g}, {delta:g})-DP at client level for the released model, over all rounds so far"
+        prop = (
+            f"client-level Gaussian mechanism, noise multiplier {z_eff:.4g} per round on the sum; the ledger's "
+            "dp-fedavg entries state epsilon per observer"
+        )
+        if info.sampling == "fixed" and info.sample_rate < 1:
+            neighbours = (
+                f"replace-one neighbours: one client's data replaced by another's (a fixed cohort of "
+                f"{len(info.planned)} of {info.population} clients, sampled without replacement)"
+            )
         else:
-            prop = f"client-level Gaussian mechanism, noise multiplier {z_eff:.4g} per round (see the accountant)"
+            neighbours = "add/remove-one neighbours: one client's data present or absent"
         assumptions = [
-            f"each client's update is clipped to L2 norm {self._clip(spec):g} (add/remove one client)",
+            f"each client's update is clipped to L2 norm {self._clip(spec):g}; {neighbours}",
             "uniform (unweighted) averaging, so one client's influence is bounded by the clip norm",
-            "noise drawn from a CSPRNG; clients are sampled as the accountant assumes",
+            "noise and the client sample drawn from a CSPRNG; the sample is never released (counts only)",
+            "public: the number of clients planned and included each round, each client's sample count n_k, "
+            "the population size",
         ]
+        if self.discrete:
+            assumptions.append(
+                f"grid rounding charged as sensitivity {self.sensitivity(spec):.6g} = clip + granularity * sqrt(d)"
+            )
         if self.placement == "clients":
-            against = "the server and anyone who sees the model (the server never sees a noiseless sum)"
+            against = "the server (which knows the sample: no amplification) and anyone who sees the model"
             assumptions += [
                 "honest clients add their noise shares; a secure sum hides each noisy update",
                 f"epsilon is charged with the {info.n_included} of {self.n_shares(spec)} shares that survived",

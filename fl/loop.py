@@ -12,6 +12,7 @@ needs, so one client's influence is bounded by the clip norm) every client count
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -155,6 +156,7 @@ class Federation:
         self.bound = self.plan.pipeline.bind(ValueSpec(size=self.params.size, cohort=self.max_cohort))
         self.server_opt = make_server_optimizer(config.server_opt, config.server_lr)
         self.ledger = Ledger()
+        self.server_log: list[dict[str, Any]] = []  # server-only facts (client ids); never in the report
         self.history: list[dict[str, Any]] = []
         self.next_round = 1
 
@@ -170,12 +172,21 @@ class Federation:
         return (self.config.cohort or self.population) / self.population
 
     def sample(self, round: int) -> tuple[int, ...]:
-        """The clients asked to take part in ``round`` (seeded: the server's public choice)."""
-        rng = np.random.default_rng(_seed(self.config.seed, "sample", round))
+        """The clients asked to take part in ``round``, drawn from a CSPRNG (:class:`dp.rng.SecureRandom`).
+
+        Amplification by sampling holds only against observers who cannot replay the draw, so it is never
+        derived from the public seed; the report and ledger carry participant counts only. The named test
+        seam ``insecure_seeded_randomness`` derives it from the seed so runs repeat.
+        """
+        if self.config.insecure_seeded_randomness:
+            rng = SecureRandom.for_testing(f"sample:{self.config.seed}:{round}")
+        else:
+            rng = SecureRandom()
+        u = rng.uniform(self.population)
         if self.config.sample_rate is not None:
-            return tuple(int(c) for c in np.flatnonzero(rng.random(self.population) < self.config.sample_rate))
+            return tuple(int(c) for c in np.flatnonzero(u < self.config.sample_rate))
         k = self.config.cohort or self.population
-        return tuple(sorted(int(c) for c in rng.choice(self.population, size=k, replace=False)))
+        return tuple(sorted(int(c) for c in np.argsort(u, kind="stable")[:k]))  # a uniform k-subset
 
     def rng(self, round: int, who: object) -> RandomSource:
         """A CSPRNG for one party's layer randomness; seeded only through the named test seam."""
@@ -239,12 +250,16 @@ class Federation:
         total = self.bound.decode(outcome.total, info, self.rng(round, "server"))
         denom = sum(self.weight(c) for c in outcome.included)
         self.params = self.server_opt.step(self.params, total / denom)
+        # counts only: who was sampled or included is the server's knowledge, never released (it would let
+        # anyone with the report replay the sample and undo the amplification)
         record: dict[str, Any] = {
             "round": round,
             "planned": len(planned),
             "included": len(outcome.included),
-            "rejected": list(rejected),
+            "rejected": len(rejected),
         }
+        if rejected:
+            self.server_log.append({"round": round, "rejected": list(rejected)})
         if self.plan.accounting is not None:
             record.update(self.plan.accounting.record(info, {c: results[c] for c in outcome.included if c in results}))
         record.update(self.evaluate())
@@ -252,7 +267,7 @@ class Federation:
         claims = self.bound.guarantees(info)
         if self.plan.accounting is not None:
             claims += self.plan.accounting.guarantees()
-        self.ledger.record(round, claims, included=list(outcome.included))
+        self.ledger.record(round, claims, included=len(outcome.included))
         self.history.append(record)
         self.next_round = round + 1
         return record
@@ -274,8 +289,13 @@ class Federation:
             except NonFiniteUpdateError as exc:
                 log.warning("%s", exc)
                 rejected.append(cid)
-        if not values:
-            record = {**base, "included": 0, "skipped": "no client update this round", **self.evaluate()}
+        # the sum's own floor for a round of this size (Poisson rounds vary): below it nothing may be summed
+        need = self.plan.pipeline.sum.min_included(dataclasses.replace(self.bound.sum_spec, cohort=max(1, len(values))))
+        if len(values) < need:
+            why = (f"only {len(values)} client update(s) this round; the secure sum needs at least {need} "
+                   "(a sum of fewer would reveal them): nothing is released")
+            log.warning("round %d skipped: %s", round, why)
+            record = {**base, "included": 0, "skipped": why, **self.evaluate()}
             self.history.append(record)
             self.next_round = round + 1
             return record
@@ -311,7 +331,8 @@ class Federation:
             "server_opt": self.server_opt.state(),
             "history": self.history,
             "ledger": self.ledger.entries,
-            "accounting": self.plan.accounting,
+            "accounting": self.plan.accounting.state() if self.plan.accounting is not None else None,
+            "server_log": self.server_log,
         }
         tmp = directory / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -343,13 +364,15 @@ class Federation:
         self.server_opt.load(state["server_opt"])
         self.history = list(state["history"])
         self.ledger = Ledger(list(state["ledger"]))
+        self.server_log = list(state.get("server_log", []))
         if state["accounting"] is not None and self.plan.accounting is not None:
-            # restore in place: layers (the noise layer's budget view) hold a reference to this object
-            vars(self.plan.accounting).update(vars(state["accounting"]))
+            self.plan.accounting.load_state(state["accounting"])  # the composed event lists
 
     # ---- report ---------------------------------------------------------------------------------
     def report(self, *, baseline: float | None, stopped: str | None = None) -> dict[str, Any]:
         final = dict(self.history[-1]) if self.history else self.evaluate()
+        if self.plan.accounting is not None:  # also when the last round was skipped or aborted
+            final["epsilon"], final["delta"] = self.plan.accounting.spent()
         final_keys = ("accuracy", "loss", "auc", "epsilon", "delta")
         out: dict[str, Any] = {
             "config": self.config.as_dict(),

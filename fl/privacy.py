@@ -5,13 +5,16 @@ This is the one place that knows every token; each token maps to a layer, a sum,
 - ``clip``: ``Clip(l2=clip)``; ``quantize``: ``Quantize(bits)`` (implied before a secure sum).
 - ``secagg`` / ``secagg+`` / ``paillier``: the secure sum (last stage).
 - ``noise``: user-level DP-FedAvg with central noise -- the server adds ``N(0, (z * clip)^2)`` to the sum.
-- ``dnoise``: distributed DP-FedAvg -- each planned client adds ``N(0, (z * clip)^2 / n_planned)`` before
-  the secure sum; the ledger charges the survivors' noise ``z * sqrt(n_included / n_planned)``.
+- ``dnoise``: distributed DP-FedAvg -- each planned client adds ``N(0, (z * clip)^2 / n_expected)`` before
+  the secure sum; the ledger charges the survivors' noise ``z * sqrt(n_included / n_expected)``, for the
+  released model (amplified by the secret sample) and for the server (which knows the sample: not
+  amplified). Every sum then stops a round below ``--threshold`` of the planned clients.
 - ``dp-sgd``: example-level DP-SGD in each client's local training (:class:`fl.dp_training.DpSgdTrainer`).
 
 ``noise``/``dnoise`` need ``clip`` before them and force unweighted averaging (``weighting="uniform"``), as
-the DP-FedAvg analysis requires. When ``epsilon`` is set the noise multiplier is calibrated by bisection
-over the accountant: for DP-FedAvg, ``config.rounds`` events at the client sampling rate; for DP-SGD, per
+the DP-FedAvg analysis requires. When ``epsilon`` is set the noise multiplier is calibrated with
+dp-accounting's ``calibrate_dp_mechanism``: for DP-FedAvg, ``config.rounds`` of the layer's worst-case
+round (fewest survivors) for each observer it protects, taking the largest; for DP-SGD, per
 client, ``config.rounds * local_epochs * ceil(n_k / batch)`` Poisson steps at rate ``batch / n_k``
 (assuming the client takes part in every round, so the budget holds whatever the client sampling).
 """
@@ -25,12 +28,12 @@ from typing import Literal
 
 from dp.accounting import calibrate_noise
 from fl.config import TrainConfig
-from fl.dp_accounting import DpFedAvgAccounting, DpSgdAccounting
+from fl.dp_accounting import DpFedAvgAccounting, DpSgdAccounting, SurvivorFloor
 from fl.dp_layers import GaussianNoise
 from fl.dp_training import DpSgdTrainer
 from fl.layers import Clip, Quantize
 from fl.pipeline import Pipeline
-from fl.spec import ClientTrainer, CompositionError, Layer, PrivacyAccounting, SecureSum
+from fl.spec import ClientTrainer, CompositionError, Layer, PrivacyAccounting, RoundInfo, SecureSum, ValueSpec
 from fl.sums import PlainSum, threshold_count
 
 __all__ = ["KNOWN_TOKENS", "PrivacyPlan", "build_plan"]
@@ -49,7 +52,7 @@ class PrivacyPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _secure_sum(token: str, config: TrainConfig, population: int) -> SecureSum:
+def _secure_sum(token: str, config: TrainConfig, population: int, *, min_clients: int = 1) -> SecureSum:
     pc = config.privacy
     # clients pin the smallest cohort they accept (a server cannot shrink t): the fixed cohort, or for
     # Poisson sampling six standard deviations below the expected count (smaller rounds abort)
@@ -70,7 +73,19 @@ def _secure_sum(token: str, config: TrainConfig, population: int) -> SecureSum:
         )
     from fl.sums_paillier import PaillierSum
 
-    return PaillierSum()
+    return PaillierSum(min_clients=min_clients)
+
+
+def _floor(ssum: SecureSum) -> SurvivorFloor:
+    """The secure sum's own rule for the fewest survivors a round can be released with."""
+    from fl.sums_paillier import PaillierSum
+    from fl.sums_secagg import SecAgg, SecAggPlus
+
+    if isinstance(ssum, SecAgg | SecAggPlus):
+        return SurvivorFloor(threshold=ssum.threshold, graph=ssum._graph())
+    if isinstance(ssum, PaillierSum | PlainSum):
+        return SurvivorFloor(min_clients=ssum.min_clients)
+    return SurvivorFloor()
 
 
 def _client_sampling(config: TrainConfig, population: int) -> tuple[float, Literal["poisson", "fixed"], int]:
@@ -82,59 +97,78 @@ def _client_sampling(config: TrainConfig, population: int) -> tuple[float, Liter
     return k / population, "fixed", k
 
 
+def _calibrate(
+    config: TrainConfig, layer: GaussianNoise, spec: ValueSpec, worst: RoundInfo, *, hides: bool
+) -> tuple[float, str]:
+    """The smallest multiplier meeting the budget for every observer of the layer, in the worst round.
+
+    Each observer's per-round multiplier is linear in the layer's ``multiplier`` (one computation:
+    :meth:`GaussianNoise.steps`), so calibrate each observer's step and scale back.
+    """
+    pc = config.privacy
+    assert pc.epsilon is not None
+    best, which = 0.0, ""
+    for observer, unit in layer.steps(spec, worst, sum_hides_updates=hides).items():
+        z = calibrate_noise(
+            epsilon=pc.epsilon, delta=pc.delta, sample_rate=unit.sample_rate, steps=config.rounds,
+            accountant=pc.accountant, sampling=unit.sampling, population=unit.population or None,
+        ) / unit.noise_multiplier
+        if z > best:
+            best, which = z, observer
+    return best, which
+
+
 def _dp_fedavg(
-    config: TrainConfig, token: str, population: int, notes: list[str], *, sums_enforce_threshold: bool
+    config: TrainConfig, token: str, population: int, size: int, ssum: SecureSum, notes: list[str]
 ) -> tuple[GaussianNoise, DpFedAvgAccounting]:
     pc = config.privacy
     q, sampling, expected = _client_sampling(config, population)
     if pc.epsilon is not None and pc.noise_multiplier is not None:
         raise CompositionError("give either --epsilon (to calibrate the noise) or --noise-multiplier, not both")
-    if pc.epsilon is not None:
-        z = calibrate_noise(
-            epsilon=pc.epsilon, delta=pc.delta, sample_rate=q, steps=config.rounds, accountant=pc.accountant,
-            sampling=sampling, population=population,
-        )
-        notes.append(
-            f"DP-FedAvg noise multiplier {z:.4f} calibrated for ({pc.epsilon:g}, {pc.delta:g})-DP at client level "
-            f"over {config.rounds} rounds, {sampling} client sampling at rate {q:.4g} ({pc.accountant})"
-        )
-    elif pc.noise_multiplier is not None:
-        z = pc.noise_multiplier
-    else:
+    if pc.epsilon is None and pc.noise_multiplier is None:
         raise CompositionError(f"{token!r} needs a noise level: pass --noise-multiplier Z or --epsilon E --delta D")
     placement: Literal["server", "clients"] = "clients" if token == "dnoise" else "server"
-    floor = expected
+    hides = not isinstance(ssum, PlainSum)
+    floor = _floor(ssum)
+    spec = ValueSpec(size=size, cohort=expected, l2_bound=pc.clip)
+    z = pc.noise_multiplier if pc.noise_multiplier is not None else 1.0
+    layer = GaussianNoise(multiplier=z, placement=placement, shares=expected)
+    if pc.epsilon is not None:
+        n_worst = floor(expected) if placement == "clients" else expected
+        worst = RoundInfo(round=0, planned=tuple(range(expected)), included=tuple(range(n_worst)),
+                          population=population, sample_rate=q, sampling=sampling)
+        z, observer = _calibrate(config, layer, spec, worst, hides=hides)
+        layer = GaussianNoise(multiplier=z, placement=placement, shares=expected)
+        notes.append(
+            f"DP-FedAvg noise multiplier {z:.4f} calibrated for ({pc.epsilon:g}, {pc.delta:g})-DP at client level "
+            f"over {config.rounds} rounds against the {observer} (the tightest observer), {sampling} client "
+            f"sampling at rate {q:.4g} ({pc.accountant})"
+            + (f", with as few as {n_worst} of {expected} clients surviving a round" if n_worst < expected else "")
+        )
     if placement == "clients":
-        # dropout tolerance: a round is released with at least the secure sum's threshold of the planned
-        # clients (SecAgg(+) aborts below it); the noise must suffice even then
-        floor = min(expected, threshold_count(pc.cohort_threshold, expected))
-        if pc.epsilon is not None and floor < expected:
-            z *= math.sqrt(expected / floor)
+        notes.append(
+            "distributed noise protects against the server, which knows which clients it sampled: its epsilon "
+            "has no amplification by sampling and charges every round (a client could be in each)"
+        )
+        if not hides:
             notes.append(
-                f"distributed noise raised to z = {z:.4f} so the budget holds with as few as {floor} of "
-                f"{expected} clients surviving a round (--threshold {pc.cohort_threshold:g})"
-            )
-        if not sums_enforce_threshold:
-            notes.append(
-                f"without secagg/secagg+ nothing stops a round with fewer than {floor} survivors; such a "
-                "round is charged honestly and may overspend the budget"
+                "dnoise without a secure sum: the server sees each client's update with only its share of the "
+                "noise, and is charged that; add secagg or secagg+ so it only sees the noisy sum"
             )
     accounting = DpFedAvgAccounting(
-        noise_multiplier=z, delta=pc.delta, clip=pc.clip, accountant=pc.accountant, placement=placement,
-        shares=expected, epsilon=pc.epsilon, min_included=floor,
+        noise=layer, clip=pc.clip, size=size, delta=pc.delta, accountant=pc.accountant, epsilon=pc.epsilon,
+        floor=floor, sum_hides_updates=hides,
     )
-    layer = GaussianNoise(multiplier=z, placement=placement, shares=expected, budget=accounting)
     if sampling == "fixed" and q < 1:
         notes.append(
             "fixed cohorts smaller than the population are accounted as sampling without replacement under "
-            "replace-one neighbours (sensitivity 2 x clip) with the RDP accountant; Poisson sampling "
-            "(--sample-rate) gives tighter PLD accounting"
+            "replace-one neighbours (one client's data replaced; sensitivity 2 x clip) with the RDP accountant; "
+            "Poisson sampling (--sample-rate) is accounted under add/remove-one with tighter PLD accounting"
         )
-    if sampling == "poisson":
-        notes.append(
-            "the server divides the noisy sum by the number of included clients; the DP analysis assumes the "
-            "expected count, so the realised count (public to the server) is outside the guarantee"
-        )
+    notes.append(
+        "the client sample is drawn from a CSPRNG and never released: reports and ledgers carry participant "
+        "counts only, which are public, as are each client's sample count n_k and the population size"
+    )
     if config.weighting == "samples":
         notes.append("DP-FedAvg forces uniform (unweighted) averaging, so one client's influence is bounded")
     return layer, accounting
@@ -198,13 +232,19 @@ def build_plan(
             f"unknown privacy stage(s) {unknown}; choose from {', '.join(KNOWN_TOKENS)} (comma-separated)"
         )
     layers: list[Layer] = []
-    ssum: SecureSum = PlainSum()
     sums = [t for t in tokens if t in ("secagg", "secagg+", "paillier")]
     if len(sums) > 1:
         raise CompositionError(f"pick one secure sum, got {sums}")
     noises = [t for t in tokens if t in ("noise", "dnoise")]
     if len(noises) > 1:
         raise CompositionError(f"pick one noise stage (noise = central, dnoise = distributed), got {noises}")
+    # distributed noise: every sum stops a round below the --threshold of the planned clients
+    min_clients = 1
+    if "dnoise" in noises:
+        min_clients = threshold_count(config.privacy.cohort_threshold, _client_sampling(config, population)[2])
+    ssum: SecureSum = (
+        _secure_sum(sums[0], config, population, min_clients=min_clients) if sums else PlainSum(min_clients)
+    )
     if tokens.count("dp-sgd") > 1:
         raise CompositionError("'dp-sgd' appears twice in --privacy")
     notes: list[str] = []
@@ -225,19 +265,13 @@ def build_plan(
                 "combine either example-level dp-sgd or client-level clip,noise/dnoise in one run, not both "
                 "(their ledgers would need joint accounting)"
             )
-        if tok == "dnoise" and not sums:
-            notes.append(
-                "dnoise without a secure sum: the server sees each client's update with only its share of the "
-                "noise; add secagg or secagg+ so it only sees the noisy sum"
-            )
     for t in tokens:
         if t == "clip":
             layers.append(Clip(l2=config.privacy.clip))
         elif t == "quantize":
             layers.append(Quantize(bits=config.privacy.quant_bits))
         elif t in ("noise", "dnoise"):
-            enforced = bool(sums) and sums[0] in ("secagg", "secagg+")
-            layer, fedavg = _dp_fedavg(config, t, population, notes, sums_enforce_threshold=enforced)
+            layer, fedavg = _dp_fedavg(config, t, population, size, ssum, notes)
             layers.append(layer)
             accounting, weighting = fedavg, "uniform"
     if "dp-sgd" in tokens:
@@ -249,7 +283,6 @@ def build_plan(
             if not any(isinstance(layer, Clip) for layer in layers):
                 layers.append(Clip(l2=config.privacy.clip))
             layers.append(Quantize(bits=config.privacy.quant_bits))
-        ssum = _secure_sum(sums[0], config, population)
     return PrivacyPlan(
         Pipeline(layers, sum=ssum), trainer=trainer, accounting=accounting, weighting=weighting, notes=tuple(notes)
     )

@@ -164,6 +164,10 @@ class SecureSum(Protocol):
         """Extra roles that take part in the round (e.g. a Paillier key holder); usually empty."""
         ...
 
+    def min_included(self, spec: ValueSpec) -> int:
+        """The fewest included clients a round over ``spec.cohort`` planned may be summed with."""
+        ...
+
     def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]: ...
 
 
@@ -199,7 +203,8 @@ class PrivacyAccounting(Protocol):
 
     The loop asks :meth:`can_run` before each round and stops, with a clear message, if the next round
     would exceed the budget; :meth:`record` returns the per-round figures (``epsilon``, ``delta``, ...)
-    that go into the round's report line; :meth:`report` is the JSON report's ``privacy`` section.
+    that go into the round's report line; :meth:`report` is the JSON report's ``privacy`` section, which
+    lists per observer the composed ``dp_accounting`` event as data, so anyone can recompute epsilon.
     """
 
     def can_run(self, info: RoundInfo) -> tuple[bool, str]: ...
@@ -208,6 +213,18 @@ class PrivacyAccounting(Protocol):
 
     def report(self) -> dict[str, Any]: ...
 
+    def spent(self) -> tuple[float, float]:
+        """(epsilon, delta) spent so far: the largest epsilon over observers (and clients)."""
+        ...
+
     def guarantees(self) -> tuple[Guarantee, ...]:
-        """Claims not made by any pipeline layer (e.g. example-level DP-SGD inside client training)."""
+        """Claims derived from the composed events, one per privacy unit and observer."""
+        ...
+
+    def state(self) -> dict[str, Any]:
+        """The composed event lists as JSON-ready data (checkpoints; no pickled objects)."""
+        ...
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        """Restore what :meth:`state` wrote (resume)."""
         ...

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 
+import numpy as np
 import pytest
 from dp_accounting import dp_event
 from dp_accounting.pld import PLDAccountant
@@ -19,9 +21,12 @@ from dp.accounting import (
     GaussianStep,
     calibrate_noise,
     compute_epsilon,
+    event_from_json,
+    event_to_json,
     gaussian_delta,
     gaussian_epsilon,
     make_event,
+    rounding_sensitivity,
 )
 
 MNIST_Q, MNIST_Z, MNIST_T = 256 / 60000, 1.1, 14062
@@ -138,3 +143,51 @@ def test_more_noise_never_costs_more(z1: float, factor: float, steps: int) -> No
     e1 = compute_epsilon(noise_multiplier=z1, delta=1e-5, sample_rate=0.1, steps=steps, accountant="rdp")
     e2 = compute_epsilon(noise_multiplier=z1 * factor, delta=1e-5, sample_rate=0.1, steps=steps, accountant="rdp")
     assert e2 <= e1
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    steps=st.lists(
+        st.tuples(st.floats(0.3, 20.0), st.sampled_from([0.01, 0.3, 1.0]), st.integers(1, 50)), min_size=1, max_size=3
+    )
+)
+def test_composition_event_round_trips_through_json(steps: list[tuple[float, float, int]]) -> None:
+    acc = Accountant()
+    for z, q, n in steps:
+        acc.compose(GaussianStep(z, q), n)
+    data = json.loads(json.dumps(event_to_json(acc.event())))
+    assert event_from_json(data) == acc.event()
+    with pytest.raises(ValueError, match="unknown DpEvent"):
+        event_from_json({"class_name": "os.system"})  # a message never selects code
+
+
+def test_state_restores_the_same_composition() -> None:
+    acc = Accountant(accountant="rdp")
+    acc.compose(GaussianStep(2.0, 0.1, "fixed", 100, 10), 7)
+    other = Accountant(accountant="rdp")
+    other.load_state(json.loads(json.dumps(acc.state())))
+    assert other.steps == acc.steps and other.epsilon(1e-5) == acc.epsilon(1e-5)
+
+
+def test_calibration_with_steps_already_spent() -> None:
+    spent = [(GaussianStep(2.0, 0.2), 5)]
+    z = calibrate_noise(epsilon=3.0, delta=1e-5, sample_rate=0.2, steps=10, extra=spent)
+    acc = Accountant()
+    acc.compose(*spent[0])
+    acc.compose(GaussianStep(z, 0.2), 10)
+    assert 3.0 * 0.99 < acc.epsilon(1e-5) <= 3.0
+    assert z > calibrate_noise(epsilon=3.0, delta=1e-5, sample_rate=0.2, steps=10)
+    with pytest.raises(ValueError, match="already spent"):
+        calibrate_noise(epsilon=0.5, delta=1e-5, sample_rate=0.2, steps=10, extra=spent)
+
+
+@settings(max_examples=30, deadline=None)
+@given(dim=st.integers(1, 300), g=st.floats(1e-3, 0.5), seed=st.integers(0, 2**32 - 1), spiky=st.booleans())
+def test_rounding_sensitivity_bounds_every_rounded_vector(dim: int, g: float, seed: int, spiky: bool) -> None:
+    """Adversary: any clipped vector, any rounding outcome; the rounded norm never exceeds the bound."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=dim) if not spiky else np.r_[1.0, np.zeros(dim - 1)]
+    x = x / max(1.0, float(np.linalg.norm(x)))  # clip to 1
+    scaled = x / g
+    worst = np.where(np.sign(x) >= 0, np.ceil(scaled), np.floor(scaled)) * g  # every coordinate rounded outward
+    assert float(np.linalg.norm(worst)) <= rounding_sensitivity(clip=1.0, granularity=g, dim=dim) + 1e-12

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 
+from dp.accounting import compute_epsilon, rounding_sensitivity
 from dp.rng import SecureRandom
 from fl.dp_accounting import DpFedAvgAccounting
 from fl.dp_layers import GaussianNoise
@@ -83,17 +84,48 @@ def test_discrete_noise_lands_on_the_grid() -> None:
     assert layer.effective_multiplier(spec) < 1.0  # grid rounding is charged to the sensitivity
 
 
-def test_guarantees_state_epsilon_and_against_whom() -> None:
-    acc = DpFedAvgAccounting(noise_multiplier=1.0, delta=1e-5, clip=1.0, placement="clients", shares=4)
-    layer = GaussianNoise(multiplier=1.0, placement="clients", shares=4, budget=acc)
+def test_guarantees_name_the_observer_and_what_is_public() -> None:
+    layer = GaussianNoise(multiplier=1.0, placement="clients", shares=4)
+    acc = DpFedAvgAccounting(noise=layer, clip=1.0, size=3, delta=1e-5)
     bound = Pipeline([Clip(l2=1.0), layer]).bind(ValueSpec(size=3, cohort=4))
     acc.record(info(4, included=3), {})
     g = next(x for x in bound.guarantees(info(4, included=3)) if "noise" in x.layer)
-    assert "client level" in g.property and "released model" in g.property
-    assert "server" in g.against
-    assert g.params["epsilon"] == pytest.approx(acc.spent()[0])
+    assert "server" in g.against and "no amplification" in g.against
     assert g.params["included"] == 3
     assert any("Mironov" in a for a in g.assumptions)
+    assert any("n_k" in a and "public" in a for a in g.assumptions)
+    claims = {c.params["observer"]: c for c in acc.guarantees()}
+    assert set(claims) == {"released model", "server"}
+    assert claims["server"].params["epsilon"] == pytest.approx(acc.spent()[0])
     central = GaussianNoise(multiplier=1.0)
     gc = central.guarantees(Clip(l2=1.0).bind(ValueSpec(size=3, cohort=4)), info(4))[0]
     assert "not the server" in gc.against
+    assert any("add/remove-one" in a for a in gc.assumptions)
+
+
+def test_fixed_cohort_guarantee_says_replace_one() -> None:
+    """Flaw 6: a fixed cohort is accounted replace-one, and the text must say so (it said add/remove)."""
+    spec = Clip(l2=1.0).bind(ValueSpec(size=3, cohort=10))
+    cohort = RoundInfo(round=1, planned=tuple(range(10)), included=tuple(range(10)), population=100,
+                       sample_rate=0.1, sampling="fixed")
+    (g,) = GaussianNoise(multiplier=1.0).guarantees(spec, cohort)
+    text = " ".join(g.assumptions)
+    assert "replace-one" in text and "add/remove" not in text
+    assert GaussianNoise(multiplier=1.0).steps(spec, cohort)["released model"].without_replacement
+
+
+def test_discrete_rounding_sensitivity_is_one_function_for_layer_and_ledger() -> None:
+    """Flaw 4: the ledger charged the clip norm alone; it must charge clip + g * sqrt(d), as the layer does."""
+    d, g = 10_000, 1.0 / 256
+    layer = GaussianNoise(multiplier=2.0, discrete=True, granularity=g)
+    spec = Clip(l2=1.0).bind(ValueSpec(size=d, cohort=4))
+    sens = rounding_sensitivity(clip=1.0, granularity=g, dim=d)
+    assert sens == pytest.approx(1.0 + g * 100)
+    assert layer.sensitivity(spec) == sens
+    acc = DpFedAvgAccounting(noise=layer, clip=1.0, size=d, delta=1e-5)
+    rec = acc.record(info(4), {})
+    assert rec["noise_multiplier"] == pytest.approx(2.0 / sens)
+    expected = compute_epsilon(noise_multiplier=2.0 / sens, delta=1e-5, sample_rate=1.0, steps=1)
+    assert acc.spent()[0] == pytest.approx(expected, rel=1e-6)
+    assert acc.spent()[0] > compute_epsilon(noise_multiplier=2.0, delta=1e-5, sample_rate=1.0, steps=1) * 1.2
+    assert acc.report()["mechanisms"][0]["l2_sensitivity"] == sens

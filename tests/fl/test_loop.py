@@ -103,7 +103,8 @@ def test_nan_update_is_rejected_and_model_stays_finite(caplog: pytest.LogCapture
     fed = Federation(TrainConfig(clients=4, rounds=1, seed=0))
     fed.trainer = NanForClient(fed.trainer, bad=2)
     record = fed.run_round(1)
-    assert record["rejected"] == [2]
+    assert record["rejected"] == 1  # a count: which client is the server's knowledge only
+    assert fed.server_log == [{"round": 1, "rejected": [2]}]
     assert record["included"] == 3
     assert np.all(np.isfinite(fed.params))
     assert "NaN" in caplog.text

@@ -89,7 +89,9 @@ def _directory_for(cid: int, n: int, session: bytes, spec: GraphSpec) -> tuple[S
     cohort = tuple(range(n))
     gr = spec.build(cohort, threshold=None, session=session, round=0)
     group = sorted(gr.group(cid))
-    kw: dict[str, Any] = dict(session=session, round=0, modulus=1 << 26, size=8, threshold=None, graph=spec, min_cohort=n)
+    kw: dict[str, Any] = dict(
+        session=session, round=0, modulus=1 << 26, size=8, threshold=None, graph=spec, min_cohort=n
+    )
     machines = {v: SecAggClient(v, np.zeros(8, dtype=np.uint64), **kw) for v in group}
     ads = {}
     for v, m in machines.items():
