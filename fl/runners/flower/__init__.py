@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import copyreg
 import datetime
-import importlib
+import functools
 import ipaddress
 import json
 import logging
@@ -50,18 +50,20 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
+from fl.runners.flower.policy import NodePolicy, PolicyError, sum_terms, train_terms
 from fl.spec import SecureSum, TrainResult, ValueSpec
+from secagg import wire
 from secagg.errors import AbortError, CodecError, ProtocolError
 from secagg.machine import SERVER, ClientMachine, ServerMachine
 from secagg.machine import Message as ProtocolMessage
@@ -71,7 +73,10 @@ __all__ = [
     "DEFAULT_SUPERNODE_PORT",
     "CertPaths",
     "FlowerJob",
+    "JobError",
     "LocalCluster",
+    "NodePolicy",
+    "PolicyError",
     "client_app",
     "flower_env",
     "make_certificates",
@@ -130,7 +135,6 @@ class FlowerJob:
     protocol: str = "secagg+"
     threshold: float = 0.7
     ring_bits: int = 32
-    codec: str = "secagg.wire"
     join_timeout: float = 60.0
     start_timeout: float = 120.0
     phase_timeout: float = 30.0
@@ -141,12 +145,28 @@ class FlowerJob:
 
     @classmethod
     def from_json(cls, text: str) -> FlowerJob:
-        data = json.loads(text)
+        """Parse a job; unknown fields (e.g. a ``codec`` naming a module) and wrong types are refused."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise JobError(f"the Flower job is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise JobError("the Flower job must be a JSON object")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown Flower job field(s) {unknown}; the app was written by another privagg version")
-        return cls(**data)
+            raise JobError(f"unknown Flower job field(s) {unknown}; the app was written by another privagg version "
+                           "(nothing in a job selects code: the wire codec is always secagg.wire)")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise JobError(f"bad Flower job: {exc}") from exc
+
+    def __post_init__(self) -> None:
+        if self.task not in ("train", "sum"):
+            raise JobError(f"unknown Flower job task {self.task!r}: train or sum")
+        if not isinstance(self.config, Mapping):
+            raise JobError("the Flower job's config must be an object")
 
     @property
     def num_clients(self) -> int:
@@ -159,22 +179,54 @@ class FlowerJob:
         return int(self.config.get("rounds", 0)) if self.task == "train" else self.rounds
 
 
+class JobError(ValueError):
+    """A Flower job this process cannot parse (malformed, unknown fields, wrong types)."""
+
+
 def _job(context: Context) -> FlowerJob:
     text = context.run_config.get(_JOB_KEY)
     if not isinstance(text, str):
-        raise ValueError("the Flower app has no privagg job in its run config; start runs with `privagg flower run`")
+        raise JobError("the Flower app has no privagg job in its run config; start runs with `privagg flower run`")
     return FlowerJob.from_json(text)
 
 
-def _codec(name: str) -> ModuleType:
-    """The message codec module (``dumps(msg) -> bytes`` / ``loads(bytes) -> msg``)."""
+def _policy(context: Context) -> NodePolicy:
+    """This node's own policy, from its ``--node-config`` (never from the job)."""
     try:
-        mod = importlib.import_module(name)
-    except ImportError as exc:
-        raise RuntimeError(f"cannot import the wire codec {name!r}: {exc}; install privagg on every machine") from exc
-    if not (callable(getattr(mod, "dumps", None)) and callable(getattr(mod, "loads", None))):
-        raise RuntimeError(f"{name!r} is not a wire codec: it needs dumps(msg) -> bytes and loads(bytes) -> msg")
-    return mod
+        return NodePolicy.from_node_config(context.node_config)
+    except ValueError as exc:
+        raise PolicyError(f"this node's policy is unusable: {exc}") from exc
+
+
+def _refuse_weaker(context: Context, job: FlowerJob, cid: int, fed: Any = None) -> None:
+    """Raise :class:`PolicyError` if ``job`` asks this node for less than its policy allows."""
+    if job.task == "train":
+        terms = train_terms(fed if fed is not None else _federation(job), cid)
+    else:
+        ssum, _ = _sum_protocol(job)
+        terms = sum_terms(ssum, job.clients)
+    _policy(context).check(terms)
+
+
+def _federation(job: FlowerJob) -> Any:
+    from fl.loop import Federation
+
+    return Federation(_train_config(job))
+
+
+def _guarded(fn: Any) -> Any:
+    """Turn a :class:`PolicyError` (or a job this node cannot parse) into a logged error reply."""
+
+    @functools.wraps(fn)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return fn(msg, context)
+        except (PolicyError, JobError) as exc:
+            log.error("refusing %s: %s", msg.metadata.message_type, exc)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
+                           reply_to=msg)
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- sum task
@@ -291,29 +343,32 @@ def _reply(msg: Message, fields: dict[str, Any]) -> Message:
     return Message(RecordDict({_RECORD: ConfigRecord(fields)}), reply_to=msg)
 
 
-def _incoming(msg: Message, codec: ModuleType) -> list[ProtocolMessage]:
-    return _decode(_rec(msg.content), codec)
+def _incoming(msg: Message) -> list[ProtocolMessage]:
+    return _decode(_rec(msg.content))
 
 
-def _outgoing(msgs: Iterable[ProtocolMessage], codec: ModuleType) -> dict[str, Any]:
-    data = [codec.dumps(m) for m in msgs]
+def _outgoing(msgs: Iterable[ProtocolMessage]) -> dict[str, Any]:
+    data = [wire.dumps(m) for m in msgs]
     return {"msgs": data} if data else {}
 
 
 @client_app.query("privagg_hello")
+@_guarded
 def _hello(msg: Message, context: Context) -> Message:
-    """Tell the server which partition (client id) this SuperNode owns."""
+    """Tell the server which partition (client id) this SuperNode owns, once the job meets its policy."""
     _state_key(context)  # fail at join time, not mid-round, when the node cannot keep state
+    cid = _partition(context)
+    _refuse_weaker(context, _job(context), cid)
     n = context.node_config.get("num-partitions", -1)
-    return _reply(msg, {"cid": _partition(context), "num": int(n) if isinstance(n, int) else -1})
+    return _reply(msg, {"cid": cid, "num": int(n) if isinstance(n, int) else -1})
 
 
 @client_app.train("privagg_start")
+@_guarded
 def _start(msg: Message, context: Context) -> Message:
-    """Round opens: train (``train``) or draw the vector (``sum``), start our client machine."""
+    """Round opens: check the job against this node's policy, train or draw the vector, start the machine."""
     t0 = time.perf_counter()
     job = _job(context)
-    codec = _codec(job.codec)
     rec = _rec(msg.content)
     cid = _partition(context)
     rnd = int(rec["round"])
@@ -327,6 +382,7 @@ def _start(msg: Message, context: Context) -> Message:
 
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
         fed = Federation(_train_config(job))
+        _refuse_weaker(context, job, cid, fed)
         params = np.frombuffer(bytes(rec["params"]), dtype=np.float64).copy()
         try:
             value, result = fed.client_update(cid, rnd, params)
@@ -336,25 +392,25 @@ def _start(msg: Message, context: Context) -> Message:
         extra["result"] = json.dumps(asdict(result), default=str)
         ssum, spec = fed.plan.pipeline.sum, fed.bound.sum_spec
     else:
+        _refuse_weaker(context, job, cid)
         ssum, spec = _sum_protocol(job)
         value = _sum_value(job, rnd, cid)
     if dict(ssum.parties(spec=spec, session=session, round=rnd)):
         raise ProtocolError(f"{ssum.name} needs an extra party (a key holder); the Flower runner does not host one")
     machine = ssum.client(cid, value, spec=spec, session=session, round=rnd)
     out = machine.start()
-    for m in _incoming(msg, codec):
+    for m in _incoming(msg):
         out += machine.receive(m)
     context.state[_STATE] = ConfigRecord({"machine": _seal(context, machine), "round": rnd, "session": session})
     extra["compute_s"] = time.perf_counter() - t0
-    return _reply(msg, {**_outgoing(out, codec), **extra})
+    return _reply(msg, {**_outgoing(out), **extra})
 
 
 @client_app.query("privagg_step")
+@_guarded
 def _step(msg: Message, context: Context) -> Message:
     """One later phase: feed the server's messages to our stored machine, send back its replies."""
     t0 = time.perf_counter()
-    job = _job(context)
-    codec = _codec(job.codec)
     rec = _rec(msg.content)
     if _STATE not in context.state:
         raise ProtocolError("no protocol state for this round on this node (restarted mid-round?)")
@@ -363,7 +419,7 @@ def _step(msg: Message, context: Context) -> Message:
         raise ProtocolError("the server's message belongs to another round or session than this node's state")
     machine: ClientMachine = _unseal(context, bytes(st["machine"]))
     out: list[ProtocolMessage] = []
-    for m in _incoming(msg, codec):
+    for m in _incoming(msg):
         out += machine.receive(m)
     if bool(rec["final"]):
         del context.state[_STATE]  # the round's secrets are no longer needed
@@ -371,7 +427,7 @@ def _step(msg: Message, context: Context) -> Message:
         context.state[_STATE] = ConfigRecord(
             {"machine": _seal(context, machine), "round": int(rec["round"]), "session": bytes(rec["session"])}
         )
-    return _reply(msg, {**_outgoing(out, codec), "compute_s": time.perf_counter() - t0})
+    return _reply(msg, {**_outgoing(out), "compute_s": time.perf_counter() - t0})
 
 
 # ---------------------------------------------------------------------------------------------- server side
@@ -402,7 +458,6 @@ class _Transport:
     def __init__(self, grid: Grid, job: FlowerJob, nodes: Mapping[int, int]) -> None:
         self.grid = grid
         self.job = job
-        self.codec = _codec(job.codec)
         self.nodes = dict(nodes)  # cid -> node id
         self.cids = {n: c for c, n in self.nodes.items()}
         self.log: list[_Exchange] = []
@@ -429,9 +484,13 @@ class _Transport:
             if r.has_error():
                 log.warning("client %d refused %s of round %d: %s", cid, phase, round, r.error.reason)
                 failed.add(cid)
-            else:
-                got[cid] = _rec(r.content)
-        client_s = max((float(v["compute_s"]) for v in got.values() if "compute_s" in v), default=0.0)
+                continue
+            try:
+                got[cid] = _reply_record(r)
+            except BadReplyError as exc:
+                log.warning("round %d: dropping client %d, its %s reply was refused: %s", round, cid, phase, exc)
+                failed.add(cid)
+        client_s = max((_compute_s(v) for v in got.values()), default=0.0)
         self.log.append(_Exchange(round, phase, len(msgs), len(got), wall, client_s))
         if self.progress is not None:
             self.progress(event="phase", round=round, phase=phase, sent=sorted(payloads), answered=sorted(got))
@@ -497,10 +556,16 @@ def _run_round(
     results: dict[int, TrainResult] = {}
     rejected: list[int] = []
     for cid, rec in replies.items():
-        if "rejected" in rec:
-            rejected.append(cid)
-        elif "result" in rec:
-            results[cid] = TrainResult(**json.loads(str(rec["result"])))
+        try:
+            if "rejected" in rec:
+                rejected.append(cid)
+            elif "result" in rec:
+                results[cid] = _train_result(rec["result"])
+            elif "params" in start_fields:
+                raise BadReplyError("a training reply without its training result")
+        except BadReplyError as exc:
+            log.warning("round %d: dropping client %d, its %s reply was refused: %s", round, cid, phases[0], exc)
+            failed.add(cid)
     alive = set(replies) - set(rejected) - failed
     if not alive:
         if rejected and not (set(planned) - set(rejected)):
@@ -531,15 +596,17 @@ def _run_round(
         t1 = time.perf_counter()
         for cid, rec in sorted(to_server, key=lambda x: x[0]):
             try:
-                for m in _decode(rec, tr.codec):
+                for m in _decode(rec):
                     count += 1
                     if m.sender != cid:
                         raise ProtocolError(f"client {cid} sent a message claiming to be from {m.sender}")
                     if m.recipient == SERVER:
                         to_parties += server.receive(m)
-                    else:
+                    elif m.recipient in members:
                         to_parties.append(m)  # client-to-client traffic is relayed with the next phase
-            except (CodecError, ProtocolError) as exc:
+                    else:
+                        raise ProtocolError(f"client {cid} sent a message for {m.recipient}, not in this round")
+            except (BadReplyError, CodecError, ProtocolError, KeyError, TypeError, ValueError) as exc:
                 # A bad reply counts as no reply: the client is dropped, as at a missed deadline.
                 log.warning("round %d: dropping client %d, its reply was refused: %s", round, cid, exc)
                 alive.discard(cid)
@@ -556,7 +623,7 @@ def _run_round(
             continue
         final = server.phase == phases[-1]
         payloads = {
-            cid: {"round": round, "session": session, "final": final, **_outgoing(ms, tr.codec)}
+            cid: {"round": round, "session": session, "final": final, **_outgoing(ms)}
             for cid, ms in batch.items()
         }
         count += sum(len(ms) for ms in batch.values())
@@ -575,8 +642,59 @@ def _rec(content: RecordDict, key: str = _RECORD) -> Any:
     return content[key]
 
 
-def _decode(rec: Any, codec: ModuleType) -> list[ProtocolMessage]:
-    return [codec.loads(bytes(b)) for b in rec.get("msgs", [])]
+class BadReplyError(ValueError):
+    """A SuperNode's reply that does not have the shape of ours: that client is dropped for the round."""
+
+
+def _reply_record(reply: Message) -> Any:
+    """The ``privagg`` record of a reply, or :class:`BadReplyError` (missing, or not a ConfigRecord)."""
+    try:
+        rec = reply.content[_RECORD]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise BadReplyError(f"no {_RECORD!r} record in the reply") from exc
+    if not isinstance(rec, ConfigRecord):
+        raise BadReplyError(f"the {_RECORD!r} record is a {type(rec).__name__}, not a ConfigRecord")
+    return rec
+
+
+def _compute_s(rec: Any) -> float:
+    """The client's reported compute seconds (timing only; anything malformed counts as 0)."""
+    v = rec.get("compute_s", 0.0)
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else 0.0
+
+
+_TRAIN_RESULT_TYPES: dict[str, tuple[type, ...]] = {"num_samples": (int,), "steps": (int,), "loss": (int, float),
+                                                    "extra": (dict,)}
+
+
+def _train_result(raw: Any) -> TrainResult:
+    """Parse a client's training result strictly: a JSON object with exactly TrainResult's typed fields."""
+    if not isinstance(raw, str):
+        raise BadReplyError("the training result is not a JSON string")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise BadReplyError(f"the training result is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadReplyError("the training result is not a JSON object")
+    missing = {"num_samples", "steps", "loss"} - set(data)
+    unknown = set(data) - set(_TRAIN_RESULT_TYPES)
+    if missing or unknown:
+        raise BadReplyError(f"training result fields: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    for key, types in _TRAIN_RESULT_TYPES.items():
+        if key in data and (isinstance(data[key], bool) or not isinstance(data[key], types)):
+            raise BadReplyError(f"training result {key} has type {type(data[key]).__name__}")
+    if data["num_samples"] < 0 or data["steps"] < 0:
+        raise BadReplyError("training result counts must be >= 0")
+    return TrainResult(**data)
+
+
+def _decode(rec: Any) -> list[ProtocolMessage]:
+    """The protocol messages in a record (``msgs``: a list of :mod:`secagg.wire` byte strings)."""
+    raw = rec.get("msgs", [])
+    if not isinstance(raw, list) or not all(isinstance(b, bytes) for b in raw):
+        raise BadReplyError("'msgs' must be a list of byte strings")
+    return [wire.loads(b) for b in raw]
 
 
 def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
@@ -603,8 +721,16 @@ def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
     mapping: dict[int, int] = {}
     for r in replies:
         if r.has_error():
+            log.error("SuperNode %s refused the job: %s", r.metadata.src_node_id, r.error.reason)
             raise RuntimeError(f"SuperNode {r.metadata.src_node_id} cannot take part: {r.error.reason}")
-        cid = int(_rec(r.content)["cid"])
+        try:
+            cid = _reply_record(r).get("cid")
+        except BadReplyError as exc:
+            log.warning("SuperNode %s sent a malformed hello (%s); ignoring it", r.metadata.src_node_id, exc)
+            continue
+        if isinstance(cid, bool) or not isinstance(cid, int):
+            log.warning("SuperNode %s sent a hello without an integer cid; ignoring it", r.metadata.src_node_id)
+            continue
         if cid in mapping:
             raise RuntimeError(f"two SuperNodes claim partition {cid}; give each a distinct --partition I/{want}")
         if not 0 <= cid < want:
@@ -1224,23 +1350,21 @@ class _ForkExecutor:
 def superexec_main(argv: Sequence[str]) -> int:
     """``flower-superexec ARGV`` with :class:`_ForkExecutor`: warm imports, one fork per ClientApp task."""
     import flwr.supercore.superexec.run_superexec as rs
-    from flwr.supercore.cli.flower_superexec import flower_superexec
 
     # Warm imports, done once: Flower's ClientApp runner, the protocol, and for training torch + the loop.
-    for name in ("flwr.supernode.cli.flwr_clientapp", "secagg.client", "secagg.wire", "fl.sums_secagg", "fl.loop"):
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            log.warning("cannot pre-import %s (%s); tasks will import it themselves", name, exc)
+    import flwr.supernode.cli.flwr_clientapp  # noqa: F401
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    import fl.sums_secagg
+    import secagg.client
+    import secagg.wire  # noqa: F401
+
+    try:
+        import fl.loop  # noqa: F401  (torch)
+    except ImportError as exc:
+        log.warning("cannot pre-import fl.loop (%s); tasks will import it themselves", exc)
     rs.__dict__["get_executor"] = lambda *a, **kw: _ForkExecutor()
     sys.argv = ["flower-superexec", *argv]
     flower_superexec()
     return 0
 
-
-if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "supernode":
-        sys.exit(supernode_main(float(sys.argv[2]), sys.argv[3:]))
-    if len(sys.argv) >= 2 and sys.argv[1] == "superexec":
-        sys.exit(superexec_main(sys.argv[2:]))
-    sys.exit("usage: python -m fl.runners.flower (supernode POLL_SECONDS | superexec) [Flower arguments]")
