@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("flwr")
 
 from fl.config import PrivacyConfig, TrainConfig
-from fl.runners.flower import FlowerJob, LocalCluster, _group_alive, wait_result
+from fl.runners.flower import FlowerJob, LocalCluster, NodePolicy, _group_alive, wait_result
 
 pytestmark = [pytest.mark.flower]
 
@@ -27,7 +27,9 @@ pytestmark = [pytest.mark.flower]
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """SuperLink + 3 SuperNodes with TLS on 127.0.0.1, stopped by PID (process group) in all cases."""
-    c = LocalCluster(tmp_path / "cluster", 3, tls=True, host="127.0.0.1", fleet_poll=0.1)
+    # The Flower == in-memory test needs the seeded-randomness seam; these nodes' own policy allows it.
+    c = LocalCluster(tmp_path / "cluster", 3, tls=True, host="127.0.0.1", fleet_poll=0.1,
+                     policy=NodePolicy(allow_insecure_seeded_randomness=True))
     try:
         c.start(timeout=60)
         yield c

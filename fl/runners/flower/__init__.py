@@ -61,7 +61,7 @@ from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
-from fl.runners.flower.policy import NodePolicy, PolicyError, sum_terms, train_terms
+from fl.runners.flower.policy import POLICY_FILE_KEY, NodePolicy, PolicyError, sum_terms, train_terms
 from fl.spec import SecureSum, TrainResult, ValueSpec
 from secagg import wire
 from secagg.errors import AbortError, CodecError, ProtocolError
@@ -977,6 +977,7 @@ def superlink_command(*, host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_
 def supernode_command(
     *, superlink: str, partition: tuple[int, int], state_key: Path, port: int = DEFAULT_SUPERNODE_PORT,
     host: str = "127.0.0.1", certs: CertPaths | None = None, ca: Path | None = None, fleet_poll: float = 0.0,
+    policy: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` for client ``partition = (i, n)``.
 
@@ -984,11 +985,14 @@ def supernode_command(
     Runtime API (``host:port``) under TLS. Neither: ``--insecure``. ``fleet_poll > 0`` starts the
     SuperNode through :func:`supernode_main`, which polls the SuperLink every ``fleet_poll`` seconds
     when idle instead of Flower's fixed 3 s (and waits for replies in steps of that size, not 0.5 s).
+    ``policy``: this node's policy file (:class:`NodePolicy`; the safe defaults without one).
     """
     i, n = partition
     if not 0 <= i < n:
         raise ValueError(f"--partition I/N needs 0 <= I < N, got {i}/{n}")
     node_config = f'partition-id={i} num-partitions={n} {_STATE_KEY_FILE}="{state_key}"'
+    if policy is not None:
+        node_config += f' {POLICY_FILE_KEY}="{policy}"'
     head = [sys.executable, "-m", "fl.runners.flower", "supernode", str(fleet_poll)] if fleet_poll > 0 else [
         _exe("flower-supernode")]
     cmd = [*head, "--superlink", superlink, "--host", host, "--port", str(port), "--node-config", node_config]
@@ -1054,7 +1058,7 @@ class LocalCluster:
 
     def __init__(self, workdir: Path, n: int, *, tls: bool = True, host: str = "127.0.0.1",
                  port: int | None = None, node_ports: Sequence[int] | None = None, task_poll: float = 0.1,
-                 fleet_poll: float = 0.0) -> None:
+                 fleet_poll: float = 0.0, policy: NodePolicy | None = None) -> None:
         self.workdir = workdir
         self.n = n
         self.tls = tls
@@ -1066,6 +1070,7 @@ class LocalCluster:
         self.home = workdir / "flwr-home"
         self.env = flower_env(self.home, task_poll=task_poll)
         self.fleet_poll = fleet_poll
+        self.policy = policy
         self.certs: CertPaths | None = None
         self.superlink: Any = None
         self.nodes: dict[int, Any] = {}
@@ -1099,8 +1104,9 @@ class LocalCluster:
 
     def start_node(self, i: int) -> Any:
         key = make_state_key(self.workdir / "keys" / f"node{i}.key")
+        policy = self.policy.save(self.workdir / "policy.json") if self.policy is not None else None
         cmd = supernode_command(superlink=self.address, partition=(i, self.n), state_key=key, port=self.node_ports[i],
-                                host=self.host, certs=self.certs, fleet_poll=self.fleet_poll)
+                                host=self.host, certs=self.certs, fleet_poll=self.fleet_poll, policy=policy)
         self.nodes[i] = self._spawn(f"supernode{i}", cmd)
         return self.nodes[i]
 
