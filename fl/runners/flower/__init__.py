@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import contextlib
 import copyreg
-import datetime
 import functools
 import ipaddress
 import json
@@ -73,14 +72,19 @@ __all__ = [
     "DEFAULT_SUPERNODE_PORT",
     "CertPaths",
     "FlowerJob",
+    "InsecureTransportError",
     "JobError",
     "LocalCluster",
     "NodePolicy",
     "PolicyError",
     "client_app",
     "flower_env",
+    "is_loopback",
     "make_certificates",
+    "make_node_keys",
     "make_state_key",
+    "refuse_insecure_remote",
+    "register_node",
     "server_app",
     "superexec_main",
     "superlink_command",
@@ -913,62 +917,98 @@ def make_certificates(
     directory: Path, *, hosts: Sequence[str] = ("127.0.0.1", "localhost"), days: int = 7
 ) -> CertPaths:
     """Make a CA and a server certificate for ``hosts`` (IPs or DNS names): for local TLS tests only."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from secagg._hazmat.pki import make_tls_certificates
 
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "privagg throw-away test CA")])
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    return CertPaths(*make_tls_certificates(directory, hosts=hosts, days=days))
+
+
+def make_node_keys(directory: Path, name: str) -> tuple[Path, Path]:
+    """This site's SuperNode authentication key pair ``(DIR/NAME.key, DIR/NAME.pub)``, made if missing.
+
+    The private key stays on the site (``privagg flower supernode --auth-key``); only the public key
+    goes to the SuperLink's operator, who registers it (:func:`register_node`).
+    """
+    from secagg._hazmat.pki import make_node_keypair
+
+    private, public = directory / f"{name}.key", directory / f"{name}.pub"
+    if not private.exists():
+        make_node_keypair(private, public)
+    elif not public.exists():
+        raise FileNotFoundError(f"{private} exists but {public} does not; remove {private} to make a fresh pair")
+    return private, public
+
+
+def register_node(env: Mapping[str, str], public_key: Path, *, name: str | None = None) -> int:
+    """``flwr supernode register``: let the SuperNode holding ``public_key``'s private key join; its node id.
+
+    Runs against the connection :func:`write_connection` put in ``env["FLWR_HOME"]`` (the SuperLink's
+    Control API). Only registered keys can connect to a SuperLink started with SuperNode authentication.
+    """
+    import subprocess
+
+    cmd = [_exe("flwr"), "supernode", "register", str(public_key), CONNECTION, "--format", "json"]
+    if name:
+        cmd += ["--name", name]
+    cp = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, timeout=120)
+    try:
+        out = json.loads(cp.stdout.strip() or "{}")
+    except ValueError:
+        out = {}
+    if cp.returncode != 0 or not out.get("success"):
+        raise RuntimeError(f"registering {public_key} failed ({cp.returncode}): {cp.stdout.strip()} "
+                           f"{cp.stderr.strip()}")
+    return int(out["node-id"])
+
+
+class InsecureTransportError(ValueError):
+    """``--insecure`` (no TLS) asked for an address outside loopback without the explicit override."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IPs (127.0.0.0/8, ::1); a DNS name other than localhost is not."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_of(address: str) -> str:
+    """``HOST`` of ``HOST:PORT`` / ``[V6]:PORT`` / ``HOST``."""
+    if address.startswith("["):
+        return address[1:address.index("]")] if "]" in address else address
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+
+
+def refuse_insecure_remote(address: str, *, what: str, allow: bool) -> None:
+    """Refuse plaintext (no TLS) to or on ``address`` unless it is loopback or ``allow`` (``--insecure-i-know``).
+
+    Message integrity of the unauthenticated SecAgg modes comes from TLS: without it anyone on the path
+    can change a masked input or an unmask share and the sum is silently wrong.
+    """
+    if allow or is_loopback(_host_of(address)):
+        return
+    raise InsecureTransportError(
+        f"{what} {address} without TLS: protocol messages would cross the network unauthenticated (anyone on the "
+        "path could alter the sum). Use TLS (--certs / --ca), or pass --insecure-i-know if the network is trusted"
     )
-    sans: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = CertPaths(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    fd = os.open(paths.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
-    return paths
 
 
 def superlink_command(*, host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_PORT,
-                      certs: CertPaths | None = None) -> list[str]:
-    """``flower-superlink`` with TLS (``certs``) or ``--insecure``, runtime installs off."""
+                      certs: CertPaths | None = None, allow_insecure_remote: bool = False,
+                      supernode_auth: bool = False) -> list[str]:
+    """``flower-superlink`` with TLS (``certs``) or ``--insecure`` (loopback only unless ``allow_insecure_remote``).
+
+    ``supernode_auth``: only SuperNodes whose public keys were registered (``privagg flower register``)
+    may connect (Flower's ``--enable-supernode-auth``).
+    """
     cmd = [_exe("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
     if certs is None:
+        refuse_insecure_remote(host, what="serving on", allow=allow_insecure_remote)
         return [*cmd, "--insecure"]
     return [*cmd, "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key),
             "--ssl-ca-certfile", str(certs.ca)]
@@ -977,15 +1017,19 @@ def superlink_command(*, host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_
 def supernode_command(
     *, superlink: str, partition: tuple[int, int], state_key: Path, port: int = DEFAULT_SUPERNODE_PORT,
     host: str = "127.0.0.1", certs: CertPaths | None = None, ca: Path | None = None, fleet_poll: float = 0.0,
-    policy: Path | None = None,
+    policy: Path | None = None, auth_key: Path | None = None, allow_insecure_remote: bool = False,
 ) -> list[str]:
     """``flower-supernode`` for client ``partition = (i, n)``.
 
     ``ca``: the CA that signed the SuperLink's certificate (TLS); ``certs`` also puts the node's local
-    Runtime API (``host:port``) under TLS. Neither: ``--insecure``. ``fleet_poll > 0`` starts the
-    SuperNode through :func:`supernode_main`, which polls the SuperLink every ``fleet_poll`` seconds
-    when idle instead of Flower's fixed 3 s (and waits for replies in steps of that size, not 0.5 s).
+    Runtime API (``host:port``) under TLS. Neither: ``--insecure``. The SuperNode always starts through
+    :func:`supernode_main`, which pins the app it runs; ``fleet_poll > 0`` also polls the SuperLink
+    every ``fleet_poll`` seconds when idle instead of Flower's fixed 3 s (and forks ClientApps from a
+    warm process); ``fleet_poll = 0`` keeps Flower's stock loop.
     ``policy``: this node's policy file (:class:`NodePolicy`; the safe defaults without one).
+    ``auth_key``: this node's private key for SuperNode authentication (``privagg flower register``).
+    Without TLS, a SuperLink or Runtime API address outside loopback is refused unless
+    ``allow_insecure_remote``.
     """
     i, n = partition
     if not 0 <= i < n:
@@ -993,10 +1037,15 @@ def supernode_command(
     node_config = f'partition-id={i} num-partitions={n} {_STATE_KEY_FILE}="{state_key}"'
     if policy is not None:
         node_config += f' {POLICY_FILE_KEY}="{policy}"'
-    head = [sys.executable, "-m", "fl.runners.flower", "supernode", str(fleet_poll)] if fleet_poll > 0 else [
-        _exe("flower-supernode")]
+    head = [sys.executable, "-m", "fl.runners.flower", "supernode", str(max(0.0, fleet_poll))]
     cmd = [*head, "--superlink", superlink, "--host", host, "--port", str(port), "--node-config", node_config]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
     root = ca if ca is not None else (certs.ca if certs is not None else None)
+    if root is None:
+        refuse_insecure_remote(superlink, what="connecting to the SuperLink at", allow=allow_insecure_remote)
+    if certs is None:
+        refuse_insecure_remote(host, what="serving the local Runtime API on", allow=allow_insecure_remote)
     if root is None:
         return [*cmd, "--insecure"]
     cmd += ["--root-certificates", str(root)]
@@ -1005,8 +1054,13 @@ def supernode_command(
     return cmd
 
 
-def write_connection(home: Path, address: str, *, ca: Path | None) -> Path:
-    """Write ``home/config.toml`` with one SuperLink connection named ``privagg`` (TLS when ``ca``)."""
+def write_connection(home: Path, address: str, *, ca: Path | None, allow_insecure_remote: bool = False) -> Path:
+    """Write ``home/config.toml`` with one SuperLink connection named ``privagg`` (TLS when ``ca``).
+
+    Without ``ca`` (plaintext) an address outside loopback is refused unless ``allow_insecure_remote``.
+    """
+    if ca is None:
+        refuse_insecure_remote(address, what="submitting to the SuperLink at", allow=allow_insecure_remote)
     home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{address}"']
     lines.append(f'root-certificates = "{ca}"' if ca is not None else "insecure = true")
@@ -1058,7 +1112,9 @@ class LocalCluster:
 
     def __init__(self, workdir: Path, n: int, *, tls: bool = True, host: str = "127.0.0.1",
                  port: int | None = None, node_ports: Sequence[int] | None = None, task_poll: float = 0.1,
-                 fleet_poll: float = 0.0, policy: NodePolicy | None = None) -> None:
+                 fleet_poll: float = 0.0, policy: NodePolicy | None = None, supernode_auth: bool = False) -> None:
+        if supernode_auth and not tls:
+            raise ValueError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
         self.workdir = workdir
         self.n = n
         self.tls = tls
@@ -1071,6 +1127,7 @@ class LocalCluster:
         self.env = flower_env(self.home, task_poll=task_poll)
         self.fleet_poll = fleet_poll
         self.policy = policy
+        self.supernode_auth = supernode_auth
         self.certs: CertPaths | None = None
         self.superlink: Any = None
         self.nodes: dict[int, Any] = {}
@@ -1094,7 +1151,8 @@ class LocalCluster:
         if self.tls:
             self.certs = make_certificates(self.workdir / "certs", hosts=(self.host, "localhost"))
         write_connection(self.home, self.address, ca=self.certs.ca if self.certs else None)
-        self.superlink = self._spawn("superlink", superlink_command(host=self.host, port=self.port, certs=self.certs))
+        self.superlink = self._spawn("superlink", superlink_command(host=self.host, port=self.port, certs=self.certs,
+                                                                    supernode_auth=self.supernode_auth))
         _wait_port(self.host, self.port, timeout, self.superlink, self.logs / "superlink.log")
         for i in range(self.n):
             self.start_node(i)
@@ -1102,11 +1160,21 @@ class LocalCluster:
             _wait_port(self.host, self.node_ports[i], timeout, self.nodes[i], self.logs / f"supernode{i}.log")
         return self
 
-    def start_node(self, i: int) -> Any:
+    def start_node(self, i: int, *, register: bool = True) -> Any:
+        """Start SuperNode ``i`` (partition i of n); with SuperNode auth, register its fresh key first
+        unless ``register=False`` (an intruder: its key is unknown to the SuperLink)."""
         key = make_state_key(self.workdir / "keys" / f"node{i}.key")
         policy = self.policy.save(self.workdir / "policy.json") if self.policy is not None else None
-        cmd = supernode_command(superlink=self.address, partition=(i, self.n), state_key=key, port=self.node_ports[i],
-                                host=self.host, certs=self.certs, fleet_poll=self.fleet_poll, policy=policy)
+        while len(self.node_ports) <= i:
+            self.node_ports.append(_free_port(self.host))
+        auth_key = None
+        if self.supernode_auth:
+            auth_key, public = make_node_keys(self.workdir / "auth", f"node{i}")
+            if register:
+                register_node(self.env, public, name=f"node{i}")
+        cmd = supernode_command(superlink=self.address, partition=(i, max(self.n, i + 1)), state_key=key,
+                                port=self.node_ports[i], host=self.host, certs=self.certs, fleet_poll=self.fleet_poll,
+                                policy=policy, auth_key=auth_key)
         self.nodes[i] = self._spawn(f"supernode{i}", cmd)
         return self.nodes[i]
 
@@ -1249,8 +1317,21 @@ def _runtime_address(argv: Sequence[str]) -> tuple[str, bool, str | None]:
     return f"{host}:{port}", not tls, ca if tls else None
 
 
+def _node_policy_from_argv(argv: Sequence[str]) -> NodePolicy:
+    """The node policy named in ``--node-config`` of a SuperNode command line (the defaults if none)."""
+    from flwr.common.config import parse_config_args
+
+    config = parse_config_args([argv[argv.index("--node-config") + 1]]) if "--node-config" in argv else {}
+    return NodePolicy.from_node_config(config)
+
+
 def supernode_main(poll: float, argv: Sequence[str], *, fork: bool = True) -> int:
-    """``flower-supernode ARGV`` tuned for short protocol phases (what ``fleet_poll > 0`` starts).
+    """``flower-supernode ARGV`` with the app pin, tuned for short protocol phases when ``poll > 0``.
+
+    * App pin (always): the node runs only the installed privagg ClientApp, or apps its policy trusts
+      (:mod:`fl.runners.flower.pin`). If this Flower version has no hook for it, the node refuses to
+      start (:class:`~fl.runners.flower.pin.PinUnavailableError`) rather than run unpinned.
+    * ``poll <= 0``: nothing else changes (Flower's stock loop and one interpreter per message).
 
     * Idle poll: Flower's SuperNode sleeps a fixed 3 s whenever the SuperLink has no message for it, so
       each phase waits on average 1.5 s (the slowest of n nodes up to 3 s) before a node sees its
@@ -1261,15 +1342,23 @@ def supernode_main(poll: float, argv: Sequence[str], *, fork: bool = True) -> in
       :func:`superexec_main`, a SuperExec that forks each ClientApp from a process that has already
       imported everything, then runs Flower's own ``flwr-clientapp`` code in the child.
 
-    If a Flower release moves these internals, the SuperNode runs unchanged, with a warning.
+    If a Flower release moves the poll or executor internals, the SuperNode runs them unchanged, with
+    a warning.
     """
     import subprocess
 
+    from fl.runners.flower.pin import install_app_pin
+
     argv = list(argv)
+    install_app_pin(_node_policy_from_argv(argv))
+    if poll <= 0:
+        fork = False
     try:
         import flwr.supernode.start_client_internal as sci
 
-        if getattr(sci, "time", None) is time:
+        if poll <= 0:
+            pass
+        elif getattr(sci, "time", None) is time:
             sci.__dict__["time"] = _FastClock(poll)
         else:
             log.warning("this Flower version has no SuperNode poll loop to shorten; running it unchanged")
