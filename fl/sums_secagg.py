@@ -87,6 +87,7 @@ class _MaskedSum:
     __slots__ = ()
     threshold: float | int
     authenticated: bool
+    min_cohort: int | None
     registry: IdentityRegistry
 
     @property
@@ -115,10 +116,13 @@ class SecAgg(_MaskedSum):
 
     ``threshold``: fraction of the cohort (0, 1], or an absolute count t: every phase needs t survivors.
     ``authenticated``: Ed25519-signed keys and the consistency-check round (active-server security).
+    ``min_cohort``: the smallest cohort a client accepts (its own configuration, never the server's
+    word); ``None``: the planned cohort, i.e. the bound spec's ``cohort``.
     """
 
     threshold: float | int = 0.7
     authenticated: bool = False
+    min_cohort: int | None = None
     registry: IdentityRegistry = field(default_factory=IdentityRegistry, compare=False, repr=False)
 
     @property
@@ -143,11 +147,13 @@ class SecAggPlus(_MaskedSum):
     ``neighbours``: k; ``None`` picks the smallest k meeting ``security_bits`` and ``correctness_bits``
     when at most ``dropout_rate`` of the clients drop and ``corrupt_rate`` are corrupt (see
     :func:`secagg.graph.choose_k`; small cohorts get the complete graph).
+    ``min_cohort``: as for :class:`SecAgg`.
     """
 
     threshold: float | int = 0.7
     neighbours: int | None = None
     authenticated: bool = False
+    min_cohort: int | None = None
     security_bits: float = 40.0
     correctness_bits: float = 30.0
     dropout_rate: float = 0.1
@@ -194,10 +200,21 @@ def _client(
         modulus=spec.modulus,
         size=spec.size,
         threshold=ad.threshold,
+        min_cohort=_min_cohort(ad, spec),
         graph=ad._graph(),
         identity_key=ad.registry.private(cid) if ad.authenticated else None,
         identities=ad.registry.publics() if ad.authenticated else None,
     )
+
+
+def _min_cohort(ad: _MaskedSum, spec: ValueSpec) -> int:
+    """The client's own floor on the cohort size: configured, else the planned cohort of the bound spec."""
+    m = spec.cohort if ad.min_cohort is None else ad.min_cohort
+    if m < 2:
+        raise CompositionError(
+            f"a secure sum over {m} client(s) protects nobody: plan a cohort of at least 2 (min_cohort={m})"
+        )
+    return m
 
 
 def _server(

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from secagg import _state
+from secagg import _state, wire
 from secagg._common import (
     ADVERTISE_SIG_LABEL,
     CIPHERTEXT_BYTES,
@@ -32,7 +32,7 @@ from secagg._common import (
     word_dtype,
 )
 from secagg._hazmat import aead, kex, prg, shamir, sign
-from secagg.errors import KeyMismatchError, OverflowRiskError, ProtocolError
+from secagg.errors import CodecError, KeyMismatchError, OverflowRiskError, ProtocolError
 from secagg.graph import GraphSpec, NeighbourGraph, threshold_for
 from secagg.machine import SERVER, Message
 from secagg.messages import (
@@ -70,6 +70,9 @@ class SecAggClient:
 
     ``value``: the client's vector in Z_modulus (uint64 from ``Quantize``), ``size`` long.
     ``threshold``: fraction of the share group (or absolute count) needed at every phase.
+    ``min_cohort``: the smallest cohort this client's own configuration accepts (the planned cohort
+    size). The server's key directory names the cohort but nobody signs it, so a directory showing
+    fewer clients is refused: a server cannot shrink the cohort to shrink ``t``.
     ``graph``: complete (SecAgg) or sparse (SecAgg+) neighbour graph parameters.
     ``identity_key``/``identities``: raw Ed25519 private key of this client and public keys of all
     clients, for authenticated mode (both or neither). ``random_bytes``: the CSPRNG (``os.urandom``;
@@ -86,15 +89,47 @@ class SecAggClient:
         modulus: int,
         size: int,
         threshold: float | int,
+        min_cohort: int,
         graph: GraphSpec | None = None,
         identity_key: bytes | None = None,
         identities: Mapping[int, bytes] | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
     ) -> None:
+        self._init_state(
+            cid, session=session, round=round, modulus=modulus, threshold=threshold, min_cohort=min_cohort,
+            graph=graph, identity_key=identity_key, identities=identities, random_bytes=random_bytes,
+        )
+        self._value = self._check_value(value, size)
+        self._size = size
+        # Round secrets.
+        self._c_sk = kex.generate_private(random_bytes)
+        self._s_sk = kex.generate_private(random_bytes)
+        self._b = random_bytes(prg.SEED_BYTES)
+
+    def _init_state(
+        self,
+        cid: int,
+        *,
+        session: bytes,
+        round: int,
+        modulus: int,
+        threshold: float | int,
+        min_cohort: int,
+        graph: GraphSpec | None,
+        identity_key: bytes | None,
+        identities: Mapping[int, bytes] | None,
+        random_bytes: Callable[[int], bytes],
+    ) -> None:
+        """Check and store the configuration; empty per-round knowledge (shared by __init__ and restore)."""
         if cid < 0:
             raise ValueError(f"client ids are non-negative, got {cid}")
         if (identity_key is None) != (identities is None):
             raise ValueError("authenticated mode needs both identity_key and identities (or neither)")
+        if isinstance(min_cohort, bool) or not isinstance(min_cohort, int) or min_cohort < 2:
+            raise ValueError(
+                f"min_cohort must be an int >= 2 (a secure sum of one client protects nobody), got {min_cohort!r}"
+            )
+        self._min_cohort = min_cohort
         self._cid = cid
         self._session = bytes(session)
         self._round = round
@@ -109,12 +144,7 @@ class SecAggClient:
         self._auth = identity_key is not None
         self._table = _state.client_transitions(self._auth)
         self._state = "new"
-        self._value = self._check_value(value, size)
-        self._size = size
-        # Round secrets and what the client learns along the way.
-        self._c_sk = kex.generate_private(random_bytes)
-        self._s_sk = kex.generate_private(random_bytes)
-        self._b = random_bytes(prg.SEED_BYTES)
+        # What the client learns along the way.
         self._graph: NeighbourGraph | None = None
         self._t = 0
         self._dir: dict[int, tuple[bytes, bytes]] = {}
@@ -192,6 +222,12 @@ class SecAggClient:
             raise ProtocolError("key directory is malformed (lengths differ or ids not sorted and unique)")
         if not sorted_unique(msg.cohort) or self._cid not in msg.cohort:
             raise ProtocolError("key directory's cohort is malformed or does not include this client")
+        if len(msg.cohort) < self._min_cohort:
+            raise ProtocolError(
+                f"the server shows a cohort of {len(msg.cohort)} clients but this client's configuration "
+                f"requires at least {self._min_cohort} (min_cohort): a smaller cohort would lower the "
+                f"threshold t; refusing to share keys"
+            )
         try:
             graph = self._graph_spec.build(
                 msg.cohort, threshold=self._threshold, session=self._session, round=self._round
@@ -366,3 +402,125 @@ class SecAggClient:
             valid += v in group
         if valid < self._t:
             raise ProtocolError(f"only {valid} neighbours signed the survivor list, fewer than t={self._t}")
+
+    # ------------------------------------------------------------------ state snapshot (no pickle)
+    def snapshot(self) -> bytes:
+        """This client's whole between-phase state as bytes (versioned, length-checked; never pickle).
+
+        The blob holds the round secrets (c_sk, s_sk, b, the shares held for others and the clear input
+        until it is masked), so whoever stores it must keep it confidential and intact -- e.g. seal it
+        with AES-GCM under a key only this node holds. The identity private key and the identities are
+        *not* in it: :meth:`restore` takes them from the node's own configuration.
+        """
+        return _dump_state(self)
+
+    @classmethod
+    def restore(
+        cls,
+        blob: bytes,
+        *,
+        session: bytes,
+        round: int,
+        state: str,
+        identity_key: bytes | None = None,
+        identities: Mapping[int, bytes] | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> SecAggClient:
+        """The client a :meth:`snapshot` was taken of, continuing where it stopped.
+
+        ``session``/``round``/``state`` are what the caller expects (from its own records): a blob of
+        another session, round or phase (an old blob replayed: rollback) raises ``ProtocolError``; a
+        malformed or truncated one raises ``CodecError``. Authenticated mode must match the blob's.
+        """
+        client = cls.__new__(cls)
+        _load_state(
+            client, blob, session=session, round=round, state=state, identity_key=identity_key,
+            identities=identities, random_bytes=random_bytes,
+        )
+        return client
+
+
+SNAPSHOT_MAGIC = b"PAGS"
+SNAPSHOT_VERSION = 1
+_STATES = ("new", "advertised", "shared", "masked", "signed", "done")
+_SNAPSHOT_KINDS = (
+    "bytes", "i64", "bytes", "i64",  # state, cid, session, round
+    "i64", "i64", "i64", "i64", "f64",  # ring bits, size, min_cohort, threshold is-float, threshold
+    "i64", "i64", "f64", "f64", "f64", "f64",  # graph: complete, neighbours (-1: none), sigma, eta, dropout, corrupt
+    "i64", "array", "bytes", "bytes", "bytes",  # authenticated, value, c_sk, s_sk, b
+    "i64", "ids", "i64",  # has graph, cohort, t
+    "ids", "blobs", "blobs",  # directory: ids, c_pks, s_pks
+    "ids", "blobs", "blobs",  # held shares: senders, b shares, s shares
+    "i64", "ids",  # has survivors, survivors
+)
+
+
+def _dump_state(c: SecAggClient) -> bytes:
+    g = c._graph_spec
+    held = sorted(c._held)
+    dir_ids = sorted(c._dir)
+    items: list[tuple[str, Any]] = [
+        ("bytes", c._state.encode()), ("i64", c._cid), ("bytes", c._session), ("i64", c._round),
+        ("i64", c._bits), ("i64", c._size), ("i64", c._min_cohort),
+        ("i64", int(isinstance(c._threshold, float))), ("f64", float(c._threshold)),
+        ("i64", int(g.complete)), ("i64", -1 if g.neighbours is None else g.neighbours),
+        ("f64", g.sigma), ("f64", g.eta), ("f64", g.dropout), ("f64", g.corrupt),
+        ("i64", int(c._auth)), ("array", c._value), ("bytes", kex.private_bytes(c._c_sk)),
+        ("bytes", kex.private_bytes(c._s_sk)), ("bytes", c._b),
+        ("i64", int(c._graph is not None)), ("ids", c._graph.cohort if c._graph is not None else ()), ("i64", c._t),
+        ("ids", dir_ids), ("blobs", [c._dir[v][0] for v in dir_ids]), ("blobs", [c._dir[v][1] for v in dir_ids]),
+        ("ids", held), ("blobs", [shamir.encode_share(c._held[v][0]) for v in held]),
+        ("blobs", [shamir.encode_share(c._held[v][1]) for v in held]),
+        ("i64", int(c._survivors is not None)), ("ids", c._survivors or ()),
+    ]
+    return wire.pack_record(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, items)
+
+
+def _load_state(
+    c: SecAggClient,
+    blob: bytes,
+    *,
+    session: bytes,
+    round: int,
+    state: str,
+    identity_key: bytes | None,
+    identities: Mapping[int, bytes] | None,
+    random_bytes: Callable[[int], bytes],
+) -> None:
+    v = wire.unpack_record(blob, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, _SNAPSHOT_KINDS)
+    (st, cid, sess, rnd, bits, size, min_cohort, is_float, thr, complete, nb, sigma, eta, dropout, corrupt,
+     auth, value, c_sk, s_sk, b, has_graph, cohort, t, dir_ids, c_pks, s_pks, held, hb, hs, has_surv, surv) = v
+    if sess != bytes(session) or rnd != round or st != state.encode():
+        raise ProtocolError(
+            f"client state snapshot is of session/round/phase ({sess!r}, {rnd}, {st!r}), not the expected "
+            f"({bytes(session)!r}, {round}, {state!r}): refusing an old or foreign snapshot (rollback)"
+        )
+    if (identity_key is None) != (identities is None) or bool(auth) != (identity_key is not None):
+        raise ProtocolError("the snapshot's authenticated mode differs from the identity keys passed to restore")
+    try:
+        if not 1 <= bits <= 64 or not 0 <= size <= wire.MAX_ITEMS:
+            raise ValueError(f"ring bits {bits} or size {size} out of range")
+        c._init_state(
+            cid, session=sess, round=rnd, modulus=1 << bits, threshold=thr if is_float else int(thr),
+            min_cohort=min_cohort,
+            graph=GraphSpec(bool(complete), None if nb < 0 else nb, sigma, eta, dropout, corrupt),
+            identity_key=identity_key, identities=identities, random_bytes=random_bytes,
+        )
+        if st.decode() not in _STATES or len(dir_ids) != len(c_pks) or len(dir_ids) != len(s_pks):
+            raise ValueError("unknown state or directory lists of different lengths")
+        if len(held) != len(hb) or len(held) != len(hs) or not sorted_unique(held) or not sorted_unique(dir_ids):
+            raise ValueError("held-share lists are malformed")
+        c._state, c._size = st.decode(), size
+        c._value = c._check_value(value, size if c._state in ("new", "advertised", "shared") else 0)
+        c._c_sk, c._s_sk, c._b = kex.private_from_bytes(c_sk), kex.private_from_bytes(s_sk), bytes(b)
+        if len(c._b) != prg.SEED_BYTES:
+            raise ValueError("self-mask seed has the wrong length")
+        c._t = t
+        c._graph = c._graph_spec.build(cohort, threshold=c._threshold, session=sess, round=rnd) if has_graph else None
+        c._dir = {i: (bytes(a), bytes(p)) for i, a, p in zip(dir_ids, c_pks, s_pks, strict=True)}
+        c._held = {
+            i: (shamir.decode_share(x), shamir.decode_share(y)) for i, x, y in zip(held, hb, hs, strict=True)
+        }
+        c._survivors = tuple(surv) if has_surv else None
+    except (ValueError, OverflowError, OverflowRiskError) as exc:
+        raise CodecError(f"client state snapshot is malformed: {exc}") from exc

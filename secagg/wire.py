@@ -10,6 +10,7 @@ checks every length against what is left and refuses trailing bytes; any bad inp
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import fields
 from typing import Any, Final
 
@@ -30,7 +31,7 @@ from secagg.messages import (
 )
 from secagg.plain import PlainInput
 
-__all__ = ["MAGIC", "VERSION", "dumps", "loads"]
+__all__ = ["MAGIC", "VERSION", "dumps", "loads", "pack_record", "unpack_record"]
 
 MAGIC: Final = b"PAGW"
 VERSION: Final = 1
@@ -87,6 +88,7 @@ _SCHEMA: Final = {cls: tuple((f.name, _KIND_OF_FIELD[f.name]) for f in fields(cl
 _I64 = struct.Struct(">q")
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
+_F64 = struct.Struct(">d")
 
 
 def dumps(msg: Message) -> bytes:
@@ -108,6 +110,10 @@ def _encode(out: list[bytes], kind: str, v: Any) -> None:
         if not isinstance(v, (int, np.integer)) or isinstance(v, bool):
             raise TypeError(f"expected an int, got {type(v).__name__}")
         out.append(_I64.pack(int(v)))
+    elif kind == "f64":
+        if not isinstance(v, (int, float, np.floating)) or isinstance(v, bool):
+            raise TypeError(f"expected a float, got {type(v).__name__}")
+        out.append(_F64.pack(float(v)))
     elif kind == "bytes":
         if not isinstance(v, (bytes, bytearray)):
             raise TypeError(f"expected bytes, got {type(v).__name__}")
@@ -155,6 +161,8 @@ class _Reader:
     def read(self, kind: str) -> Any:
         if kind == "i64":
             return int(_I64.unpack(self.take(8))[0])
+        if kind == "f64":
+            return float(_F64.unpack(self.take(8))[0])
         if kind == "bytes":
             return self.take(self.count(1))
         if kind == "ids":
@@ -191,3 +199,36 @@ def loads(data: bytes) -> Message:
         raise CodecError(f"{len(r.data) - r.pos} trailing byte(s) after the message")
     msg: Message = cls(**values)
     return msg
+
+
+def pack_record(magic: bytes, version: int, items: Sequence[tuple[str, Any]]) -> bytes:
+    """Encode a flat record of ``(kind, value)`` fields with the message kinds (plus ``f64``).
+
+    Used for data that is not a protocol message (a client's between-phase state) but must travel
+    through the same versioned, length-checked conventions: ``magic | version (u8) | fields``.
+    """
+    if len(magic) != 4 or not 0 <= version < 256:
+        raise CodecError("a record needs a 4-byte magic and a one-byte version")
+    out = [magic, bytes((version,))]
+    try:
+        for kind, value in items:
+            _encode(out, kind, value)
+    except (TypeError, ValueError, OverflowError, struct.error) as exc:
+        raise CodecError(f"cannot encode record field: {exc}") from exc
+    return b"".join(out)
+
+
+def unpack_record(data: bytes, magic: bytes, version: int, kinds: Sequence[str]) -> list[Any]:
+    """Decode a :func:`pack_record` blob whose fields have ``kinds``; only ``CodecError`` on bad input."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise CodecError(f"expected bytes, got {type(data).__name__}")
+    r = _Reader(bytes(data))
+    if r.take(4) != magic:
+        raise CodecError(f"not a {magic!r} record (bad magic)")
+    got = r.take(1)[0]
+    if got != version:
+        raise CodecError(f"record version {got} is not supported (this build reads version {version})")
+    values = [r.read(kind) for kind in kinds]
+    if r.pos != len(r.data):
+        raise CodecError(f"{len(r.data) - r.pos} trailing byte(s) after the record")
+    return values

@@ -52,6 +52,7 @@ class Round:
                 modulus=MOD,
                 size=d,
                 threshold=t,
+                min_cohort=n,
                 graph=graph,
                 identity_key=ids[c].private if ids else None,
                 identities=pubs,
@@ -273,9 +274,12 @@ def test_inputs_outside_the_range_raise_instead_of_clipping() -> None:
     with pytest.raises(OverflowRiskError, match="exceeds the quantization bound"):
         bound.encode(np.array([0.0, 9.0, 1.0]), SecureRandom.for_testing(1))
     with pytest.raises(OverflowRiskError):
-        SecAggClient(0, np.array([0, MOD, 1], dtype=np.uint64), session=S, round=1, modulus=MOD, size=3, threshold=2)
+        SecAggClient(
+            0, np.array([0, MOD, 1], dtype=np.uint64), session=S, round=1, modulus=MOD, size=3, threshold=2,
+            min_cohort=4,
+        )
     with pytest.raises(OverflowRiskError):
-        SecAggClient(0, np.array([0.5, 1, 1]), session=S, round=1, modulus=MOD, size=3, threshold=2)
+        SecAggClient(0, np.array([0.5, 1, 1]), session=S, round=1, modulus=MOD, size=3, threshold=2, min_cohort=4)
 
 
 def test_uploads_are_uint32_when_the_ring_fits() -> None:
@@ -284,7 +288,9 @@ def test_uploads_are_uint32_when_the_ring_fits() -> None:
     for bits, dtype in ((20, np.uint32), (32, np.uint32), (40, np.uint64)):
         r: Any = Round(d=d)
         r.clients = {
-            c: SecAggClient(c, np.zeros(d, np.uint64), session=S, round=1, modulus=1 << bits, size=d, threshold=3)
+            c: SecAggClient(
+                c, np.zeros(d, np.uint64), session=S, round=1, modulus=1 << bits, size=d, threshold=3, min_cohort=5
+            )
             for c in range(5)
         }
         r.server = SecAggServer(list(range(5)), session=S, round=1, modulus=1 << bits, size=d, threshold=3)

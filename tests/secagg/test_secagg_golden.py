@@ -39,6 +39,7 @@ def _transcript(auth: bool) -> dict[str, Any]:
             modulus=mod,
             size=d,
             threshold=3,
+            min_cohort=n,
             graph=graph,
             identity_key=ids[c].private if ids else None,
             identities=pubs,
