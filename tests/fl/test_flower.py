@@ -18,6 +18,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from flwr.app import ConfigRecord
+
 from fl.config import PrivacyConfig, TrainConfig
 from fl.runners.flower import FlowerJob, LocalCluster, NodePolicy, _group_alive, wait_result
 
@@ -114,35 +116,55 @@ def _context(tmp_path: Path, node_id: int) -> Any:
                    run_config={})
 
 
-def test_sealed_client_state_round_trips_and_refuses_tampering(tmp_path: Path) -> None:
-    from fl.runners.flower import _seal, _unseal
+def test_sealed_client_state_round_trips_and_refuses_tampering_and_rollback(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from fl.runners.flower import state
     from fl.spec import ValueSpec
     from fl.sums_secagg import SecAggPlus
     from secagg.errors import ProtocolError
 
     spec = ValueSpec(size=8, cohort=3, domain="ring", modulus=1 << 32, value_bits=20)
-    machine = SecAggPlus(threshold=0.6).client(0, np.arange(8, dtype=np.uint64), spec=spec, session=b"s" * 16,
-                                               round=1)
-    (adv,) = machine.start()
+    machines = {c: SecAggPlus(threshold=0.6).client(c, np.arange(8, dtype=np.uint64) + c, spec=spec,
+                                                    session=b"s" * 16, round=1) for c in range(3)}
+    advs = [m.start()[0] for m in machines.values()]
     ctx = _context(tmp_path, node_id=5)
-    blob = _seal(ctx, machine)
-    assert b"s" * 16 not in blob  # encrypted, not just pickled
-    restored = _unseal(ctx, blob)
-    assert restored.cid == 0 and restored.state == machine.state
-    assert restored._c_sk.public_key().public_bytes_raw() == adv.c_pk  # the secret key survived
-    tampered = bytearray(blob)
-    tampered[-1] ^= 1
+    state.store(ctx, machines[0], session=b"s" * 16, round=1, step=0)
+    rec = ctx.state[state.STATE_RECORD]
+    blob = bytes(rec["blob"])
+    assert b"s" * 16 not in blob and b"PAGS" not in blob  # sealed, not just encoded
+    old = state.STATE_RECORD, ConfigRecord(dict(rec))
+    restored = state.load(ctx, session=b"s" * 16, round=1, step=0)
+    assert restored.cid == 0 and restored.state == machines[0].state
+    assert restored.snapshot() == machines[0].snapshot()  # the same secrets, the same phase
+    assert len(advs) == 3
+    # rollback: after the next step is stored, the step-0 record (replayed by whoever holds the store) is refused
+    state.store(ctx, restored, session=b"s" * 16, round=1, step=1)
+    ctx.state[old[0]] = old[1]
+    with pytest.raises(ProtocolError, match="old state replayed"):
+        state.load(ctx, session=b"s" * 16, round=1, step=1)
+    # relabelling the old record as step 1 does not help: step and phase are in the AEAD's associated data
+    forged = dict(old[1])
+    forged["step"] = 1
+    ctx.state[state.STATE_RECORD] = ConfigRecord(forged)
     with pytest.raises(ProtocolError, match="authenticate"):
-        _unseal(ctx, bytes(tampered))
-    other_key = _context(tmp_path / "x", node_id=5)
-    with pytest.raises(ProtocolError):
-        _unseal(other_key, blob)
-    from flwr.app import Context, RecordDict
-
-    same_key_other_node = Context(run_id=1, node_id=6, node_config=dict(ctx.node_config), state=RecordDict(),
-                                  run_config={})
-    with pytest.raises(ProtocolError):  # bound to (run, node) by the AEAD's associated data
-        _unseal(same_key_other_node, blob)
+        state.load(ctx, session=b"s" * 16, round=1, step=1)
+    ctx.state[old[0]] = old[1]
+    with pytest.raises(ProtocolError):  # another round or session
+        state.load(ctx, session=b"s" * 16, round=2, step=0)
+    tampered = dict(old[1])
+    tampered["blob"] = blob[:-1] + bytes([blob[-1] ^ 1])
+    ctx.state[state.STATE_RECORD] = ConfigRecord(tampered)
+    with pytest.raises(ProtocolError, match="authenticate"):
+        state.load(ctx, session=b"s" * 16, round=1, step=0)
+    for other in (_context(tmp_path / "x", node_id=5),  # another key
+                  Context(run_id=1, node_id=6, node_config=dict(ctx.node_config), state=RecordDict(),
+                          run_config={}),  # same key, another node
+                  Context(run_id=2, node_id=5, node_config=dict(ctx.node_config), state=RecordDict(),
+                          run_config={})):  # same key and node, another run
+        other.state[state.STATE_RECORD] = old[1]
+        with pytest.raises(ProtocolError, match="authenticate"):
+            state.load(other, session=b"s" * 16, round=1, step=0)
 
 
 def test_state_key_missing_names_the_fix(tmp_path: Path) -> None:

@@ -9,9 +9,13 @@ as :mod:`secagg.wire` bytes inside a ``ConfigRecord``; Flower's ``secaggplus_mod
 ``SecAggPlusWorkflow`` are not used.
 
 Flower starts a fresh ``flwr-clientapp`` process for every message, so a client's machine (its round
-secrets) must survive between phases: it is pickled, sealed with AES-GCM under a per-SuperNode key that
-only that node's ClientApps can read (``state-key-file`` in the node config), and kept in the node's
-``Context.state``. Only blobs that authenticate under that key are ever unpickled.
+secrets) must survive between phases: its versioned snapshot (no pickle) is sealed with AES-GCM under a
+per-SuperNode key, bound to run, node, session, round, step and phase (:mod:`fl.runners.flower.state`).
+
+Nothing a remote party sends selects code or weakens privacy: protocol messages are always
+:mod:`secagg.wire`, and each node's own :class:`~fl.runners.flower.policy.NodePolicy` decides which
+jobs it runs (:mod:`fl.runners.flower.policy`) and which app code (:mod:`fl.runners.flower.pin`).
+A malformed SuperNode reply drops that client for the round, never the run.
 
 Two jobs run on this transport. ``train`` drives :class:`fl.loop.Federation` on both sides (the server
 samples, decodes, averages, evaluates and keeps the ledger; each SuperNode owns one partition and
@@ -35,14 +39,12 @@ telemetry, update checks and runtime dependency installation are switched off.
 from __future__ import annotations
 
 import contextlib
-import copyreg
 import functools
 import ipaddress
 import json
 import logging
 import math
 import os
-import pickle
 import shutil
 import sys
 import time
@@ -52,20 +54,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
+from fl.runners.flower import state as _state
 from fl.runners.flower.policy import POLICY_FILE_KEY, NodePolicy, PolicyError, sum_terms, train_terms
+from fl.runners.flower.state import make_state_key
 from fl.spec import SecureSum, TrainResult, ValueSpec
 from secagg import wire
 from secagg.errors import AbortError, CodecError, ProtocolError
 from secagg.machine import SERVER, ClientMachine, ServerMachine
 from secagg.machine import Message as ProtocolMessage
+from secagg.plain import PlainClient
 
 __all__ = [
     "DEFAULT_SUPERLINK_PORT",
@@ -106,12 +109,11 @@ CONNECTION = "privagg"
 """Name of the SuperLink connection that :func:`write_connection` puts in ``FLWR_HOME/config.toml``."""
 
 _RECORD = "privagg"
-_STATE = "privagg-state"
 _HELLO = "query.privagg_hello"
 _START = "train.privagg_start"
 _STEP = "query.privagg_step"
 _JOB_KEY = "job"
-_STATE_KEY_FILE = "state-key-file"
+_STATE_KEY_FILE = _state.STATE_KEY_FILE
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -262,72 +264,10 @@ def _sum_value(job: FlowerJob, round: int, cid: int) -> NDArray[np.uint64]:
     return words >> np.uint64(64 - (spec.value_bits - 1))
 
 
-# ---------------------------------------------------------------------------------------------- sealing
-def _reduce_x25519(key: x25519.X25519PrivateKey) -> tuple[Any, tuple[bytes]]:
-    return x25519.X25519PrivateKey.from_private_bytes, (key.private_bytes_raw(),)
-
-
-def _reduce_x25519_pub(key: x25519.X25519PublicKey) -> tuple[Any, tuple[bytes]]:
-    return x25519.X25519PublicKey.from_public_bytes, (key.public_bytes_raw(),)
-
-
-def _reduce_ed25519(key: ed25519.Ed25519PrivateKey) -> tuple[Any, tuple[bytes]]:
-    return ed25519.Ed25519PrivateKey.from_private_bytes, (key.private_bytes_raw(),)
-
-
-def _reduce_ed25519_pub(key: ed25519.Ed25519PublicKey) -> tuple[Any, tuple[bytes]]:
-    return ed25519.Ed25519PublicKey.from_public_bytes, (key.public_bytes_raw(),)
-
-
-_sample_x = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
-_sample_e = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
-copyreg.pickle(type(_sample_x), _reduce_x25519)
-copyreg.pickle(type(_sample_x.public_key()), _reduce_x25519_pub)
-copyreg.pickle(type(_sample_e), _reduce_ed25519)
-copyreg.pickle(type(_sample_e.public_key()), _reduce_ed25519_pub)
-del _sample_x, _sample_e
-
-
-def make_state_key(path: Path) -> Path:
-    """Write a fresh 32-byte key (hex, mode 0600) that seals this SuperNode's protocol state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(os.urandom(32).hex())
-    return path
-
-
+# ---------------------------------------------------------------------------------------------- state
 def _state_key(context: Context) -> bytes:
-    path = context.node_config.get(_STATE_KEY_FILE)
-    if not isinstance(path, str) or not path:
-        raise RuntimeError(
-            f"this SuperNode has no {_STATE_KEY_FILE!r} in its --node-config; start it with "
-            f"`privagg flower supernode` (or make a key with `privagg flower certs` and pass "
-            f"--node-config '{_STATE_KEY_FILE}=\"/path/state.key\"')"
-        )
-    key = bytes.fromhex(Path(path).read_text().strip())
-    if len(key) != 32:
-        raise RuntimeError(f"{path} must hold a 32-byte key in hex; recreate it with `privagg flower supernode`")
-    return key
-
-
-def _aad(context: Context) -> bytes:
-    return f"privagg-flower-state|{context.run_id}|{context.node_id}".encode()
-
-
-def _seal(context: Context, obj: object) -> bytes:
-    nonce = os.urandom(12)
-    return nonce + AESGCM(_state_key(context)).encrypt(nonce, pickle.dumps(obj), _aad(context))
-
-
-def _unseal(context: Context, blob: bytes) -> Any:
-    from cryptography.exceptions import InvalidTag
-
-    try:
-        raw = AESGCM(_state_key(context)).decrypt(blob[:12], blob[12:], _aad(context))
-    except InvalidTag as exc:
-        raise ProtocolError("the stored protocol state does not authenticate under this node's key") from exc
-    return pickle.loads(raw)  # authenticated: written by this node's own ClientApp
+    """This node's state-sealing key (see :mod:`fl.runners.flower.state`)."""
+    return _state.state_key(context)
 
 
 # ---------------------------------------------------------------------------------------------- client side
@@ -405,7 +345,9 @@ def _start(msg: Message, context: Context) -> Message:
     out = machine.start()
     for m in _incoming(msg):
         out += machine.receive(m)
-    context.state[_STATE] = ConfigRecord({"machine": _seal(context, machine), "round": rnd, "session": session})
+    _state.clear(context)
+    if not isinstance(machine, PlainClient):  # a plain client is done once it has sent its value
+        _state.store(context, machine, session=session, round=rnd, step=0)
     extra["compute_s"] = time.perf_counter() - t0
     return _reply(msg, {**_outgoing(out), **extra})
 
@@ -416,21 +358,17 @@ def _step(msg: Message, context: Context) -> Message:
     """One later phase: feed the server's messages to our stored machine, send back its replies."""
     t0 = time.perf_counter()
     rec = _rec(msg.content)
-    if _STATE not in context.state:
-        raise ProtocolError("no protocol state for this round on this node (restarted mid-round?)")
-    st = _rec(context.state, _STATE)
-    if int(st["round"]) != int(rec["round"]) or bytes(st["session"]) != bytes(rec["session"]):
-        raise ProtocolError("the server's message belongs to another round or session than this node's state")
-    machine: ClientMachine = _unseal(context, bytes(st["machine"]))
+    session, rnd, step = bytes(rec["session"]), int(rec["round"]), int(rec["step"])
+    if step < 1:
+        raise ProtocolError(f"protocol steps are numbered from 1, got {step}")
+    machine: ClientMachine = _state.load(context, session=session, round=rnd, step=step - 1)
     out: list[ProtocolMessage] = []
     for m in _incoming(msg):
         out += machine.receive(m)
     if bool(rec["final"]):
-        del context.state[_STATE]  # the round's secrets are no longer needed
+        _state.clear(context)  # the round's secrets are no longer needed
     else:
-        context.state[_STATE] = ConfigRecord(
-            {"machine": _seal(context, machine), "round": int(rec["round"]), "session": bytes(rec["session"])}
-        )
+        _state.store(context, machine, session=session, round=rnd, step=step)
     return _reply(msg, {**_outgoing(out), "compute_s": time.perf_counter() - t0})
 
 
@@ -592,6 +530,7 @@ def _run_round(
         return out
 
     to_server = [(cid, rec) for cid, rec in replies.items() if cid in alive]
+    steps: dict[int, int] = {}  # protocol steps sent to each client this round (binds its sealed state)
     guard = 0
     while not server.done:
         guard += 1
@@ -626,8 +565,10 @@ def _run_round(
         if not batch:
             continue
         final = server.phase == phases[-1]
+        for cid in batch:
+            steps[cid] = steps.get(cid, 0) + 1
         payloads = {
-            cid: {"round": round, "session": session, "final": final, **_outgoing(ms)}
+            cid: {"round": round, "session": session, "final": final, "step": steps[cid], **_outgoing(ms)}
             for cid, ms in batch.items()
         }
         count += sum(len(ms) for ms in batch.values())
