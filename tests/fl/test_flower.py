@@ -302,7 +302,7 @@ def _evil_app(directory: Path, *, out: Path, marker: Path) -> Path:
 
 @pytest.mark.slow
 def test_a_node_refuses_app_code_the_server_ships(tmp_path: Path) -> None:
-    """The server submits its own app (code in the FAB): the privagg SuperNode never runs it, replies an error."""
+    """The server ships its own app code (FAB), then a weak job: the privagg SuperNode refuses both, stays up."""
     out, marker = tmp_path / "evil-out.json", tmp_path / "pwned"
     with LocalCluster(tmp_path / "c", 1, tls=True, fleet_poll=0.1) as c:
         c.submit_app(_evil_app(tmp_path / "evil", out=out, marker=marker))
@@ -311,6 +311,11 @@ def test_a_node_refuses_app_code_the_server_ships(tmp_path: Path) -> None:
             assert time.monotonic() < deadline, "the evil ServerApp never got a reply"
             time.sleep(0.2)
         assert c.nodes[0].poll() is None, "the node should refuse the run, not die"
+        # ... and, with its default policy, the privagg app with a job weaker than the policy is refused too
+        weak = FlowerJob(task="sum", out=str(tmp_path / "weak"), clients=1, size=10, protocol="plain",
+                         join_timeout=30, start_timeout=30, phase_timeout=10)
+        with pytest.raises(RuntimeError, match="policy refuses the job: protocol 'plain'"):
+            c.run(weak, timeout=120)
         log = (c.logs / "supernode0.log").read_text()
     (reason,) = json.loads(out.read_text())
     assert "UntrustedAppError" in reason and "ships its own files" in reason

@@ -28,7 +28,7 @@ costs tens of seconds because every phase waits for a SuperNode's fixed 3 s idle
 ``flwr-clientapp`` interpreter per message, and (with ``Grid.send_and_receive``) 3 s server-side polls.
 The ServerApp here pulls replies every ``poll_interval`` (50 ms), and :func:`supernode_main` (what
 ``privagg flower supernode`` starts) polls the SuperLink every 0.1 s and forks each ClientApp from a
-warm process (:func:`superexec_main`). Stock ``flower-supernode`` processes work too, just slower.
+warm process (:func:`superexec_main`). A stock ``flower-supernode`` works too, slower and WITHOUT the app pin.
 
 Process helpers (:func:`superlink_command`, :func:`supernode_command`, :func:`flower_env`,
 :func:`make_certificates`, :func:`write_app`, :func:`write_connection`, :class:`LocalCluster`) are shared
