@@ -165,3 +165,18 @@ def test_policy_files_are_strict(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="choose from"):
         NodePolicy(protocols=("pickle",))
     assert NodePolicy.load(NodePolicy().save(tmp_path / "p.json")) == NodePolicy()
+
+
+def test_a_round_is_contributed_to_once_and_only_within_the_planned_rounds(tmp_path: Path) -> None:
+    """Reopening a round (or one past the plan) would release this node's data more often than budgeted."""
+    ctx = node_context(tmp_path, 11, 0, 3, json.dumps(_sum_job(tmp_path, rounds=2)))
+
+    def start(rnd: int) -> Any:
+        return deliver(instruction(11, "train.privagg_start", {"round": rnd, "session": bytes([rnd]) * 16}), ctx)
+
+    assert not start(1).has_error()
+    again = start(1)
+    assert again.has_error() and "already contributed to round 1" in again.error.reason
+    assert not start(2).has_error()
+    beyond = start(3)
+    assert beyond.has_error() and "outside the job's planned rounds 1..2" in beyond.error.reason

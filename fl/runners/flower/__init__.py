@@ -296,6 +296,24 @@ def _outgoing(msgs: Iterable[ProtocolMessage]) -> dict[str, Any]:
     return {"msgs": data} if data else {}
 
 
+_ROUNDS = "privagg-rounds"
+
+
+def _claim_round(context: Context, rnd: int, planned: int) -> None:
+    """Contribute to each planned round at most once, in increasing order (the node's own record).
+
+    The DP noise of a job is calibrated for its planned rounds; a server that opened a round twice, or
+    more rounds than planned, would get more releases of this node's data than the budget covers.
+    """
+    if not 1 <= rnd <= planned:
+        raise PolicyError(f"round {rnd} is outside the job's planned rounds 1..{planned}")
+    last = int(context.state[_ROUNDS]["last"]) if _ROUNDS in context.state else 0  # type: ignore[arg-type]
+    if rnd <= last:
+        raise PolicyError(f"this node already contributed to round {last}; round {rnd} again would release its "
+                          "data more often than the job's DP budget covers")
+    context.state[_ROUNDS] = ConfigRecord({"last": rnd})
+
+
 @client_app.query("privagg_hello")
 @_guarded
 def _hello(msg: Message, context: Context) -> Message:
@@ -327,6 +345,7 @@ def _start(msg: Message, context: Context) -> Message:
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
         fed = Federation(_train_config(job))
         _refuse_weaker(context, job, cid, fed)
+        _claim_round(context, rnd, job.num_rounds)
         params = np.frombuffer(bytes(rec["params"]), dtype=np.float64).copy()
         try:
             value, result = fed.client_update(cid, rnd, params)
@@ -337,6 +356,7 @@ def _start(msg: Message, context: Context) -> Message:
         ssum, spec = fed.plan.pipeline.sum, fed.bound.sum_spec
     else:
         _refuse_weaker(context, job, cid)
+        _claim_round(context, rnd, job.num_rounds)
         ssum, spec = _sum_protocol(job)
         value = _sum_value(job, rnd, cid)
     if dict(ssum.parties(spec=spec, session=session, round=rnd)):
