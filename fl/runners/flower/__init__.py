@@ -209,8 +209,7 @@ def _refuse_weaker(context: Context, job: FlowerJob, cid: int, fed: Any = None) 
     if job.task == "train":
         terms = train_terms(fed if fed is not None else _federation(job), cid)
     else:
-        ssum, _ = _sum_protocol(job)
-        terms = sum_terms(ssum, job.clients)
+        terms = sum_terms(_sum_of(job), job.clients)  # before binding: the policy's refusal is the one reported
     _policy(context).check(terms)
 
 
@@ -240,6 +239,12 @@ def _sum_protocol(job: FlowerJob) -> tuple[SecureSum, ValueSpec]:
     """The secure sum and ring spec of a ``sum`` job (values of ``ring_bits - log2(cohort)`` bits)."""
     vbits = job.ring_bits - max(0, math.ceil(math.log2(max(1, job.clients))))
     spec = ValueSpec(size=job.size, cohort=job.clients, domain="ring", modulus=1 << job.ring_bits, value_bits=vbits)
+    ssum = _sum_of(job)
+    return ssum, ssum.bind(spec)
+
+
+def _sum_of(job: FlowerJob) -> SecureSum:
+    """The (unbound) secure sum a ``sum`` job names."""
     ssum: SecureSum
     if job.protocol in ("secagg", "secagg+"):
         from fl.sums_secagg import SecAgg, SecAggPlus
@@ -250,8 +255,8 @@ def _sum_protocol(job: FlowerJob) -> tuple[SecureSum, ValueSpec]:
 
         ssum = PlainSum(min_clients=max(1, math.ceil(job.threshold * job.clients)))
     else:
-        raise ValueError(f"unknown protocol {job.protocol!r}: choose secagg+, secagg or plain")
-    return ssum, ssum.bind(spec)
+        raise JobError(f"unknown protocol {job.protocol!r}: choose secagg+, secagg or plain")
+    return ssum
 
 
 def _sum_value(job: FlowerJob, round: int, cid: int) -> NDArray[np.uint64]:
