@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size or (1000 if args.quick else 100_000)
     rounds = args.rounds or (1 if args.quick else 2)
 
-    from fl.runners.flower import LocalCluster
+    from fl.runners.flower import LocalCluster, NodePolicy
 
     rows: list[dict[str, Any]] = []
     work = Path(tempfile.mkdtemp(prefix="privagg-flower-bench-"))
@@ -177,14 +177,16 @@ def main(argv: list[str] | None = None) -> int:
         return {"name": f"flower SecAgg+ workflow ({label} SuperNodes)",
                 "seconds_per_round": res["seconds"] / rounds, "total_s": time.perf_counter() - t0}
 
-    with LocalCluster(work / "stock", args.clients, tls=True) as cluster:
+    # This benchmark also runs Flower's own SecAgg+ app on the same nodes: their policy trusts any app.
+    bench_policy = NodePolicy(allow_any_app=True)
+    with LocalCluster(work / "stock", args.clients, tls=True, policy=bench_policy) as cluster:
         if not args.no_peer:
             rows.append(peer_row(cluster, "stock"))
         rows.append(_ours(cluster, work, size=size, rounds=rounds, poll=0.0,
                           label="privagg secagg+ (stock, Grid.send_and_receive)"))
         rows.append(_ours(cluster, work, size=size, rounds=rounds, poll=0.05,
                           label="privagg secagg+ (stock SuperNodes, 50 ms pulls)"))
-    with LocalCluster(work / "tuned", args.clients, tls=True, fleet_poll=0.1) as cluster:
+    with LocalCluster(work / "tuned", args.clients, tls=True, fleet_poll=0.1, policy=bench_policy) as cluster:
         rows.append(_ours(cluster, work, size=size, rounds=rounds, poll=0.05,
                           label="privagg secagg+ (privagg SuperNodes)"))
         if not args.no_peer:

@@ -1,9 +1,12 @@
 """``privagg flower ...``: start the parts of a Flower federation that runs our own secure aggregation.
 
 ``certs`` makes a throw-away CA and server certificate for local TLS tests; ``superlink`` and
-``supernode`` start Flower's processes (TLS unless ``--insecure``); ``run`` submits a training (the
-``privagg train`` flags) or a secure-sum job and follows it; ``local`` starts a SuperLink and N
-SuperNodes on this host, runs a job and stops them. Flower's configuration lives in ``--home``
+``supernode`` start Flower's processes (TLS unless ``--insecure``, which outside loopback also needs
+``--insecure-i-know``); the SuperLink lets only registered SuperNodes join (``register`` makes a site's
+key pair and registers its public key); ``policy`` writes a node policy file (what a SuperNode accepts
+from a job, :class:`fl.runners.flower.NodePolicy`); ``run`` submits a training (the ``privagg train``
+flags) or a secure-sum job and follows it; ``local`` starts a SuperLink and N SuperNodes on this host,
+runs a job and stops them. Flower's configuration lives in ``--home``
 (``FLWR_HOME``, default ``out/flower/home``), never in ``~/.flwr``; telemetry, update checks and runtime
 dependency installation are off. Flower itself is imported only when a command runs.
 """
@@ -42,7 +45,14 @@ def _tls_args(p: argparse.ArgumentParser, *, server: bool) -> None:
         g.add_argument("--ca", type=Path, metavar="PEM", help="CA certificate that signed the SuperLink's certificate")
         g.add_argument("--certs", type=Path, metavar="DIR",
                        help="DIR/ca.pem verifies the SuperLink; DIR/server.* also put the local Runtime API under TLS")
-    g.add_argument("--insecure", action="store_true", help="no TLS (only on a trusted network)")
+    g.add_argument("--insecure", action="store_true", help="no TLS (loopback only, unless --insecure-i-know)")
+    _insecure_i_know(p)
+
+
+def _insecure_i_know(p: Any) -> None:
+    p.add_argument("--insecure-i-know", action="store_true",
+                   help="allow --insecure for an address outside loopback: protocol messages then have no "
+                        "integrity protection (SecAgg's unauthenticated modes rely on TLS for it)")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +72,34 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p = sub.add_parser("superlink", help="start the SuperLink (the server side's entry point)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="the one HTTP(S) port of Flower 1.41+ (default: %(default)s)")
+    p.add_argument("--no-supernode-auth", action="store_true",
+                   help="let ANY SuperNode join (default: only those registered with `privagg flower register`; "
+                        "Flower needs TLS for that)")
     _tls_args(p, server=True)
+
+    p = sub.add_parser("register", help="make a site's SuperNode key pair (if missing) and register its public key")
+    p.add_argument("--name", required=True, help="the site's name (keys: DIR/NAME.key, DIR/NAME.pub)")
+    p.add_argument("--keys", type=Path, default=Path("out/flower/keys"),
+                   help="directory for the key pair (default: %(default)s); the private key stays on the site")
+    p.add_argument("--public-key", type=Path,
+                   help="register this existing public key instead (what a site sent the SuperLink operator)")
+    p.add_argument("--superlink", default="127.0.0.1:8000", help="SuperLink address HOST:PORT (default: %(default)s)")
+    tls = p.add_mutually_exclusive_group(required=True)
+    tls.add_argument("--ca", type=Path, metavar="PEM", help="CA certificate that signed the SuperLink's certificate")
+    tls.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
+    _insecure_i_know(p)
+
+    p = sub.add_parser("policy", help="write a node policy file: what this SuperNode accepts from a job")
+    p.add_argument("--out", type=Path, required=True, help="policy file to write (JSON)")
+    p.add_argument("--allow-plain", action="store_true", help="also run the plain sum (public test data only)")
+    p.add_argument("--min-threshold", type=float, default=0.5, help="smallest t/n accepted (default: %(default)s)")
+    p.add_argument("--min-clients", type=int, default=2, help="smallest planned cohort (default: %(default)s)")
+    p.add_argument("--min-noise-multiplier", type=float,
+                   help="require DP noise added on this node (dnoise or dp-sgd) with at least this multiplier")
+    p.add_argument("--max-epsilon", type=float, help="require a target epsilon no larger than this")
+    p.add_argument("--max-clip", type=float, help="require updates clipped to at most this L2 norm")
+    p.add_argument("--trust-app", action="append", default=[], metavar="SHA256",
+                   help="also run the Flower app bundle with this SHA-256 (repeat)")
 
     p = sub.add_parser("supernode", help="start one client's SuperNode, owning partition I of N")
     p.add_argument("--partition", type=_partition, required=True, metavar="I/N", help="this client's id / clients")
@@ -75,7 +112,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--fleet-poll", type=float, default=0.1,
                    help="seconds between polls of the SuperLink when idle (Flower's own: 3) (default: %(default)s)")
     p.add_argument("--stock", action="store_true",
-                   help="run Flower's flower-supernode unchanged: 3 s idle polls, one new interpreter per message")
+                   help="Flower's SuperNode loop unchanged (3 s idle polls, one new interpreter per message); "
+                        "the app pin still applies")
+    p.add_argument("--policy", type=Path, metavar="JSON",
+                   help="this node's policy (`privagg flower policy`); default: secagg/secagg+ only, t >= n/2, "
+                        ">= 2 clients, no seeded randomness, only the installed privagg app")
+    p.add_argument("--auth-key", type=Path, metavar="KEY",
+                   help="this site's private key registered with the SuperLink (`privagg flower register`)")
     _tls_args(p, server=False)
 
     for name, helptext in (("run", "submit a job to a running SuperLink and follow it"),
@@ -100,12 +143,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             g2 = g.add_mutually_exclusive_group(required=True)
             g2.add_argument("--ca", type=Path, metavar="PEM",
                             help="CA certificate that signed the SuperLink's certificate")
-            g2.add_argument("--insecure", action="store_true", help="no TLS")
+            g2.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
+            _insecure_i_know(g)
             g.add_argument("--no-wait", action="store_true", help="submit and return (e.g. when --out is remote)")
         else:
             g.add_argument("--insecure", action="store_true", help="no TLS (default: TLS with throw-away certificates)")
             g.add_argument("--stock", action="store_true",
                            help="Flower's SuperNodes unchanged (see `supernode --stock`)")
+            g.add_argument("--node-policy", type=Path, metavar="JSON",
+                           help="every local SuperNode's policy (`privagg flower policy`; default: the safe one)")
 
 
 def _job(args: argparse.Namespace) -> Any:
@@ -171,6 +217,67 @@ def run(args: argparse.Namespace) -> int:
         return 2
     home: Path = args.home.resolve()
     env = fw.flower_env(home)
+    try:
+        return _dispatch(fw, args, home, env)
+    except (fw.InsecureTransportError, fw.JobError, ValueError, FileNotFoundError, RuntimeError) as exc:
+        print(f"privagg flower {args.flower_command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def _superlink(fw: Any, args: argparse.Namespace, env: dict[str, str]) -> int:
+    if args.insecure and not args.no_supernode_auth:
+        raise ValueError("SuperNode authentication needs TLS: give --certs DIR, or --no-supernode-auth for an open "
+                         "(test) SuperLink")
+    certs = None if args.insecure else fw.CertPaths.in_dir(args.certs)
+    return _exec(fw.superlink_command(host=args.host, port=args.port, certs=certs,
+                                      allow_insecure_remote=args.insecure_i_know,
+                                      supernode_auth=not args.no_supernode_auth), env)
+
+
+def _supernode(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
+    i, n = args.partition
+    key = args.state_key or fw.make_state_key(home / "keys" / f"supernode-{i}-{os.getpid()}.key")
+    if not key.is_file():
+        raise FileNotFoundError(f"--state-key {key} does not exist")
+    policy = None
+    if args.policy is not None:
+        fw.NodePolicy.load(args.policy)  # fail here, not at the first job, on a bad file
+        policy = args.policy.resolve()
+    if args.auth_key is not None and not args.auth_key.is_file():
+        raise FileNotFoundError(f"--auth-key {args.auth_key} does not exist; make it with `privagg flower register`")
+    certs = fw.CertPaths.in_dir(args.certs) if getattr(args, "certs", None) else None
+    ca = None if args.insecure else (args.ca if args.ca else None)
+    cmd_line = fw.supernode_command(superlink=args.superlink, partition=(i, n), state_key=key.resolve(),
+                                    port=args.port, host=args.host, certs=certs, ca=ca,
+                                    fleet_poll=0.0 if args.stock else args.fleet_poll, policy=policy,
+                                    auth_key=args.auth_key.resolve() if args.auth_key else None,
+                                    allow_insecure_remote=args.insecure_i_know)
+    return _exec(cmd_line, env)
+
+
+def _register(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
+    fw.write_connection(home, args.superlink, ca=None if args.insecure else args.ca.resolve(),
+                        allow_insecure_remote=args.insecure_i_know)
+    if args.public_key is not None:
+        public = args.public_key
+    else:
+        private, public = fw.make_node_keys(args.keys, args.name)
+        print(f"private key: {private} (stays on this site: privagg flower supernode --auth-key {private})")
+    node_id = fw.register_node(env, public, name=args.name)
+    print(f"registered {args.name} ({public}) as SuperNode {node_id}")
+    return 0
+
+
+def _policy(fw: Any, args: argparse.Namespace) -> int:
+    protocols = ("secagg", "secagg+", "plain") if args.allow_plain else ("secagg", "secagg+")
+    policy = fw.NodePolicy(protocols=protocols, min_threshold=args.min_threshold, min_clients=args.min_clients,
+                           min_noise_multiplier=args.min_noise_multiplier, max_epsilon=args.max_epsilon,
+                           max_clip=args.max_clip, trusted_app_hashes=tuple(args.trust_app))
+    print(f"node policy: {policy.save(args.out)} (privagg flower supernode --policy {args.out})")
+    return 0
+
+
+def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
     cmd = args.flower_command
     if cmd == "certs":
         paths = fw.make_certificates(args.out, hosts=tuple(args.hosts or ("127.0.0.1", "localhost")), days=args.days)
@@ -178,22 +285,17 @@ def run(args: argparse.Namespace) -> int:
         print("throw-away certificates for local TLS tests only; use your organisation's PKI across sites")
         return 0
     if cmd == "superlink":
-        certs = None if args.insecure else fw.CertPaths.in_dir(args.certs)
-        return _exec(fw.superlink_command(host=args.host, port=args.port, certs=certs), env)
+        return _superlink(fw, args, env)
     if cmd == "supernode":
-        i, n = args.partition
-        key = args.state_key or fw.make_state_key(home / "keys" / f"supernode-{i}-{os.getpid()}.key")
-        if not key.is_file():
-            raise FileNotFoundError(f"--state-key {key} does not exist")
-        certs = fw.CertPaths.in_dir(args.certs) if getattr(args, "certs", None) else None
-        ca = None if args.insecure else (args.ca if args.ca else None)
-        cmd_line = fw.supernode_command(superlink=args.superlink, partition=(i, n), state_key=key.resolve(),
-                                        port=args.port, host=args.host, certs=certs, ca=ca,
-                                        fleet_poll=0.0 if args.stock else args.fleet_poll)
-        return _exec(cmd_line, env)
+        return _supernode(fw, args, home, env)
+    if cmd == "register":
+        return _register(fw, args, home, env)
+    if cmd == "policy":
+        return _policy(fw, args)
     job = _job(args)
     if cmd == "run":
-        fw.write_connection(home, args.superlink, ca=None if args.insecure else args.ca.resolve())
+        fw.write_connection(home, args.superlink, ca=None if args.insecure else args.ca.resolve(),
+                            allow_insecure_remote=args.insecure_i_know)
         out = Path(job.out)
         for name in ("result.json", "error.json", "progress.jsonl"):
             (out / name).unlink(missing_ok=True)
@@ -206,8 +308,9 @@ def run(args: argparse.Namespace) -> int:
         result = _follow(out, timeout=args.timeout)
     else:  # local
         n = job.num_clients
+        policy = fw.NodePolicy.load(args.node_policy) if args.node_policy else None
         with fw.LocalCluster(home.parent / "local", n, tls=not args.insecure,
-                             fleet_poll=0.0 if args.stock else 0.1) as cluster:
+                             fleet_poll=0.0 if args.stock else 0.1, policy=policy) as cluster:
             print(f"SuperLink on {cluster.address} ({'insecure' if args.insecure else 'TLS'}), {n} SuperNodes; "
                   f"logs in {cluster.logs}")
             cluster.submit(job)

@@ -18,8 +18,10 @@ import pytest
 
 pytest.importorskip("flwr")
 
+from flwr.app import ConfigRecord
+
 from fl.config import PrivacyConfig, TrainConfig
-from fl.runners.flower import FlowerJob, LocalCluster, _group_alive, wait_result
+from fl.runners.flower import FlowerJob, LocalCluster, NodePolicy, _group_alive, wait_result
 
 pytestmark = [pytest.mark.flower]
 
@@ -27,7 +29,9 @@ pytestmark = [pytest.mark.flower]
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """SuperLink + 3 SuperNodes with TLS on 127.0.0.1, stopped by PID (process group) in all cases."""
-    c = LocalCluster(tmp_path / "cluster", 3, tls=True, host="127.0.0.1", fleet_poll=0.1)
+    # The Flower == in-memory test needs the seeded-randomness seam; these nodes' own policy allows it.
+    c = LocalCluster(tmp_path / "cluster", 3, tls=True, host="127.0.0.1", fleet_poll=0.1,
+                     policy=NodePolicy(allow_insecure_seeded_randomness=True))
     try:
         c.start(timeout=60)
         yield c
@@ -112,35 +116,55 @@ def _context(tmp_path: Path, node_id: int) -> Any:
                    run_config={})
 
 
-def test_sealed_client_state_round_trips_and_refuses_tampering(tmp_path: Path) -> None:
-    from fl.runners.flower import _seal, _unseal
+def test_sealed_client_state_round_trips_and_refuses_tampering_and_rollback(tmp_path: Path) -> None:
+    from flwr.app import Context, RecordDict
+
+    from fl.runners.flower import state
     from fl.spec import ValueSpec
     from fl.sums_secagg import SecAggPlus
     from secagg.errors import ProtocolError
 
     spec = ValueSpec(size=8, cohort=3, domain="ring", modulus=1 << 32, value_bits=20)
-    machine = SecAggPlus(threshold=0.6).client(0, np.arange(8, dtype=np.uint64), spec=spec, session=b"s" * 16,
-                                               round=1)
-    (adv,) = machine.start()
+    machines = {c: SecAggPlus(threshold=0.6).client(c, np.arange(8, dtype=np.uint64) + c, spec=spec,
+                                                    session=b"s" * 16, round=1) for c in range(3)}
+    advs = [m.start()[0] for m in machines.values()]
     ctx = _context(tmp_path, node_id=5)
-    blob = _seal(ctx, machine)
-    assert b"s" * 16 not in blob  # encrypted, not just pickled
-    restored = _unseal(ctx, blob)
-    assert restored.cid == 0 and restored.state == machine.state
-    assert restored._c_sk.public_key().public_bytes_raw() == adv.c_pk  # the secret key survived
-    tampered = bytearray(blob)
-    tampered[-1] ^= 1
+    state.store(ctx, machines[0], session=b"s" * 16, round=1, step=0)
+    rec = ctx.state[state.STATE_RECORD]
+    blob = bytes(rec["blob"])
+    assert b"s" * 16 not in blob and b"PAGS" not in blob  # sealed, not just encoded
+    old = state.STATE_RECORD, ConfigRecord(dict(rec))
+    restored = state.load(ctx, session=b"s" * 16, round=1, step=0)
+    assert restored.cid == 0 and restored.state == machines[0].state
+    assert restored.snapshot() == machines[0].snapshot()  # the same secrets, the same phase
+    assert len(advs) == 3
+    # rollback: after the next step is stored, the step-0 record (replayed by whoever holds the store) is refused
+    state.store(ctx, restored, session=b"s" * 16, round=1, step=1)
+    ctx.state[old[0]] = old[1]
+    with pytest.raises(ProtocolError, match="old state replayed"):
+        state.load(ctx, session=b"s" * 16, round=1, step=1)
+    # relabelling the old record as step 1 does not help: step and phase are in the AEAD's associated data
+    forged = dict(old[1])
+    forged["step"] = 1
+    ctx.state[state.STATE_RECORD] = ConfigRecord(forged)
     with pytest.raises(ProtocolError, match="authenticate"):
-        _unseal(ctx, bytes(tampered))
-    other_key = _context(tmp_path / "x", node_id=5)
-    with pytest.raises(ProtocolError):
-        _unseal(other_key, blob)
-    from flwr.app import Context, RecordDict
-
-    same_key_other_node = Context(run_id=1, node_id=6, node_config=dict(ctx.node_config), state=RecordDict(),
-                                  run_config={})
-    with pytest.raises(ProtocolError):  # bound to (run, node) by the AEAD's associated data
-        _unseal(same_key_other_node, blob)
+        state.load(ctx, session=b"s" * 16, round=1, step=1)
+    ctx.state[old[0]] = old[1]
+    with pytest.raises(ProtocolError):  # another round or session
+        state.load(ctx, session=b"s" * 16, round=2, step=0)
+    tampered = dict(old[1])
+    tampered["blob"] = blob[:-1] + bytes([blob[-1] ^ 1])
+    ctx.state[state.STATE_RECORD] = ConfigRecord(tampered)
+    with pytest.raises(ProtocolError, match="authenticate"):
+        state.load(ctx, session=b"s" * 16, round=1, step=0)
+    for other in (_context(tmp_path / "x", node_id=5),  # another key
+                  Context(run_id=1, node_id=6, node_config=dict(ctx.node_config), state=RecordDict(),
+                          run_config={}),  # same key, another node
+                  Context(run_id=2, node_id=5, node_config=dict(ctx.node_config), state=RecordDict(),
+                          run_config={})):  # same key and node, another run
+        other.state[state.STATE_RECORD] = old[1]
+        with pytest.raises(ProtocolError, match="authenticate"):
+            state.load(other, session=b"s" * 16, round=1, step=0)
 
 
 def test_state_key_missing_names_the_fix(tmp_path: Path) -> None:
@@ -225,3 +249,180 @@ def test_cli_parses_and_rejects_bad_partition() -> None:
     )
     job = flower_cli._job(run)
     assert job.task == "train" and job.phase_timeout == 9 and job.config["privacy"]["spec"] == "clip,secagg+"
+
+
+# ---- who may join, and which code a node runs (issue 9: process tests) ------------------------------------
+
+_EVIL_APP = '''
+import json
+import time
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    nodes = []
+    deadline = time.time() + 60
+    while not nodes and time.time() < deadline:
+        nodes = list(grid.get_node_ids())
+        time.sleep(0.2)
+    msgs = [Message(RecordDict({"x": ConfigRecord({"a": 1})}), dst_node_id=n, message_type="query") for n in nodes]
+    replies = grid.send_and_receive(msgs, timeout=60)
+    out = [r.error.reason if r.has_error() else "ran" for r in replies]
+    with open(context.run_config["out"], "w") as fh:
+        json.dump(out, fh)
+
+
+@client.query()
+def query(msg: Message, context: Context) -> Message:
+    with open(context.run_config["marker"], "w") as fh:
+        fh.write("the server's code ran on this node")
+    return Message(RecordDict({"x": ConfigRecord({"b": 1})}), reply_to=msg)
+'''
+
+
+def _evil_app(directory: Path, *, out: Path, marker: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "evil.py").write_text(_EVIL_APP)
+    (directory / "pyproject.toml").write_text("\n".join([
+        "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
+        "[project]", 'name = "evil"', 'version = "1.0.0"', 'license = "Apache-2.0"', "dependencies = []", "",
+        "[tool.flwr.app]", 'publisher = "mallory"', "",
+        "[tool.flwr.app.components]", 'serverapp = "evil:server"', 'clientapp = "evil:client"', "",
+        "[tool.flwr.app.config]", f'out = "{out}"', f'marker = "{marker}"', "",
+    ]))
+    return directory
+
+
+@pytest.mark.slow
+def test_a_node_refuses_app_code_the_server_ships(tmp_path: Path) -> None:
+    """The server ships its own app code (FAB), then a weak job: the privagg SuperNode refuses both, stays up."""
+    out, marker = tmp_path / "evil-out.json", tmp_path / "pwned"
+    with LocalCluster(tmp_path / "c", 1, tls=True, fleet_poll=0.1) as c:
+        c.submit_app(_evil_app(tmp_path / "evil", out=out, marker=marker))
+        deadline = time.monotonic() + 120
+        while not out.is_file():
+            assert time.monotonic() < deadline, "the evil ServerApp never got a reply"
+            time.sleep(0.2)
+        assert c.nodes[0].poll() is None, "the node should refuse the run, not die"
+        # ... and, with its default policy, the privagg app with a job weaker than the policy is refused too
+        weak = FlowerJob(task="sum", out=str(tmp_path / "weak"), clients=1, size=10, protocol="plain",
+                         join_timeout=30, start_timeout=30, phase_timeout=10)
+        with pytest.raises(RuntimeError, match="policy refuses the job: protocol 'plain'"):
+            c.run(weak, timeout=120)
+        log = (c.logs / "supernode0.log").read_text()
+    (reason,) = json.loads(out.read_text())
+    assert "UntrustedAppError" in reason and "ships its own files" in reason
+    assert not marker.exists(), "the SuperNode ran code the server shipped"
+    assert "refusing run" in log
+
+
+@pytest.mark.slow
+def test_only_registered_supernodes_can_join(tmp_path: Path) -> None:
+    """SuperNode authentication: a node whose key was not registered is refused; the registered one joins."""
+    import subprocess
+
+    with LocalCluster(tmp_path / "c", 1, tls=True, fleet_poll=0.1, supernode_auth=True) as c:
+        intruder = c.start_node(1, register=False)
+        assert intruder.wait(timeout=60) != 0, "an unregistered SuperNode stayed connected"
+        cp = subprocess.run([_flwr(), "supernode", "list", "privagg", "--format", "json"], env=c.env,
+                            capture_output=True, text=True, timeout=60, cwd=c.workdir)
+        nodes = json.loads(cp.stdout)["nodes"]
+        assert c.nodes[0].poll() is None
+    assert len(nodes) == 1 and nodes[0]["status"] == "online"
+    assert "Failed to activate SuperNode" in (c.logs / "supernode1.log").read_text()
+
+
+def _flwr() -> str:
+    from fl.runners.flower import _exe
+
+    return _exe("flwr")
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pathspec, inside Flower's FAB builder
+def test_app_pin_accepts_only_the_installed_privagg_app(tmp_path: Path) -> None:
+    from flwr.cli.build import build_fab_from_disk
+
+    from fl.runners.flower import write_app
+    from fl.runners.flower.pin import UntrustedAppError, check_fab
+    from secagg._hazmat.pki import sha256_hex
+
+    ours = build_fab_from_disk(write_app(tmp_path / "ours", FlowerJob(task="sum")))
+    check_fab(ours, NodePolicy())  # only pyproject.toml, components = the installed privagg apps
+    evil = build_fab_from_disk(_evil_app(tmp_path / "evil", out=tmp_path / "o", marker=tmp_path / "m"))
+    with pytest.raises(UntrustedAppError, match="ships its own files"):
+        check_fab(evil, NodePolicy())
+    check_fab(evil, NodePolicy(trusted_app_hashes=(sha256_hex(evil),)))  # the operator trusts this bundle
+    check_fab(evil, NodePolicy(allow_any_app=True))
+    renamed = tmp_path / "renamed"
+    write_app(renamed, FlowerJob(task="sum"))
+    toml = (renamed / "pyproject.toml").read_text().replace('clientapp = "fl.runners.flower:client_app"',
+                                                              'clientapp = "os:system"')
+    (renamed / "pyproject.toml").write_text(toml)
+    with pytest.raises(UntrustedAppError, match="not the installed privagg apps"):
+        check_fab(build_fab_from_disk(renamed), NodePolicy())
+    with pytest.raises(UntrustedAppError, match="not a zip"):
+        check_fab(b"not a zip", NodePolicy())
+
+
+def test_plaintext_outside_loopback_needs_the_explicit_flag(tmp_path: Path) -> None:
+    from fl.runners.flower import (
+        InsecureTransportError,
+        is_loopback,
+        superlink_command,
+        supernode_command,
+        write_connection,
+    )
+
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.0.0.5") and not is_loopback("example.org")
+    key = tmp_path / "k"
+    with pytest.raises(InsecureTransportError, match="--insecure-i-know"):
+        superlink_command(host="0.0.0.0", certs=None)
+    with pytest.raises(InsecureTransportError, match="without TLS"):
+        supernode_command(superlink="10.0.0.5:8000", partition=(0, 2), state_key=key)
+    with pytest.raises(InsecureTransportError):
+        supernode_command(superlink="127.0.0.1:8000", partition=(0, 2), state_key=key, host="0.0.0.0")
+    with pytest.raises(InsecureTransportError):
+        write_connection(tmp_path / "home", "hospital.example.org:8000", ca=None)
+    assert "--insecure" in superlink_command(host="0.0.0.0", certs=None, allow_insecure_remote=True)
+    assert "--insecure" in supernode_command(superlink="10.0.0.5:8000", partition=(0, 2), state_key=key,
+                                             allow_insecure_remote=True)
+    assert "--insecure" in supernode_command(superlink="[::1]:8000", partition=(0, 2), state_key=key)
+    write_connection(tmp_path / "home", "127.0.0.1:8000", ca=None)  # loopback: allowed
+
+
+def test_cli_refuses_plaintext_to_remote_and_open_superlinks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import argparse
+
+    from fl import flower_cli
+
+    parser = argparse.ArgumentParser(prog="privagg flower")
+    flower_cli.add_arguments(parser)
+    home = ["--home", str(tmp_path / "home")]
+    node = parser.parse_args([*home, "supernode", "--partition", "0/2", "--superlink", "10.1.2.3:8000", "--insecure",
+                              "--state-key", str(tmp_path / "missing.key")])
+    key = tmp_path / "state.key"
+    key.write_text("00" * 32)
+    node.state_key = key
+    assert flower_cli.run(node) == 2  # refused before anything starts (the success path would exec Flower)
+    assert "--insecure-i-know" in capsys.readouterr().err
+    link = parser.parse_args([*home, "superlink", "--insecure"])
+    assert flower_cli.run(link) == 2
+    assert "SuperNode authentication needs TLS" in capsys.readouterr().err
+    remote = parser.parse_args([*home, "superlink", "--insecure", "--no-supernode-auth", "--host", "0.0.0.0"])
+    assert flower_cli.run(remote) == 2
+    assert "without TLS" in capsys.readouterr().err
+    out = tmp_path / "policy.json"
+    pol = parser.parse_args([*home, "policy", "--out", str(out), "--min-noise-multiplier", "0.8", "--min-clients", "3"])
+    assert flower_cli.run(pol) == 0
+    saved = NodePolicy.load(out)
+    assert saved.min_noise_multiplier == 0.8 and saved.min_clients == 3 and "plain" not in saved.protocols

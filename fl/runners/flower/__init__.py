@@ -9,9 +9,13 @@ as :mod:`secagg.wire` bytes inside a ``ConfigRecord``; Flower's ``secaggplus_mod
 ``SecAggPlusWorkflow`` are not used.
 
 Flower starts a fresh ``flwr-clientapp`` process for every message, so a client's machine (its round
-secrets) must survive between phases: it is pickled, sealed with AES-GCM under a per-SuperNode key that
-only that node's ClientApps can read (``state-key-file`` in the node config), and kept in the node's
-``Context.state``. Only blobs that authenticate under that key are ever unpickled.
+secrets) must survive between phases: its versioned snapshot (no pickle) is sealed with AES-GCM under a
+per-SuperNode key, bound to run, node, session, round, step and phase (:mod:`fl.runners.flower.state`).
+
+Nothing a remote party sends selects code or weakens privacy: protocol messages are always
+:mod:`secagg.wire`, and each node's own :class:`~fl.runners.flower.policy.NodePolicy` decides which
+jobs it runs (:mod:`fl.runners.flower.policy`) and which app code (:mod:`fl.runners.flower.pin`).
+A malformed SuperNode reply drops that client for the round, never the run.
 
 Two jobs run on this transport. ``train`` drives :class:`fl.loop.Federation` on both sides (the server
 samples, decodes, averages, evaluates and keeps the ledger; each SuperNode owns one partition and
@@ -24,7 +28,7 @@ costs tens of seconds because every phase waits for a SuperNode's fixed 3 s idle
 ``flwr-clientapp`` interpreter per message, and (with ``Grid.send_and_receive``) 3 s server-side polls.
 The ServerApp here pulls replies every ``poll_interval`` (50 ms), and :func:`supernode_main` (what
 ``privagg flower supernode`` starts) polls the SuperLink every 0.1 s and forks each ClientApp from a
-warm process (:func:`superexec_main`). Stock ``flower-supernode`` processes work too, just slower.
+warm process (:func:`superexec_main`). A stock ``flower-supernode`` works too, slower and WITHOUT the app pin.
 
 Process helpers (:func:`superlink_command`, :func:`supernode_command`, :func:`flower_env`,
 :func:`make_certificates`, :func:`write_app`, :func:`write_connection`, :class:`LocalCluster`) are shared
@@ -35,47 +39,55 @@ telemetry, update checks and runtime dependency installation are switched off.
 from __future__ import annotations
 
 import contextlib
-import copyreg
-import datetime
-import importlib
+import functools
 import ipaddress
 import json
 import logging
 import math
 import os
-import pickle
 import shutil
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Literal
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric import ed25519, x25519
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
+from fl.runners.flower import state as _state
+from fl.runners.flower.policy import POLICY_FILE_KEY, NodePolicy, PolicyError, sum_terms, train_terms
+from fl.runners.flower.state import make_state_key
 from fl.spec import SecureSum, TrainResult, ValueSpec
+from secagg import wire
 from secagg.errors import AbortError, CodecError, ProtocolError
 from secagg.machine import SERVER, ClientMachine, ServerMachine
 from secagg.machine import Message as ProtocolMessage
+from secagg.plain import PlainClient
 
 __all__ = [
     "DEFAULT_SUPERLINK_PORT",
     "DEFAULT_SUPERNODE_PORT",
     "CertPaths",
     "FlowerJob",
+    "InsecureTransportError",
+    "JobError",
     "LocalCluster",
+    "NodePolicy",
+    "PolicyError",
     "client_app",
     "flower_env",
+    "is_loopback",
     "make_certificates",
+    "make_node_keys",
     "make_state_key",
+    "refuse_insecure_remote",
+    "register_node",
     "server_app",
     "superexec_main",
     "superlink_command",
@@ -97,12 +109,11 @@ CONNECTION = "privagg"
 """Name of the SuperLink connection that :func:`write_connection` puts in ``FLWR_HOME/config.toml``."""
 
 _RECORD = "privagg"
-_STATE = "privagg-state"
 _HELLO = "query.privagg_hello"
 _START = "train.privagg_start"
 _STEP = "query.privagg_step"
 _JOB_KEY = "job"
-_STATE_KEY_FILE = "state-key-file"
+_STATE_KEY_FILE = _state.STATE_KEY_FILE
 
 
 # ---------------------------------------------------------------------------------------------- the job
@@ -130,7 +141,6 @@ class FlowerJob:
     protocol: str = "secagg+"
     threshold: float = 0.7
     ring_bits: int = 32
-    codec: str = "secagg.wire"
     join_timeout: float = 60.0
     start_timeout: float = 120.0
     phase_timeout: float = 30.0
@@ -141,12 +151,28 @@ class FlowerJob:
 
     @classmethod
     def from_json(cls, text: str) -> FlowerJob:
-        data = json.loads(text)
+        """Parse a job; unknown fields (e.g. a ``codec`` naming a module) and wrong types are refused."""
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise JobError(f"the Flower job is not JSON: {exc}") from exc
+        if not isinstance(data, dict):
+            raise JobError("the Flower job must be a JSON object")
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"unknown Flower job field(s) {unknown}; the app was written by another privagg version")
-        return cls(**data)
+            raise JobError(f"unknown Flower job field(s) {unknown}; the app was written by another privagg version "
+                           "(nothing in a job selects code: the wire codec is always secagg.wire)")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise JobError(f"bad Flower job: {exc}") from exc
+
+    def __post_init__(self) -> None:
+        if self.task not in ("train", "sum"):
+            raise JobError(f"unknown Flower job task {self.task!r}: train or sum")
+        if not isinstance(self.config, Mapping):
+            raise JobError("the Flower job's config must be an object")
 
     @property
     def num_clients(self) -> int:
@@ -159,22 +185,53 @@ class FlowerJob:
         return int(self.config.get("rounds", 0)) if self.task == "train" else self.rounds
 
 
+class JobError(ValueError):
+    """A Flower job this process cannot parse (malformed, unknown fields, wrong types)."""
+
+
 def _job(context: Context) -> FlowerJob:
     text = context.run_config.get(_JOB_KEY)
     if not isinstance(text, str):
-        raise ValueError("the Flower app has no privagg job in its run config; start runs with `privagg flower run`")
+        raise JobError("the Flower app has no privagg job in its run config; start runs with `privagg flower run`")
     return FlowerJob.from_json(text)
 
 
-def _codec(name: str) -> ModuleType:
-    """The message codec module (``dumps(msg) -> bytes`` / ``loads(bytes) -> msg``)."""
+def _policy(context: Context) -> NodePolicy:
+    """This node's own policy, from its ``--node-config`` (never from the job)."""
     try:
-        mod = importlib.import_module(name)
-    except ImportError as exc:
-        raise RuntimeError(f"cannot import the wire codec {name!r}: {exc}; install privagg on every machine") from exc
-    if not (callable(getattr(mod, "dumps", None)) and callable(getattr(mod, "loads", None))):
-        raise RuntimeError(f"{name!r} is not a wire codec: it needs dumps(msg) -> bytes and loads(bytes) -> msg")
-    return mod
+        return NodePolicy.from_node_config(context.node_config)
+    except ValueError as exc:
+        raise PolicyError(f"this node's policy is unusable: {exc}") from exc
+
+
+def _refuse_weaker(context: Context, job: FlowerJob, cid: int, fed: Any = None) -> None:
+    """Raise :class:`PolicyError` if ``job`` asks this node for less than its policy allows."""
+    if job.task == "train":
+        terms = train_terms(fed if fed is not None else _federation(job), cid)
+    else:
+        terms = sum_terms(_sum_of(job), job.clients)  # before binding: the policy's refusal is the one reported
+    _policy(context).check(terms)
+
+
+def _federation(job: FlowerJob) -> Any:
+    from fl.loop import Federation
+
+    return Federation(_train_config(job))
+
+
+def _guarded(fn: Any) -> Any:
+    """Turn a :class:`PolicyError` (or a job this node cannot parse) into a logged error reply."""
+
+    @functools.wraps(fn)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return fn(msg, context)
+        except (PolicyError, JobError) as exc:
+            log.error("refusing %s: %s", msg.metadata.message_type, exc)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
+                           reply_to=msg)
+
+    return run
 
 
 # ---------------------------------------------------------------------------------------------- sum task
@@ -182,6 +239,12 @@ def _sum_protocol(job: FlowerJob) -> tuple[SecureSum, ValueSpec]:
     """The secure sum and ring spec of a ``sum`` job (values of ``ring_bits - log2(cohort)`` bits)."""
     vbits = job.ring_bits - max(0, math.ceil(math.log2(max(1, job.clients))))
     spec = ValueSpec(size=job.size, cohort=job.clients, domain="ring", modulus=1 << job.ring_bits, value_bits=vbits)
+    ssum = _sum_of(job)
+    return ssum, ssum.bind(spec)
+
+
+def _sum_of(job: FlowerJob) -> SecureSum:
+    """The (unbound) secure sum a ``sum`` job names."""
     ssum: SecureSum
     if job.protocol in ("secagg", "secagg+"):
         from fl.sums_secagg import SecAgg, SecAggPlus
@@ -192,8 +255,8 @@ def _sum_protocol(job: FlowerJob) -> tuple[SecureSum, ValueSpec]:
 
         ssum = PlainSum(min_clients=max(1, math.ceil(job.threshold * job.clients)))
     else:
-        raise ValueError(f"unknown protocol {job.protocol!r}: choose secagg+, secagg or plain")
-    return ssum, ssum.bind(spec)
+        raise JobError(f"unknown protocol {job.protocol!r}: choose secagg+, secagg or plain")
+    return ssum
 
 
 def _sum_value(job: FlowerJob, round: int, cid: int) -> NDArray[np.uint64]:
@@ -206,72 +269,10 @@ def _sum_value(job: FlowerJob, round: int, cid: int) -> NDArray[np.uint64]:
     return words >> np.uint64(64 - (spec.value_bits - 1))
 
 
-# ---------------------------------------------------------------------------------------------- sealing
-def _reduce_x25519(key: x25519.X25519PrivateKey) -> tuple[Any, tuple[bytes]]:
-    return x25519.X25519PrivateKey.from_private_bytes, (key.private_bytes_raw(),)
-
-
-def _reduce_x25519_pub(key: x25519.X25519PublicKey) -> tuple[Any, tuple[bytes]]:
-    return x25519.X25519PublicKey.from_public_bytes, (key.public_bytes_raw(),)
-
-
-def _reduce_ed25519(key: ed25519.Ed25519PrivateKey) -> tuple[Any, tuple[bytes]]:
-    return ed25519.Ed25519PrivateKey.from_private_bytes, (key.private_bytes_raw(),)
-
-
-def _reduce_ed25519_pub(key: ed25519.Ed25519PublicKey) -> tuple[Any, tuple[bytes]]:
-    return ed25519.Ed25519PublicKey.from_public_bytes, (key.public_bytes_raw(),)
-
-
-_sample_x = x25519.X25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
-_sample_e = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(1, 33)))
-copyreg.pickle(type(_sample_x), _reduce_x25519)
-copyreg.pickle(type(_sample_x.public_key()), _reduce_x25519_pub)
-copyreg.pickle(type(_sample_e), _reduce_ed25519)
-copyreg.pickle(type(_sample_e.public_key()), _reduce_ed25519_pub)
-del _sample_x, _sample_e
-
-
-def make_state_key(path: Path) -> Path:
-    """Write a fresh 32-byte key (hex, mode 0600) that seals this SuperNode's protocol state."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(os.urandom(32).hex())
-    return path
-
-
+# ---------------------------------------------------------------------------------------------- state
 def _state_key(context: Context) -> bytes:
-    path = context.node_config.get(_STATE_KEY_FILE)
-    if not isinstance(path, str) or not path:
-        raise RuntimeError(
-            f"this SuperNode has no {_STATE_KEY_FILE!r} in its --node-config; start it with "
-            f"`privagg flower supernode` (or make a key with `privagg flower certs` and pass "
-            f"--node-config '{_STATE_KEY_FILE}=\"/path/state.key\"')"
-        )
-    key = bytes.fromhex(Path(path).read_text().strip())
-    if len(key) != 32:
-        raise RuntimeError(f"{path} must hold a 32-byte key in hex; recreate it with `privagg flower supernode`")
-    return key
-
-
-def _aad(context: Context) -> bytes:
-    return f"privagg-flower-state|{context.run_id}|{context.node_id}".encode()
-
-
-def _seal(context: Context, obj: object) -> bytes:
-    nonce = os.urandom(12)
-    return nonce + AESGCM(_state_key(context)).encrypt(nonce, pickle.dumps(obj), _aad(context))
-
-
-def _unseal(context: Context, blob: bytes) -> Any:
-    from cryptography.exceptions import InvalidTag
-
-    try:
-        raw = AESGCM(_state_key(context)).decrypt(blob[:12], blob[12:], _aad(context))
-    except InvalidTag as exc:
-        raise ProtocolError("the stored protocol state does not authenticate under this node's key") from exc
-    return pickle.loads(raw)  # authenticated: written by this node's own ClientApp
+    """This node's state-sealing key (see :mod:`fl.runners.flower.state`)."""
+    return _state.state_key(context)
 
 
 # ---------------------------------------------------------------------------------------------- client side
@@ -291,29 +292,50 @@ def _reply(msg: Message, fields: dict[str, Any]) -> Message:
     return Message(RecordDict({_RECORD: ConfigRecord(fields)}), reply_to=msg)
 
 
-def _incoming(msg: Message, codec: ModuleType) -> list[ProtocolMessage]:
-    return _decode(_rec(msg.content), codec)
+def _incoming(msg: Message) -> list[ProtocolMessage]:
+    return _decode(_rec(msg.content))
 
 
-def _outgoing(msgs: Iterable[ProtocolMessage], codec: ModuleType) -> dict[str, Any]:
-    data = [codec.dumps(m) for m in msgs]
+def _outgoing(msgs: Iterable[ProtocolMessage]) -> dict[str, Any]:
+    data = [wire.dumps(m) for m in msgs]
     return {"msgs": data} if data else {}
 
 
+_ROUNDS = "privagg-rounds"
+
+
+def _claim_round(context: Context, rnd: int, planned: int) -> None:
+    """Contribute to each planned round at most once, in increasing order (the node's own record).
+
+    The DP noise of a job is calibrated for its planned rounds; a server that opened a round twice, or
+    more rounds than planned, would get more releases of this node's data than the budget covers.
+    """
+    if not 1 <= rnd <= planned:
+        raise PolicyError(f"round {rnd} is outside the job's planned rounds 1..{planned}")
+    last = int(context.state[_ROUNDS]["last"]) if _ROUNDS in context.state else 0  # type: ignore[arg-type]
+    if rnd <= last:
+        raise PolicyError(f"this node already contributed to round {last}; round {rnd} again would release its "
+                          "data more often than the job's DP budget covers")
+    context.state[_ROUNDS] = ConfigRecord({"last": rnd})
+
+
 @client_app.query("privagg_hello")
+@_guarded
 def _hello(msg: Message, context: Context) -> Message:
-    """Tell the server which partition (client id) this SuperNode owns."""
+    """Tell the server which partition (client id) this SuperNode owns, once the job meets its policy."""
     _state_key(context)  # fail at join time, not mid-round, when the node cannot keep state
+    cid = _partition(context)
+    _refuse_weaker(context, _job(context), cid)
     n = context.node_config.get("num-partitions", -1)
-    return _reply(msg, {"cid": _partition(context), "num": int(n) if isinstance(n, int) else -1})
+    return _reply(msg, {"cid": cid, "num": int(n) if isinstance(n, int) else -1})
 
 
 @client_app.train("privagg_start")
+@_guarded
 def _start(msg: Message, context: Context) -> Message:
-    """Round opens: train (``train``) or draw the vector (``sum``), start our client machine."""
+    """Round opens: check the job against this node's policy, train or draw the vector, start the machine."""
     t0 = time.perf_counter()
     job = _job(context)
-    codec = _codec(job.codec)
     rec = _rec(msg.content)
     cid = _partition(context)
     rnd = int(rec["round"])
@@ -327,6 +349,8 @@ def _start(msg: Message, context: Context) -> Message:
 
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
         fed = Federation(_train_config(job))
+        _refuse_weaker(context, job, cid, fed)
+        _claim_round(context, rnd, job.num_rounds)
         params = np.frombuffer(bytes(rec["params"]), dtype=np.float64).copy()
         try:
             value, result = fed.client_update(cid, rnd, params)
@@ -336,42 +360,41 @@ def _start(msg: Message, context: Context) -> Message:
         extra["result"] = json.dumps(asdict(result), default=str)
         ssum, spec = fed.plan.pipeline.sum, fed.bound.sum_spec
     else:
+        _refuse_weaker(context, job, cid)
+        _claim_round(context, rnd, job.num_rounds)
         ssum, spec = _sum_protocol(job)
         value = _sum_value(job, rnd, cid)
     if dict(ssum.parties(spec=spec, session=session, round=rnd)):
         raise ProtocolError(f"{ssum.name} needs an extra party (a key holder); the Flower runner does not host one")
     machine = ssum.client(cid, value, spec=spec, session=session, round=rnd)
     out = machine.start()
-    for m in _incoming(msg, codec):
+    for m in _incoming(msg):
         out += machine.receive(m)
-    context.state[_STATE] = ConfigRecord({"machine": _seal(context, machine), "round": rnd, "session": session})
+    _state.clear(context)
+    if not isinstance(machine, PlainClient):  # a plain client is done once it has sent its value
+        _state.store(context, machine, session=session, round=rnd, step=0)
     extra["compute_s"] = time.perf_counter() - t0
-    return _reply(msg, {**_outgoing(out, codec), **extra})
+    return _reply(msg, {**_outgoing(out), **extra})
 
 
 @client_app.query("privagg_step")
+@_guarded
 def _step(msg: Message, context: Context) -> Message:
     """One later phase: feed the server's messages to our stored machine, send back its replies."""
     t0 = time.perf_counter()
-    job = _job(context)
-    codec = _codec(job.codec)
     rec = _rec(msg.content)
-    if _STATE not in context.state:
-        raise ProtocolError("no protocol state for this round on this node (restarted mid-round?)")
-    st = _rec(context.state, _STATE)
-    if int(st["round"]) != int(rec["round"]) or bytes(st["session"]) != bytes(rec["session"]):
-        raise ProtocolError("the server's message belongs to another round or session than this node's state")
-    machine: ClientMachine = _unseal(context, bytes(st["machine"]))
+    session, rnd, step = bytes(rec["session"]), int(rec["round"]), int(rec["step"])
+    if step < 1:
+        raise ProtocolError(f"protocol steps are numbered from 1, got {step}")
+    machine: ClientMachine = _state.load(context, session=session, round=rnd, step=step - 1)
     out: list[ProtocolMessage] = []
-    for m in _incoming(msg, codec):
+    for m in _incoming(msg):
         out += machine.receive(m)
     if bool(rec["final"]):
-        del context.state[_STATE]  # the round's secrets are no longer needed
+        _state.clear(context)  # the round's secrets are no longer needed
     else:
-        context.state[_STATE] = ConfigRecord(
-            {"machine": _seal(context, machine), "round": int(rec["round"]), "session": bytes(rec["session"])}
-        )
-    return _reply(msg, {**_outgoing(out, codec), "compute_s": time.perf_counter() - t0})
+        _state.store(context, machine, session=session, round=rnd, step=step)
+    return _reply(msg, {**_outgoing(out), "compute_s": time.perf_counter() - t0})
 
 
 # ---------------------------------------------------------------------------------------------- server side
@@ -402,7 +425,6 @@ class _Transport:
     def __init__(self, grid: Grid, job: FlowerJob, nodes: Mapping[int, int]) -> None:
         self.grid = grid
         self.job = job
-        self.codec = _codec(job.codec)
         self.nodes = dict(nodes)  # cid -> node id
         self.cids = {n: c for c, n in self.nodes.items()}
         self.log: list[_Exchange] = []
@@ -429,9 +451,13 @@ class _Transport:
             if r.has_error():
                 log.warning("client %d refused %s of round %d: %s", cid, phase, round, r.error.reason)
                 failed.add(cid)
-            else:
-                got[cid] = _rec(r.content)
-        client_s = max((float(v["compute_s"]) for v in got.values() if "compute_s" in v), default=0.0)
+                continue
+            try:
+                got[cid] = _reply_record(r)
+            except BadReplyError as exc:
+                log.warning("round %d: dropping client %d, its %s reply was refused: %s", round, cid, phase, exc)
+                failed.add(cid)
+        client_s = max((_compute_s(v) for v in got.values()), default=0.0)
         self.log.append(_Exchange(round, phase, len(msgs), len(got), wall, client_s))
         if self.progress is not None:
             self.progress(event="phase", round=round, phase=phase, sent=sorted(payloads), answered=sorted(got))
@@ -497,10 +523,16 @@ def _run_round(
     results: dict[int, TrainResult] = {}
     rejected: list[int] = []
     for cid, rec in replies.items():
-        if "rejected" in rec:
-            rejected.append(cid)
-        elif "result" in rec:
-            results[cid] = TrainResult(**json.loads(str(rec["result"])))
+        try:
+            if "rejected" in rec:
+                rejected.append(cid)
+            elif "result" in rec:
+                results[cid] = _train_result(rec["result"])
+            elif "params" in start_fields:
+                raise BadReplyError("a training reply without its training result")
+        except BadReplyError as exc:
+            log.warning("round %d: dropping client %d, its %s reply was refused: %s", round, cid, phases[0], exc)
+            failed.add(cid)
     alive = set(replies) - set(rejected) - failed
     if not alive:
         if rejected and not (set(planned) - set(rejected)):
@@ -523,6 +555,7 @@ def _run_round(
         return out
 
     to_server = [(cid, rec) for cid, rec in replies.items() if cid in alive]
+    steps: dict[int, int] = {}  # protocol steps sent to each client this round (binds its sealed state)
     guard = 0
     while not server.done:
         guard += 1
@@ -531,15 +564,17 @@ def _run_round(
         t1 = time.perf_counter()
         for cid, rec in sorted(to_server, key=lambda x: x[0]):
             try:
-                for m in _decode(rec, tr.codec):
+                for m in _decode(rec):
                     count += 1
                     if m.sender != cid:
                         raise ProtocolError(f"client {cid} sent a message claiming to be from {m.sender}")
                     if m.recipient == SERVER:
                         to_parties += server.receive(m)
-                    else:
+                    elif m.recipient in members:
                         to_parties.append(m)  # client-to-client traffic is relayed with the next phase
-            except (CodecError, ProtocolError) as exc:
+                    else:
+                        raise ProtocolError(f"client {cid} sent a message for {m.recipient}, not in this round")
+            except (BadReplyError, CodecError, ProtocolError, KeyError, TypeError, ValueError) as exc:
                 # A bad reply counts as no reply: the client is dropped, as at a missed deadline.
                 log.warning("round %d: dropping client %d, its reply was refused: %s", round, cid, exc)
                 alive.discard(cid)
@@ -555,8 +590,10 @@ def _run_round(
         if not batch:
             continue
         final = server.phase == phases[-1]
+        for cid in batch:
+            steps[cid] = steps.get(cid, 0) + 1
         payloads = {
-            cid: {"round": round, "session": session, "final": final, **_outgoing(ms, tr.codec)}
+            cid: {"round": round, "session": session, "final": final, "step": steps[cid], **_outgoing(ms)}
             for cid, ms in batch.items()
         }
         count += sum(len(ms) for ms in batch.values())
@@ -575,8 +612,59 @@ def _rec(content: RecordDict, key: str = _RECORD) -> Any:
     return content[key]
 
 
-def _decode(rec: Any, codec: ModuleType) -> list[ProtocolMessage]:
-    return [codec.loads(bytes(b)) for b in rec.get("msgs", [])]
+class BadReplyError(ValueError):
+    """A SuperNode's reply that does not have the shape of ours: that client is dropped for the round."""
+
+
+def _reply_record(reply: Message) -> Any:
+    """The ``privagg`` record of a reply, or :class:`BadReplyError` (missing, or not a ConfigRecord)."""
+    try:
+        rec = reply.content[_RECORD]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise BadReplyError(f"no {_RECORD!r} record in the reply") from exc
+    if not isinstance(rec, ConfigRecord):
+        raise BadReplyError(f"the {_RECORD!r} record is a {type(rec).__name__}, not a ConfigRecord")
+    return rec
+
+
+def _compute_s(rec: Any) -> float:
+    """The client's reported compute seconds (timing only; anything malformed counts as 0)."""
+    v = rec.get("compute_s", 0.0)
+    return float(v) if isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) else 0.0
+
+
+_TRAIN_RESULT_TYPES: dict[str, tuple[type, ...]] = {"num_samples": (int,), "steps": (int,), "loss": (int, float),
+                                                    "extra": (dict,)}
+
+
+def _train_result(raw: Any) -> TrainResult:
+    """Parse a client's training result strictly: a JSON object with exactly TrainResult's typed fields."""
+    if not isinstance(raw, str):
+        raise BadReplyError("the training result is not a JSON string")
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise BadReplyError(f"the training result is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise BadReplyError("the training result is not a JSON object")
+    missing = {"num_samples", "steps", "loss"} - set(data)
+    unknown = set(data) - set(_TRAIN_RESULT_TYPES)
+    if missing or unknown:
+        raise BadReplyError(f"training result fields: missing {sorted(missing)}, unknown {sorted(unknown)}")
+    for key, types in _TRAIN_RESULT_TYPES.items():
+        if key in data and (isinstance(data[key], bool) or not isinstance(data[key], types)):
+            raise BadReplyError(f"training result {key} has type {type(data[key]).__name__}")
+    if data["num_samples"] < 0 or data["steps"] < 0:
+        raise BadReplyError("training result counts must be >= 0")
+    return TrainResult(**data)
+
+
+def _decode(rec: Any) -> list[ProtocolMessage]:
+    """The protocol messages in a record (``msgs``: a list of :mod:`secagg.wire` byte strings)."""
+    raw = rec.get("msgs", [])
+    if not isinstance(raw, list) or not all(isinstance(b, bytes) for b in raw):
+        raise BadReplyError("'msgs' must be a list of byte strings")
+    return [wire.loads(b) for b in raw]
 
 
 def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
@@ -603,8 +691,16 @@ def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
     mapping: dict[int, int] = {}
     for r in replies:
         if r.has_error():
+            log.error("SuperNode %s refused the job: %s", r.metadata.src_node_id, r.error.reason)
             raise RuntimeError(f"SuperNode {r.metadata.src_node_id} cannot take part: {r.error.reason}")
-        cid = int(_rec(r.content)["cid"])
+        try:
+            cid = _reply_record(r).get("cid")
+        except BadReplyError as exc:
+            log.warning("SuperNode %s sent a malformed hello (%s); ignoring it", r.metadata.src_node_id, exc)
+            continue
+        if isinstance(cid, bool) or not isinstance(cid, int):
+            log.warning("SuperNode %s sent a hello without an integer cid; ignoring it", r.metadata.src_node_id)
+            continue
         if cid in mapping:
             raise RuntimeError(f"two SuperNodes claim partition {cid}; give each a distinct --partition I/{want}")
         if not 0 <= cid < want:
@@ -787,62 +883,98 @@ def make_certificates(
     directory: Path, *, hosts: Sequence[str] = ("127.0.0.1", "localhost"), days: int = 7
 ) -> CertPaths:
     """Make a CA and a server certificate for ``hosts`` (IPs or DNS names): for local TLS tests only."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+    from secagg._hazmat.pki import make_tls_certificates
 
-    directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.timezone.utc)
-    start, end = now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "privagg throw-away test CA")])
-    ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
+    return CertPaths(*make_tls_certificates(directory, hosts=hosts, days=days))
+
+
+def make_node_keys(directory: Path, name: str) -> tuple[Path, Path]:
+    """This site's SuperNode authentication key pair ``(DIR/NAME.key, DIR/NAME.pub)``, made if missing.
+
+    The private key stays on the site (``privagg flower supernode --auth-key``); only the public key
+    goes to the SuperLink's operator, who registers it (:func:`register_node`).
+    """
+    from secagg._hazmat.pki import make_node_keypair
+
+    private, public = directory / f"{name}.key", directory / f"{name}.pub"
+    if not private.exists():
+        make_node_keypair(private, public)
+    elif not public.exists():
+        raise FileNotFoundError(f"{private} exists but {public} does not; remove {private} to make a fresh pair")
+    return private, public
+
+
+def register_node(env: Mapping[str, str], public_key: Path, *, name: str | None = None) -> int:
+    """``flwr supernode register``: let the SuperNode holding ``public_key``'s private key join; its node id.
+
+    Runs against the connection :func:`write_connection` put in ``env["FLWR_HOME"]`` (the SuperLink's
+    Control API). Only registered keys can connect to a SuperLink started with SuperNode authentication.
+    """
+    import subprocess
+
+    cmd = [_exe("flwr"), "supernode", "register", str(public_key), CONNECTION, "--format", "json"]
+    if name:
+        cmd += ["--name", name]
+    cp = subprocess.run(cmd, env=dict(env), capture_output=True, text=True, timeout=120)
+    try:
+        out = json.loads(cp.stdout.strip() or "{}")
+    except ValueError:
+        out = {}
+    if cp.returncode != 0 or not out.get("success"):
+        raise RuntimeError(f"registering {public_key} failed ({cp.returncode}): {cp.stdout.strip()} "
+                           f"{cp.stderr.strip()}")
+    return int(out["node-id"])
+
+
+class InsecureTransportError(ValueError):
+    """``--insecure`` (no TLS) asked for an address outside loopback without the explicit override."""
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback IPs (127.0.0.0/8, ::1); a DNS name other than localhost is not."""
+    host = host.strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _host_of(address: str) -> str:
+    """``HOST`` of ``HOST:PORT`` / ``[V6]:PORT`` / ``HOST``."""
+    if address.startswith("["):
+        return address[1:address.index("]")] if "]" in address else address
+    return address.rsplit(":", 1)[0] if address.count(":") == 1 else address
+
+
+def refuse_insecure_remote(address: str, *, what: str, allow: bool) -> None:
+    """Refuse plaintext (no TLS) to or on ``address`` unless it is loopback or ``allow`` (``--insecure-i-know``).
+
+    Message integrity of the unauthenticated SecAgg modes comes from TLS: without it anyone on the path
+    can change a masked input or an unmask share and the sum is silently wrong.
+    """
+    if allow or is_loopback(_host_of(address)):
+        return
+    raise InsecureTransportError(
+        f"{what} {address} without TLS: protocol messages would cross the network unauthenticated (anyone on the "
+        "path could alter the sum). Use TLS (--certs / --ca), or pass --insecure-i-know if the network is trusted"
     )
-    sans: list[x509.GeneralName] = []
-    for h in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(h)))
-        except ValueError:
-            sans.append(x509.DNSName(h))
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(end)
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = CertPaths(directory / "ca.pem", directory / "server.pem", directory / "server.key")
-    paths.ca.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    fd = os.open(paths.key, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                   serialization.NoEncryption()))
-    return paths
 
 
 def superlink_command(*, host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_PORT,
-                      certs: CertPaths | None = None) -> list[str]:
-    """``flower-superlink`` with TLS (``certs``) or ``--insecure``, runtime installs off."""
+                      certs: CertPaths | None = None, allow_insecure_remote: bool = False,
+                      supernode_auth: bool = False) -> list[str]:
+    """``flower-superlink`` with TLS (``certs``) or ``--insecure`` (loopback only unless ``allow_insecure_remote``).
+
+    ``supernode_auth``: only SuperNodes whose public keys were registered (``privagg flower register``)
+    may connect (Flower's ``--enable-supernode-auth``).
+    """
     cmd = [_exe("flower-superlink"), "--host", host, "--port", str(port), "--disable-runtime-dependency-installation"]
+    if supernode_auth:
+        cmd.append("--enable-supernode-auth")
     if certs is None:
+        refuse_insecure_remote(host, what="serving on", allow=allow_insecure_remote)
         return [*cmd, "--insecure"]
     return [*cmd, "--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key),
             "--ssl-ca-certfile", str(certs.ca)]
@@ -851,22 +983,35 @@ def superlink_command(*, host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_
 def supernode_command(
     *, superlink: str, partition: tuple[int, int], state_key: Path, port: int = DEFAULT_SUPERNODE_PORT,
     host: str = "127.0.0.1", certs: CertPaths | None = None, ca: Path | None = None, fleet_poll: float = 0.0,
+    policy: Path | None = None, auth_key: Path | None = None, allow_insecure_remote: bool = False,
 ) -> list[str]:
     """``flower-supernode`` for client ``partition = (i, n)``.
 
     ``ca``: the CA that signed the SuperLink's certificate (TLS); ``certs`` also puts the node's local
-    Runtime API (``host:port``) under TLS. Neither: ``--insecure``. ``fleet_poll > 0`` starts the
-    SuperNode through :func:`supernode_main`, which polls the SuperLink every ``fleet_poll`` seconds
-    when idle instead of Flower's fixed 3 s (and waits for replies in steps of that size, not 0.5 s).
+    Runtime API (``host:port``) under TLS. Neither: ``--insecure``. The SuperNode always starts through
+    :func:`supernode_main`, which pins the app it runs; ``fleet_poll > 0`` also polls the SuperLink
+    every ``fleet_poll`` seconds when idle instead of Flower's fixed 3 s (and forks ClientApps from a
+    warm process); ``fleet_poll = 0`` keeps Flower's stock loop.
+    ``policy``: this node's policy file (:class:`NodePolicy`; the safe defaults without one).
+    ``auth_key``: this node's private key for SuperNode authentication (``privagg flower register``).
+    Without TLS, a SuperLink or Runtime API address outside loopback is refused unless
+    ``allow_insecure_remote``.
     """
     i, n = partition
     if not 0 <= i < n:
         raise ValueError(f"--partition I/N needs 0 <= I < N, got {i}/{n}")
     node_config = f'partition-id={i} num-partitions={n} {_STATE_KEY_FILE}="{state_key}"'
-    head = [sys.executable, "-m", "fl.runners.flower", "supernode", str(fleet_poll)] if fleet_poll > 0 else [
-        _exe("flower-supernode")]
+    if policy is not None:
+        node_config += f' {POLICY_FILE_KEY}="{policy}"'
+    head = [sys.executable, "-m", "fl.runners.flower", "supernode", str(max(0.0, fleet_poll))]
     cmd = [*head, "--superlink", superlink, "--host", host, "--port", str(port), "--node-config", node_config]
+    if auth_key is not None:
+        cmd += ["--auth-supernode-private-key", str(auth_key)]
     root = ca if ca is not None else (certs.ca if certs is not None else None)
+    if root is None:
+        refuse_insecure_remote(superlink, what="connecting to the SuperLink at", allow=allow_insecure_remote)
+    if certs is None:
+        refuse_insecure_remote(host, what="serving the local Runtime API on", allow=allow_insecure_remote)
     if root is None:
         return [*cmd, "--insecure"]
     cmd += ["--root-certificates", str(root)]
@@ -875,8 +1020,13 @@ def supernode_command(
     return cmd
 
 
-def write_connection(home: Path, address: str, *, ca: Path | None) -> Path:
-    """Write ``home/config.toml`` with one SuperLink connection named ``privagg`` (TLS when ``ca``)."""
+def write_connection(home: Path, address: str, *, ca: Path | None, allow_insecure_remote: bool = False) -> Path:
+    """Write ``home/config.toml`` with one SuperLink connection named ``privagg`` (TLS when ``ca``).
+
+    Without ``ca`` (plaintext) an address outside loopback is refused unless ``allow_insecure_remote``.
+    """
+    if ca is None:
+        refuse_insecure_remote(address, what="submitting to the SuperLink at", allow=allow_insecure_remote)
     home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{address}"']
     lines.append(f'root-certificates = "{ca}"' if ca is not None else "insecure = true")
@@ -928,7 +1078,9 @@ class LocalCluster:
 
     def __init__(self, workdir: Path, n: int, *, tls: bool = True, host: str = "127.0.0.1",
                  port: int | None = None, node_ports: Sequence[int] | None = None, task_poll: float = 0.1,
-                 fleet_poll: float = 0.0) -> None:
+                 fleet_poll: float = 0.0, policy: NodePolicy | None = None, supernode_auth: bool = False) -> None:
+        if supernode_auth and not tls:
+            raise ValueError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
         self.workdir = workdir
         self.n = n
         self.tls = tls
@@ -940,6 +1092,8 @@ class LocalCluster:
         self.home = workdir / "flwr-home"
         self.env = flower_env(self.home, task_poll=task_poll)
         self.fleet_poll = fleet_poll
+        self.policy = policy
+        self.supernode_auth = supernode_auth
         self.certs: CertPaths | None = None
         self.superlink: Any = None
         self.nodes: dict[int, Any] = {}
@@ -963,7 +1117,8 @@ class LocalCluster:
         if self.tls:
             self.certs = make_certificates(self.workdir / "certs", hosts=(self.host, "localhost"))
         write_connection(self.home, self.address, ca=self.certs.ca if self.certs else None)
-        self.superlink = self._spawn("superlink", superlink_command(host=self.host, port=self.port, certs=self.certs))
+        self.superlink = self._spawn("superlink", superlink_command(host=self.host, port=self.port, certs=self.certs,
+                                                                    supernode_auth=self.supernode_auth))
         _wait_port(self.host, self.port, timeout, self.superlink, self.logs / "superlink.log")
         for i in range(self.n):
             self.start_node(i)
@@ -971,10 +1126,21 @@ class LocalCluster:
             _wait_port(self.host, self.node_ports[i], timeout, self.nodes[i], self.logs / f"supernode{i}.log")
         return self
 
-    def start_node(self, i: int) -> Any:
+    def start_node(self, i: int, *, register: bool = True) -> Any:
+        """Start SuperNode ``i`` (partition i of n); with SuperNode auth, register its fresh key first
+        unless ``register=False`` (an intruder: its key is unknown to the SuperLink)."""
         key = make_state_key(self.workdir / "keys" / f"node{i}.key")
-        cmd = supernode_command(superlink=self.address, partition=(i, self.n), state_key=key, port=self.node_ports[i],
-                                host=self.host, certs=self.certs, fleet_poll=self.fleet_poll)
+        policy = self.policy.save(self.workdir / "policy.json") if self.policy is not None else None
+        while len(self.node_ports) <= i:
+            self.node_ports.append(_free_port(self.host))
+        auth_key = None
+        if self.supernode_auth:
+            auth_key, public = make_node_keys(self.workdir / "auth", f"node{i}")
+            if register:
+                register_node(self.env, public, name=f"node{i}")
+        cmd = supernode_command(superlink=self.address, partition=(i, max(self.n, i + 1)), state_key=key,
+                                port=self.node_ports[i], host=self.host, certs=self.certs, fleet_poll=self.fleet_poll,
+                                policy=policy, auth_key=auth_key)
         self.nodes[i] = self._spawn(f"supernode{i}", cmd)
         return self.nodes[i]
 
@@ -1117,8 +1283,21 @@ def _runtime_address(argv: Sequence[str]) -> tuple[str, bool, str | None]:
     return f"{host}:{port}", not tls, ca if tls else None
 
 
+def _node_policy_from_argv(argv: Sequence[str]) -> NodePolicy:
+    """The node policy named in ``--node-config`` of a SuperNode command line (the defaults if none)."""
+    from flwr.common.config import parse_config_args
+
+    config = parse_config_args([argv[argv.index("--node-config") + 1]]) if "--node-config" in argv else {}
+    return NodePolicy.from_node_config(config)
+
+
 def supernode_main(poll: float, argv: Sequence[str], *, fork: bool = True) -> int:
-    """``flower-supernode ARGV`` tuned for short protocol phases (what ``fleet_poll > 0`` starts).
+    """``flower-supernode ARGV`` with the app pin, tuned for short protocol phases when ``poll > 0``.
+
+    * App pin (always): the node runs only the installed privagg ClientApp, or apps its policy trusts
+      (:mod:`fl.runners.flower.pin`). If this Flower version has no hook for it, the node refuses to
+      start (:class:`~fl.runners.flower.pin.PinUnavailableError`) rather than run unpinned.
+    * ``poll <= 0``: nothing else changes (Flower's stock loop and one interpreter per message).
 
     * Idle poll: Flower's SuperNode sleeps a fixed 3 s whenever the SuperLink has no message for it, so
       each phase waits on average 1.5 s (the slowest of n nodes up to 3 s) before a node sees its
@@ -1129,15 +1308,23 @@ def supernode_main(poll: float, argv: Sequence[str], *, fork: bool = True) -> in
       :func:`superexec_main`, a SuperExec that forks each ClientApp from a process that has already
       imported everything, then runs Flower's own ``flwr-clientapp`` code in the child.
 
-    If a Flower release moves these internals, the SuperNode runs unchanged, with a warning.
+    If a Flower release moves the poll or executor internals, the SuperNode runs them unchanged, with
+    a warning.
     """
     import subprocess
 
+    from fl.runners.flower.pin import install_app_pin
+
     argv = list(argv)
+    install_app_pin(_node_policy_from_argv(argv))
+    if poll <= 0:
+        fork = False
     try:
         import flwr.supernode.start_client_internal as sci
 
-        if getattr(sci, "time", None) is time:
+        if poll <= 0:
+            pass
+        elif getattr(sci, "time", None) is time:
             sci.__dict__["time"] = _FastClock(poll)
         else:
             log.warning("this Flower version has no SuperNode poll loop to shorten; running it unchanged")
@@ -1224,23 +1411,21 @@ class _ForkExecutor:
 def superexec_main(argv: Sequence[str]) -> int:
     """``flower-superexec ARGV`` with :class:`_ForkExecutor`: warm imports, one fork per ClientApp task."""
     import flwr.supercore.superexec.run_superexec as rs
-    from flwr.supercore.cli.flower_superexec import flower_superexec
 
     # Warm imports, done once: Flower's ClientApp runner, the protocol, and for training torch + the loop.
-    for name in ("flwr.supernode.cli.flwr_clientapp", "secagg.client", "secagg.wire", "fl.sums_secagg", "fl.loop"):
-        try:
-            importlib.import_module(name)
-        except ImportError as exc:
-            log.warning("cannot pre-import %s (%s); tasks will import it themselves", name, exc)
+    import flwr.supernode.cli.flwr_clientapp  # noqa: F401
+    from flwr.supercore.cli.flower_superexec import flower_superexec
+
+    import fl.sums_secagg
+    import secagg.client
+    import secagg.wire  # noqa: F401
+
+    try:
+        import fl.loop  # noqa: F401  (torch)
+    except ImportError as exc:
+        log.warning("cannot pre-import fl.loop (%s); tasks will import it themselves", exc)
     rs.__dict__["get_executor"] = lambda *a, **kw: _ForkExecutor()
     sys.argv = ["flower-superexec", *argv]
     flower_superexec()
     return 0
 
-
-if __name__ == "__main__":
-    if len(sys.argv) >= 3 and sys.argv[1] == "supernode":
-        sys.exit(supernode_main(float(sys.argv[2]), sys.argv[3:]))
-    if len(sys.argv) >= 2 and sys.argv[1] == "superexec":
-        sys.exit(superexec_main(sys.argv[2:]))
-    sys.exit("usage: python -m fl.runners.flower (supernode POLL_SECONDS | superexec) [Flower arguments]")

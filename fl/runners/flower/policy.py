@@ -1,0 +1,241 @@
+"""A SuperNode's own policy: what this node accepts from a job, whatever the server sends.
+
+A Flower job arrives from the SuperLink, i.e. from whoever runs the server. Nothing in it selects code
+(the wire codec is always :mod:`secagg.wire`) and nothing in it can weaken this node's privacy: the node
+operator's :class:`NodePolicy` (a JSON file named by the ``policy-file`` key of the SuperNode's
+``--node-config``, written by ``privagg flower policy`` and passed with ``privagg flower supernode
+--policy``) pins the protocols it runs, the smallest threshold and cohort, the DP it requires of the
+noise it adds itself, and the test seams. A job that asks for less is refused with
+:class:`PolicyError`: the node logs it and sends the error back, and the ServerApp logs the reply.
+
+Safe defaults (no policy file): SecAgg or SecAgg+ only (never ``plain``), threshold >= 1/2 of the
+cohort, >= 2 clients, no seeded randomness, and only the installed privagg ClientApp (see
+:mod:`fl.runners.flower.pin`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["POLICY_FILE_KEY", "SECURE_PROTOCOLS", "JobTerms", "NodePolicy", "PolicyError", "protocol_word", "sum_terms",
+           "train_terms"]
+
+POLICY_FILE_KEY = "policy-file"
+"""The SuperNode ``--node-config`` key that names this node's policy file (JSON)."""
+
+SECURE_PROTOCOLS = ("secagg", "secagg+")
+"""Secure sums a node accepts by default (``plain`` sends the update in the clear)."""
+
+_KNOWN_PROTOCOLS = ("secagg", "secagg+", "paillier", "plain")
+
+
+class PolicyError(RuntimeError):
+    """A job asks this node for less privacy (or other code) than the node's own policy allows."""
+
+
+@dataclass(frozen=True)
+class JobTerms:
+    """What a job makes this node do, read from the objects the node built from it (not from strings).
+
+    ``protocol``: ``secagg``, ``secagg+``, ``paillier`` or ``plain``; ``threshold_fraction``: the secure
+    sum's t / n (None for a sum without a threshold); ``cohort``: the planned clients per round;
+    ``own_noise``: the noise multiplier of the DP noise THIS node adds (distributed noise or DP-SGD),
+    None if it adds none; ``central_noise``: the multiplier the server claims it adds (the node cannot
+    check it); ``clip``: the L2 clip norm of the update (None: unclipped); ``epsilon``: the job's target
+    budget (None: none); ``seeded``: the named test seam that derives noise from a public seed.
+    """
+
+    protocol: str
+    threshold_fraction: float | None
+    cohort: int
+    own_noise: float | None = None
+    central_noise: float | None = None
+    clip: float | None = None
+    epsilon: float | None = None
+    seeded: bool = False
+
+
+@dataclass(frozen=True)
+class NodePolicy:
+    """The node operator's terms; every field can only make the node stricter than the job.
+
+    ``protocols``: secure sums this node runs (add ``"plain"`` only for public test data).
+    ``min_threshold``: smallest t / n accepted (t survivors needed to unmask). ``min_clients``: smallest
+    planned cohort. ``min_noise_multiplier``: if set, the node itself must add DP noise (``dnoise`` or
+    ``dp-sgd``) with at least this multiplier; central noise does not count (the server adds it).
+    ``max_epsilon``: if set, the job must target an (epsilon, delta) budget no larger than this.
+    ``max_clip``: if set, updates must be clipped to at most this L2 norm. ``allow_insecure_seeded_randomness``:
+    the test seam that makes DP noise repeatable from the job's seed (whoever knows it removes the noise).
+    ``trusted_app_hashes``: SHA-256 (hex) of Flower app bundles (FABs) this node runs besides the
+    installed privagg ClientApp; ``allow_any_app``: run any app the server ships (benchmarks of other
+    apps on a test cluster only).
+    """
+
+    protocols: tuple[str, ...] = SECURE_PROTOCOLS
+    min_threshold: float = 0.5
+    min_clients: int = 2
+    min_noise_multiplier: float | None = None
+    max_epsilon: float | None = None
+    max_clip: float | None = None
+    allow_insecure_seeded_randomness: bool = False
+    trusted_app_hashes: tuple[str, ...] = ()
+    allow_any_app: bool = False
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.protocols) - set(_KNOWN_PROTOCOLS))
+        if unknown or not self.protocols:
+            raise ValueError(f"policy protocols {list(self.protocols)}: choose from {', '.join(_KNOWN_PROTOCOLS)}")
+        if not 0 < self.min_threshold <= 1:
+            raise ValueError(f"policy min_threshold must be a fraction in (0, 1], got {self.min_threshold}")
+        if self.min_clients < 1:
+            raise ValueError(f"policy min_clients must be >= 1, got {self.min_clients}")
+        for name in ("min_noise_multiplier", "max_epsilon", "max_clip"):
+            v = getattr(self, name)
+            if v is not None and not (v > 0 and math.isfinite(v)):
+                raise ValueError(f"policy {name} must be a positive finite number or absent, got {v}")
+        for h in self.trusted_app_hashes:
+            if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
+                raise ValueError(f"policy trusted_app_hashes holds SHA-256 hex digests (64 lowercase hex), got {h!r}")
+
+    # -------------------------------------------------------------------------------------------- I/O
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> NodePolicy:
+        """Build from a JSON object; unknown keys are an error (a typo must not silently weaken nothing)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown node policy key(s) {unknown}; known: {', '.join(sorted(known))}")
+        kw = dict(data)
+        for key in ("protocols", "trusted_app_hashes"):
+            if key in kw:
+                if not isinstance(kw[key], list | tuple) or not all(isinstance(x, str) for x in kw[key]):
+                    raise ValueError(f"node policy {key} must be a list of strings, got {kw[key]!r}")
+                kw[key] = tuple(kw[key])
+        return cls(**kw)
+
+    @classmethod
+    def load(cls, path: Path) -> NodePolicy:
+        """Read a policy file (JSON object); a missing or malformed file is an error naming the fix."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"cannot read node policy {path}: {exc}; write one with `privagg flower policy`") from exc
+        if not isinstance(data, dict):
+            raise ValueError(f"node policy {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_node_config(cls, node_config: Mapping[str, Any]) -> NodePolicy:
+        """The policy named by ``policy-file`` in the SuperNode's own ``--node-config``; the defaults if absent."""
+        path = node_config.get(POLICY_FILE_KEY)
+        if path is None or path == "":
+            return cls()
+        if not isinstance(path, str):
+            raise ValueError(f"--node-config {POLICY_FILE_KEY} must be a file path string, got {path!r}")
+        return cls.load(Path(path))
+
+    def save(self, path: Path) -> Path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(asdict(self), indent=2, sort_keys=True) + "\n")
+        return path
+
+    # -------------------------------------------------------------------------------------------- checks
+    def refusals(self, terms: JobTerms) -> list[str]:
+        """Every way ``terms`` is weaker than this policy (empty: accepted)."""
+        why: list[str] = []
+        if terms.protocol not in self.protocols:
+            why.append(f"protocol {terms.protocol!r} is not one this node runs ({', '.join(self.protocols)})")
+        if terms.protocol != "plain" and (terms.threshold_fraction is None or
+                                          terms.threshold_fraction < self.min_threshold):
+            why.append(f"threshold {terms.threshold_fraction} is below this node's minimum {self.min_threshold:g}")
+        if terms.cohort < self.min_clients:
+            why.append(f"{terms.cohort} planned client(s) per round, this node needs at least {self.min_clients}")
+        if self.min_noise_multiplier is not None:
+            if terms.own_noise is None:
+                extra = " (central noise is added by the server, which this node does not check)" \
+                    if terms.central_noise is not None else ""
+                why.append(f"the job adds no DP noise on this node{extra}; it needs dnoise or dp-sgd with a noise "
+                           f"multiplier >= {self.min_noise_multiplier:g}")
+            elif terms.own_noise < self.min_noise_multiplier:
+                why.append(f"noise multiplier {terms.own_noise:g} is below this node's minimum "
+                           f"{self.min_noise_multiplier:g}")
+        if self.max_epsilon is not None and (terms.epsilon is None or terms.epsilon > self.max_epsilon):
+            why.append(f"target epsilon {terms.epsilon} exceeds this node's maximum {self.max_epsilon:g} "
+                       "(give --epsilon)")
+        if self.max_clip is not None and (terms.clip is None or terms.clip > self.max_clip):
+            why.append(f"clip norm {terms.clip} exceeds this node's maximum {self.max_clip:g}")
+        if terms.seeded and not self.allow_insecure_seeded_randomness:
+            why.append("the job turns on insecure_seeded_randomness (noise derived from a seed the server knows); "
+                       "only a node whose own policy sets allow_insecure_seeded_randomness runs it")
+        return why
+
+    def check(self, terms: JobTerms) -> None:
+        """Raise :class:`PolicyError` listing every refusal; return if the job meets this policy."""
+        why = self.refusals(terms)
+        if why:
+            raise PolicyError("this node's policy refuses the job: " + "; ".join(why))
+
+
+def protocol_word(ssum: Any) -> str:
+    """The policy word of a secure-sum object, by its class (an unknown class counts as ``plain``)."""
+    from fl.sums_secagg import SecAgg, SecAggPlus
+
+    if isinstance(ssum, SecAggPlus):
+        return "secagg+"
+    if isinstance(ssum, SecAgg):
+        return "secagg"
+    try:
+        from fl.sums_paillier import PaillierSum
+    except ImportError:  # pragma: no cover - phe is a core dependency
+        PaillierSum = ()  # type: ignore[assignment,misc]
+    if isinstance(ssum, PaillierSum):
+        return "paillier"
+    return "plain"
+
+
+def _threshold_fraction(ssum: Any, cohort: int) -> float | None:
+    threshold = getattr(ssum, "threshold", None)
+    if threshold is None or cohort < 1:
+        return None
+    if isinstance(threshold, float) and 0 < threshold <= 1:
+        return threshold
+    return int(threshold) / cohort
+
+
+def sum_terms(ssum: Any, cohort: int) -> JobTerms:
+    """Terms of a ``sum`` job (public test vectors: no DP)."""
+    return JobTerms(protocol=protocol_word(ssum), threshold_fraction=_threshold_fraction(ssum, cohort), cohort=cohort)
+
+
+def train_terms(fed: Any, cid: int) -> JobTerms:
+    """Terms of a ``train`` job for client ``cid``, read from the :class:`fl.loop.Federation` it built."""
+    from fl.dp_layers import GaussianNoise
+    from fl.dp_training import DpSgdTrainer
+    from fl.layers import Clip
+
+    plan = fed.plan
+    cohort = int(fed.bound.sum_spec.cohort)
+    own: float | None = None
+    central: float | None = None
+    clips = [layer.l2 for layer in plan.pipeline.layers if isinstance(layer, Clip)]
+    for layer in plan.pipeline.layers:
+        if isinstance(layer, GaussianNoise):
+            if layer.placement == "clients":
+                own = float(layer.multiplier)
+            else:
+                central = float(layer.multiplier)
+    if isinstance(plan.trainer, DpSgdTrainer):
+        own = plan.trainer.noise_for(cid)
+        clips.append(plan.trainer.max_grad_norm)
+    if fed.config.sample_rate is not None:  # Poisson sampling: the expected cohort
+        cohort = max(1, round(fed.config.sample_rate * fed.population))
+    return JobTerms(
+        protocol=protocol_word(plan.pipeline.sum), threshold_fraction=_threshold_fraction(plan.pipeline.sum, cohort),
+        cohort=cohort, own_noise=own, central_noise=central, clip=min(clips) if clips else None,
+        epsilon=fed.config.privacy.epsilon, seeded=bool(fed.config.insecure_seeded_randomness),
+    )

@@ -1,0 +1,122 @@
+"""A SuperNode's between-phase client state: a versioned snapshot, sealed, bound to where and when it opens.
+
+Flower starts a fresh ClientApp process for every message, so a client's round secrets must survive
+between phases in the node's ``Context.state``. What is kept is :meth:`secagg.client.SecAggClient.snapshot`
+(the versioned wire record codec; never pickle), sealed with AES-256-GCM
+(:mod:`secagg._hazmat.seal`) under a key only this node holds (``state-key-file`` in its node config).
+The associated data binds the run, the node, the session, the round, the step (how many protocol
+steps of this round the node has taken, which the ServerApp states in each step message) and the
+machine's phase; :meth:`~secagg.client.SecAggClient.restore` checks session, round and phase again.
+So an older blob (an earlier phase or round of the same run: rollback), another node's blob, or an
+altered one is refused with :class:`~secagg.errors.ProtocolError`.
+
+Who is trusted: the node's own store (Flower's NodeState) holds only sealed blobs; anyone who can
+replace them AND make the ServerApp state an old step could replay, which needs both the node's
+store and the server.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context
+
+from secagg.errors import CodecError, KeyMismatchError, ProtocolError
+
+__all__ = ["STATE_KEY_FILE", "STATE_RECORD", "clear", "load", "make_state_key", "state_key", "store"]
+
+STATE_RECORD = "privagg-state"
+"""The ``Context.state`` record that holds the sealed machine."""
+STATE_KEY_FILE = "state-key-file"
+"""The SuperNode ``--node-config`` key naming this node's sealing key (hex, 0600)."""
+_VERSION = 1
+
+
+def make_state_key(path: Path) -> Path:
+    """Write a fresh 32-byte key (hex, mode 0600) that seals this SuperNode's protocol state."""
+    from secagg._hazmat.seal import new_key
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(new_key().hex())
+    return path
+
+
+def state_key(context: Context) -> bytes:
+    """This node's sealing key, from the file its own node config names (an error naming the fix if absent)."""
+    path = context.node_config.get(STATE_KEY_FILE)
+    if not isinstance(path, str) or not path:
+        raise RuntimeError(
+            f"this SuperNode has no {STATE_KEY_FILE!r} in its --node-config; start it with "
+            f"`privagg flower supernode` (which makes one), or pass --node-config "
+            f"'{STATE_KEY_FILE}=\"/path/state.key\"' naming a file of 64 hex digits (mode 0600)"
+        )
+    try:
+        key = bytes.fromhex(Path(path).read_text().strip())
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise RuntimeError(f"{path} must hold a 32-byte key in hex; recreate it with `privagg flower supernode`")
+    return key
+
+
+def _aad(context: Context, *, session: bytes, round: int, step: int, phase: str) -> bytes:
+    """``privagg-flower-state | version | run | node | session | round | step | phase``, length-prefixed."""
+    parts = [b"privagg-flower-state", str(_VERSION).encode(), str(context.run_id).encode(),
+             str(context.node_id).encode(), bytes(session), str(round).encode(), str(step).encode(), phase.encode()]
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def store(context: Context, machine: Any, *, session: bytes, round: int, step: int) -> None:
+    """Seal ``machine`` (a :class:`~secagg.client.SecAggClient`) into the node's state for ``step``."""
+    from secagg._hazmat.seal import seal
+    from secagg.client import SecAggClient
+
+    if not isinstance(machine, SecAggClient):
+        raise ProtocolError(f"the Flower runner keeps state only for SecAgg/SecAgg+ clients, not {type(machine)}")
+    if getattr(machine, "_auth", False):
+        raise ProtocolError("authenticated SecAgg does not run over Flower yet (its identity keys are per process)")
+    phase = str(machine.state)
+    blob = seal(state_key(context), machine.snapshot(),
+                aad=_aad(context, session=session, round=round, step=step, phase=phase))
+    context.state[STATE_RECORD] = ConfigRecord(
+        {"blob": blob, "round": round, "session": bytes(session), "step": step, "phase": phase}
+    )
+
+
+def load(context: Context, *, session: bytes, round: int, step: int) -> Any:
+    """The machine stored for exactly this session, round and step; ``ProtocolError`` for anything else."""
+    from secagg._hazmat.seal import unseal
+    from secagg.client import SecAggClient
+
+    if STATE_RECORD not in context.state:
+        raise ProtocolError("no protocol state for this round on this node (restarted mid-round?)")
+    rec: Any = context.state[STATE_RECORD]
+    try:
+        blob, phase = bytes(rec["blob"]), str(rec["phase"])
+        stored = (bytes(rec["session"]), int(rec["round"]), int(rec["step"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"the stored protocol state is malformed: {exc}") from exc
+    if stored != (bytes(session), round, step):
+        raise ProtocolError(
+            f"the stored protocol state is of round {stored[1]} step {stored[2]}, the server's message of round "
+            f"{round} step {step} (another session, or an old state replayed): refusing it"
+        )
+    try:
+        raw = unseal(state_key(context), blob, aad=_aad(context, session=session, round=round, step=step,
+                                                         phase=phase))
+        return SecAggClient.restore(raw, session=session, round=round, state=phase)
+    except KeyMismatchError as exc:
+        raise ProtocolError("the stored protocol state does not authenticate under this node's key and binding") \
+            from exc
+    except CodecError as exc:
+        raise ProtocolError(f"the stored protocol state does not decode: {exc}") from exc
+
+
+def clear(context: Context) -> None:
+    """Forget the round's secrets (after the last phase)."""
+    if STATE_RECORD in context.state:
+        del context.state[STATE_RECORD]
