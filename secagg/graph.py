@@ -390,6 +390,14 @@ class NeighbourGraph:
         """``u`` and its neighbours: the holders of u's shares."""
         return self.neighbours(u) | {u}
 
+    def holder_xs(self, holder: int, owners: Sequence[int]) -> list[int]:
+        """:meth:`share_x` of ``holder`` in each of the ``owners``' groups (which must contain it), fast."""
+        if self._perm is None:
+            return [holder + 1] * len(owners)
+        pos, h, n = self._pos, self.k // 2, self.n
+        mine = pos[holder] + h
+        return [(mine - pos[v]) % n + 1 for v in owners]
+
     def materialise(self) -> None:
         """Compute every neighbourhood at once (vectorised; the server's O(n k))."""
         if self._perm is None or len(self._adj) == self.n:

@@ -392,15 +392,15 @@ class SecAggServer:
         self._require(_state.UNMASK, u5, [*u3, *needs_s])
         b_sh: dict[int, list[tuple[int, int]]] = {u: [] for u in u3}
         s_sh: dict[int, list[tuple[int, int]]] = {w: [] for w in needs_s}
-        x_of = self._graph.share_x  # (owner, holder) -> the holder's evaluation point
+        xs_of = self._graph.holder_xs  # r's evaluation point in each owner's group (r answered for them)
         for r in sorted(u5):
             resp = self._responses[r]
             ys_b, ys_s = self._decoded[r]
-            for v, y in zip(resp.alive, ys_b, strict=True):
-                b_sh[v].append((x_of(v, r), y))
-            for v, y in zip(resp.dropped, ys_s, strict=True):
+            for v, x, y in zip(resp.alive, xs_of(r, resp.alive), ys_b, strict=True):
+                b_sh[v].append((x, y))
+            for v, x, y in zip(resp.dropped, xs_of(r, resp.dropped), ys_s, strict=True):
                 if v in s_sh:
-                    s_sh[v].append((x_of(v, r), y))
+                    s_sh[v].append((x, y))
         total = self._acc  # the accumulator is not needed afterwards: unmask in place
         exp = prg.MaskExpander(self._size, self._dtype)
         secrets = self._reconstruct({**{("b", u): b_sh[u] for u in u3}, **{("s", w): s_sh[w] for w in needs_s}})
