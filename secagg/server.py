@@ -361,8 +361,8 @@ class SecAggServer:
         """Every secret from exactly t shares; Lagrange coefficients once per share-holder set, batched.
 
         The t shares at the lowest points are used (offsets in a sparse graph: few gaps, so binomial
-        coefficients); other point sets get batched Lagrange coefficients, once per set. ``None`` marks a secret whose shares are inconsistent (or too few):
-        the caller names the client.
+        coefficients); other point sets get batched Lagrange coefficients, once per set. ``None`` marks a
+        secret whose shares are inconsistent (or too few): the caller names the client.
         """
         pts = {key: sorted(sh)[: self._t] for key, sh in shares.items() if len(sh) >= self._t}
         out: dict[tuple[str, int], bytes | None] = dict.fromkeys(shares)
