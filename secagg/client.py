@@ -262,8 +262,8 @@ class SecAggClient:
                 if ident is None or not sign.verify(ident, sig, label=ADVERTISE_SIG_LABEL, payload=payload):
                     raise ProtocolError(f"client {v}'s advertised keys carry no valid signature of its identity key")
         self._graph, self._t, self._dir = graph, t, entries
-        # Shamir-share b and s_sk among the group members present; x = id + 1.
-        xs = [v + 1 for v in msg.ids]
+        # Shamir-share b and s_sk among the group members present, at their points in this group.
+        xs = [graph.share_x(self._cid, v) for v in msg.ids]
         b_sh = shamir.split(self._b, xs, threshold=t, random_bytes=self._rand)
         s_sh = shamir.split(kex.private_bytes(self._s_sk), xs, threshold=t, random_bytes=self._rand)
         recipients: list[int] = []

@@ -325,6 +325,7 @@ class NeighbourGraph:
     seed: bytes
     _perm: _FeistelPermutation | None = field(repr=False, compare=False)
     _adj: dict[int, frozenset[int]] = field(default_factory=dict, repr=False, compare=False)
+    _pos: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, cohort: Iterable[int], *, k: int | None, session: bytes, round: int) -> NeighbourGraph:
@@ -364,13 +365,38 @@ class NeighbourGraph:
                 pos = int(self._perm([self._index(u)])[0])
                 h = self.k // 2
                 around = [(pos + j) % self.n for j in range(-h, h + 1) if j != 0]
-                got = frozenset(self.cohort[i] for i in self._perm(around, inverse=True))
+                ids = [self.cohort[i] for i in self._perm(around, inverse=True)]
+                self._pos[u] = pos
+                self._pos.update(zip(ids, around, strict=True))
+                got = frozenset(ids)
             self._adj[u] = got
         return got
+
+    def share_x(self, u: int, v: int) -> int:
+        """The Shamir evaluation point at which group member ``v`` holds ``u``'s shares.
+
+        Complete graph: ``v + 1``. Sparse graph: v's offset from u on the circle, shifted into
+        ``[1, k + 1]`` (u itself at ``k/2 + 1``). Every share group then uses the same points, so the
+        server computes Lagrange coefficients once per pattern of answering offsets, not per client.
+        """
+        if self._perm is None:
+            return v + 1
+        if v != u and v not in self.neighbours(u):
+            raise KeyError(f"client {v} holds no share of client {u}")
+        h = self.k // 2
+        return (self._pos[v] - self._pos[u] + h) % self.n + 1
 
     def group(self, u: int) -> frozenset[int]:
         """``u`` and its neighbours: the holders of u's shares."""
         return self.neighbours(u) | {u}
+
+    def holder_xs(self, holder: int, owners: Sequence[int]) -> list[int]:
+        """:meth:`share_x` of ``holder`` in each of the ``owners``' groups (which must contain it), fast."""
+        if self._perm is None:
+            return [holder + 1] * len(owners)
+        pos, h, n = self._pos, self.k // 2, self.n
+        mine = pos[holder] + h
+        return [(mine - pos[v]) % n + 1 for v in owners]
 
     def materialise(self) -> None:
         """Compute every neighbourhood at once (vectorised; the server's O(n k))."""
@@ -385,6 +411,7 @@ class NeighbourGraph:
         nb = ids[at[(pos[:, None] + offsets[None, :]) % self.n]]
         for i, u in enumerate(self.cohort):
             self._adj.setdefault(u, frozenset(nb[i].tolist()))
+        self._pos.update(zip(self.cohort, pos.tolist(), strict=True))
 
     def group_sizes(self) -> Sequence[int]:
         self.materialise()

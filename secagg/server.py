@@ -106,6 +106,7 @@ class SecAggServer:
         self._sigs: dict[int, bytes] = {}
         self._requests: dict[int, UnmaskRequest] = {}
         self._responses: dict[int, UnmaskResponse] = {}
+        self._decoded: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._u1: tuple[int, ...] = ()
         self._u2: tuple[int, ...] = ()
         self._survivors: tuple[int, ...] = ()
@@ -243,12 +244,15 @@ class SecAggServer:
             raise ProtocolError(f"client {msg.sender} answered for other clients than the server asked about")
         if len(msg.b_shares) != len(req.alive) or len(msg.s_shares) != len(req.dropped):
             raise ProtocolError(f"client {msg.sender} sent the wrong number of shares")
-        try:
-            for s in (*msg.b_shares, *msg.s_shares):
-                shamir.decode_share(s)
+        try:  # decoded once, here; the unmask step uses the values
+            decoded = (
+                tuple(shamir.decode_share(s) for s in msg.b_shares),
+                tuple(shamir.decode_share(s) for s in msg.s_shares),
+            )
         except ValueError as exc:
             raise ProtocolError(f"client {msg.sender} sent a malformed share: {exc}") from exc
         self._responses[msg.sender] = msg
+        self._decoded[msg.sender] = decoded
 
     # ------------------------------------------------------------------ phase transitions
     def _require(self, phase: str, live: set[int], whose: Iterable[int]) -> None:
@@ -365,15 +369,27 @@ class SecAggServer:
     def _reconstruct(self, shares: dict[tuple[str, int], list[tuple[int, int]]]) -> dict[tuple[str, int], bytes | None]:
         """Every secret from exactly t shares; Lagrange coefficients once per share-holder set, batched.
 
-        ``None`` marks a secret whose shares are inconsistent (or too few): the caller names the client.
+        The t shares at the lowest points are used (offsets in a sparse graph: few gaps, so binomial
+        coefficients); other point sets get batched Lagrange coefficients, once per set. ``None`` marks a
+        secret whose shares are inconsistent (or too few): the caller names the client.
         """
-        pts = {key: sorted(sh) for key, sh in shares.items() if len(sh) == self._t}
-        sets = sorted({tuple(x for x, _ in p) for p in pts.values()})
-        coeffs = dict(zip(sets, shamir.lagrange_batch(sets), strict=True))
+        pts = {key: sorted(sh)[: self._t] for key, sh in shares.items() if len(sh) >= self._t}
         out: dict[tuple[str, int], bytes | None] = dict.fromkeys(shares)
+        sparse = {}
         for key, p in pts.items():
+            xs = tuple(x for x, _ in p)
+            if not shamir.dense_points(xs):  # e.g. complete graph over scattered ids
+                sparse[key] = xs
+                continue
+            try:  # offsets 1..k+1: binomial coefficients, no inversion per share
+                out[key] = shamir.combine_points(p)
+            except ValueError:
+                out[key] = None
+        sets = sorted(set(sparse.values()))
+        coeffs = dict(zip(sets, shamir.lagrange_batch(sets), strict=True))
+        for key, xs in sparse.items():
             try:
-                out[key] = shamir.combine_with(coeffs[tuple(x for x, _ in p)], [y for _, y in p])
+                out[key] = shamir.combine_with(coeffs[xs], [y for _, y in pts[key]])
             except ValueError:
                 out[key] = None
         return out
@@ -385,14 +401,15 @@ class SecAggServer:
         self._require(_state.UNMASK, u5, [*u3, *needs_s])
         b_sh: dict[int, list[tuple[int, int]]] = {u: [] for u in u3}
         s_sh: dict[int, list[tuple[int, int]]] = {w: [] for w in needs_s}
+        xs_of = self._graph.holder_xs  # r's evaluation point in each owner's group (r answered for them)
         for r in sorted(u5):
             resp = self._responses[r]
-            for v, s in zip(resp.alive, resp.b_shares, strict=True):
-                if len(b_sh[v]) < self._t:
-                    b_sh[v].append((r + 1, shamir.decode_share(s)))
-            for v, s in zip(resp.dropped, resp.s_shares, strict=True):
-                if v in s_sh and len(s_sh[v]) < self._t:
-                    s_sh[v].append((r + 1, shamir.decode_share(s)))
+            ys_b, ys_s = self._decoded[r]
+            for v, x, y in zip(resp.alive, xs_of(r, resp.alive), ys_b, strict=True):
+                b_sh[v].append((x, y))
+            for v, x, y in zip(resp.dropped, xs_of(r, resp.dropped), ys_s, strict=True):
+                if v in s_sh:
+                    s_sh[v].append((x, y))
         total = self._acc  # the accumulator is not needed afterwards: unmask in place
         exp = prg.MaskExpander(self._size, self._dtype)
         secrets = self._reconstruct({**{("b", u): b_sh[u] for u in u3}, **{("s", w): s_sh[w] for w in needs_s}})

@@ -152,6 +152,11 @@ def test_neighbourhoods_form_a_harary_graph(n: int, k: int, seed: bytes) -> None
         assert own[u] == full.neighbours(u)
         assert u not in own[u] and all(u in own[v] for v in own[u])  # undirected
         assert len(own[u]) == min(gr.k, n - 1)
+        members = sorted(full.group(u))
+        xs = [full.share_x(u, v) for v in members]
+        assert sorted(xs) == sorted(set(xs)) and all(x >= 1 for x in xs)  # distinct evaluation points
+        assert xs == [gr.share_x(u, v) for v in members]  # the client's own view agrees with the server's
+        assert [full.holder_xs(v, [u])[0] for v in members] == xs
 
 
 @settings(max_examples=30, deadline=None)

@@ -29,6 +29,17 @@ def test_batched_lagrange_equals_one_set_at_a_time(sets: list[list[int]]) -> Non
     assert shamir.lagrange_batch(point_sets) == [shamir.lagrange_at_zero(p) for p in point_sets]
 
 
+@settings(max_examples=60, deadline=None)
+@given(top=st.integers(1, 120), data=st.data())
+def test_gap_formula_equals_lagrange(top: int, data: st.DataObject) -> None:
+    xs = sorted(data.draw(st.sets(st.integers(1, top), min_size=1, max_size=top)) | {top})
+    secret = bytes(range(32))
+    ys = shamir.split(secret, xs, threshold=len(xs), coefficients=list(range(7, 7 + len(xs) - 1)))
+    if shamir.dense_points(tuple(xs)):
+        assert shamir.combine_points(list(zip(xs, ys, strict=True))) == secret
+    assert shamir.combine(list(zip(xs, ys, strict=True)), threshold=len(xs)) == secret
+
+
 def test_batched_reconstruction_recovers_secrets() -> None:
     secrets = [bytes([i]) * 32 for i in range(5)]
     rng = np.random.default_rng(3)
