@@ -34,7 +34,8 @@ from secagg.plain import PlainInput
 __all__ = ["MAGIC", "VERSION", "dumps", "loads", "pack_record", "unpack_record"]
 
 MAGIC: Final = b"PAGW"
-VERSION: Final = 1
+VERSION: Final = 2
+"""2: self-mask commitments in AdvertiseKeys/KeyDirectory; signatures on ShareKeys, MaskedInput, UnmaskResponse."""
 MAX_ITEMS: Final = 1 << 24
 """Upper bound on list lengths and array sizes a decoder accepts (a guard against absurd allocations)."""
 
@@ -67,6 +68,8 @@ _KIND_OF_FIELD: Final = {
     "c_pk": "bytes",
     "s_pk": "bytes",
     "signature": "bytes",
+    "b_commit": "bytes",
+    "b_commits": "blobs",
     "cohort": "ids",
     "ids": "ids",
     "recipients": "ids",

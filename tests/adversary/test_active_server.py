@@ -169,7 +169,8 @@ def _directory_for(cls: dict[int, SecAggClient]) -> Message:
     ads = {c: cl.start()[0] for c, cl in cls.items()}
     ids = tuple(sorted(ads))
     return KeyDirectory(SERVER, 0, h.SESSION, 1, ids, ids, tuple(ads[v].c_pk for v in ids),  # type: ignore[attr-defined]
-                        tuple(ads[v].s_pk for v in ids), tuple(ads[v].signature for v in ids))  # type: ignore[attr-defined]
+                        tuple(ads[v].s_pk for v in ids), tuple(ads[v].signature for v in ids),  # type: ignore[attr-defined]
+                        tuple(ads[v].b_commit for v in ids))  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("n", "threshold", "want"), [(10, 0.7, 3), (50, 0.7, 19), (9, 6, 2)])
