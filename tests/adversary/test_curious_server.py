@@ -84,7 +84,7 @@ def test_a_late_masked_input_of_a_dropped_client_stays_masked() -> None:
     exp = prg.MaskExpander(D, y.dtype)
     for v in range(4):  # strip every pairwise mask of client 4: only its self-mask is left
         seed = kex.agree(s4, cls[v]._dir[v][1], label=PAIR_MASK_LABEL, context=pair_context(h.SESSION, 1, 4, v))
-        exp.add(y, seed, -1 if 4 < v else +1)
+        exp.add(y, seed, -1 if v > 4 else +1)
     left = y.astype(np.uint64) & np.uint64(h.MOD - 1)
     assert not np.array_equal(left, vals[4])
     assert stats.kstest(left.astype(np.float64) / h.MOD, "uniform").pvalue > 1e-4
