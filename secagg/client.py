@@ -256,6 +256,12 @@ class SecAggClient:
             raise ProtocolError(f"cannot rebuild the neighbour graph: {exc}") from exc
         group = graph.group(self._cid)
         t = threshold_for(self._threshold, graph.k + 1)
+        floor = threshold_for(self._threshold, self._graph_spec.degree(self._min_cohort, self._threshold) + 1)
+        if t < floor:  # a (padded) cohort may only raise t above the planned cohort's, never lower it
+            raise ProtocolError(
+                f"the server's cohort of {len(msg.cohort)} gives t={t}, below the t={floor} of this client's "
+                f"planned cohort of {self._min_cohort}: refusing a cohort that lowers the threshold"
+            )
         if not set(msg.ids) <= group:
             raise ProtocolError("key directory lists clients that are not this client's neighbours")
         if n < t:

@@ -184,3 +184,23 @@ def test_ledger_states_exactly_the_proved_colluder_bound(n: int, threshold: floa
     t = g2.params["t"]
     assert g2.against == f"an honest-but-curious server colluding with at most {t - 1} clients"
     assert f"at most {n - t} dropouts per cohort" in g.assumptions
+
+
+def test_a_padded_cohort_cannot_lower_t_below_the_planned_one() -> None:
+    """Defence in depth: should a graph rule ever give a padded (larger) cohort a smaller t than the
+    planned cohort, the client refuses. (The shipped parameter finder is monotone for the settings we
+    searched, so the rule is simulated here.)"""
+
+    class Shrinking(GraphSpec):  # complete up to 10 clients, then degree 4
+        def degree(self, n: int, threshold: float | int) -> int:
+            return n - 1 if n <= 10 else 4
+
+    graph = Shrinking(complete=False)
+    ids, pubs = h.keys(2)
+    victim = SecAggClient(0, np.zeros(D, np.uint64), session=h.SESSION, round=1, modulus=h.MOD, size=D,
+                          threshold=0.7, min_cohort=10, graph=graph, identity_key=ids[0].private, identities=pubs)
+    victim.start()
+    from secagg.messages import KeyDirectory
+
+    with pytest.raises(ProtocolError, match="lowers the threshold"):  # t = 4 of 5 < the planned 7 of 10
+        victim.receive(KeyDirectory(SERVER, 0, h.SESSION, 1, tuple(range(20)), (0,), (b"",), (b"",), (b"",), (b"",)))
