@@ -204,3 +204,14 @@ def test_a_padded_cohort_cannot_lower_t_below_the_planned_one() -> None:
 
     with pytest.raises(ProtocolError, match="lowers the threshold"):  # t = 4 of 5 < the planned 7 of 10
         victim.receive(KeyDirectory(SERVER, 0, h.SESSION, 1, tuple(range(20)), (0,), (b"",), (b"",), (b"",), (b"",)))
+
+
+def test_secaggplus_ledger_states_the_per_group_bound() -> None:
+    """n = 100, k = 10, threshold 0.7: t = 8 of 11, so at most min(7, 2*8 - 11 - 1) = 4 colluders per group."""
+    spec = ValueSpec(size=D, cohort=100, domain="ring", modulus=h.MOD, value_bits=16)
+    info = RoundInfo(round=0, planned=tuple(range(100)), included=tuple(range(100)), population=100, sample_rate=1.0)
+    (g,) = SecAggPlus(threshold=0.7, neighbours=10, authenticated=True).guarantees(spec, info)
+    assert g.params["t"] == 8 and g.params["group"] == 11 and g.params["max_colluders"] == 4
+    assert g.against.startswith("an active (malicious) server colluding with at most 4 clients of any share group")
+    (u,) = SecAggPlus(threshold=0.7, neighbours=10).guarantees(spec, info)
+    assert u.against.startswith("an honest-but-curious server colluding with at most 7 clients of any share group")
