@@ -322,7 +322,8 @@ def _guarantee(
     else:
         assumptions.append(
             "message integrity and client authentication come from the transport (TLS with server and client "
-            "authentication); without it a network attacker can alter a masked input or a share undetected"
+            "authentication); without it a network attacker can alter a masked input or substitute relayed keys "
+            "undetected (wrong sum); altered shares are still caught by the self-mask commitments"
         )
     params: dict[str, Any] = {
         "t": t,

@@ -8,7 +8,8 @@ from typing import Final
 
 import numpy as np
 
-from secagg._hazmat import aead, shamir
+from secagg._hazmat import aead, commit, shamir
+from secagg.messages import MaskedInput, ShareKeys, UnmaskResponse
 
 __all__: list[str] = []
 
@@ -16,6 +17,10 @@ SHARE_KEY_LABEL: Final = b"privagg/secagg/share-encryption-key/v1"
 PAIR_MASK_LABEL: Final = b"privagg/secagg/pairwise-mask-seed/v1"
 ADVERTISE_SIG_LABEL: Final = b"privagg/secagg/advertise-keys/v1"
 SURVIVORS_SIG_LABEL: Final = b"privagg/secagg/survivor-list/v1"
+SHARE_KEYS_SIG_LABEL: Final = b"privagg/secagg/share-keys/v1"
+MASKED_SIG_LABEL: Final = b"privagg/secagg/masked-input/v1"
+UNMASK_SIG_LABEL: Final = b"privagg/secagg/unmask-response/v1"
+B_COMMIT_LABEL: Final = b"privagg/secagg/self-mask-commitment/v1"
 PLAINTEXT_BYTES: Final = 2 * shamir.SHARE_BYTES
 CIPHERTEXT_BYTES: Final = PLAINTEXT_BYTES + aead.OVERHEAD
 
@@ -26,8 +31,43 @@ def pair_context(session: bytes, round: int, u: int, v: int) -> bytes:
     return aead.associated_data(session, round, a, b)
 
 
-def advertise_payload(session: bytes, round: int, cid: int, c_pk: bytes, s_pk: bytes) -> bytes:
-    return aead.associated_data(session, round, cid, -1) + c_pk + s_pk
+def advertise_payload(session: bytes, round: int, cid: int, c_pk: bytes, s_pk: bytes, b_commit: bytes) -> bytes:
+    return aead.associated_data(session, round, cid, -1) + c_pk + s_pk + b_commit
+
+
+def commit_context(session: bytes, round: int, cid: int) -> bytes:
+    """Where a self-mask commitment belongs: its owner, session and round."""
+    return aead.associated_data(session, round, cid, -1)
+
+
+def _ids(ids: Sequence[int]) -> bytes:
+    return b"".join(i.to_bytes(8, "big", signed=True) for i in ids)
+
+
+def message_payload(session: bytes, round: int, msg: ShareKeys | MaskedInput | UnmaskResponse) -> bytes:
+    """The signed statement of a client's message: (session, round, sender) | digest of its content.
+
+    The phase is the signature's label (:func:`message_label`), so a signature never moves to another
+    phase, round, session or sender; the digest covers every content field.
+    """
+    if isinstance(msg, ShareKeys):
+        parts: list[bytes] = [_ids(msg.recipients), *msg.ciphertexts]
+    elif isinstance(msg, MaskedInput):
+        y = np.asarray(msg.y)
+        size = y.dtype.itemsize
+        parts = [bytes((size,)), np.ascontiguousarray(y, dtype=y.dtype.newbyteorder("<")).tobytes()]
+    else:
+        parts = [_ids(msg.alive), *msg.b_shares, _ids(msg.dropped), *msg.s_shares]
+    label = message_label(msg)
+    return aead.associated_data(session, round, msg.sender, -1) + commit.digest(label, parts)
+
+
+def message_label(msg: ShareKeys | MaskedInput | UnmaskResponse) -> bytes:
+    if isinstance(msg, ShareKeys):
+        return SHARE_KEYS_SIG_LABEL
+    if isinstance(msg, MaskedInput):
+        return MASKED_SIG_LABEL
+    return UNMASK_SIG_LABEL
 
 
 def survivors_payload(session: bytes, round: int, survivors: Sequence[int]) -> bytes:

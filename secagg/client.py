@@ -9,6 +9,7 @@ mode) does not match a survivor list signed by at least ``t`` of its neighbours.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -20,18 +21,22 @@ from numpy.typing import NDArray
 from secagg import _state, wire
 from secagg._common import (
     ADVERTISE_SIG_LABEL,
+    B_COMMIT_LABEL,
     CIPHERTEXT_BYTES,
     PAIR_MASK_LABEL,
     SHARE_KEY_LABEL,
     SURVIVORS_SIG_LABEL,
     advertise_payload,
+    commit_context,
+    message_label,
+    message_payload,
     pair_context,
     ring_bits,
     sorted_unique,
     survivors_payload,
     word_dtype,
 )
-from secagg._hazmat import aead, kex, prg, shamir, sign
+from secagg._hazmat import aead, commit, kex, prg, shamir, sign
 from secagg.errors import CodecError, KeyMismatchError, OverflowRiskError, ProtocolError
 from secagg.graph import GraphSpec, NeighbourGraph
 from secagg.machine import SERVER, Message
@@ -166,15 +171,29 @@ class SecAggClient:
         if self._state != "new":
             raise ProtocolError(f"client {self._cid} already started")
         c_pk, s_pk = kex.public_bytes(self._c_sk), kex.public_bytes(self._s_sk)
+        b_commit = commit.commit(
+            self._b, label=B_COMMIT_LABEL, context=commit_context(self._session, self._round, self._cid)
+        )
         sig = b""
         if self._identity_key is not None:
             sig = sign.sign(
                 sign.private_from_bytes(self._identity_key),
                 label=ADVERTISE_SIG_LABEL,
-                payload=advertise_payload(self._session, self._round, self._cid, c_pk, s_pk),
+                payload=advertise_payload(self._session, self._round, self._cid, c_pk, s_pk, b_commit),
             )
         self._state = "advertised"
-        return [AdvertiseKeys(self._cid, SERVER, self._session, self._round, c_pk, s_pk, sig)]
+        return [AdvertiseKeys(self._cid, SERVER, self._session, self._round, c_pk, s_pk, b_commit, sig)]
+
+    def _signed(self, msg: ShareKeys | MaskedInput | UnmaskResponse) -> list[Message]:
+        """Authenticated mode: sign (session, round, sender, phase, digest of the content); else as is."""
+        if self._identity_key is None:
+            return [msg]
+        sig = sign.sign(
+            sign.private_from_bytes(self._identity_key),
+            label=message_label(msg),
+            payload=message_payload(self._session, self._round, msg),
+        )
+        return [dataclasses.replace(msg, signature=sig)]
 
     def receive(self, msg: Message) -> list[Message]:
         session = getattr(msg, "session", None)
@@ -219,7 +238,8 @@ class SecAggClient:
 
     def _on_directory(self, msg: KeyDirectory) -> list[Message]:
         n = len(msg.ids)
-        if not (len(msg.c_pks) == len(msg.s_pks) == len(msg.signatures) == n) or not sorted_unique(msg.ids):
+        same = len(msg.c_pks) == len(msg.s_pks) == len(msg.signatures) == len(msg.b_commits) == n
+        if not same or not sorted_unique(msg.ids):
             raise ProtocolError("key directory is malformed (lengths differ or ids not sorted and unique)")
         if not sorted_unique(msg.cohort) or self._cid not in msg.cohort:
             raise ProtocolError("key directory's cohort is malformed or does not include this client")
@@ -237,6 +257,12 @@ class SecAggClient:
             raise ProtocolError(f"cannot rebuild the neighbour graph: {exc}") from exc
         group = graph.group(self._cid)  # O(k + log n): only this client's neighbourhood is evaluated
         t = self._graph_spec.parameters(graph.n, self._threshold)[1]
+        floor = self._graph_spec.parameters(self._min_cohort, self._threshold)[1]
+        if t < floor:  # a (padded) cohort may only raise t above the planned cohort's, never lower it
+            raise ProtocolError(
+                f"the server's cohort of {len(msg.cohort)} gives t={t}, below the t={floor} of this client's "
+                f"planned cohort of {self._min_cohort}: refusing a cohort that lowers the threshold"
+            )
         if not set(msg.ids) <= group:
             raise ProtocolError("key directory lists clients that are not this client's neighbours")
         if n < t:
@@ -256,9 +282,9 @@ class SecAggClient:
         if any(len(k) != kex.KEY_BYTES for k in all_keys) or len(set(all_keys)) != len(all_keys):
             raise ProtocolError("advertised keys must be 32 bytes and pairwise distinct")
         if self._identities is not None:
-            for v, sig in zip(msg.ids, msg.signatures, strict=True):
+            for v, sig, bc in zip(msg.ids, msg.signatures, msg.b_commits, strict=True):
                 ident = self._identities.get(v)
-                payload = advertise_payload(self._session, self._round, v, *entries[v])
+                payload = advertise_payload(self._session, self._round, v, *entries[v], bc)
                 if ident is None or not sign.verify(ident, sig, label=ADVERTISE_SIG_LABEL, payload=payload):
                     raise ProtocolError(f"client {v}'s advertised keys carry no valid signature of its identity key")
         self._graph, self._t, self._dir = graph, t, entries
@@ -289,7 +315,7 @@ class SecAggClient:
                 )
             )
             recipients.append(v)
-        return [ShareKeys(self._cid, SERVER, self._session, self._round, tuple(recipients), tuple(cts))]
+        return self._signed(ShareKeys(self._cid, SERVER, self._session, self._round, tuple(recipients), tuple(cts)))
 
     def _share_key(self, v: int) -> bytes:
         key = self._share_keys.get(v)
@@ -344,7 +370,7 @@ class SecAggClient:
             y &= self._dtype(self._modulus - 1)
         self._value = np.zeros(0, dtype=self._dtype)  # the clear input is no longer needed
         self._share_keys.clear()
-        return [MaskedInput(self._cid, SERVER, self._session, self._round, y)]
+        return self._signed(MaskedInput(self._cid, SERVER, self._session, self._round, y))
 
     def _on_consistency(self, msg: ConsistencyCheck) -> list[Message]:
         assert self._graph is not None and self._identity_key is not None
@@ -384,7 +410,7 @@ class SecAggClient:
         b_sh = tuple(shamir.encode_share(self._held[v][0]) for v in alive)
         s_sh = tuple(shamir.encode_share(self._held[v][1]) for v in dropped)
         self._held.clear()  # answer at most once
-        return [UnmaskResponse(self._cid, SERVER, self._session, self._round, alive, b_sh, dropped, s_sh)]
+        return self._signed(UnmaskResponse(self._cid, SERVER, self._session, self._round, alive, b_sh, dropped, s_sh))
 
     def _check_signed_survivors(self, msg: UnmaskRequest) -> None:
         assert self._survivors is not None and self._identities is not None and self._graph is not None

@@ -31,10 +31,14 @@ class ProtocolError(SecAggError):
 class AbortError(SecAggError):
     """Too few parties answered a phase for the protocol to finish safely; the round produces no sum."""
 
-    def __init__(self, phase: str, *, needed: int, answered: int) -> None:
+    def __init__(self, phase: str, *, needed: int, answered: int, reason: str | None = None) -> None:
         self.phase = phase
         self.needed = needed
         self.answered = answered
+        self.reason = reason
+        if reason is not None:  # e.g. too few *valid* shares: some client sent wrong ones
+            super().__init__(f"round aborted in phase {phase!r}: {reason}")
+            return
         super().__init__(
             f"round aborted in phase {phase!r}: {answered} client(s) answered but at least {needed} are "
             f"needed (the threshold t). Lower the threshold, sample a larger cohort, or lengthen the "

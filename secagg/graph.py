@@ -46,10 +46,9 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from numpy.typing import NDArray
 
-from secagg._hazmat import kex
+from secagg._hazmat import kex, prg
 
 __all__ = [
     "GRAPH_LABEL",
@@ -279,13 +278,13 @@ class _FeistelPermutation:
         bits = max(2, (max(1, n - 1)).bit_length())
         self._half = (bits + 1) // 2
         self._mask = np.uint64((1 << self._half) - 1)
-        self._enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+        self._enc = prg.BlockPrf(key)
 
     def _f(self, r: int, x: NDArray[np.uint64]) -> NDArray[np.uint64]:
         blocks = np.zeros((len(x), 2), dtype="<u8")
         blocks[:, 0] = r
         blocks[:, 1] = x
-        out = np.frombuffer(self._enc.update(blocks.tobytes()), dtype="<u8").reshape(-1, 2)
+        out = np.frombuffer(self._enc.blocks(blocks.tobytes()), dtype="<u8").reshape(-1, 2)
         return out[:, 0] & self._mask
 
     def _once(self, x: NDArray[np.uint64], inverse: bool) -> NDArray[np.uint64]:

@@ -31,7 +31,8 @@ class AdvertiseKeys:
     """Client -> server (phase ``advertise``): two X25519 public keys, signed in authenticated mode.
 
     ``c_pk`` encrypts the shares sent to this client; ``s_pk`` derives its pairwise masks.
-    ``signature``: Ed25519 over (session, round, sender, c_pk, s_pk), empty when unauthenticated.
+    ``b_commit``: SHA-256 commitment to the self-mask seed b (checked when the server reconstructs b).
+    ``signature``: Ed25519 over (session, round, sender, c_pk, s_pk, b_commit), empty when unauthenticated.
     """
 
     sender: int
@@ -40,6 +41,7 @@ class AdvertiseKeys:
     round: int
     c_pk: bytes
     s_pk: bytes
+    b_commit: bytes = b""
     signature: bytes = b""
 
 
@@ -47,7 +49,9 @@ class AdvertiseKeys:
 class KeyDirectory:
     """Server -> client: the advertised keys of the client's neighbourhood (itself included).
 
-    ``cohort``: every client sampled for the round, from which the client recomputes the neighbour graph.
+    ``cohort``: every client sampled for the round, from which the client recomputes the neighbour graph
+    (unsigned: a client refuses a cohort smaller than its own configured ``min_cohort``).
+    ``b_commits``: the listed clients' self-mask commitments (part of their signed advertisements).
     """
 
     sender: int
@@ -59,11 +63,15 @@ class KeyDirectory:
     c_pks: tuple[bytes, ...]
     s_pks: tuple[bytes, ...]
     signatures: tuple[bytes, ...]
+    b_commits: tuple[bytes, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
 class ShareKeys:
-    """Client -> server (phase ``share``): one AES-GCM ciphertext of Shamir shares per neighbour."""
+    """Client -> server (phase ``share``): one AES-GCM ciphertext of Shamir shares per neighbour.
+
+    ``signature``: Ed25519 over (session, round, sender, phase, digest of the fields) in authenticated mode.
+    """
 
     sender: int
     recipient: int
@@ -71,6 +79,7 @@ class ShareKeys:
     round: int
     recipients: tuple[int, ...]
     ciphertexts: tuple[bytes, ...]
+    signature: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +98,8 @@ class ShareDelivery:
 class MaskedInput:
     """Client -> server (phase ``masked``): y = x + PRG(b) + sum of +-pairwise masks, in Z_2^k.
 
-    ``y`` is uint32 when k <= 32, else uint64.
+    ``y`` is uint32 when k <= 32, else uint64. ``signature``: Ed25519 over (session, round, sender, phase,
+    SHA-256 of y's words) in authenticated mode; otherwise integrity comes from the transport (TLS).
     """
 
     sender: int
@@ -97,6 +107,7 @@ class MaskedInput:
     session: bytes
     round: int
     y: NDArray[np.uint32] | NDArray[np.uint64]
+    signature: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +152,10 @@ class UnmaskRequest:
 
 @dataclass(frozen=True, slots=True)
 class UnmaskResponse:
-    """Client -> server (phase ``unmask``): shares of b_v for the alive ids, of s_v^SK for the dropped ids."""
+    """Client -> server (phase ``unmask``): shares of b_v for the alive ids, of s_v^SK for the dropped ids.
+
+    ``signature``: Ed25519 over (session, round, sender, phase, digest of the fields) in authenticated mode.
+    """
 
     sender: int
     recipient: int
@@ -151,6 +165,7 @@ class UnmaskResponse:
     b_shares: tuple[bytes, ...]
     dropped: tuple[int, ...]
     s_shares: tuple[bytes, ...]
+    signature: bytes = b""
 
 
 SecAggMessage = (

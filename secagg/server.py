@@ -12,6 +12,8 @@ uint32/uint64 vector operations (natural wrap-around) and reduced mod 2^k.
 
 from __future__ import annotations
 
+import itertools
+import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
@@ -21,16 +23,20 @@ from numpy.typing import NDArray
 from secagg import _state
 from secagg._common import (
     ADVERTISE_SIG_LABEL,
+    B_COMMIT_LABEL,
     CIPHERTEXT_BYTES,
     PAIR_MASK_LABEL,
     SURVIVORS_SIG_LABEL,
     advertise_payload,
+    commit_context,
+    message_label,
+    message_payload,
     pair_context,
     ring_bits,
     survivors_payload,
     word_dtype,
 )
-from secagg._hazmat import kex, prg, shamir, sign
+from secagg._hazmat import commit, kex, prg, shamir, sign
 from secagg.errors import AbortError, ProtocolError
 from secagg.graph import GraphSpec, NeighbourGraph
 from secagg.machine import SERVER, Message
@@ -47,6 +53,11 @@ from secagg.messages import (
 )
 
 __all__ = ["SecAggServer"]
+
+log = logging.getLogger(__name__)
+
+MAX_RECOVERY_TRIES = 512
+"""Share subsets tried when a reconstruction fails its check (bounds the work a liar can cause)."""
 
 
 class SecAggServer:
@@ -114,6 +125,7 @@ class SecAggServer:
         self._done = False
         self._asked_b: set[int] = set()
         self._asked_s: set[int] = set()
+        self._bad: dict[int, set[int]] = {}
 
     # ------------------------------------------------------------------ public state
     @property
@@ -193,13 +205,28 @@ class SecAggServer:
                 kex.agree(self._probe, pk, label=b"privagg/secagg/key-validity-probe")
             except ValueError as exc:
                 raise ProtocolError(f"client {msg.sender} advertised an unusable X25519 key") from exc
+        if len(msg.b_commit) != commit.COMMIT_BYTES:
+            raise ProtocolError(f"client {msg.sender} advertised no {commit.COMMIT_BYTES}-byte self-mask commitment")
         if self._identities is not None:
-            payload = advertise_payload(self._session, self._round, msg.sender, msg.c_pk, msg.s_pk)
+            payload = advertise_payload(self._session, self._round, msg.sender, msg.c_pk, msg.s_pk, msg.b_commit)
             if not sign.verify(self._identities[msg.sender], msg.signature, label=ADVERTISE_SIG_LABEL, payload=payload):
                 raise ProtocolError(f"client {msg.sender}'s advertised keys are not signed by its identity key")
         elif msg.signature:
             raise ProtocolError("signature on advertised keys in unauthenticated mode")
         self._adverts[msg.sender] = msg
+
+    def _check_signed(self, msg: ShareKeys | MaskedInput | UnmaskResponse) -> None:
+        """Authenticated mode: the client's signature over (session, round, sender, phase, content digest)."""
+        if self._identities is None:
+            if msg.signature:
+                raise ProtocolError(f"signature on a {type(msg).__name__} in unauthenticated mode")
+            return
+        payload = message_payload(self._session, self._round, msg)
+        if not sign.verify(self._identities[msg.sender], msg.signature, label=message_label(msg), payload=payload):
+            raise ProtocolError(
+                f"{type(msg).__name__} from client {msg.sender} is not signed by its identity key: altered in "
+                f"transit, replayed from another phase, or forged"
+            )
 
     def _on_share(self, msg: ShareKeys) -> None:
         self._dup(self._shares, msg.sender)
@@ -210,6 +237,7 @@ class SecAggServer:
             raise ProtocolError(f"client {msg.sender} must send one ciphertext to each of {list(want)}")
         if any(len(c) != CIPHERTEXT_BYTES for c in msg.ciphertexts):
             raise ProtocolError(f"client {msg.sender} sent ciphertexts of the wrong length")
+        self._check_signed(msg)
         self._shares[msg.sender] = msg
 
     def _on_masked(self, msg: MaskedInput) -> None:
@@ -222,6 +250,7 @@ class SecAggServer:
                 f"client {msg.sender} sent a masked input of {getattr(y, 'dtype', type(y))} "
                 f"{getattr(y, 'shape', '')}; expected {np.dtype(self._dtype)} ({self._size},)"
             )
+        self._check_signed(msg)
         np.add(self._acc, y, out=self._acc)
         self._u3.add(msg.sender)
 
@@ -251,6 +280,7 @@ class SecAggServer:
             )
         except ValueError as exc:
             raise ProtocolError(f"client {msg.sender} sent a malformed share: {exc}") from exc
+        self._check_signed(msg)
         self._responses[msg.sender] = msg
         self._decoded[msg.sender] = decoded
 
@@ -303,6 +333,7 @@ class SecAggServer:
                     tuple(a.c_pk for a in ads),
                     tuple(a.s_pk for a in ads),
                     tuple(a.signature for a in ads),
+                    tuple(a.b_commit for a in ads),
                 )
             )
         return out
@@ -394,6 +425,45 @@ class SecAggServer:
                 out[key] = None
         return out
 
+    @property
+    def bad_shares(self) -> Mapping[int, frozenset[int]]:
+        """Sender -> owners whose share it sent wrong (found when a reconstruction failed its check).
+
+        Only shares the server needed are judged: a wrong spare share beyond the first t is never used.
+        """
+        return {r: frozenset(v) for r, v in self._bad.items()}
+
+    def _opens_commitment(self, u: int) -> Callable[[bytes], bool]:
+        ctx, want = commit_context(self._session, self._round, u), self._adverts[u].b_commit
+        return lambda secret: commit.matches(secret, want, label=B_COMMIT_LABEL, context=ctx)
+
+    def _opens_mask_key(self, w: int) -> Callable[[bytes], bool]:
+        public = self._adverts[w].s_pk
+        return lambda secret: _opens_key(secret, public)
+
+    def _recover(
+        self, owner: int, what: str, shares: list[tuple[int, int]], ok: Callable[[bytes], bool],
+        senders: Mapping[int, int],
+    ) -> bytes:
+        """A secret from >= t shares that passes ``ok``; liars (``senders``: x -> client) are named and
+        dropped, else AbortError. The slow path, taken only after the fast reconstruction failed its check."""
+        secret, bad = _reconstruct(shares, self._t, ok)
+        for x in sorted(bad):
+            log.warning("client %d sent a wrong share of client %d's %s; dropped", senders[x], owner, what)
+            self._bad.setdefault(senders[x], set()).add(owner)
+        if secret is None:
+            raise AbortError(
+                _state.UNMASK,
+                needed=self._t,
+                answered=len(shares),
+                reason=(
+                    f"the {len(shares)} shares of client {owner}'s {what} contain no {self._t} that reconstruct "
+                    f"the secret it committed to when advertising its keys: some client(s) sent wrong shares. "
+                    f"No sum is released; find the faulty client(s) or raise the number of spare responders"
+                ),
+            )
+        return secret
+
     def _close_unmask(self) -> None:
         u5 = set(self._responses)
         u3 = set(self._u3)
@@ -401,35 +471,30 @@ class SecAggServer:
         self._require(_state.UNMASK, u5, [*u3, *needs_s])
         b_sh: dict[int, list[tuple[int, int]]] = {u: [] for u in u3}
         s_sh: dict[int, list[tuple[int, int]]] = {w: [] for w in needs_s}
+        who: dict[tuple[str, int], dict[int, int]] = {}  # (kind, owner) -> evaluation point -> sender
         xs_of = self._graph.holder_xs  # r's evaluation point in each owner's group (r answered for them)
-        for r in sorted(u5):
+        for r in sorted(u5):  # every share that came back: spares let the server drop a wrong one
             resp = self._responses[r]
             ys_b, ys_s = self._decoded[r]
             for v, x, y in zip(resp.alive, xs_of(r, resp.alive), ys_b, strict=True):
                 b_sh[v].append((x, y))
+                who.setdefault(("b", v), {})[x] = r
             for v, x, y in zip(resp.dropped, xs_of(r, resp.dropped), ys_s, strict=True):
                 if v in s_sh:
                     s_sh[v].append((x, y))
+                    who.setdefault(("s", v), {})[x] = r
         total = self._acc  # the accumulator is not needed afterwards: unmask in place
         exp = prg.MaskExpander(self._size, self._dtype)
         secrets = self._reconstruct({**{("b", u): b_sh[u] for u in u3}, **{("s", w): s_sh[w] for w in needs_s}})
         for u in sorted(u3):
-            b = secrets[("b", u)]
-            if b is None:
-                raise ProtocolError(f"the shares of client {u}'s self-mask seed are inconsistent")
+            b, opens = secrets[("b", u)], self._opens_commitment(u)
+            if b is None or not opens(b):  # fast path failed its check: find t good shares, name the liars
+                b = self._recover(u, "self-mask seed", b_sh[u], opens, who.get(("b", u), {}))
             exp.add(total, b, -1)
         for w in needs_s:
-            s_sk = secrets[("s", w)]
-            try:
-                ok = s_sk is not None and kex.public_from_private_bytes(s_sk) == self._adverts[w].s_pk
-            except ValueError:
-                ok = False
-            if not ok:
-                raise ProtocolError(
-                    f"the shares of dropped client {w}'s mask key do not reconstruct its advertised key: "
-                    f"a client sent a wrong share"
-                )
-            assert s_sk is not None
+            s_sk, opens = secrets[("s", w)], self._opens_mask_key(w)
+            if s_sk is None or not opens(s_sk):
+                s_sk = self._recover(w, "mask key", s_sh[w], opens, who.get(("s", w), {}))
             sk = kex.private_from_bytes(s_sk)
             for v in sorted(self._graph.neighbours(w) & u3):
                 seed = kex.agree(
@@ -446,3 +511,38 @@ class SecAggServer:
         self._result = result
         self._done = True
         self._i = len(self._phases) - 1
+
+
+def _opens_key(secret: bytes, public: bytes) -> bool:
+    try:
+        return kex.public_from_private_bytes(secret) == public
+    except ValueError:
+        return False
+
+
+def _reconstruct(
+    shares: Sequence[tuple[int, int]], t: int, ok: Callable[[bytes], bool]
+) -> tuple[bytes | None, set[int]]:
+    """(secret, x of each share found wrong): the first t shares, else t of the others that pass ``ok``.
+
+    Slow path only after a failed check: leave e = 1, 2, ... shares out (at most MAX_RECOVERY_TRIES
+    subsets); once t shares give a secret that passes, each left-out share is checked against their
+    polynomial, so exactly the wrong ones are named.
+    """
+    if len(shares) < t:
+        return None, set()
+    tries = 0
+    for e in range(len(shares) - t + 1):
+        for out in itertools.combinations(range(len(shares)), e):
+            tries += 1
+            if tries > MAX_RECOVERY_TRIES:
+                return None, set()
+            left = set(out)
+            used = [s for i, s in enumerate(shares) if i not in left][:t]
+            try:
+                secret = shamir.combine(used, threshold=t)
+            except ValueError:
+                continue
+            if ok(secret):
+                return secret, {shares[i][0] for i in out if shamir.interpolate(used, shares[i][0]) != shares[i][1]}
+    return None, set()

@@ -39,6 +39,8 @@ __all__ = ["MAGIC", "VERSION", "dumps", "loads", "pack_bits", "pack_record", "un
 
 MAGIC: Final = b"PAGW"
 VERSION: Final = 2
+"""2: masked inputs packed to the ring width; self-mask commitments in AdvertiseKeys/KeyDirectory; signatures on
+ShareKeys, MaskedInput, UnmaskResponse."""
 MAX_ITEMS: Final = 1 << 24
 """Upper bound on list lengths and array sizes a decoder accepts (a guard against absurd allocations)."""
 
@@ -71,6 +73,8 @@ _KIND_OF_FIELD: Final = {
     "c_pk": "bytes",
     "s_pk": "bytes",
     "signature": "bytes",
+    "b_commit": "bytes",
+    "b_commits": "blobs",
     "cohort": "ids",
     "ids": "ids",
     "recipients": "ids",

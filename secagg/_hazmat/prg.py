@@ -11,7 +11,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from numpy.typing import NDArray
 
-__all__ = ["SEED_BYTES", "MaskExpander", "expand", "keystream"]
+__all__ = ["SEED_BYTES", "BlockPrf", "MaskExpander", "expand", "keystream"]
 
 SEED_BYTES = 32
 _IV = b"\x00" * 16
@@ -74,3 +74,21 @@ class MaskExpander:
             np.add(acc, w, out=acc, casting="unsafe")
         else:
             np.subtract(acc, w, out=acc, casting="unsafe")
+
+
+class BlockPrf:
+    """AES-256 on whole 16-byte blocks under ``key`` (a PRF/PRP keyed from public session data, e.g. the
+    round functions of the neighbour graph's Feistel permutation). ECB is right here: every input block is
+    a distinct (round, point) pair, and the output is used as a pseudorandom function value, not to hide data."""
+
+    __slots__ = ("_enc",)
+
+    def __init__(self, key: bytes) -> None:
+        self._enc = Cipher(algorithms.AES(key), modes.ECB()).encryptor()
+
+    def blocks(self, data: bytes) -> bytes:
+        """AES_key of each 16-byte block of ``data``."""
+        if len(data) % 16:
+            raise ValueError(f"BlockPrf takes whole 16-byte blocks, got {len(data)} bytes")
+        return self._enc.update(data)
+

@@ -25,6 +25,7 @@ __all__ = [
     "combine_with",
     "decode_share",
     "encode_share",
+    "interpolate",
     "lagrange_at_zero",
     "lagrange_batch",
     "split",
@@ -224,3 +225,22 @@ def decode_share(data: bytes) -> int:
     if y >= PRIME:
         raise ValueError("share value is not a field element")
     return y
+
+
+def interpolate(shares: Sequence[tuple[int, int]], x: int) -> int:
+    """The value at ``x`` of the polynomial through ``shares`` (distinct points): names a share that lies.
+
+    O(t^2); used only on the slow path, after a reconstruction failed its commitment check.
+    """
+    pts = sorted(shares)
+    if len({p for p, _ in pts}) != len(pts):
+        raise ValueError("evaluation points must be distinct")
+    acc = 0
+    for i, (xi, yi) in enumerate(pts):
+        num, den = 1, 1
+        for j, (xj, _) in enumerate(pts):
+            if j != i:
+                num = num * (x - xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        acc = (acc + yi * num * pow(den, -1, PRIME)) % PRIME
+    return acc

@@ -169,7 +169,8 @@ def _directory_for(cls: dict[int, SecAggClient]) -> Message:
     ads = {c: cl.start()[0] for c, cl in cls.items()}
     ids = tuple(sorted(ads))
     return KeyDirectory(SERVER, 0, h.SESSION, 1, ids, ids, tuple(ads[v].c_pk for v in ids),  # type: ignore[attr-defined]
-                        tuple(ads[v].s_pk for v in ids), tuple(ads[v].signature for v in ids))  # type: ignore[attr-defined]
+                        tuple(ads[v].s_pk for v in ids), tuple(ads[v].signature for v in ids),  # type: ignore[attr-defined]
+                        tuple(ads[v].b_commit for v in ids))  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(("n", "threshold", "want"), [(10, 0.7, 3), (50, 0.7, 19), (9, 6, 2)])
@@ -183,3 +184,34 @@ def test_ledger_states_exactly_the_proved_colluder_bound(n: int, threshold: floa
     t = g2.params["t"]
     assert g2.against == f"an honest-but-curious server colluding with at most {t - 1} clients"
     assert f"at most {n - t} dropouts per cohort" in g.assumptions
+
+
+def test_a_padded_cohort_cannot_lower_t_below_the_planned_one() -> None:
+    """Defence in depth: should a graph rule ever give a padded (larger) cohort a smaller t than the
+    planned cohort, the client refuses. (The shipped parameter finder is monotone for the settings we
+    searched, so the rule is simulated here.)"""
+
+    class Shrinking(GraphSpec):  # complete up to 10 clients, then degree 4
+        def degree(self, n: int, threshold: float | int) -> int:
+            return n - 1 if n <= 10 else 4
+
+    graph = Shrinking(complete=False)
+    ids, pubs = h.keys(2)
+    victim = SecAggClient(0, np.zeros(D, np.uint64), session=h.SESSION, round=1, modulus=h.MOD, size=D,
+                          threshold=0.7, min_cohort=10, graph=graph, identity_key=ids[0].private, identities=pubs)
+    victim.start()
+    from secagg.messages import KeyDirectory
+
+    with pytest.raises(ProtocolError, match="lowers the threshold"):  # t = 4 of 5 < the planned 7 of 10
+        victim.receive(KeyDirectory(SERVER, 0, h.SESSION, 1, tuple(range(20)), (0,), (b"",), (b"",), (b"",), (b"",)))
+
+
+def test_secaggplus_ledger_states_the_per_group_bound() -> None:
+    """n = 100, k = 10, threshold 0.7: t = 8 of 11, so at most min(7, 2*8 - 11 - 1) = 4 colluders per group."""
+    spec = ValueSpec(size=D, cohort=100, domain="ring", modulus=h.MOD, value_bits=16)
+    info = RoundInfo(round=0, planned=tuple(range(100)), included=tuple(range(100)), population=100, sample_rate=1.0)
+    (g,) = SecAggPlus(threshold=0.7, neighbours=10, authenticated=True).guarantees(spec, info)
+    assert g.params["t"] == 8 and g.params["group"] == 11 and g.params["max_colluders"] == 4
+    assert g.against.startswith("an active (malicious) server colluding with at most 4 clients of any share group")
+    (u,) = SecAggPlus(threshold=0.7, neighbours=10).guarantees(spec, info)
+    assert u.against.startswith("an honest-but-curious server colluding with at most 7 clients of any share group")

@@ -77,10 +77,15 @@ def _transcript(auth: bool) -> dict[str, Any]:
 
 
 def test_golden_transcript() -> None:
-    got = {"unauthenticated": _transcript(False), "authenticated": _transcript(True)}
+    got: dict[str, Any] = {
+        "wire_version": wire.VERSION,
+        "unauthenticated": _transcript(False),
+        "authenticated": _transcript(True),
+    }
     if os.environ.get("PRIVAGG_REGEN_GOLDEN"):
         GOLDEN.write_text(json.dumps(got, indent=1) + "\n")
     want = json.loads(GOLDEN.read_text())
+    assert want["wire_version"] == wire.VERSION, "the wire version changed: regenerate the vectors deliberately"
     for mode in ("unauthenticated", "authenticated"):
         assert got[mode]["included"] == [0, 1, 2, 3, 4]
         expected_sum = [sum(i + 100 * c for c in range(5)) for i in range(8)]

@@ -42,15 +42,17 @@ def arrays(dtypes: tuple[type, ...]) -> st.SearchStrategy[np.ndarray]:
 
 
 messages = st.one_of(
-    st.builds(AdvertiseKeys, **head, c_pk=blob, s_pk=blob, signature=blob),
-    st.builds(KeyDirectory, **head, cohort=ids, ids=ids, c_pks=blobs, s_pks=blobs, signatures=blobs),
-    st.builds(ShareKeys, **head, recipients=ids, ciphertexts=blobs),
+    st.builds(AdvertiseKeys, **head, c_pk=blob, s_pk=blob, b_commit=blob, signature=blob),
+    st.builds(
+        KeyDirectory, **head, cohort=ids, ids=ids, c_pks=blobs, s_pks=blobs, signatures=blobs, b_commits=blobs
+    ),
+    st.builds(ShareKeys, **head, recipients=ids, ciphertexts=blobs, signature=blob),
     st.builds(ShareDelivery, **head, senders=ids, ciphertexts=blobs),
-    st.builds(MaskedInput, **head, y=arrays((np.uint32, np.uint64))),
+    st.builds(MaskedInput, **head, y=arrays((np.uint32, np.uint64)), signature=blob),
     st.builds(ConsistencyCheck, **head, survivors=ids),
     st.builds(ConsistencySignature, **head, signature=blob),
     st.builds(UnmaskRequest, **head, alive=ids, dropped=ids, signers=ids, signatures=blobs),
-    st.builds(UnmaskResponse, **head, alive=ids, b_shares=blobs, dropped=ids, s_shares=blobs),
+    st.builds(UnmaskResponse, **head, alive=ids, b_shares=blobs, dropped=ids, s_shares=blobs, signature=blob),
     st.builds(PlainInput, **head, value=arrays((np.uint64, np.float64))),
 )
 
@@ -105,7 +107,7 @@ def test_random_bytes_raise_only_codec_error(data: bytes, prefix: bytes, tag: in
 
 def test_codec_refuses_other_versions_and_unknown_objects() -> None:
     raw = bytearray(wire.dumps(ConsistencySignature(1, -1, b"s", 0, b"sig")))
-    for other in (1, wire.VERSION + 1):  # version 1 sent masked inputs as whole words
+    for other in (1, wire.VERSION + 1):  # version 1: whole-word uploads, no commitments or signatures
         raw[4] = other
         with pytest.raises(CodecError, match="version"):
             wire.loads(bytes(raw))
