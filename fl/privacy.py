@@ -73,7 +73,7 @@ def _secure_sum(token: str, config: TrainConfig, population: int, *, min_clients
         )
     from fl.sums_paillier import PaillierSum
 
-    return PaillierSum(min_clients=min_clients)
+    return PaillierSum(min_clients=max(2, min_clients))
 
 
 def _floor(ssum: SecureSum) -> SurvivorFloor:
