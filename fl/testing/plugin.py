@@ -17,6 +17,8 @@ from fl.testing.assertions import _CONTEXT, EFFORTS, AuditEffort
 
 __all__ = ["PrivacyAudit", "privacy_audit"]
 
+_SAVED = pytest.StashKey[tuple[str, "int | None"]]()
+
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("privagg", "privacy audits (privagg)")
@@ -30,8 +32,15 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "privacy_audit(effort=None): an empirical privacy audit (effort: quick or thorough; default: "
         "--privacy-audit-effort)")
+    config.stash[_SAVED] = (_CONTEXT.effort, _CONTEXT.seed)
     _CONTEXT.effort = config.getoption("--privacy-audit-effort")
     _CONTEXT.seed = config.getoption("--privacy-audit-seed")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Restore the settings (a nested session, e.g. ``pytester``, must not leak into its parent)."""
+    if _SAVED in config.stash:
+        _CONTEXT.effort, _CONTEXT.seed = config.stash[_SAVED]
 
 
 def pytest_report_header(config: pytest.Config) -> str:
