@@ -3,11 +3,13 @@
 The audit plays an attacker against the code under test and reports a lower bound on epsilon that holds
 with the chosen confidence (see :mod:`dp.audit`). If it exceeds the claimed epsilon, the claim is false
 and the command exits with status 1. ``--weaken F`` divides the noise by ``F`` (a planted bug) to show
-the audit catching it.
+the audit catching it (``--weaken 2`` is caught).
 
-Targets: ``dp-sgd`` (one DP-SGD run with gradient canaries), ``dp-fedavg`` (rounds of the real
+Targets: ``dp-sgd`` (DP-SGD runs with Dirac gradient canaries), ``dp-fedavg`` (rounds of the real
 ``Clip -> GaussianNoise`` pipeline with one canary client per coordinate; ``--placement clients`` audits
-distributed noise), ``gaussian`` (the Gaussian mechanism, many runs, Clopper-Pearson).
+distributed noise), ``gaussian`` (the Gaussian mechanism). ``--method gdp`` (default) fits Gaussian DP to
+the canary scores with an exact confidence bound (Nasr et al. 2023; Andrew et al. 2024); ``--runs``
+is the effort. ``--method one-run`` is the weaker Steinke-Nasr-Jagielski bound.
 """
 
 from __future__ import annotations
@@ -133,7 +135,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "one-run: the Steinke-Nasr-Jagielski bound from --guesses guesses")
     parser.add_argument("--guesses", type=int, default=100,
                         help="guesses the attacker makes with --method one-run (default: %(default)s)")
-    parser.add_argument("--confidence", type=float, default=0.95, help="confidence of the bound (default: %(default)s)")
+    parser.add_argument("--confidence", type=float, default=0.99,
+                        help="confidence of the bound; on correct code the audit fails at most 1 - this often "
+                             "(default: %(default)s)")
     parser.add_argument("--weaken", type=float, default=1.0,
                         help="PLANTED BUG for demonstrations: divide the noise by this factor (default: 1, none)")
     parser.add_argument("--seed", type=int,
