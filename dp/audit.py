@@ -386,7 +386,8 @@ def assert_below(result: AuditResult, claimed_epsilon: float) -> None:
     if result.epsilon_lower_bound > claimed_epsilon:
         raise AssertionError(
             f"privacy audit ({result.method}) shows epsilon >= {result.epsilon_lower_bound:.3f} with "
-            f"{result.confidence:.0%} confidence at delta={result.delta:g}, above the claimed {claimed_epsilon:g}: "
+            f"{result.confidence * 100:.4g}% confidence at delta={result.delta:g}, "
+            f"above the claimed {claimed_epsilon:g}: "
             f"the noise is weaker than the accounting assumes"
         )
 

@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"audit of {args.target}: noise multiplier {z:.4g}{bug}")
     print(f"  claimed          epsilon = {args.epsilon:g} at delta = {args.delta:g}")
     print(f"  lower bound      epsilon >= {res.epsilon_lower_bound:.4f} "
-          f"({res.method}, {res.confidence:.0%} confidence)")
+          f"({res.method}, {res.confidence * 100:.4g}% confidence)")
     print(f"  Gaussian-fit     epsilon ~= {res.epsilon_estimate:.4f} (estimate)")
     details = ", ".join(f"{k}={v}" for k, v in res.details.items())
     print(f"  {details}")

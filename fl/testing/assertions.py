@@ -162,7 +162,8 @@ def _report(res: Any, claim: Any, what: str, replay: str, *, failed: bool) -> st
     z_claim = claim.noise_multiplier()  # what the accounting needs for the claim (cheap without sampling)
     z_meas, z_up = d["noise_multiplier_measured"], d["noise_multiplier_upper"]
     head = (f"privacy audit {'FAILED' if failed else 'passed'}: epsilon >= {res.epsilon_lower_bound:.4g} with "
-            f"{res.confidence:.0%} confidence at delta = {claim.delta:g}; the claim is epsilon = {claim.epsilon:g}")
+            f"{res.confidence * 100:.4g}% confidence at delta = {claim.delta:g}; "
+            f"the claim is epsilon = {claim.epsilon:g}")
     lines = [
         head,
         f"  target:    {what}",
@@ -171,7 +172,7 @@ def _report(res: Any, claim: Any, what: str, replay: str, *, failed: bool) -> st
         f"  method:    {res.method}; {d['canaries']} canaries x {d['runs']} run(s) = {d['observations']} "
         f"observations, {d['releases_per_run']} releases per run",
         f"  estimate:  epsilon ~= {res.epsilon_estimate:.4g} (Gaussian-DP fit, mu per run {d['mu_run']:.4g}, "
-        f"{res.confidence:.0%} lower bound {d['mu_run_lower']:.4g})",
+        f"{res.confidence * 100:.4g}% lower bound {d['mu_run_lower']:.4g})",
     ]
     if z_claim:
         ratio = z_claim / z_meas if z_meas > 0 else math.inf
@@ -194,7 +195,7 @@ def assert_dp(
     sample_rate: float = 1.0,
     effort: str | AuditEffort | None = None,
     seed: int | None = None,
-    confidence: float = 0.99,
+    confidence: float = 0.999,
     max_grad_norm: float = 1.0,
 ) -> Any:
     """Fail unless an empirical audit of ``target`` is consistent with ``(epsilon, delta)``-DP.
@@ -205,9 +206,10 @@ def assert_dp(
     run with canary clients), or a Gaussian mechanism (callable ``m(x, rng=...)`` with ``.sensitivity``).
     The claim is ``(epsilon, delta)`` for ``steps`` releases (DP-SGD steps, rounds) at Poisson
     ``sample_rate``; the audit measures one release's noise and composes it the same way. The bound
-    holds with ``confidence``: correct code fails with probability at most ``1 - confidence`` (1% by
-    default); noise divided by 2 fails at the default effort for claims with epsilon >= 0.5 per
-    release. Returns the :class:`dp.audit.AuditResult` when the audit passes.
+    holds with ``confidence``: correct code fails with probability at most ``1 - confidence`` (0.1% by
+    default, so a CI suite of audits rarely cries wolf); noise divided by 2 fails at the default
+    (quick) effort for claims with epsilon >= 0.5 per release; smaller claims need
+    ``effort="thorough"``. Returns the :class:`dp.audit.AuditResult` when the audit passes.
     """
     from dp.audit import Claim
 
