@@ -23,7 +23,10 @@ _LAZY = {
     "GaussianMechanism": "dp.mechanisms",
     "clip_l2": "dp.mechanisms",
     "discrete_gaussian": "dp.mechanisms",
+    "box_muller_max_abs": "dp.mechanisms",
     "gaussian_noise": "dp.mechanisms",
+    "torch_gaussian": "dp.mechanisms",
+    "truncation_delta": "dp.mechanisms",
     "sample_discrete_gaussian_exact": "dp.mechanisms",
     # DP-SGD
     "DpSgdStats": "dp.sgd",
@@ -31,6 +34,11 @@ _LAZY = {
     "dp_sgd": "dp.sgd",
     # audits
     "AuditResult": "dp.audit",
+    "Claim": "dp.audit",
+    "audit_gaussian_mechanism": "dp.audit",
+    "epsilon_for_mu": "dp.audit",
+    "gdp_audit": "dp.audit",
+    "gdp_mu_interval": "dp.audit",
     "assert_below": "dp.audit",
     "audit_dp_sgd": "dp.audit",
     "audit_mechanism": "dp.audit",

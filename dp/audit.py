@@ -24,9 +24,9 @@ inputs), :func:`audit_dp_sgd` (a DP-SGD run with gradient canaries, one run), :f
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,13 +39,18 @@ from dp.sgd import PerSampleMode
 
 __all__ = [
     "AuditResult",
+    "Claim",
     "assert_below",
     "audit_dp_sgd",
+    "audit_gaussian_mechanism",
     "audit_mechanism",
     "canary_audit",
     "clopper_pearson",
+    "epsilon_for_mu",
     "epsilon_lower_bound",
     "gaussian_fit_epsilon",
+    "gdp_audit",
+    "gdp_mu_interval",
     "one_run_epsilon",
     "one_run_p_value",
 ]
@@ -200,6 +205,157 @@ def one_run_epsilon(*, m: int, r: int, v: int, delta: float, confidence: float =
     return lo
 
 
+# ---- Gaussian-DP fits with confidence intervals (Nasr et al. 2023; Andrew et al. 2024) ----------------
+
+
+def gdp_mu_interval(scores_out: Sequence[float] | NDArray[Any], scores_in: Sequence[float] | NDArray[Any], *,
+                    confidence: float = 0.95) -> tuple[float, float, float]:
+    """``(mu_hat, mu_lower, mu_upper)`` for ``mu = (mean_in - mean_out) / sigma``, one-sided ``confidence`` each.
+
+    The model: canary-absent scores ~ N(m, s^2), canary-present ~ N(m + mu s, s^2) (a Gaussian mechanism
+    seen through a linear score). Then ``t = (mean_in - mean_out) / (s_pooled sqrt(1/n0 + 1/n1))`` has a
+    noncentral t distribution with ``n0 + n1 - 2`` degrees of freedom and noncentrality
+    ``mu / sqrt(1/n0 + 1/n1)``; the bounds invert it exactly (SciPy, imported lazily). ``mu_lower`` is
+    clamped at 0.
+    """
+    from scipy import optimize, stats
+
+    s0, s1 = np.asarray(scores_out, dtype=np.float64).ravel(), np.asarray(scores_in, dtype=np.float64).ravel()
+    if s0.size < 2 or s1.size < 2:
+        raise ValueError("the Gaussian-DP fit needs at least two scores on each side")
+    if not 0.5 < confidence < 1:
+        raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
+    if not (np.isfinite(s0).all() and np.isfinite(s1).all()):
+        raise ValueError("scores must be finite; a NaN or Inf score means the audited run diverged")
+    n0, n1 = s0.size, s1.size
+    df = n0 + n1 - 2
+    sd = math.sqrt(((n0 - 1) * float(np.var(s0, ddof=1)) + (n1 - 1) * float(np.var(s1, ddof=1))) / df)
+    if sd == 0:
+        return math.inf, math.inf, math.inf
+    scale = math.sqrt(1 / n0 + 1 / n1)
+    t_obs = (float(np.mean(s1)) - float(np.mean(s0))) / (sd * scale)
+    alpha = 1 - confidence
+
+    def nc_where_sf_is(level: float) -> float:  # sf(t_obs; nc) increases with nc
+        def f(nc: float) -> float:
+            return float(stats.nct.sf(t_obs, df, nc)) - level
+
+        lo, hi = t_obs - 10.0, t_obs + 10.0
+        while f(lo) > 0:
+            lo -= 10.0 + abs(lo)
+        while f(hi) < 0:
+            hi += 10.0 + abs(hi)
+        return float(optimize.brentq(f, lo, hi, xtol=1e-10))
+
+    mu_lo = max(0.0, nc_where_sf_is(alpha) * scale)
+    mu_hi = max(0.0, nc_where_sf_is(1 - alpha) * scale)
+    return max(0.0, t_obs * scale), mu_lo, mu_hi
+
+
+def epsilon_for_mu(mu: float, *, delta: float, releases: int = 1, sample_rate: float = 1.0) -> float:
+    """Epsilon at ``delta`` of ``releases`` Gaussian releases, each ``mu``-GDP (noise multiplier ``1/mu``).
+
+    Without sampling the composition is exactly ``sqrt(releases) mu``-GDP; with Poisson sampling at
+    ``sample_rate`` the accountant (:func:`dp.accounting.compute_epsilon`, PLD) composes the steps.
+    """
+    if mu <= 0:
+        return 0.0
+    if not math.isfinite(mu):
+        return math.inf
+    if sample_rate >= 1:
+        return gaussian_epsilon(mu=math.sqrt(releases) * mu, delta=delta)
+    from dp.accounting import compute_epsilon
+
+    return compute_epsilon(noise_multiplier=1.0 / mu, delta=delta, sample_rate=sample_rate, steps=releases)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Claim:
+    """What a DP claim says: ``(epsilon, delta)`` for ``releases`` Gaussian releases at ``sample_rate``.
+
+    An audit measures the noise of one release and composes it the way the claim does, so a claim for
+    14,062 Poisson-sampled DP-SGD steps is checked by auditing a few full-batch steps.
+    """
+
+    epsilon: float | None
+    delta: float
+    releases: int = 1
+    sample_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
+            raise ValueError(f"the claimed epsilon must be a positive finite number, got {self.epsilon}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"the claimed delta must be in (0, 1), got {self.delta}")
+        if self.releases < 1 or not 0 < self.sample_rate <= 1:
+            raise ValueError("a claim needs releases >= 1 and 0 < sample_rate <= 1")
+
+    def noise_multiplier(self) -> float:
+        """The smallest noise multiplier whose releases stay within the claim (the accountant's calibration)."""
+        from dp.accounting import calibrate_noise
+
+        if self.epsilon is None:
+            raise ValueError("this claim names no epsilon, so there is no noise multiplier to calibrate")
+        return calibrate_noise(epsilon=self.epsilon, delta=self.delta, sample_rate=self.sample_rate,
+                               steps=self.releases, rtol=1e-4)
+
+    def epsilon_of(self, mu_per_release: float) -> float:
+        return epsilon_for_mu(mu_per_release, delta=self.delta, releases=self.releases, sample_rate=self.sample_rate)
+
+
+def gdp_audit(
+    run: Callable[[NDArray[np.bool_]], NDArray[np.float64]],
+    *,
+    canaries: int,
+    releases: int,
+    claim: Claim,
+    runs: int = 1,
+    confidence: float = 0.95,
+    rng: NoiseSource | None = None,
+    method: str = "gdp-fit",
+    noise_multiplier_claimed: float | None = None,
+) -> AuditResult:
+    """Many-canary Gaussian-DP audit (Andrew et al. 2024; Nasr et al. 2023), ``runs`` runs.
+
+    Each run includes every canary independently with probability 1/2 (from ``rng``) and calls
+    ``run(mask)``, which must return one score per canary, additive over the run's ``releases``
+    observed releases (e.g. the final model's coordinate along the canary after ``releases`` steps, in
+    units that do not depend on the noise). The scores of absent and present canaries give a
+    ``confidence`` lower bound on the run's GDP ``mu`` (:func:`gdp_mu_interval`); a Gaussian release
+    repeated ``releases`` times is ``mu / sqrt(releases)``-GDP each, and ``claim`` composes that per-release
+    bound into ``epsilon_lower_bound`` at the claimed delta. On a correct Gaussian mechanism the bound
+    exceeds the claim with probability at most ``1 - confidence``. ``noise_multiplier_claimed`` (if known)
+    goes into the details beside the measured one, so a report can say how much weaker the noise is.
+    """
+    if canaries < 4 or runs < 1 or releases < 1:
+        raise ValueError("need canaries >= 4, runs >= 1 and releases >= 1")
+    rng = rng if rng is not None else SecureRandom()
+    out_scores: list[NDArray[np.float64]] = []
+    in_scores: list[NDArray[np.float64]] = []
+    for _ in range(runs):
+        mask = rng.uniform(canaries) < 0.5
+        mask[:2], mask[2:4] = True, False  # both sides always present
+        scores = np.asarray(run(mask.copy()), dtype=np.float64)
+        if scores.shape != (canaries,):
+            raise ValueError(f"run(mask) must return {canaries} scores, got shape {scores.shape}")
+        out_scores.append(scores[~mask])
+        in_scores.append(scores[mask])
+    s0, s1 = np.concatenate(out_scores), np.concatenate(in_scores)
+    mu_hat, mu_lo, mu_hi = gdp_mu_interval(s0, s1, confidence=confidence)
+    per = math.sqrt(releases)
+    lb, est = claim.epsilon_of(mu_lo / per), claim.epsilon_of(mu_hat / per)
+    return AuditResult(lb, est, claim.delta, confidence, method, {
+        "canaries": canaries, "runs": runs, "observations": int(s0.size + s1.size), "releases_per_run": releases,
+        "mu_run": mu_hat, "mu_run_lower": mu_lo, "mu_run_upper": mu_hi,
+        "noise_multiplier_measured": per / mu_hat if mu_hat > 0 else math.inf,
+        "noise_multiplier_upper": per / mu_lo if mu_lo > 0 else math.inf,
+        "noise_multiplier_lower": per / mu_hi if mu_hi > 0 else math.inf,
+        "noise_multiplier_claimed": noise_multiplier_claimed,
+        "claimed_epsilon": claim.epsilon, "claimed_releases": claim.releases,
+        "claimed_sample_rate": claim.sample_rate,
+    })
+
+
 # ---- audits a test can call ----------------------------------------------------------------------------
 
 
@@ -230,7 +386,8 @@ def assert_below(result: AuditResult, claimed_epsilon: float) -> None:
     if result.epsilon_lower_bound > claimed_epsilon:
         raise AssertionError(
             f"privacy audit ({result.method}) shows epsilon >= {result.epsilon_lower_bound:.3f} with "
-            f"{result.confidence:.0%} confidence at delta={result.delta:g}, above the claimed {claimed_epsilon:g}: "
+            f"{result.confidence * 100:.4g}% confidence at delta={result.delta:g}, "
+            f"above the claimed {claimed_epsilon:g}: "
             f"the noise is weaker than the accounting assumes"
         )
 
@@ -272,6 +429,39 @@ def audit_mechanism(
                         "positives": e1.size})
 
 
+def audit_gaussian_mechanism(
+    mechanism: Callable[..., Any],
+    *,
+    sensitivity: float,
+    canaries: int = 1000,
+    runs: int = 20,
+    delta: float = 1e-5,
+    confidence: float = 0.95,
+    claim: Claim | None = None,
+    rng: NoiseSource | None = None,
+) -> AuditResult:
+    """Gaussian-DP audit of a vector mechanism ``mechanism(value, rng=...)`` (e.g. ``GaussianMechanism``).
+
+    Each of ``runs`` calls releases one vector of ``canaries`` coordinates; canary ``k`` adds
+    ``sensitivity`` to coordinate ``k`` (included with probability 1/2), so with independent noise per
+    coordinate every coordinate is one canary's release. ``claim`` (default: one release at ``delta``)
+    composes the per-release bound.
+    """
+    if not (sensitivity > 0 and math.isfinite(sensitivity)):
+        raise ValueError(f"sensitivity must be a positive finite number, got {sensitivity}")
+    rng = rng if rng is not None else SecureRandom()
+    src = rng
+
+    def run(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
+        out = np.asarray(mechanism(mask.astype(np.float64) * sensitivity, rng=src), dtype=np.float64)
+        return out.ravel() / sensitivity
+
+    claim = claim if claim is not None else Claim(epsilon=None, delta=delta)
+    return gdp_audit(run, canaries=canaries, releases=1, claim=claim, runs=runs, confidence=confidence, rng=rng,
+                     method="gdp-fit mechanism (one canary per coordinate)",
+                     noise_multiplier_claimed=getattr(mechanism, "noise_multiplier", None))
+
+
 def canary_audit(
     run: Callable[[NDArray[np.bool_]], NDArray[np.float64]],
     *,
@@ -304,47 +494,96 @@ def canary_audit(
                        {"canaries": canaries, "guesses": r, "correct": v, "included": int(mask.sum())})
 
 
+def _dp_sgd_canary_run(
+    train_fn: Callable[..., Any], *, canaries: int, noise_multiplier: float, max_grad_norm: float, steps: int,
+    mode: PerSampleMode, rng: NoiseSource,
+) -> Callable[[NDArray[np.bool_]], NDArray[np.float64]]:
+    """``run(mask)`` for DP-SGD: full-batch training on the included Dirac canaries, one score each.
+
+    Canary ``k`` is the example ``100 e_k`` with label 1 of a logistic regression over ``canaries``
+    inputs; its gradient (norm about 70, so clipping matters) lies on weight column ``k`` only, along
+    ``(1, -1) / sqrt(2)`` in the two output rows. With every example in every step (``batch_size >= n``,
+    so the step's denominator is ``n``), the score ``(w1 - w0)_k * n / (lr sqrt(2) C)`` is ``steps``
+    plus ``N(0, steps z^2)`` for an included canary and the noise alone otherwise. The learning rate
+    keeps the logits within about 0.5 of zero, so each canary's gradient stays above the clip norm.
+    """
+
+    def run(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
+        idx = np.flatnonzero(mask)
+        n = int(idx.size)
+        model = torch.nn.Linear(canaries, 2, bias=False)
+        torch.nn.init.zeros_(model.weight)
+        x = torch.zeros(n, canaries)
+        x[torch.arange(n), torch.from_numpy(idx)] = 100.0
+        y = torch.ones(n, dtype=torch.int64)
+        lr = 0.5 * n / (100.0 * math.sqrt(2.0) * max_grad_norm * steps)
+        _call_train(train_fn, model, x, y, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                    batch_size=canaries, steps=steps, lr=lr, mode=mode, rng=rng)
+        w = model.weight.detach().numpy().astype(np.float64)
+        return (w[1] - w[0]) * n / (lr * math.sqrt(2.0) * max_grad_norm)
+
+    return run
+
+
+def _call_train(train_fn: Callable[..., Any], model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
+                **kwargs: Any) -> None:
+    """Call a ``dp.sgd.dp_sgd``-like function, passing only the optional keywords it accepts."""
+    import inspect
+
+    required = ("noise_multiplier", "max_grad_norm", "batch_size", "steps")
+    params: Mapping[str, inspect.Parameter]
+    try:
+        params = inspect.signature(train_fn).parameters
+    except (TypeError, ValueError):
+        params = {}
+    if params and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        missing = [k for k in required if k not in params]
+        if missing:
+            raise TypeError(f"the DP-SGD training function must accept the keywords {', '.join(required)} "
+                            f"(like dp.sgd.dp_sgd); it lacks {', '.join(missing)}")
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    train_fn(model, x, y, **kwargs)
+
+
 def audit_dp_sgd(
     *,
     noise_multiplier: float,
     max_grad_norm: float = 1.0,
     steps: int = 20,
     canaries: int = 1000,
+    runs: int = 1,
     guesses: int = 100,
     delta: float = 1e-5,
     confidence: float = 0.95,
     mode: PerSampleMode = "auto",
     train: Callable[..., Any] | None = None,
     rng: NoiseSource | None = None,
+    method: Literal["gdp", "one-run"] = "gdp",
+    claim: Claim | None = None,
 ) -> AuditResult:
-    """One-run white-box audit of DP-SGD with gradient canaries.
+    """White-box audit of DP-SGD (``train``, default :func:`dp.sgd.dp_sgd`, the code under test).
 
-    The model is a logistic regression over ``canaries`` input coordinates; canary ``k`` is the example
-    ``100 * e_k`` (label 1), whose clipped gradient lands only on weight column ``k``. Full-batch DP-SGD
-    (every included canary in every step) runs ``steps`` steps through ``train`` (default
-    :func:`dp.sgd.dp_sgd`, the code under test), and canary ``k``'s score is how far weight ``k`` moved
-    toward its label. Each canary then faces ``steps`` Gaussian steps, so a correct implementation
-    yields a bound below the accountant's epsilon, and weakened noise a bound above it.
+    ``runs`` full-batch runs of ``steps`` steps at ``noise_multiplier`` over ``canaries`` Dirac gradient
+    canaries, each included with probability 1/2 (see :func:`_dp_sgd_canary_run`). ``method="gdp"``
+    (default): the Gaussian-DP fit of the canary scores with a confidence bound (:func:`gdp_audit`),
+    composed as ``claim`` says (default: the audited run itself, ``steps`` full-batch steps at
+    ``delta``); it catches noise divided by 2 in one run of 1000 canaries for any claim with
+    ``epsilon >= 1``. ``method="one-run"``: the older Steinke-Nasr-Jagielski bound from ``guesses``
+    guesses (needs no distributional model, much weaker).
     """
     from dp.sgd import dp_sgd
 
     rng = rng if rng is not None else SecureRandom()
-    train_fn = train if train is not None else dp_sgd
-
-    def run(mask: NDArray[np.bool_]) -> NDArray[np.float64]:
-        idx = np.flatnonzero(mask)
-        model = torch.nn.Linear(canaries, 2, bias=False)
-        torch.nn.init.zeros_(model.weight)
-        x = torch.zeros(max(1, idx.size), canaries)
-        if idx.size:
-            x[torch.arange(idx.size), torch.from_numpy(idx)] = 100.0
-        y = torch.ones(x.shape[0], dtype=torch.int64)
-        train_fn(model, x[: idx.size] if idx.size else x[:0], y[: idx.size] if idx.size else y[:0],
-                 noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, batch_size=canaries,
-                 steps=steps, lr=1.0, mode=mode, rng=rng)
-        w = model.weight.detach().numpy().astype(np.float64)
-        return w[1] - w[0]
-
-    res = canary_audit(run, canaries=canaries, guesses=guesses, delta=delta, confidence=confidence, rng=rng)
-    return AuditResult(res.epsilon_lower_bound, res.epsilon_estimate, delta, confidence, "one-run dp-sgd",
-                       {**res.details, "steps": steps, "noise_multiplier": noise_multiplier})
+    run = _dp_sgd_canary_run(train if train is not None else dp_sgd, canaries=canaries,
+                             noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, steps=steps,
+                             mode=mode, rng=rng)
+    extra = {"steps": steps, "noise_multiplier": noise_multiplier}
+    if method == "one-run":
+        res = canary_audit(run, canaries=canaries, guesses=guesses, delta=delta, confidence=confidence, rng=rng)
+        return AuditResult(res.epsilon_lower_bound, res.epsilon_estimate, delta, confidence, "one-run dp-sgd",
+                           {**res.details, **extra})
+    claim = claim if claim is not None else Claim(epsilon=None, delta=delta, releases=steps)
+    res = gdp_audit(run, canaries=canaries, releases=steps, claim=claim, runs=runs, confidence=confidence, rng=rng,
+                    method="gdp-fit dp-sgd (white-box Dirac canaries)", noise_multiplier_claimed=noise_multiplier)
+    return AuditResult(res.epsilon_lower_bound, res.epsilon_estimate, res.delta, confidence, res.method,
+                       {**res.details, **extra})

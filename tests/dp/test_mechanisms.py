@@ -7,13 +7,17 @@ from fractions import Fraction
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from scipy import stats
 
 from dp.accounting import compute_epsilon
 from dp.mechanisms import (
+    UNIFORM_BITS,
     GaussianMechanism,
+    box_muller_max_abs,
     clip_l2,
     clip_rows,
     discrete_gaussian,
@@ -21,6 +25,7 @@ from dp.mechanisms import (
     gaussian_noise,
     sample_discrete_gaussian_exact,
     torch_gaussian,
+    truncation_delta,
 )
 from dp.rng import SecureRandom
 
@@ -63,6 +68,62 @@ def test_torch_gaussian_moments_and_seam() -> None:
     assert bool((a == b).all())
     assert float(a.std()) == pytest.approx(3.0, rel=0.02)
     assert abs(float(a.mean())) < 0.05
+
+
+class _ConstantBytes:
+    """A NoiseSource whose keystream is one repeated byte: drives Box-Muller to the grid's extremes."""
+
+    def __init__(self, byte: int) -> None:
+        self.byte = byte
+
+    def bytes(self, n: int) -> bytes:
+        return bytes([self.byte]) * n
+
+    def uniform(self, n: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def normal(self, n: int, std: float = 1.0) -> np.ndarray:
+        raise NotImplementedError
+
+
+def test_box_muller_support_bound_is_the_53_bit_one() -> None:
+    # analytic: the smallest radius uniform is 2^-53, so |z| <= sqrt(2 * 53 * ln 2) = 8.57 sigma
+    assert box_muller_max_abs(53) == pytest.approx(math.sqrt(-2 * math.log(2.0**-53)))
+    assert box_muller_max_abs(53) > 8.5 and box_muller_max_abs(24) < 5.8
+    assert UNIFORM_BITS >= 53
+    # the sampler reaches it: all-zero and all-one keystreams give the extreme radius uniforms
+    # (the old 24-bit sampler topped out at 5.77 sigma on these inputs)
+    for std, dtype in ((1.0, torch.float64), (2.0, torch.float32)):
+        peak = max(float(torch_gaussian(64, std=std, rng=_ConstantBytes(b), dtype=dtype).abs().max()) for b in (0, 255))
+        assert peak >= 8.5 * std
+        assert peak <= box_muller_max_abs(UNIFORM_BITS) * std * (1 + 1e-6)  # never inf, never beyond the bound
+    # SecureRandom.normal (the numpy path of every other Gaussian here) has the same 53-bit radius
+    rng = SecureRandom.for_testing("tails")
+    z = rng.normal(400_000)
+    assert np.isfinite(z).all() and np.abs(z).max() < box_muller_max_abs(53)
+
+
+def test_uncharged_truncation_delta_is_far_below_the_budget() -> None:
+    """The README's DP-SGD setting (q = 256/60000, z = 1.1, 14,062 steps, delta = 1e-5)."""
+    q, z, steps = 256 / 60000, 1.1, 14_062
+    # the issue's estimate for 24-bit uniforms: one coordinate's Gaussian tail beyond R - 1/z, per included step
+    tail_24 = stats.norm.sf(box_muller_max_abs(24) - 1 / z)
+    issue_24 = 1 - (1 - q * tail_24) ** steps
+    assert issue_24 > 1e-5  # the flaw: above the claimed delta
+    assert truncation_delta(noise_multiplier=z, sample_rate=q, steps=steps, dim=1, bits=24) >= issue_24  # upper bound
+    # with 53-bit uniforms, even for a million parameters, it is >= 100x below the budget
+    for dim in (1, 85_000, 1_000_000):
+        assert truncation_delta(noise_multiplier=z, sample_rate=q, steps=steps, dim=dim) < 1e-7
+    assert truncation_delta(noise_multiplier=z, sample_rate=q, steps=steps, dim=1) < 1e-9
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        truncation_delta(noise_multiplier=0.0, sample_rate=q, steps=steps, dim=1)
+
+
+def test_torch_gaussian_is_standard_normal() -> None:
+    z = torch_gaussian(200_000, std=1.0, rng=SecureRandom.for_testing("ks"), dtype=torch.float64).numpy()
+    assert stats.kstest(z, "norm").pvalue > 1e-3
+    with pytest.raises(ValueError, match="std"):
+        torch_gaussian(4, std=-1.0, rng=SecureRandom.for_testing(0))
 
 
 def test_noise_differs_without_the_seam() -> None:
