@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from dp.rng import SecureRandom
 from fl.config import TrainConfig
-from fl.data import Dataset, load_dataset, partition
+from fl.data import Dataset, load_federated, partition
 from fl.ledger import Ledger
 from fl.models import build_model, flatten_parameters, get_flat, set_flat
 from fl.privacy import build_plan
@@ -117,12 +117,13 @@ class Federation:
 
     def __init__(self, config: TrainConfig, *, dataset: Dataset | None = None) -> None:
         self.config = config
-        keep = (config.partition.split(":", 1)[1],) if config.partition.startswith("by-column:") else ()
-        self.data = dataset or load_dataset(
-            config.dataset, target=config.target, test_fraction=config.test_fraction, seed=config.seed,
-            keep_columns=keep,
-        )
-        self.parts = partition(self.data, config.partition, config.clients, seed=config.seed)
+        # each site keeps its rows; standardization statistics are federated (fl.preprocess)
+        self.data = dataset or load_federated(config)
+        if dataset is None:
+            self.parts = list(self.data.parts)
+        else:
+            self.parts = partition(self.data, config.partition, config.clients, seed=config.seed)
+        self.site_names = dict(enumerate(self.data.site_names)) if dataset is None else {}
         self.population = len(self.parts)
         self.client_sizes = {k: len(p) for k, p in enumerate(self.parts)}
         self.mean_size = float(np.mean(list(self.client_sizes.values())))
@@ -155,6 +156,8 @@ class Federation:
         self.bound = self.plan.pipeline.bind(ValueSpec(size=self.params.size, cohort=self.max_cohort))
         self.server_opt = make_server_optimizer(config.server_opt, config.server_lr)
         self.ledger = Ledger()
+        if self.data.guarantees:  # what preprocessing revealed (federated statistics), before round 1
+            self.ledger.record(0, self.data.guarantees, stage="preprocessing")
         self.history: list[dict[str, Any]] = []
         self.next_round = 1
 
@@ -361,6 +364,8 @@ class Federation:
             "ledger": self.ledger.as_list(),
             "privacy": self.plan.accounting.report() if self.plan.accounting is not None else {"accountant": None},
         }
+        if self.site_names:
+            out["sites"] = {str(k): v for k, v in self.site_names.items()}
         if stopped:
             out["stopped"] = stopped
         if self.plan.notes:
