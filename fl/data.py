@@ -25,7 +25,7 @@ import pandas as pd
 from numpy.typing import NDArray
 from sklearn.model_selection import train_test_split
 
-from fl.preprocess import DataWarning, FederatedStats, Schema, StatsPrivacy, federated_statistics, warn
+from fl.preprocess import DataError, DataWarning, FederatedStats, Schema, StatsPrivacy, federated_statistics, warn
 from fl.spec import Guarantee
 
 if TYPE_CHECKING:
@@ -55,10 +55,6 @@ DEFAULT_STATS_EPSILON = 0.5
 """Budget of the standardization statistics when DP is on and ``stats_epsilon`` is not given."""
 
 _ID_LIKE = re.compile(r"^(rownames|id|index|row|rowid|row_id|unnamed: ?\d+)$|(_id|\sid)$", re.IGNORECASE)
-
-
-class DataError(ValueError):
-    """A data set, CSV or partition cannot be used as asked; the message names the fix."""
 
 
 @dataclass(frozen=True)
@@ -399,8 +395,9 @@ def _from_site_files(config: TrainConfig) -> Dataset:
     if config.test_site:
         return prepare_sites(frames, parties["test site"], schema, config=config)
     train, held = {}, []
-    for name, frame in frames.items():
-        train[name], test = _hold_out(name, frame, schema.target, config.test_fraction, config.seed)
+    for name, frame in frames.items():  # missing values are checked on all of a site's rows, before the split
+        clean = clean_missing(frame, schema, config.missing, who=f"site {name!r}")
+        train[name], test = _hold_out(name, clean, schema.target, config.test_fraction, config.seed)
         held.append(test)
     return prepare_sites(train, pd.concat(held, ignore_index=True), schema, config=config)
 
@@ -511,3 +508,60 @@ def _split_rows(
     if n < clients:
         raise DataError(f"{n} training rows cannot feed {clients} clients")
     return parts
+
+
+# ---- command-line options --------------------------------------------------------------------------
+def add_data_arguments(g: Any) -> None:
+    """The per-site and preprocessing flags of ``privagg train`` (an argparse group)."""
+    g.add_argument("--site", action="append", default=[], metavar="NAME=PATH",
+                   help="one site's CSV (repeat per site); each site is one client")
+    g.add_argument("--sites", metavar="DIR", help="a folder of CSVs, one per site (file stem = site name)")
+    g.add_argument("--test-site", metavar="NAME=PATH",
+                   help="the server's evaluation CSV (default: each site holds out --test-fraction of its rows)")
+    g.add_argument("--missing", choices=["refuse", "drop", "impute"], default="refuse",
+                   help="missing feature values: refuse (name them), drop those rows, or impute at each site")
+    g.add_argument("--drop", action="append", default=[], metavar="COL", help="a column that is not a feature (id)")
+    g.add_argument("--keep", action="append", default=[], metavar="COL",
+                   help="use an id-like column (rownames, ID, ...) as a feature anyway")
+    g.add_argument("--categories", action="append", default=[], metavar="COL=A,B,C",
+                   help="declared vocabulary of a categorical column (required with DP)")
+    g.add_argument("--bounds", action="append", default=[], metavar="COL=LO:HI",
+                   help="public range of a numeric column (clips it for the statistics)")
+    g.add_argument("--stats-epsilon", type=float,
+                   help=f"DP budget of the federated standardization statistics (default with DP: "
+                        f"{DEFAULT_STATS_EPSILON})")
+
+
+def _pair(text: str, flag: str, shape: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise DataError(f"{flag} expects {shape}, got {text!r}")
+    return key, value
+
+
+def _bounds(text: str) -> tuple[str, float, float]:
+    col, rng = _pair(text, "--bounds", "COL=LO:HI")
+    lo, _, hi = rng.partition(":")
+    try:
+        return col, float(lo), float(hi)
+    except ValueError:
+        raise DataError(f"--bounds expects COL=LO:HI with numbers, got {text!r}") from None
+
+
+def data_config_from_args(args: Any) -> dict[str, Any]:
+    """``TrainConfig`` fields from the flags of :func:`add_data_arguments` (absent flags keep defaults)."""
+    def get(name: str, default: Any) -> Any:  # parsers that lack these flags get the defaults
+        return getattr(args, name, default)
+
+    return {
+        "sites": tuple(_pair(s, "--site", "NAME=PATH") for s in get("site", []) or []),
+        "sites_dir": get("sites", None),
+        "test_site": get("test_site", None),
+        "missing": get("missing", "refuse"),
+        "drop_columns": tuple(get("drop", []) or []),
+        "keep_columns": tuple(get("keep", []) or []),
+        "categories": tuple((c, tuple(v.split(","))) for c, v in
+                            (_pair(s, "--categories", "COL=A,B,C") for s in get("categories", []) or [])),
+        "feature_bounds": tuple(_bounds(s) for s in get("bounds", []) or []),
+        "stats_epsilon": get("stats_epsilon", None),
+    }

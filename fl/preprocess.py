@@ -44,6 +44,7 @@ from dp.rng import SecureRandom
 from fl.spec import Guarantee, RandomSource, SecureSum, ValueSpec
 
 __all__ = [
+    "DataError",
     "DataWarning",
     "FederatedStats",
     "Schema",
@@ -56,6 +57,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 Unit = Literal["example", "client"]
+
+DP_VARIANCE_FLOOR = 1.0 / 64
+"""Under DP a noisy variance (in range-width units) is floored here: std >= width / 8, so noise can never
+blow a feature up by dividing by a tiny (or negative) variance estimate."""
+
+
+class DataError(ValueError):
+    """A data set, CSV or partition cannot be used as asked; the message names the fix."""
 
 
 class DataWarning(UserWarning):
@@ -85,9 +94,14 @@ class StatsPrivacy:
         z = calibrate_noise(epsilon=epsilon, delta=delta, sample_rate=1.0, steps=1)
         return cls(noise_multiplier=z, delta=delta, unit=unit)
 
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and 0 < self.delta < 1):
+            raise ValueError(f"StatsPrivacy needs noise_multiplier > 0 and delta in (0, 1), got "
+                             f"{self.noise_multiplier}, {self.delta}")
+
     @property
     def epsilon(self) -> float:
-        return gaussian_epsilon(mu=1.0 / self.noise_multiplier, delta=self.delta)
+        return _gaussian_epsilon(self.noise_multiplier, self.delta)
 
     @property
     def event(self) -> dp_event.DpEvent:
@@ -144,6 +158,14 @@ class FederatedStats:
         return np.concatenate(parts, axis=1).astype(np.float32)
 
 
+def _gaussian_epsilon(z: float, delta: float) -> float:
+    """Exact epsilon of one Gaussian release with noise multiplier ``z`` (inf when z is negligible)."""
+    try:
+        return gaussian_epsilon(mu=1.0 / z, delta=delta)
+    except OverflowError:
+        return math.inf
+
+
 def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
     """Category values as strings (so ``1`` and ``"1"`` from different CSVs are one category)."""
     return frame.astype(str).astype(object)
@@ -163,14 +185,14 @@ def public_ranges(
         if col in declared:
             a, b = (float(v) for v in declared[col])
             if not (math.isfinite(a) and math.isfinite(b) and a < b):
-                raise ValueError(f"bounds for {col!r} must be finite with LO < HI, got {a}:{b}; "
+                raise DataError(f"bounds for {col!r} must be finite with LO < HI, got {a}:{b}; "
                                  f"pass --bounds {col}=LO:HI")
         elif reference is not None and reference[col].notna().any():
             a, b = float(reference[col].min()), float(reference[col].max())
             pad = margin * (b - a) if b > a else max(1.0, abs(a))
             a, b = a - pad, b + pad
         else:
-            raise ValueError(f"column {col!r} has no public range: declare it with --bounds {col}=LO:HI")
+            raise DataError(f"column {col!r} has no public range: declare it with --bounds {col}=LO:HI")
         lo[j], hi[j] = a, b
     return (lo + hi) / 2.0, hi - lo
 
@@ -201,9 +223,14 @@ def sensitivity(schema: Schema) -> float:
 
 
 def _is_plain(ssum: SecureSum) -> bool:
-    from fl.sums import PlainSum
+    """A sum that takes real vectors sends them in the clear (``PlainSum``); masking and Paillier need a ring."""
+    from fl.spec import CompositionError
 
-    return isinstance(ssum, PlainSum)
+    try:
+        ssum.bind(ValueSpec(size=1, cohort=2, domain="real"))
+    except CompositionError:
+        return False
+    return True
 
 
 def secure_total(
@@ -248,7 +275,7 @@ def _candidates(
         if col in declared:
             out[col] = tuple(dict.fromkeys(str(v) for v in declared[col]))
         elif dp:
-            raise ValueError(
+            raise DataError(
                 f"with DP on, the categories of {col!r} must be declared (the values present at the sites are "
                 f"not differentially private): pass --categories {col}=A,B,C"
             )
@@ -289,7 +316,7 @@ def federated_statistics(
     equals the pooled statistics; otherwise rows are clipped to the public range for the statistics.
     """
     if not sites:
-        raise ValueError("federated statistics need at least one site")
+        raise DataError("federated statistics need at least one site")
     dp = privacy is not None
     clip = dp or not _is_plain(secure_sum)
     unit: Unit = privacy.unit if privacy is not None else "example"
@@ -305,7 +332,7 @@ def federated_statistics(
                          rng_for=rng_for, session=session or default_session(None))
     rows = sum(len(f) for f in sites)
     scale = float(rows) if unit == "example" else float(len(sites))
-    mean, std, low = _moments(total, len(schema.numeric), scale, centre, width, floor=1e-4 if dp else 0.0)
+    mean, std, low = _moments(total, len(schema.numeric), scale, centre, width, floor=DP_VARIANCE_FLOOR if dp else 0.0)
     counts = total[2 * len(schema.numeric):] * (rows / len(sites) if unit == "client" else 1.0)
     vocab = _vocabulary(schema, cand, counts, min_category_count)
     return FederatedStats(
@@ -323,8 +350,8 @@ def _moments(
     """Means, stds (original units) and which columns are flat, from the summed ``[sum u, sum u^2]``."""
     mean_u = total[:d] / scale
     var_u = total[d:2 * d] / scale - mean_u**2
-    if floor > 0:  # noisy variances: at least (floor^0.5 x the range width)^2, never negative
-        var_u = np.maximum(var_u, floor)
+    if floor > 0:  # noisy variances: within [floor, 1/4] (1/4: the largest variance on a unit-width range)
+        var_u = np.clip(var_u, floor, 0.25)
     low = var_u < 1e-24
     if np.any(low):
         log.info("%d column(s) have (noisy) variance ~0; their scale is set to 1", int(low.sum()))
@@ -369,7 +396,7 @@ def _guarantee(
     z_server = privacy.noise_multiplier / math.sqrt(sites) if plain else privacy.noise_multiplier
     params |= {"epsilon": eps, "delta": privacy.delta, "noise_multiplier": privacy.noise_multiplier,
                "unit": privacy.unit, "dp_event": str(privacy.event),
-               "epsilon_server": gaussian_epsilon(mu=1.0 / z_server, delta=privacy.delta)}
+               "epsilon_server": _gaussian_epsilon(z_server, privacy.delta)}
     assumptions.append("composes with the training guarantee (at most the sum of the epsilons and of the deltas)")
     against = ("the server and anyone who sees the statistics or the model" if not plain else
                "anyone who sees the statistics or the model; the server sees each site's vector with noise "
