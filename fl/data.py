@@ -294,11 +294,13 @@ def _stats_privacy(config: TrainConfig) -> StatsPrivacy | None:
 def prepare_sites(
     sites: Mapping[str, pd.DataFrame], test: pd.DataFrame, schema: Schema, *, config: TrainConfig,
     name: str = "sites", groups: Mapping[str, NDArray[np.object_]] | None = None, check_imbalance: bool = True,
+    stats: FederatedStats | None = None,
 ) -> Dataset:
-    """Clean each party's rows locally, federate the statistics, and transform every party's rows."""
-    from dp.rng import SecureRandom
-    from fl.preprocess import default_session
+    """Clean each party's rows locally, federate the statistics, and transform every party's rows.
 
+    ``stats``: statistics released earlier in this run (a resumed checkpoint): reused, never summed again,
+    so a resumed run neither spends the statistics budget twice nor changes the standardization.
+    """
     clean = {n: clean_missing(f, schema, config.missing, who=f"site {n!r}") for n, f in sites.items()}
     test = clean_missing(test, schema, config.missing, who="the test set")
     for n, f in clean.items():
@@ -307,14 +309,11 @@ def prepare_sites(
     classes = sorted({str(v) for f in (*clean.values(), test) for v in f[schema.target].unique()})
     if len(classes) < 2:
         raise DataError(f"target column {schema.target!r} has a single class; a classifier needs at least two")
-    seeded = config.insecure_seeded_randomness
-    stats = federated_statistics(
-        list(clean.values()), schema, secure_sum=_stats_sum(config), privacy=_stats_privacy(config),
-        bounds={c: (lo, hi) for c, lo, hi in config.feature_bounds}, reference=test,
-        categories={c: list(v) for c, v in config.categories},
-        rng_for=(lambda k: SecureRandom.for_testing(f"{config.seed}:stats:{k}")) if seeded else None,
-        session=default_session(config.seed if seeded else None),
-    )
+    if stats is not None:
+        if stats.schema != schema:
+            raise DataError("the checkpoint's preprocessing was made on other columns; resume with the same data")
+    else:
+        stats = _federate(clean, test, schema, config)
     if stats.constant:
         warn(f"column(s) {list(stats.constant)} are constant across all sites and carry no information; "
              f"--drop them")
@@ -330,22 +329,44 @@ def prepare_sites(
     )
 
 
+def _federate(
+    sites: Mapping[str, pd.DataFrame], test: pd.DataFrame, schema: Schema, config: TrainConfig
+) -> FederatedStats:
+    """One secure sum of the sites' statistics vectors, with the run's sum and (if DP) noise."""
+    from dp.rng import SecureRandom
+    from fl.preprocess import default_session
+
+    seeded = config.insecure_seeded_randomness
+    return federated_statistics(
+        list(sites.values()), schema, secure_sum=_stats_sum(config), privacy=_stats_privacy(config),
+        bounds={c: (lo, hi) for c, lo, hi in config.feature_bounds}, reference=test,
+        categories={c: list(v) for c, v in config.categories},
+        rng_for=(lambda k: SecureRandom.for_testing(f"{config.seed}:stats:{k}")) if seeded else None,
+        session=default_session(config.seed if seeded else None),
+    )
+
+
 def _codes(frames: Sequence[pd.DataFrame], target: str, index: Mapping[str, int]) -> NDArray[np.int64]:
     return np.concatenate([f[target].astype(str).map(index).to_numpy(dtype=np.int64) for f in frames])
 
 
-def load_federated(config: TrainConfig) -> Dataset:
-    """The run's data: per-site CSVs (``config.sites``/``sites_dir``) or a table split into clients."""
+def load_federated(config: TrainConfig, *, stats: FederatedStats | None = None) -> Dataset:
+    """The run's data: per-site CSVs (``config.sites``/``sites_dir``) or a table split into clients.
+
+    ``stats``: reuse statistics this run already released (resume) instead of summing them again.
+    """
     if config.sites or config.sites_dir:
-        return _from_site_files(config)
-    return _from_table(config)
+        return _from_site_files(config, stats=stats)
+    return _from_table(config, stats=stats)
 
 
 def _site_column(config: TrainConfig) -> str | None:
     return config.partition.split(":", 1)[1] if config.partition.startswith("by-column:") else None
 
 
-def _from_table(config: TrainConfig, *, site_columns: Sequence[str] = ()) -> Dataset:
+def _from_table(
+    config: TrainConfig, *, site_columns: Sequence[str] = (), stats: FederatedStats | None = None
+) -> Dataset:
     """A bundled set or ``csv:PATH``: the server holds out a stratified test share, the rest is partitioned."""
     if not 0.0 < config.test_fraction < 1.0:
         raise DataError(f"test_fraction must be in (0, 1), got {config.test_fraction}")
@@ -376,10 +397,10 @@ def _from_table(config: TrainConfig, *, site_columns: Sequence[str] = ()) -> Dat
     order = np.concatenate(parts)
     return prepare_sites({n: df.iloc[tr[p]] for n, p in zip(names, parts, strict=True)}, df.iloc[te], schema,
                          config=config, name=config.dataset, groups={c: g[order] for c, g in groups.items()},
-                         check_imbalance=False)
+                         check_imbalance=False, stats=stats)
 
 
-def _from_site_files(config: TrainConfig) -> Dataset:
+def _from_site_files(config: TrainConfig, *, stats: FederatedStats | None = None) -> Dataset:
     """Per-site CSVs; the test set is ``--test-site`` or each site's own held-out share (simulated server set)."""
     if config.partition != "iid" and not config.partition.startswith("by-column:"):
         raise DataError(f"--partition {config.partition} splits one table; with --site/--sites each site is one "
@@ -393,13 +414,13 @@ def _from_site_files(config: TrainConfig) -> Dataset:
     schema = build_schema(parties, target=config.target, drop=config.drop_columns, keep=config.keep_columns,
                           site_columns=[c for c in [_site_column(config)] if c])
     if config.test_site:
-        return prepare_sites(frames, parties["test site"], schema, config=config)
+        return prepare_sites(frames, parties["test site"], schema, config=config, stats=stats)
     train, held = {}, []
     for name, frame in frames.items():  # missing values are checked on all of a site's rows, before the split
         clean = clean_missing(frame, schema, config.missing, who=f"site {name!r}")
         train[name], test = _hold_out(name, clean, schema.target, config.test_fraction, config.seed)
         held.append(test)
-    return prepare_sites(train, pd.concat(held, ignore_index=True), schema, config=config)
+    return prepare_sites(train, pd.concat(held, ignore_index=True), schema, config=config, stats=stats)
 
 
 def _hold_out(name: str, frame: pd.DataFrame, target: str, fraction: float, seed: int) -> tuple[Any, Any]:

@@ -31,6 +31,7 @@ from fl.config import TrainConfig
 from fl.data import Dataset, load_federated, partition
 from fl.ledger import Ledger
 from fl.models import build_model, flatten_parameters, get_flat, set_flat
+from fl.preprocess import FederatedStats
 from fl.privacy import build_plan
 from fl.runners.local import DropoutSchedule, SumOutcome, run_secure_sum
 from fl.server_opt import make_server_optimizer
@@ -51,6 +52,15 @@ class NonFiniteUpdateError(ValueError):
 
 class BudgetExhaustedError(RuntimeError):
     """The next round would exceed the privacy budget; training stops before it."""
+
+
+def saved_statistics(directory: Path | None) -> FederatedStats | None:
+    """The preprocessing statistics a checkpoint holds (None if absent or unreadable: load() says why)."""
+    try:
+        stats = torch.load(directory / CHECKPOINT, weights_only=False).get("stats") if directory else None
+    except Exception:
+        return None
+    return stats if isinstance(stats, FederatedStats) else None
 
 
 def _seed(*parts: object) -> int:
@@ -115,10 +125,13 @@ class _LazyRandom:
 class Federation:
     """One federated run's state: data partitions, global model, pipeline, server optimizer, ledger."""
 
-    def __init__(self, config: TrainConfig, *, dataset: Dataset | None = None) -> None:
+    def __init__(
+        self, config: TrainConfig, *, dataset: Dataset | None = None, stats: FederatedStats | None = None
+    ) -> None:
         self.config = config
-        # each site keeps its rows; standardization statistics are federated (fl.preprocess)
-        self.data = dataset or load_federated(config)
+        # each site keeps its rows; standardization statistics are federated (fl.preprocess), or reused
+        # from a checkpoint (``stats``) so a resumed run never releases them twice
+        self.data = dataset or load_federated(config, stats=stats)
         if dataset is None:
             self.parts = list(self.data.parts)
         else:
@@ -315,6 +328,7 @@ class Federation:
             "history": self.history,
             "ledger": self.ledger.entries,
             "accounting": self.plan.accounting,
+            "stats": self.data.stats,
         }
         tmp = directory / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -403,7 +417,7 @@ def train(
     end with exactly the model an uninterrupted run would have (same seed, test seam for noise).
     """
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    fed = Federation(config, dataset=dataset)
+    fed = Federation(config, dataset=dataset, stats=saved_statistics(checkpoint_dir) if resume else None)
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume needs the checkpoint directory")

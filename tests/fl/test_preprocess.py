@@ -156,8 +156,11 @@ def test_dp_statistics_carry_the_stated_noise_and_event() -> None:
     noise = []
     for rep in range(300):
         rec = RecordingSum()
-        federated_statistics(sites, schema, secure_sum=rec, privacy=privacy, bounds=bounds,
-                             rng_for=lambda k, rep=rep: SecureRandom.for_testing(f"{rep}:{k}"))
+
+        def rng_for(k: int, rep: int = rep) -> SecureRandom:
+            return SecureRandom.for_testing(f"{rep}:{k}")
+
+        federated_statistics(sites, schema, secure_sum=rec, privacy=privacy, bounds=bounds, rng_for=rng_for)
         noise.append(sum(rec.handed.values()) - exact)
     sigma = privacy.noise_multiplier * sensitivity(schema)
     measured = float(np.std(np.asarray(noise)))

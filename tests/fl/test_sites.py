@@ -171,3 +171,22 @@ def test_partition_with_sites_is_refused(tmp_path: Path) -> None:
 def test_bad_site_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--site", "nopath", "--target", "y", "--quiet"]) == 2
     assert "--site expects NAME=PATH" in capsys.readouterr().err
+
+
+def test_resume_reuses_the_released_statistics(tmp_path: Path) -> None:
+    """A resumed run neither sums (and spends budget on) the statistics again nor standardizes differently."""
+    from fl.loop import saved_statistics, train
+
+    paths = write_sites(tmp_path / "s", {"a": site_frame(0), "b": site_frame(1)})
+    cfg = config_for(paths, categories=(("smoker", ("yes", "no")),),
+                     privacy=PrivacyConfig(spec="dp-sgd", dpsgd_noise_multiplier=1.0))
+    first = Federation(cfg)
+    first.run_round(1)
+    first.save(tmp_path / "ck")
+    stats = saved_statistics(tmp_path / "ck")
+    assert stats is not None
+    again = Federation(cfg, stats=stats)
+    np.testing.assert_array_equal(again.data.x_train, first.data.x_train)
+    assert not np.array_equal(Federation(cfg).data.x_train, first.data.x_train)  # fresh DP noise otherwise
+    report = train(replace(cfg, rounds=2), checkpoint_dir=tmp_path / "ck", resume=True, baseline=False)
+    assert [e["round"] for e in report["ledger"]] == [0, 1, 2]  # one preprocessing entry, not two
