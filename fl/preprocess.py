@@ -58,9 +58,13 @@ log = logging.getLogger(__name__)
 
 Unit = Literal["example", "client"]
 
-DP_VARIANCE_FLOOR = 1.0 / 64
-"""Under DP a noisy variance (in range-width units) is floored here: std >= width / 8, so noise can never
-blow a feature up by dividing by a tiny (or negative) variance estimate."""
+PRIOR_VARIANCE = 1.0 / 64
+"""Under DP, noisy estimates are shrunk towards a data-independent prior (post-processing, no privacy
+cost): mean at the centre of the public range, variance ``(width / 8)^2``, each weighted by its prior
+precision against the known noise (``tau^2 / (tau^2 + s^2)``, ``s = sigma / rows``). Large data sets keep
+their estimates; small ones fall back towards the prior instead of dividing by a noisy variance."""
+PRIOR_MEAN_SPREAD = 0.25
+PRIOR_VARIANCE_SPREAD = 1.0 / 64
 
 
 class DataError(ValueError):
@@ -332,7 +336,7 @@ def federated_statistics(
                          rng_for=rng_for, session=session or default_session(None))
     rows = sum(len(f) for f in sites)
     scale = float(rows) if unit == "example" else float(len(sites))
-    mean, std, low = _moments(total, len(schema.numeric), scale, centre, width, floor=DP_VARIANCE_FLOOR if dp else 0.0)
+    mean, std, low = _moments(total, len(schema.numeric), scale, centre, width, noise=sigma / scale)
     counts = total[2 * len(schema.numeric):] * (rows / len(sites) if unit == "client" else 1.0)
     vocab = _vocabulary(schema, cand, counts, min_category_count)
     return FederatedStats(
@@ -345,13 +349,19 @@ def federated_statistics(
 
 def _moments(
     total: NDArray[np.float64], d: int, scale: float, centre: NDArray[np.float64], width: NDArray[np.float64],
-    *, floor: float = 0.0,
+    *, noise: float = 0.0,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
-    """Means, stds (original units) and which columns are flat, from the summed ``[sum u, sum u^2]``."""
+    """Means, stds (original units) and which columns are flat, from the summed ``[sum u, sum u^2]``.
+
+    ``noise``: std of the DP noise on ``total / scale``; then estimates are shrunk towards the prior
+    (see :data:`PRIOR_VARIANCE`) and variances kept in ``[prior / 4, 1/4]`` (1/4: the largest possible).
+    """
     mean_u = total[:d] / scale
     var_u = total[d:2 * d] / scale - mean_u**2
-    if floor > 0:  # noisy variances: within [floor, 1/4] (1/4: the largest variance on a unit-width range)
-        var_u = np.clip(var_u, floor, 0.25)
+    if noise > 0:
+        mean_u = mean_u * PRIOR_MEAN_SPREAD**2 / (PRIOR_MEAN_SPREAD**2 + noise**2)
+        keep = PRIOR_VARIANCE_SPREAD**2 / (PRIOR_VARIANCE_SPREAD**2 + noise**2)
+        var_u = np.clip(PRIOR_VARIANCE + keep * (var_u - PRIOR_VARIANCE), PRIOR_VARIANCE / 4, 0.25)
     low = var_u < 1e-24
     if np.any(low):
         log.info("%d column(s) have (noisy) variance ~0; their scale is set to 1", int(low.sum()))
@@ -379,12 +389,15 @@ def _guarantee(
 ) -> Guarantee:
     """What the server (and anyone it shows the statistics to) learns about the sites' rows."""
     plain = _is_plain(ssum)
-    learns = ("the server learns the sum over all sites of the rescaled numeric values and their squares"
-              + (" (clipped to the public range)" if clip else "")
-              + (", the summed counts of the candidate categories" if schema.categorical else "")
-              + ("" if not schema.categorical or declared else " and which category values occur at some site")
-              + ("; with plain-sum it also sees each site's own vector" if plain else f"; through {ssum.name}, "
-                 "no single site's vector"))
+    items = ["the sum over all sites of the rescaled numeric values and of their squares"
+             + (" (clipped to the public range)" if clip else "")]
+    if schema.categorical:
+        items.append("the summed counts of the candidate categories")
+        if not declared:
+            items.append("which category values occur at some site (the candidates)")
+    learns = ("the server learns " + ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
+              + ("; with plain-sum it also sees each site's own vector" if plain
+                 else f"; through {ssum.name}, no single site's vector"))
     assumptions = ["row counts n_k per site and the class labels are public metadata",
                    "the public ranges come from declared bounds or the server's own data, not the sites'"]
     params: dict[str, Any] = {"sites": sites, "sum": ssum.name, "clipped": clip,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,8 +20,15 @@ from dp.rng import SecureRandom
 from fl.preprocess import Schema, StatsPrivacy, federated_statistics, sensitivity, site_vector
 from fl.spec import Guarantee, RoundInfo, ValueSpec
 from fl.sums import PlainSum
+from fl.sums_paillier import PaillierSum
 from fl.sums_secagg import SecAgg, SecAggPlus
 from secagg.machine import ClientMachine, ServerMachine
+
+
+def _seeded(label: str) -> Callable[[int], SecureRandom]:
+    """Per-site CSPRNGs through the named test seam (reproducible noise for the tests)."""
+    return lambda k: SecureRandom.for_testing(f"{label}:{k}")
+
 
 SCHEMA = Schema(target="y", numeric=("a", "b"), categorical=("city",))
 
@@ -109,7 +116,9 @@ def _ranges(stats: Any, reference: pd.DataFrame) -> tuple[NDArray[np.float64], N
     return public_ranges(SCHEMA, declared={}, reference=reference)
 
 
-@pytest.mark.parametrize("ssum", [SecAgg(threshold=0.7), SecAggPlus(threshold=0.7)], ids=["secagg", "secagg+"])
+@pytest.mark.parametrize("ssum", [SecAgg(threshold=0.7), SecAggPlus(threshold=0.7),
+                                  pytest.param(PaillierSum(), marks=pytest.mark.slow)],
+                         ids=["secagg", "secagg+", "paillier"])
 def test_statistics_through_secagg_match_pooled(ssum: Any) -> None:
     sites = make_sites(2, [40, 25, 35, 30])
     bounds = {"a": (-50.0, 100.0), "b": (0.0, 2000.0)}  # public ranges covering every row: nothing clipped
@@ -157,10 +166,7 @@ def test_dp_statistics_carry_the_stated_noise_and_event() -> None:
     for rep in range(300):
         rec = RecordingSum()
 
-        def rng_for(k: int, rep: int = rep) -> SecureRandom:
-            return SecureRandom.for_testing(f"{rep}:{k}")
-
-        federated_statistics(sites, schema, secure_sum=rec, privacy=privacy, bounds=bounds, rng_for=rng_for)
+        federated_statistics(sites, schema, secure_sum=rec, privacy=privacy, bounds=bounds, rng_for=_seeded(str(rep)))
         noise.append(sum(rec.handed.values()) - exact)
     sigma = privacy.noise_multiplier * sensitivity(schema)
     measured = float(np.std(np.asarray(noise)))
@@ -199,3 +205,19 @@ def test_dp_unit_follows_the_run_and_client_level_weighs_sites_equally() -> None
         sites, Schema(target="y", numeric=("a",)), secure_sum=PlainSum(), privacy=privacy,
         bounds={"a": (-100.0, 100.0)}).guarantee.property
     assert math.isfinite(stats.std[0])
+
+
+def test_dp_estimates_shrink_to_the_prior_on_small_data_and_converge_on_large() -> None:
+    """Noise never makes a scale explode: small data fall back towards width / 8, large data keep their std."""
+    schema = Schema(target="y", numeric=("a",))
+    bounds = {"a": (-40.0, 40.0)}  # width 80: the prior std is 10
+    privacy = StatsPrivacy.for_epsilon(0.5, delta=1e-5)
+    rng = np.random.default_rng(0)
+    for rep in range(30):
+        small = [pd.DataFrame({"a": rng.normal(0, 2, 10)})]
+        stats = federated_statistics(small, schema, secure_sum=PlainSum(), privacy=privacy, bounds=bounds,
+                                     rng_for=_seeded(f"s{rep}"))
+        assert 80 / 16 <= stats.std[0] <= 80 / 2
+    large = [pd.DataFrame({"a": rng.normal(3, 12, 20_000)}) for _ in range(3)]
+    stats = federated_statistics(large, schema, secure_sum=PlainSum(), privacy=privacy, bounds=bounds)
+    assert stats.mean[0] == pytest.approx(3, abs=0.3) and stats.std[0] == pytest.approx(12, rel=0.05)
