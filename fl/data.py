@@ -13,6 +13,7 @@ set is the server's own held-out data, transformed with the federated statistics
 
 from __future__ import annotations
 
+import argparse
 import logging
 import re
 from collections.abc import Mapping, Sequence
@@ -533,22 +534,28 @@ def _split_rows(
 
 # ---- command-line options --------------------------------------------------------------------------
 def add_data_arguments(g: Any) -> None:
-    """The per-site and preprocessing flags of ``privagg train`` (an argparse group)."""
-    g.add_argument("--site", action="append", default=[], metavar="NAME=PATH",
+    """The per-site and preprocessing flags of ``privagg train`` (an argparse group).
+
+    Flags without a value are left out of the namespace (``SUPPRESS``) so help shows each default once.
+    """
+    g.add_argument("--site", action="append", default=argparse.SUPPRESS, metavar="NAME=PATH",
                    help="one site's CSV (repeat per site); each site is one client")
-    g.add_argument("--sites", metavar="DIR", help="a folder of CSVs, one per site (file stem = site name)")
-    g.add_argument("--test-site", metavar="NAME=PATH",
+    g.add_argument("--sites", metavar="DIR", default=argparse.SUPPRESS,
+                   help="a folder of CSVs, one per site (file stem = site name)")
+    g.add_argument("--test-site", metavar="NAME=PATH", default=argparse.SUPPRESS,
                    help="the server's evaluation CSV (default: each site holds out --test-fraction of its rows)")
     g.add_argument("--missing", choices=["refuse", "drop", "impute"], default="refuse",
-                   help="missing feature values: refuse (name them), drop those rows, or impute at each site")
-    g.add_argument("--drop", action="append", default=[], metavar="COL", help="a column that is not a feature (id)")
-    g.add_argument("--keep", action="append", default=[], metavar="COL",
+                   help="missing feature values: refuse (name them), drop those rows, or impute at each site "
+                        "(default: %(default)s)")
+    g.add_argument("--drop", action="append", default=argparse.SUPPRESS, metavar="COL",
+                   help="a column that is not a feature (id)")
+    g.add_argument("--keep", action="append", default=argparse.SUPPRESS, metavar="COL",
                    help="use an id-like column (rownames, ID, ...) as a feature anyway")
-    g.add_argument("--categories", action="append", default=[], metavar="COL=A,B,C",
+    g.add_argument("--categories", action="append", default=argparse.SUPPRESS, metavar="COL=A,B,C",
                    help="declared vocabulary of a categorical column (required with DP)")
-    g.add_argument("--bounds", action="append", default=[], metavar="COL=LO:HI",
+    g.add_argument("--bounds", action="append", default=argparse.SUPPRESS, metavar="COL=LO:HI",
                    help="public range of a numeric column (clips it for the statistics)")
-    g.add_argument("--stats-epsilon", type=float,
+    g.add_argument("--stats-epsilon", type=float, default=argparse.SUPPRESS,
                    help=f"DP budget of the federated standardization statistics (default with DP: "
                         f"{DEFAULT_STATS_EPSILON})")
 

@@ -59,10 +59,11 @@ log = logging.getLogger(__name__)
 Unit = Literal["example", "client"]
 
 PRIOR_VARIANCE = 1.0 / 64
-"""Under DP, noisy estimates are shrunk towards a data-independent prior (post-processing, no privacy
-cost): mean at the centre of the public range, variance ``(width / 8)^2``, each weighted by its prior
-precision against the known noise (``tau^2 / (tau^2 + s^2)``, ``s = sigma / rows``). Large data sets keep
-their estimates; small ones fall back towards the prior instead of dividing by a noisy variance."""
+"""Under DP, noisy estimates are shrunk towards a prior that does not read any site (post-processing, no
+privacy cost): the moments of the server's own reference rows when it has them, else mean at the centre
+of the public range and variance ``(width / 8)^2``; each is weighted by its prior precision against the
+known noise (``tau^2 / (tau^2 + s^2)``, ``s = sigma / rows``). Large data sets keep their estimates; small
+ones fall back towards the prior instead of dividing by a noisy variance."""
 PRIOR_MEAN_SPREAD = 0.25
 PRIOR_VARIANCE_SPREAD = 1.0 / 64
 
@@ -336,7 +337,8 @@ def federated_statistics(
                          rng_for=rng_for, session=session or default_session(None))
     rows = sum(len(f) for f in sites)
     scale = float(rows) if unit == "example" else float(len(sites))
-    mean, std, low = _moments(total, len(schema.numeric), scale, centre, width, noise=sigma / scale)
+    prior = _prior(reference, schema, centre, width)
+    mean, std, low = _moments(total, len(schema.numeric), scale, centre, width, noise=sigma / scale, prior=prior)
     counts = total[2 * len(schema.numeric):] * (rows / len(sites) if unit == "client" else 1.0)
     vocab = _vocabulary(schema, cand, counts, min_category_count)
     return FederatedStats(
@@ -349,7 +351,7 @@ def federated_statistics(
 
 def _moments(
     total: NDArray[np.float64], d: int, scale: float, centre: NDArray[np.float64], width: NDArray[np.float64],
-    *, noise: float = 0.0,
+    *, noise: float = 0.0, prior: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None,
 ) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
     """Means, stds (original units) and which columns are flat, from the summed ``[sum u, sum u^2]``.
 
@@ -359,14 +361,27 @@ def _moments(
     mean_u = total[:d] / scale
     var_u = total[d:2 * d] / scale - mean_u**2
     if noise > 0:
-        mean_u = mean_u * PRIOR_MEAN_SPREAD**2 / (PRIOR_MEAN_SPREAD**2 + noise**2)
+        m0, v0 = prior if prior is not None else (np.zeros(d), np.full(d, PRIOR_VARIANCE))
+        mean_u = m0 + (mean_u - m0) * PRIOR_MEAN_SPREAD**2 / (PRIOR_MEAN_SPREAD**2 + noise**2)
         keep = PRIOR_VARIANCE_SPREAD**2 / (PRIOR_VARIANCE_SPREAD**2 + noise**2)
-        var_u = np.clip(PRIOR_VARIANCE + keep * (var_u - PRIOR_VARIANCE), PRIOR_VARIANCE / 4, 0.25)
+        var_u = np.clip(v0 + keep * (var_u - v0), PRIOR_VARIANCE / 16, 0.25)
     low = var_u < 1e-24
     if np.any(low):
         log.info("%d column(s) have (noisy) variance ~0; their scale is set to 1", int(low.sum()))
     std = np.where(low, 1.0, width * np.sqrt(np.where(low, 1.0, var_u)))
     return centre + width * mean_u, std, low
+
+
+def _prior(
+    reference: pd.DataFrame | None, schema: Schema, centre: NDArray[np.float64], width: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]] | None:
+    """Mean and variance (range-width units, clipped) of the server's own rows: a prior that reads no site."""
+    if reference is None or not schema.numeric or len(reference) < 2:
+        return None
+    u = np.clip((reference[list(schema.numeric)].to_numpy(dtype=np.float64) - centre) / width, -0.5, 0.5)
+    if not np.all(np.isfinite(u)):
+        return None
+    return u.mean(axis=0), np.maximum(u.var(axis=0), PRIOR_VARIANCE / 16)
 
 
 def _vocabulary(
@@ -399,7 +414,8 @@ def _guarantee(
               + ("; with plain-sum it also sees each site's own vector" if plain
                  else f"; through {ssum.name}, no single site's vector"))
     assumptions = ["row counts n_k per site and the class labels are public metadata",
-                   "the public ranges come from declared bounds or the server's own data, not the sites'"]
+                   "the public ranges (and, under DP, the prior the noisy estimates are shrunk to) come from declared "
+                   "bounds or the server's own data, never from the sites'"]
     params: dict[str, Any] = {"sites": sites, "sum": ssum.name, "clipped": clip,
                               "sensitivity": sensitivity(schema)}
     if privacy is None:
