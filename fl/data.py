@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import re
+import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,8 +219,9 @@ def build_schema(
         raise DataError(f"--drop/--keep column(s) {unknown} are not in the data; columns are: {', '.join(cols)}")
     features = [c for c in cols if c != target and c not in drop and c not in site_columns]
     for col in [c for c in features if _ID_LIKE.search(c) and c not in keep]:
-        warn(f"column {col!r} looks like a row id and is not used as a feature; pass --drop {col} to say so, "
-             f"or --keep {col} to use it")
+        flag = shlex.quote(col)
+        warn(f"column {col!r} looks like a row id and is not used as a feature; pass --drop {flag} to say so, "
+             f"or --keep {flag} to use it")
         features.remove(col)
     if not features:
         raise DataError("no feature columns are left; check --target/--drop")
