@@ -38,6 +38,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partition", default=d.partition,
                    help="iid | dirichlet:ALPHA (label skew) | by-column:NAME (one client per value)")
     g.add_argument("--test-fraction", type=float, default=d.test_fraction, help="held-out share (default: %(default)s)")
+    from fl.data import add_data_arguments  # per-site CSVs and federated preprocessing
+
+    add_data_arguments(g)
     g = p.add_argument_group("model and training")
     g.add_argument("--model", default=d.model, help="logreg | mlp (default: %(default)s)")
     g.add_argument("--hidden", type=int, default=d.hidden, help="mlp hidden width (default: %(default)s)")
@@ -84,6 +87,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    from fl.data import data_config_from_args
+
     privacy = PrivacyConfig(
         spec=args.privacy, clip=args.clip, noise_multiplier=args.noise_multiplier, epsilon=args.epsilon,
         delta=args.delta, accountant=args.accountant, quant_bits=args.quant_bits, threshold=args.threshold,
@@ -98,6 +103,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weighting=args.weighting, server_opt=args.server_opt, server_lr=args.server_lr, dropout=args.dropout,
         test_fraction=args.test_fraction, seed=args.seed,
         insecure_seeded_randomness=args.insecure_seeded_randomness, privacy=privacy,
+        **data_config_from_args(args),
     )
 
 

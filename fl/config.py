@@ -72,6 +72,16 @@ class TrainConfig:
     server_lr: float = 1.0
     dropout: float = 0.0  # probability a sampled client drops during a round (simulation)
     test_fraction: float = 0.2
+    # per-site data and federated preprocessing (fl.data / fl.preprocess)
+    sites: tuple[tuple[str, str], ...] = ()  # (NAME, CSV PATH) per site; then --partition/--clients do not apply
+    sites_dir: str | None = None  # a folder of CSVs, one per site (file stem = site name)
+    test_site: str | None = None  # the server's evaluation CSV (else each site holds out test_fraction)
+    missing: Literal["refuse", "drop", "impute"] = "refuse"
+    drop_columns: tuple[str, ...] = ()  # never features (ids)
+    keep_columns: tuple[str, ...] = ()  # id-like names used as features anyway
+    categories: tuple[tuple[str, tuple[str, ...]], ...] = ()  # declared vocabularies (required under DP)
+    feature_bounds: tuple[tuple[str, float, float], ...] = ()  # public ranges (COL, LO, HI)
+    stats_epsilon: float | None = None  # DP budget of the standardization statistics (default 0.5 with DP)
     seed: int = 0
     # Named test seam: derive DP noise, rounding bits and session ids from ``seed`` so runs repeat
     # exactly (tests, resume checks). Never in production: whoever knows the seed can remove the noise.

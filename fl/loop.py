@@ -29,9 +29,10 @@ from tqdm.auto import tqdm
 
 from dp.rng import SecureRandom
 from fl.config import TrainConfig
-from fl.data import Dataset, load_dataset, partition
+from fl.data import Dataset, load_federated, partition
 from fl.ledger import Ledger
 from fl.models import build_model, flatten_parameters, get_flat, set_flat
+from fl.preprocess import FederatedStats
 from fl.privacy import build_plan
 from fl.runners.local import DropoutSchedule, SumOutcome, run_secure_sum
 from fl.server_opt import make_server_optimizer
@@ -52,6 +53,15 @@ class NonFiniteUpdateError(ValueError):
 
 class BudgetExhaustedError(RuntimeError):
     """The next round would exceed the privacy budget; training stops before it."""
+
+
+def saved_statistics(directory: Path | None) -> FederatedStats | None:
+    """The preprocessing statistics a checkpoint holds (None if absent or unreadable: load() says why)."""
+    try:
+        stats = torch.load(directory / CHECKPOINT, weights_only=False).get("stats") if directory else None
+    except Exception:
+        return None
+    return stats if isinstance(stats, FederatedStats) else None
 
 
 def _seed(*parts: object) -> int:
@@ -116,14 +126,18 @@ class _LazyRandom:
 class Federation:
     """One federated run's state: data partitions, global model, pipeline, server optimizer, ledger."""
 
-    def __init__(self, config: TrainConfig, *, dataset: Dataset | None = None) -> None:
+    def __init__(
+        self, config: TrainConfig, *, dataset: Dataset | None = None, stats: FederatedStats | None = None
+    ) -> None:
         self.config = config
-        keep = (config.partition.split(":", 1)[1],) if config.partition.startswith("by-column:") else ()
-        self.data = dataset or load_dataset(
-            config.dataset, target=config.target, test_fraction=config.test_fraction, seed=config.seed,
-            keep_columns=keep,
-        )
-        self.parts = partition(self.data, config.partition, config.clients, seed=config.seed)
+        # each site keeps its rows; standardization statistics are federated (fl.preprocess), or reused
+        # from a checkpoint (``stats``) so a resumed run never releases them twice
+        self.data = dataset or load_federated(config, stats=stats)
+        if dataset is None:
+            self.parts = list(self.data.parts)
+        else:
+            self.parts = partition(self.data, config.partition, config.clients, seed=config.seed)
+        self.site_names = dict(enumerate(self.data.site_names)) if dataset is None else {}
         self.population = len(self.parts)
         self.client_sizes = {k: len(p) for k, p in enumerate(self.parts)}
         self.mean_size = float(np.mean(list(self.client_sizes.values())))
@@ -157,6 +171,8 @@ class Federation:
         self.server_opt = make_server_optimizer(config.server_opt, config.server_lr)
         self.ledger = Ledger()
         self.server_log: list[dict[str, Any]] = []  # server-only facts (client ids); never in the report
+        if self.data.guarantees:  # what preprocessing revealed (federated statistics), before round 1
+            self.ledger.record(0, self.data.guarantees, stage="preprocessing")
         self.history: list[dict[str, Any]] = []
         self.next_round = 1
 
@@ -333,6 +349,7 @@ class Federation:
             "ledger": self.ledger.entries,
             "accounting": self.plan.accounting.state() if self.plan.accounting is not None else None,
             "server_log": self.server_log,
+            "stats": self.data.stats,
         }
         tmp = directory / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -384,6 +401,8 @@ class Federation:
             "ledger": self.ledger.as_list(),
             "privacy": self.plan.accounting.report() if self.plan.accounting is not None else {"accountant": None},
         }
+        if self.site_names:
+            out["sites"] = {str(k): v for k, v in self.site_names.items()}
         if stopped:
             out["stopped"] = stopped
         if self.plan.notes:
@@ -421,7 +440,7 @@ def train(
     end with exactly the model an uninterrupted run would have (same seed, test seam for noise).
     """
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    fed = Federation(config, dataset=dataset)
+    fed = Federation(config, dataset=dataset, stats=saved_statistics(checkpoint_dir) if resume else None)
     if resume:
         if checkpoint_dir is None:
             raise ValueError("resume needs the checkpoint directory")

@@ -36,7 +36,7 @@ from fl.pipeline import Pipeline
 from fl.spec import ClientTrainer, CompositionError, Layer, PrivacyAccounting, RoundInfo, SecureSum, ValueSpec
 from fl.sums import PlainSum, threshold_count
 
-__all__ = ["KNOWN_TOKENS", "PrivacyPlan", "build_plan"]
+__all__ = ["KNOWN_TOKENS", "PrivacyPlan", "build_plan", "secure_sum_for"]
 
 KNOWN_TOKENS = ("none", "clip", "quantize", "secagg", "secagg+", "paillier", "noise", "dnoise", "dp-sgd")
 
@@ -52,7 +52,8 @@ class PrivacyPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _secure_sum(token: str, config: TrainConfig, population: int, *, min_clients: int = 1) -> SecureSum:
+def secure_sum_for(token: str, config: TrainConfig, population: int, *, min_clients: int = 1) -> SecureSum:
+    """The secure sum a ``--privacy`` token names, configured from the run's own settings."""
     pc = config.privacy
     # clients pin the smallest cohort they accept (a server cannot shrink t): the fixed cohort, or for
     # Poisson sampling six standard deviations below the expected count (smaller rounds abort)
@@ -243,7 +244,7 @@ def build_plan(
     if "dnoise" in noises:
         min_clients = threshold_count(config.privacy.cohort_threshold, _client_sampling(config, population)[2])
     ssum: SecureSum = (
-        _secure_sum(sums[0], config, population, min_clients=min_clients) if sums else PlainSum(min_clients)
+        secure_sum_for(sums[0], config, population, min_clients=min_clients) if sums else PlainSum(min_clients)
     )
     if tokens.count("dp-sgd") > 1:
         raise CompositionError("'dp-sgd' appears twice in --privacy")

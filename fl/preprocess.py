@@ -1,0 +1,443 @@
+"""Federated preprocessing: standardization statistics and category vocabularies without pooling rows.
+
+Each site keeps its raw rows. To standardize, every site computes one vector from its own rows --
+the sums of its (clipped, rescaled) numeric features, of their squares, and its counts of the candidate
+categories -- and the sites add these vectors through a secure sum (the one the privacy plan uses, or
+``PlainSum``). Only the total reaches the server; the means, standard deviations and the shared
+vocabulary are computed from it alone and then applied by every site to its own rows and by the server
+to its held-out evaluation data.
+
+**Public range and sensitivity.** A numeric column ``j`` has a public range ``[lo_j, hi_j]`` (declared,
+or fixed by the server's own evaluation data). A row contributes ``u = (x - c) / w`` with
+``c = (lo + hi) / 2`` and ``w = hi - lo``, clipped to ``[-1/2, 1/2]`` whenever DP is on or the sum works on
+a ring, and ``u^2``; a categorical column contributes a one-hot indicator over its candidates. Replacing
+one row moves a site's vector by at most ``sqrt(d_num + 2 * d_cat)`` in L2 (``(u - u')^2 (1 + (u + u')^2)
+<= 1`` on that box; a changed category moves two indicators). For client-level DP every site sends its
+per-row *average* instead, which lies in the convex hull of the same box, so replacing a whole site moves
+the sum by at most the same bound.
+
+**DP.** With DP on, each of the ``K`` sites adds ``N(0, sigma^2 / K)`` to its vector before the secure
+sum (``sigma = z * sensitivity``): the total carries ``N(0, sigma^2)``, a Gaussian mechanism with noise
+multiplier ``z`` for every observer of the total (with a secure sum, the server too). Row counts ``n_k``
+and the class labels are public metadata, as in the training loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+from dp_accounting import dp_event
+from numpy.typing import NDArray
+from sklearn.preprocessing import OneHotEncoder, StandardScaler
+
+from dp.accounting import calibrate_noise, gaussian_epsilon
+from dp.rng import SecureRandom
+from fl.spec import Guarantee, RandomSource, SecureSum, ValueSpec
+
+__all__ = [
+    "DataError",
+    "DataWarning",
+    "FederatedStats",
+    "Schema",
+    "StatsPrivacy",
+    "federated_statistics",
+    "public_ranges",
+    "site_vector",
+]
+
+log = logging.getLogger(__name__)
+
+Unit = Literal["example", "client"]
+
+PRIOR_VARIANCE = 1.0 / 64
+"""Under DP, noisy estimates are shrunk towards a prior that does not read any site (post-processing, no
+privacy cost): the moments of the server's own reference rows when it has them, else mean at the centre
+of the public range and variance ``(width / 8)^2``; each is weighted by its prior precision against the
+known noise (``tau^2 / (tau^2 + s^2)``, ``s = sigma / rows``). Large data sets keep their estimates; small
+ones fall back towards the prior instead of dividing by a noisy variance."""
+PRIOR_MEAN_SPREAD = 0.25
+PRIOR_VARIANCE_SPREAD = 1.0 / 64
+
+
+class DataError(ValueError):
+    """A data set, CSV or partition cannot be used as asked; the message names the fix."""
+
+
+class DataWarning(UserWarning):
+    """Data that trains but may train badly (one class at a site, a constant column, rare classes)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Schema:
+    """The columns every site shares: the label, numeric features and categorical features (in order)."""
+
+    target: str
+    numeric: tuple[str, ...]
+    categorical: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class StatsPrivacy:
+    """DP for the statistics: Gaussian noise multiplier ``z`` on the summed vector, per ``unit``."""
+
+    noise_multiplier: float
+    delta: float
+    unit: Unit = "example"
+
+    @classmethod
+    def for_epsilon(cls, epsilon: float, *, delta: float, unit: Unit = "example") -> StatsPrivacy:
+        """The smallest noise multiplier whose single Gaussian release is (epsilon, delta)-DP."""
+        z = calibrate_noise(epsilon=epsilon, delta=delta, sample_rate=1.0, steps=1)
+        return cls(noise_multiplier=z, delta=delta, unit=unit)
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and 0 < self.delta < 1):
+            raise ValueError(f"StatsPrivacy needs noise_multiplier > 0 and delta in (0, 1), got "
+                             f"{self.noise_multiplier}, {self.delta}")
+
+    @property
+    def epsilon(self) -> float:
+        return _gaussian_epsilon(self.noise_multiplier, self.delta)
+
+    @property
+    def event(self) -> dp_event.DpEvent:
+        return dp_event.GaussianDpEvent(self.noise_multiplier)
+
+
+@dataclass(frozen=True)
+class FederatedStats:
+    """What the sum revealed, turned into a transform: numeric means/stds and the shared vocabulary."""
+
+    schema: Schema
+    mean: NDArray[np.float64]
+    std: NDArray[np.float64]
+    vocabulary: Mapping[str, tuple[str, ...]]
+    rows: int
+    guarantee: Guarantee
+    event: dp_event.DpEvent | None = None
+    constant: tuple[str, ...] = ()
+    _scaler: StandardScaler = field(init=False, repr=False, compare=False)
+    _encoder: OneHotEncoder | None = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        scaler = StandardScaler()
+        scaler.mean_ = np.asarray(self.mean, dtype=np.float64)
+        scaler.scale_ = np.asarray(self.std, dtype=np.float64)
+        scaler.var_ = scaler.scale_**2
+        scaler.n_features_in_ = len(self.schema.numeric)
+        scaler.n_samples_seen_ = self.rows
+        object.__setattr__(self, "_scaler", scaler)
+        encoder = None
+        if self.schema.categorical:
+            cats = [list(self.vocabulary[c]) for c in self.schema.categorical]
+            encoder = OneHotEncoder(categories=cats, handle_unknown="ignore", sparse_output=False, dtype=np.float64)
+            # fitted on the vocabulary itself (no data): unknown or dropped categories encode as all zeros
+            width = max(1, max(len(c) for c in cats))
+            dummy = pd.DataFrame({c: [v[i % len(v)] if v else "" for i in range(width)]
+                                  for c, v in zip(self.schema.categorical, cats, strict=True)})
+            encoder.fit(dummy.astype(object))
+        object.__setattr__(self, "_encoder", encoder)
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        cats = tuple(f"{c}={v}" for c in self.schema.categorical for v in self.vocabulary[c])
+        return self.schema.numeric + cats
+
+    def transform(self, frame: pd.DataFrame) -> NDArray[np.float32]:
+        """Standardize numeric columns and one-hot the categorical ones of one party's own rows."""
+        parts = []
+        if self.schema.numeric:
+            x = frame[list(self.schema.numeric)].to_numpy(dtype=np.float64)
+            parts.append((x - self._scaler.mean_) / self._scaler.scale_)
+        if self._encoder is not None:
+            parts.append(self._encoder.transform(_as_text(frame[list(self.schema.categorical)])))
+        return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def _gaussian_epsilon(z: float, delta: float) -> float:
+    """Exact epsilon of one Gaussian release with noise multiplier ``z`` (inf when z is negligible)."""
+    try:
+        return gaussian_epsilon(mu=1.0 / z, delta=delta)
+    except OverflowError:
+        return math.inf
+
+
+def _as_text(frame: pd.DataFrame) -> pd.DataFrame:
+    """Category values as strings (so ``1`` and ``"1"`` from different CSVs are one category)."""
+    return frame.astype(str).astype(object)
+
+
+def public_ranges(
+    schema: Schema, *, declared: Mapping[str, tuple[float, float]], reference: pd.DataFrame | None,
+    margin: float = 0.1,
+) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """Centre and width of each numeric column's public range.
+
+    A declared ``(lo, hi)`` wins; otherwise the range comes from the server's own ``reference`` rows
+    (its evaluation data), widened by ``margin`` of the width on each side. Nothing here reads a site.
+    """
+    lo, hi = np.zeros(len(schema.numeric)), np.ones(len(schema.numeric))
+    for j, col in enumerate(schema.numeric):
+        if col in declared:
+            a, b = (float(v) for v in declared[col])
+            if not (math.isfinite(a) and math.isfinite(b) and a < b):
+                raise DataError(f"bounds for {col!r} must be finite with LO < HI, got {a}:{b}; "
+                                 f"pass --bounds {col}=LO:HI")
+        elif reference is not None and reference[col].notna().any():
+            a, b = float(reference[col].min()), float(reference[col].max())
+            pad = margin * (b - a) if b > a else max(1.0, abs(a))
+            a, b = a - pad, b + pad
+        else:
+            raise DataError(f"column {col!r} has no public range: declare it with --bounds {col}=LO:HI")
+        lo[j], hi[j] = a, b
+    return (lo + hi) / 2.0, hi - lo
+
+
+def site_vector(
+    frame: pd.DataFrame, schema: Schema, *, centre: NDArray[np.float64], width: NDArray[np.float64],
+    candidates: Mapping[str, Sequence[str]], clip: bool, unit: Unit,
+) -> NDArray[np.float64]:
+    """One site's contribution, computed from its own rows only: ``[sum u, sum u^2, category counts]``.
+
+    For ``unit="client"`` the per-row average (each site then weighs the same; see the module docstring).
+    """
+    x = frame[list(schema.numeric)].to_numpy(dtype=np.float64)
+    u = (x - centre) / width
+    if clip:
+        u = np.clip(u, -0.5, 0.5)
+    pieces = [u.sum(axis=0), (u * u).sum(axis=0)]
+    for col in schema.categorical:
+        values = _as_text(frame[[col]])[col]
+        pieces.append(np.array([(values == v).sum() for v in candidates[col]], dtype=np.float64))
+    vec = np.concatenate(pieces) if pieces else np.zeros(0)
+    return vec / max(1, len(frame)) if unit == "client" else vec
+
+
+def sensitivity(schema: Schema) -> float:
+    """L2 change of a site's vector when one row (or, client level, one site) is replaced."""
+    return math.sqrt(len(schema.numeric) + 2 * len(schema.categorical))
+
+
+def _is_plain(ssum: SecureSum) -> bool:
+    """A sum that takes real vectors sends them in the clear (``PlainSum``); masking and Paillier need a ring."""
+    from fl.spec import CompositionError
+
+    try:
+        ssum.bind(ValueSpec(size=1, cohort=2, domain="real"))
+    except CompositionError:
+        return False
+    return True
+
+
+def secure_total(
+    vectors: Mapping[int, NDArray[np.float64]], ssum: SecureSum, *, bound: float, noise_share: float,
+    rng_for: Callable[[int], RandomSource], session: bytes,
+) -> NDArray[np.float64]:
+    """Sum the sites' vectors through ``ssum``; each site adds its noise share and quantizes first.
+
+    A ring sum (SecAgg, SecAgg+, Paillier) gets ``Quantize`` with the public ``bound`` per coordinate, so
+    the decoded total differs from the exact one by at most the quantizer's stated error.
+    """
+    from fl.layers import Quantize
+    from fl.pipeline import Pipeline
+    from fl.runners.local import run_secure_sum
+    from fl.spec import RoundInfo
+    from secagg.quantize import MAX_RING_BITS
+
+    cids = sorted(vectors)
+    size = len(next(iter(vectors.values())))
+    layers = [] if _is_plain(ssum) else [
+        Quantize(bits=min(48, MAX_RING_BITS - math.ceil(math.log2(max(2, len(cids))))), bound=bound)
+    ]
+    bound_pipe = Pipeline(layers, sum=ssum).bind(ValueSpec(size=max(1, size), cohort=len(cids)))
+    encoded = {}
+    for cid in cids:
+        rng = rng_for(cid)
+        noisy = vectors[cid] + (rng.normal(size, noise_share) if noise_share > 0 else 0.0)
+        encoded[cid] = bound_pipe.encode(noisy, rng)
+    outcome = run_secure_sum(ssum, encoded, spec=bound_pipe.sum_spec, session=session, round=0)
+    if tuple(outcome.included) != tuple(cids):
+        raise RuntimeError(f"the statistics sum left out sites {sorted(set(cids) - set(outcome.included))}")
+    info = RoundInfo(round=0, planned=tuple(cids), included=tuple(cids), population=len(cids), sample_rate=1.0)
+    return bound_pipe.decode(outcome.total, info, rng_for(-1))
+
+
+def _candidates(
+    sites: Sequence[pd.DataFrame], schema: Schema, declared: Mapping[str, Sequence[str]], dp: bool
+) -> dict[str, tuple[str, ...]]:
+    """Candidate categories per column: declared, or (no DP) the distinct values the sites hold."""
+    out: dict[str, tuple[str, ...]] = {}
+    for col in schema.categorical:
+        if col in declared:
+            out[col] = tuple(dict.fromkeys(str(v) for v in declared[col]))
+        elif dp:
+            raise DataError(
+                f"with DP on, the categories of {col!r} must be declared (the values present at the sites are "
+                f"not differentially private): pass --categories {col}=A,B,C"
+            )
+        else:
+            seen: set[str] = set()
+            for frame in sites:
+                seen.update(_as_text(frame[[col]])[col].unique().tolist())
+            out[col] = tuple(sorted(seen))
+    return out
+
+
+def default_session(seed: int | None) -> bytes:
+    """A fresh session id for the statistics sum (seeded only through the named test seam)."""
+    if seed is None:
+        return os.urandom(16)
+    return hashlib.sha256(f"stats-session:{seed}".encode()).digest()[:16]
+
+
+def federated_statistics(
+    sites: Sequence[pd.DataFrame],
+    schema: Schema,
+    *,
+    secure_sum: SecureSum,
+    privacy: StatsPrivacy | None = None,
+    bounds: Mapping[str, tuple[float, float]] | None = None,
+    reference: pd.DataFrame | None = None,
+    categories: Mapping[str, Sequence[str]] | None = None,
+    min_category_count: float = 1.0,
+    rng_for: Callable[[int], RandomSource] | None = None,
+    session: bytes | None = None,
+) -> FederatedStats:
+    """Means, stds and vocabularies of the sites' rows, from one secure sum of per-site vectors.
+
+    ``sites``: each site's own rows (already cleaned). ``reference``: the server's own rows, only used to
+    fix public ranges where ``bounds`` declares none. ``categories``: declared candidate vocabularies
+    (required under DP). Categories whose (noisy) total count is below ``min_category_count`` are dropped
+    and encode as all zeros ("other"). Without DP and with ``PlainSum`` nothing is clipped, so the result
+    equals the pooled statistics; otherwise rows are clipped to the public range for the statistics.
+    """
+    if not sites:
+        raise DataError("federated statistics need at least one site")
+    dp = privacy is not None
+    clip = dp or not _is_plain(secure_sum)
+    unit: Unit = privacy.unit if privacy is not None else "example"
+    centre, width = public_ranges(schema, declared=bounds or {}, reference=reference)
+    cand = _candidates(sites, schema, categories or {}, dp)
+    vectors = {k: site_vector(f, schema, centre=centre, width=width, candidates=cand, clip=clip, unit=unit)
+               for k, f in enumerate(sites)}
+    sigma = privacy.noise_multiplier * sensitivity(schema) if privacy is not None else 0.0
+    share = sigma / math.sqrt(len(sites))
+    base = 1.0 if unit == "client" else float(max(max(len(f) for f in sites), 1))
+    rng_for = rng_for or (lambda _k: SecureRandom())
+    total = secure_total(vectors, secure_sum, bound=base + 10.0 * share + 1.0, noise_share=share,
+                         rng_for=rng_for, session=session or default_session(None))
+    rows = sum(len(f) for f in sites)
+    scale = float(rows) if unit == "example" else float(len(sites))
+    prior = _prior(reference, schema, centre, width)
+    mean, std, low = _moments(total, len(schema.numeric), scale, centre, width, noise=sigma / scale, prior=prior)
+    counts = total[2 * len(schema.numeric):] * (rows / len(sites) if unit == "client" else 1.0)
+    vocab = _vocabulary(schema, cand, counts, min_category_count)
+    return FederatedStats(
+        schema=schema, mean=mean, std=std, vocabulary=vocab, rows=rows,
+        guarantee=_guarantee(schema, secure_sum, privacy, len(sites), clip=clip, declared=bool(categories)),
+        event=privacy.event if privacy is not None else None,
+        constant=tuple(c for c, flat in zip(schema.numeric, low, strict=True) if flat) if privacy is None else (),
+    )
+
+
+def _moments(
+    total: NDArray[np.float64], d: int, scale: float, centre: NDArray[np.float64], width: NDArray[np.float64],
+    *, noise: float = 0.0, prior: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None,
+) -> tuple[NDArray[np.float64], NDArray[np.float64], NDArray[np.bool_]]:
+    """Means, stds (original units) and which columns are flat, from the summed ``[sum u, sum u^2]``.
+
+    ``noise``: std of the DP noise on ``total / scale``; then estimates are shrunk towards the prior
+    (see :data:`PRIOR_VARIANCE`) and variances kept in ``[prior / 4, 1/4]`` (1/4: the largest possible).
+    """
+    mean_u = total[:d] / scale
+    var_u = total[d:2 * d] / scale - mean_u**2
+    if noise > 0:
+        m0, v0 = prior if prior is not None else (np.zeros(d), np.full(d, PRIOR_VARIANCE))
+        mean_u = m0 + (mean_u - m0) * PRIOR_MEAN_SPREAD**2 / (PRIOR_MEAN_SPREAD**2 + noise**2)
+        keep = PRIOR_VARIANCE_SPREAD**2 / (PRIOR_VARIANCE_SPREAD**2 + noise**2)
+        var_u = np.clip(v0 + keep * (var_u - v0), PRIOR_VARIANCE / 16, 0.25)
+    low = var_u < 1e-24
+    if np.any(low):
+        log.info("%d column(s) have (noisy) variance ~0; their scale is set to 1", int(low.sum()))
+    std = np.where(low, 1.0, width * np.sqrt(np.where(low, 1.0, var_u)))
+    return centre + width * mean_u, std, low
+
+
+def _prior(
+    reference: pd.DataFrame | None, schema: Schema, centre: NDArray[np.float64], width: NDArray[np.float64]
+) -> tuple[NDArray[np.float64], NDArray[np.float64]] | None:
+    """Mean and variance (range-width units, clipped) of the server's own rows: a prior that reads no site."""
+    if reference is None or not schema.numeric or len(reference) < 2:
+        return None
+    u = np.clip((reference[list(schema.numeric)].to_numpy(dtype=np.float64) - centre) / width, -0.5, 0.5)
+    if not np.all(np.isfinite(u)):
+        return None
+    return u.mean(axis=0), np.maximum(u.var(axis=0), PRIOR_VARIANCE / 16)
+
+
+def _vocabulary(
+    schema: Schema, cand: Mapping[str, tuple[str, ...]], counts: NDArray[np.float64], minimum: float
+) -> dict[str, tuple[str, ...]]:
+    vocab: dict[str, tuple[str, ...]] = {}
+    at = 0
+    for col in schema.categorical:
+        c = cand[col]
+        kept = tuple(v for v, n in zip(c, counts[at:at + len(c)], strict=True) if n >= minimum)
+        if len(kept) < len(c):
+            log.info("column %r: %d rare categories fall into 'other'", col, len(c) - len(kept))
+        vocab[col] = kept
+        at += len(c)
+    return vocab
+
+
+def _guarantee(
+    schema: Schema, ssum: SecureSum, privacy: StatsPrivacy | None, sites: int, *, clip: bool, declared: bool
+) -> Guarantee:
+    """What the server (and anyone it shows the statistics to) learns about the sites' rows."""
+    plain = _is_plain(ssum)
+    items = ["the sum over all sites of the rescaled numeric values and of their squares"
+             + (" (clipped to the public range)" if clip else "")]
+    if schema.categorical:
+        items.append("the summed counts of the candidate categories")
+        if not declared:
+            items.append("which category values occur at some site (the candidates)")
+    learns = ("the server learns " + ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
+              + ("; with plain-sum it also sees each site's own vector" if plain
+                 else f"; through {ssum.name}, no single site's vector"))
+    assumptions = ["row counts n_k per site and the class labels are public metadata",
+                   "the public ranges (and, under DP, the prior the noisy estimates are shrunk to) come from declared "
+                   "bounds or the server's own data, never from the sites'"]
+    params: dict[str, Any] = {"sites": sites, "sum": ssum.name, "clipped": clip,
+                              "sensitivity": sensitivity(schema)}
+    if privacy is None:
+        return Guarantee(layer="federated-statistics", property="no DP: " + learns,
+                         against="no one beyond what the sum hides", assumptions=tuple(assumptions), params=params)
+    eps = privacy.epsilon
+    z_server = privacy.noise_multiplier / math.sqrt(sites) if plain else privacy.noise_multiplier
+    params |= {"epsilon": eps, "delta": privacy.delta, "noise_multiplier": privacy.noise_multiplier,
+               "unit": privacy.unit, "dp_event": str(privacy.event),
+               "epsilon_server": _gaussian_epsilon(z_server, privacy.delta)}
+    assumptions.append("composes with the training guarantee (at most the sum of the epsilons and of the deltas)")
+    against = ("the server and anyone who sees the statistics or the model" if not plain else
+               "anyone who sees the statistics or the model; the server sees each site's vector with noise "
+               f"multiplier {z_server:.3g} (epsilon_server)")
+    return Guarantee(
+        layer="federated-statistics",
+        property=f"({eps:.4g}, {privacy.delta:g})-DP for each {privacy.unit} (Gaussian, z = "
+                 f"{privacy.noise_multiplier:.4g}, L2 sensitivity {sensitivity(schema):.4g}): " + learns,
+        against=against, assumptions=tuple(assumptions), params=params,
+    )
+
+
+def warn(message: str) -> None:
+    """A data warning, shown once on the console (CLI) and catchable in tests."""
+    warnings.warn(message, DataWarning, stacklevel=3)
