@@ -108,7 +108,7 @@ class TrainConfig:
     rounds: int = 20
     local_epochs: int = 1
     lr: float | None = None  # None: DEFAULT_LR of the model family, resolved at construction
-    batch_size: int = 32
+    batch_size: int = 64  # with lr 1.0 (logreg), batches of 32 left OJ 2.8 points short of centralized
     optimizer: Literal["sgd", "adam"] = "sgd"
     cohort: int | None = None  # fixed cohort size (None = all clients)
     sample_rate: float | None = None  # Poisson client sampling rate q (overrides cohort)
