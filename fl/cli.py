@@ -196,7 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as exc:  # installed without the extras (the core is secagg only)
+        print(f"privagg: error: the command line needs the ML extras (missing {exc.name!r}); install them with "
+              f"pip install 'privagg[all]'", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(levelname)s %(name)s: %(message)s")
