@@ -450,6 +450,7 @@ class Federation:
             "rounds": self.history,
             "final": {k: final[k] for k in final_keys if k in final} | {"rounds_completed": len(self.history)},
             "baseline": {"centralized_accuracy": baseline, "majority_class_rate": majority_rate(self.data)},
+            # simulation diagnostics from raw data: not covered by any privacy guarantee of the run
             "per_client": self.client_accuracy(),
             "guarantees": self.ledger.latest(),
             "ledger": self.ledger.as_list(),

@@ -142,8 +142,12 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
         lines.append(privacy)
     per_client = report.get("per_client") or {}
     if per_client:
-        lines.append("per client (accuracy on its own training rows): " + ", ".join(
+        lines.append("per client (accuracy on its own training rows; simulation diagnostic): " + ", ".join(
             f"{cid}: {v['accuracy']:.3f} (n={v['samples']})" for cid, v in per_client.items()))
+    if report.get("privacy", {}).get("accountant") and (per_client or report.get("baseline", {}).get(
+            "centralized_accuracy") is not None):
+        lines.append("note: the baselines and per-client numbers are computed from the raw data without privacy; "
+                     "they are outside the guarantee above -- do not publish them with the model")
     if report.get("stopped"):
         lines.append(str(report["stopped"]))
     lines.append(f"pipeline: {report.get('pipeline')}")

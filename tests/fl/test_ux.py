@@ -192,6 +192,7 @@ def test_summary_shows_baselines_privacy_and_per_client(tmp_path: Path, capsys: 
     assert sum(v["samples"] for v in report["per_client"].values()) == 455
     assert "federated without privacy" in out and "majority class 0.6316" in out
     assert "privacy: epsilon" in out and "example-level" in out and "per client" in out
+    assert "outside the guarantee above" in out  # the raw-data diagnostics are not passed off as private
 
 
 def test_no_baselines_skips_them(tmp_path: Path) -> None:
