@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint typecheck bench clean
 
-$(STAMP): pyproject.toml
+# constraints.txt pins the exact versions of the development environment (pyproject keeps ranges)
+$(STAMP): pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev,flower]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[all,dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -27,7 +28,7 @@ test: $(STAMP)
 
 ## make bench: every benchmark, ours against its peer, JSON under out/bench
 bench: $(STAMP)
-	$(BIN)/pip install --quiet -e '.[dev,flower,bench]'
+	$(BIN)/pip install --quiet -c constraints.txt -e '.[all,dev,bench]'
 	mkdir -p out/bench
 	$(BIN)/python benchmarks/loop_overhead.py --json out/bench/loop.json
 	$(BIN)/python benchmarks/dpsgd_overhead.py --json out/bench/dpsgd.json

@@ -40,7 +40,7 @@ def hand_written_fedavg(fed: Federation, config: TrainConfig) -> np.ndarray:
             local.load_state_dict(global_model.state_dict())
             x, y = fed.x_train[idx_np], fed.y_train[idx_np]
             gen = torch.Generator().manual_seed(_seed(config.seed, "train", r, cid))
-            opt = torch.optim.SGD(local.parameters(), lr=config.lr)
+            opt = torch.optim.SGD(local.parameters(), lr=config.client_lr)
             n = len(idx_np)
             bs = min(config.batch_size, n)
             for _ in range(config.local_epochs):

@@ -26,7 +26,6 @@ config = TrainConfig(
     partition="iid",
     model="logreg",
     rounds=15,
-    lr=0.1,
     seed=0,
     privacy=PrivacyConfig(spec="clip,noise,paillier", clip=1.0, epsilon=4.0, delta=1e-5),
 )

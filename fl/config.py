@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["PrivacyConfig", "TrainConfig"]
+__all__ = ["DEFAULT_LR", "DP_TOKENS", "PrivacyConfig", "TrainConfig"]
+
+# Stages that add DP noise (what --epsilon calibrates).
+DP_TOKENS = ("noise", "dnoise", "dp-sgd")
+
+# Client learning rate per model family when ``TrainConfig.lr`` is None: plain SGD on standardized
+# tabular data. Measured on IID splits of public tables (MASS Pima, biopsy, ISLR OJ, Caravan, sklearn
+# wine): logreg at 1.0 for 20 rounds lands within 1.5 points of centralized logistic regression, at 0.1
+# it can stay several points short. The MLP is less stable at 1.0.
+DEFAULT_LR = {"logreg": 1.0, "mlp": 0.1}
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,10 +28,13 @@ class PrivacyConfig:
     ``noise`` (central Gaussian on the sum, ``noise_multiplier`` x ``clip``), ``dnoise`` (distributed:
     each client adds its share), ``quantize`` (implied before secagg/secagg+/paillier), ``secagg``,
     ``secagg+``, ``paillier``, ``dp-sgd`` (example-level DP-SGD in client training).
+    ``spec`` may also be a list of stage names (``["clip", "noise", "secagg+"]``).
     ``epsilon``/``delta``: target budget; when ``epsilon`` is set the noise multiplier is calibrated for
-    the planned rounds, and training stops before the budget would be exceeded.
-    ``threshold``: the secure sum's threshold as a fraction of the cohort (secagg; 0.7 when ``None``) or
-    of each share group (secagg+; ``None`` takes the t found with the graph). ``neighbours``: SecAgg+'s k
+    the planned rounds, and training stops before the budget would be exceeded. ``epsilon`` without a
+    DP stage (noise, dnoise, dp-sgd) is an error, not silently ignored.
+    ``threshold``: the secure sum's threshold t, a fraction in (0, 1] (``0.7``) of the cohort (secagg; 0.7
+    when ``None``) or of each share group (secagg+; ``None`` takes the t found with the graph), or a whole
+    count of clients > 1 (``3`` or ``3.0``); ``1.5`` is neither and is refused. ``neighbours``: SecAgg+'s k
     (``None``: the smallest k meeting 40-bit security and 30-bit correctness when at most
     ``corrupt_fraction`` of the clients are corrupt and ``dropout_fraction`` drop).
     """
@@ -45,6 +59,50 @@ class PrivacyConfig:
         """The threshold as a fraction of the cohort (SecAgg, dropout floors): 0.7 unless set."""
         return 0.7 if self.threshold is None else self.threshold
 
+    def __post_init__(self) -> None:
+        spec: object = self.spec
+        if isinstance(spec, Sequence) and not isinstance(spec, str):
+            if not all(isinstance(t, str) for t in spec):
+                raise TypeError(f"PrivacyConfig(spec=...) takes stage names (str), got {spec!r}")
+            object.__setattr__(self, "spec", ",".join(spec) or "none")
+        elif not isinstance(spec, str):
+            raise TypeError(
+                f"PrivacyConfig(spec=...) takes a string like 'clip,noise,secagg+' or a list of stage names, "
+                f"got {type(spec).__name__}"
+            )
+        self._check_threshold()
+        self._check_unused_noise()
+
+    def _check_threshold(self) -> None:
+        if self.threshold is None:
+            return
+        t = float(self.threshold)
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"--threshold must be a fraction in (0, 1] or a client count >= 1, got {self.threshold}")
+        if t > 1 and not t.is_integer():
+            raise ValueError(
+                f"--threshold {self.threshold:g} is neither a fraction of the cohort in (0, 1] nor a whole number "
+                f"of clients; write e.g. --threshold 0.7 (70% of the cohort) or --threshold 3 (three clients)"
+            )
+
+    def _check_unused_noise(self) -> None:
+        toks = self.tokens()
+        if self.epsilon is not None and not any(t in DP_TOKENS for t in toks):
+            raise ValueError(
+                f"--epsilon {self.epsilon:g} would be ignored: --privacy {self.spec!r} has no DP stage. Add one "
+                f"(e.g. --privacy dp-sgd,secagg+ or clip,noise,secagg+) or drop --epsilon"
+            )
+        if self.noise_multiplier is not None and not any(t in ("noise", "dnoise") for t in toks):
+            raise ValueError(
+                f"--noise-multiplier would be ignored: --privacy {self.spec!r} has no noise or dnoise stage; "
+                f"add one (e.g. --privacy clip,noise) or drop --noise-multiplier"
+            )
+        if self.dpsgd_noise_multiplier is not None and "dp-sgd" not in toks:
+            raise ValueError(
+                f"--dpsgd-noise-multiplier would be ignored: --privacy {self.spec!r} has no dp-sgd stage; add "
+                f"dp-sgd or drop the flag"
+            )
+
     def tokens(self) -> tuple[str, ...]:
         toks = tuple(t.strip().lower() for t in self.spec.split(",") if t.strip())
         return () if toks in ((), ("none",)) else toks
@@ -62,8 +120,8 @@ class TrainConfig:
     hidden: int = 64
     rounds: int = 20
     local_epochs: int = 1
-    lr: float = 0.1
-    batch_size: int = 32
+    lr: float | None = None  # None: DEFAULT_LR of the model family, resolved at construction
+    batch_size: int = 64  # with lr 1.0 (logreg), batches of 32 left OJ 2.8 points short of centralized
     optimizer: Literal["sgd", "adam"] = "sgd"
     cohort: int | None = None  # fixed cohort size (None = all clients)
     sample_rate: float | None = None  # Poisson client sampling rate q (overrides cohort)
@@ -87,6 +145,19 @@ class TrainConfig:
     # exactly (tests, resume checks). Never in production: whoever knows the seed can remove the noise.
     insecure_seeded_randomness: bool = False
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+
+    def __post_init__(self) -> None:
+        if self.lr is None:
+            # resolved here so every consumer sees a float; dataclasses.replace(cfg, model=...) keeps the
+            # resolved value -- pass lr=None with it to pick the new family's default
+            object.__setattr__(self, "lr", DEFAULT_LR.get(self.model, 0.1))
+        if not (isinstance(self.lr, int | float) and math.isfinite(self.lr) and self.lr > 0):
+            raise ValueError(f"--lr must be a positive number, got {self.lr!r}")
+
+    @property
+    def client_lr(self) -> float:
+        """The client learning rate (``lr``, resolved from the model family when it was None)."""
+        return float(self.lr or DEFAULT_LR.get(self.model, 0.1))
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

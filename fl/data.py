@@ -501,6 +501,11 @@ def _split_rows(
 ) -> list[NDArray[np.int64]]:
     n = len(labels)
     rng = np.random.default_rng(seed)  # partitioning is public simulation set-up, not a security path
+    if not spec.startswith("by-column:") and clients > n // min_size:
+        raise DataError(
+            f"{clients} clients cannot each get {min_size} or more of the {n} training rows; use --clients "
+            f"{max(1, n // min_size)} or fewer (or a larger data set)"
+        )
     if spec.startswith("by-column:"):
         col = spec.split(":", 1)[1]
         if col not in groups:

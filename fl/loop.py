@@ -12,12 +12,18 @@ needs, so one client's influence is bounded by the clip norm) every client count
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import logging
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+import pickle
+import signal
+import threading
+import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from dp.rng import SecureRandom
-from fl.config import TrainConfig
+from fl.config import PrivacyConfig, TrainConfig
 from fl.data import Dataset, load_federated, partition
 from fl.ledger import Ledger
 from fl.models import build_model, flatten_parameters, get_flat, set_flat
@@ -40,7 +46,17 @@ from fl.spec import RandomSource, RoundInfo, TrainResult, ValueSpec
 from fl.training import PlainTrainer
 from secagg.errors import AbortError
 
-__all__ = ["BudgetExhaustedError", "Federation", "NonFiniteUpdateError", "centralized_baseline", "evaluate", "train"]
+__all__ = [
+    "BudgetExhaustedError",
+    "CheckpointError",
+    "Federation",
+    "NonFiniteUpdateError",
+    "TrainingInterrupted",
+    "centralized_baseline",
+    "evaluate",
+    "majority_rate",
+    "train",
+]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +80,36 @@ def saved_statistics(directory: Path | None) -> FederatedStats | None:
     return stats if isinstance(stats, FederatedStats) else None
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file cannot be read (truncated, corrupt, or not a privagg checkpoint); names the fix."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`train`: says how far the run got and how to resume it.
+
+    ``completed``: rounds finished; ``checkpoint_round``: the last round whose checkpoint is on disk
+    (``None`` without a checkpoint directory). The checkpoint file is written atomically, so it always
+    holds a whole completed round.
+    """
+
+    def __init__(self, completed: int, checkpoint_dir: Path | None, checkpoint_round: int | None) -> None:
+        self.completed = completed
+        self.checkpoint_dir = checkpoint_dir
+        self.checkpoint_round = checkpoint_round
+        super().__init__(self.message())
+
+    def message(self) -> str:
+        if self.checkpoint_dir is None or not self.checkpoint_round:
+            how = "no checkpoint was written; pass --checkpoint-dir DIR to be able to resume"
+            if self.checkpoint_dir is not None:
+                how = f"no round was checkpointed in {self.checkpoint_dir} yet; start again"
+            return f"interrupted after round {self.completed}; {how}"
+        return (
+            f"interrupted after round {self.completed}; resume with --resume {self.checkpoint_dir} "
+            f"(and the same flags); its checkpoint holds round {self.checkpoint_round}"
+        )
+
+
 def _seed(*parts: object) -> int:
     """A 63-bit seed derived from the run seed and labels (for public simulation randomness)."""
     return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
@@ -76,13 +122,46 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
         logits = model(x)
         loss = float(nn.functional.cross_entropy(logits, y))
         acc = float((logits.argmax(dim=1) == y).float().mean())
-    out = {"loss": loss, "accuracy": acc}
+    pred = logits.argmax(dim=1)
+    recalls = [float((pred[y == c] == c).float().mean()) for c in torch.unique(y)]
+    out = {"loss": loss, "accuracy": acc, "balanced_accuracy": float(np.mean(recalls)) if recalls else math.nan}
     if num_classes == 2 and len(torch.unique(y)) == 2:
         from sklearn.metrics import roc_auc_score
 
         prob = torch.softmax(logits, dim=1)[:, 1].numpy()
         out["auc"] = float(roc_auc_score(y.numpy(), prob))
     return out
+
+
+@contextlib.contextmanager
+def _sigint_not_swallowed() -> Iterator[None]:
+    """Ctrl-C inside the block always ends the run, even if library code catches KeyboardInterrupt.
+
+    scikit-learn's MLP catches KeyboardInterrupt and returns a half-fitted model (so training would go
+    on with a different baseline); here the first Ctrl-C is remembered and re-raised after the block.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    hit: list[bool] = []
+
+    def handler(signum: int, frame: object) -> None:
+        hit.append(True)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if hit:
+        raise KeyboardInterrupt
+
+
+def majority_rate(data: Dataset) -> float:
+    """Test accuracy of always predicting the training set's most frequent class (the floor to beat)."""
+    majority = int(np.bincount(data.y_train).argmax())
+    return float(np.mean(data.y_test == majority))
 
 
 def centralized_baseline(data: Dataset, config: TrainConfig) -> float:
@@ -95,7 +174,8 @@ def centralized_baseline(data: Dataset, config: TrainConfig) -> float:
         clf = LogisticRegression(max_iter=2000)
     else:
         clf = MLPClassifier(hidden_layer_sizes=(config.hidden, config.hidden), max_iter=500, random_state=config.seed)
-    clf.fit(data.x_train, data.y_train)
+    with _sigint_not_swallowed():
+        clf.fit(data.x_train, data.y_train)
     return float(clf.score(data.x_test, data.y_test))
 
 
@@ -162,7 +242,7 @@ class Federation:
             config, size=self.params.size, population=self.population, client_sizes=self.client_sizes
         )
         self.trainer = self.plan.trainer or PlainTrainer(
-            epochs=config.local_epochs, lr=config.lr, batch_size=config.batch_size, optimizer=config.optimizer
+            epochs=config.local_epochs, lr=config.client_lr, batch_size=config.batch_size, optimizer=config.optimizer
         )
         self.weighting = self.plan.weighting or config.weighting
         # Rings are sized for the most clients a round can have (all of them under Poisson sampling).
@@ -356,10 +436,11 @@ class Federation:
         tmp.replace(directory / CHECKPOINT)
 
     def load(self, directory: Path) -> None:
+        """Continue from the checkpoint in ``directory``; ``CheckpointError`` if it cannot be read."""
         path = directory / CHECKPOINT
         if not path.is_file():
             raise FileNotFoundError(f"no checkpoint at {path}; run once with --checkpoint-dir {directory}")
-        state = torch.load(path, weights_only=False)
+        state = _read_checkpoint(path)
         saved = dict(state["config"])
         current = self.config.as_dict()
         if self.config.privacy.epsilon is not None and saved.get("rounds") != current["rounds"]:
@@ -385,18 +466,32 @@ class Federation:
         if state["accounting"] is not None and self.plan.accounting is not None:
             self.plan.accounting.load_state(state["accounting"])  # the composed event lists
 
+    def client_accuracy(self) -> dict[str, dict[str, float | int]]:
+        """The current model's accuracy on each client's own training rows (per-site numbers)."""
+        set_flat(self.model, self.params)
+        self.model.eval()
+        out: dict[str, dict[str, float | int]] = {}
+        with torch.no_grad():
+            for cid, rows in enumerate(self.parts):
+                idx = torch.from_numpy(rows)
+                pred = self.model(self.x_train[idx]).argmax(dim=1)
+                out[str(cid)] = {"accuracy": float((pred == self.y_train[idx]).float().mean()), "samples": len(rows)}
+        return out
+
     # ---- report ---------------------------------------------------------------------------------
     def report(self, *, baseline: float | None, stopped: str | None = None) -> dict[str, Any]:
         final = dict(self.history[-1]) if self.history else self.evaluate()
         if self.plan.accounting is not None:  # also when the last round was skipped or aborted
             final["epsilon"], final["delta"] = self.plan.accounting.spent()
-        final_keys = ("accuracy", "loss", "auc", "epsilon", "delta")
+        final_keys = ("accuracy", "balanced_accuracy", "loss", "auc", "epsilon", "delta")
         out: dict[str, Any] = {
             "config": self.config.as_dict(),
             "pipeline": self.plan.pipeline.name,
             "rounds": self.history,
             "final": {k: final[k] for k in final_keys if k in final} | {"rounds_completed": len(self.history)},
-            "baseline": {"centralized_accuracy": baseline},
+            "baseline": {"centralized_accuracy": baseline, "majority_class_rate": majority_rate(self.data)},
+            # simulation diagnostics from raw data: not covered by any privacy guarantee of the run
+            "per_client": self.client_accuracy(),
             "guarantees": self.ledger.latest(),
             "ledger": self.ledger.as_list(),
             "privacy": self.plan.accounting.report() if self.plan.accounting is not None else {"accountant": None},
@@ -410,18 +505,71 @@ class Federation:
         return out
 
 
+_CHECKPOINT_KEYS = ("config", "next_round", "params", "server_opt", "history", "ledger", "accounting")
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load and shape-check a checkpoint; any damage becomes a ``CheckpointError`` naming file and fix."""
+    fix = (f"the file is damaged (e.g. the disk filled up or it was copied partially): restore it from a backup, "
+           f"or delete {path.parent} and start again with --checkpoint-dir")
+    try:
+        # own file, written by Federation.save (it holds the accountant object, so not weights_only)
+        state = torch.load(path, weights_only=False)
+    except (RuntimeError, EOFError, ValueError, OSError, pickle.UnpicklingError, zipfile.BadZipFile,
+            AttributeError, ImportError, IndexError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); {fix}") from exc
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a privagg checkpoint (missing {', '.join(missing)}); {fix}")
+    try:
+        state["next_round"] = int(state["next_round"])
+        state["params"] = np.asarray(state["params"], dtype=np.float64)
+        if not isinstance(state["config"], dict) or not isinstance(state["history"], list):
+            raise TypeError("config or history has the wrong type")
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint {path} holds malformed values ({exc}); {fix}") from exc
+    return state
+
+
 def format_round(record: Mapping[str, Any], rounds: int) -> str:
-    """One readable line per round."""
+    """One readable line per round.
+
+    With DP-SGD every client has its own z, q and step count; the line shows only the stable quantity,
+    the largest epsilon over all clients (``eps max``), instead of whichever client is worst this round.
+    """
     parts = [f"round {record['round']:>3}/{rounds}", f"clients {record.get('included', 0)}/{record['planned']}"]
+    per_client_dp = "worst_client" in record
     for key, label, fmt in (("accuracy", "acc", ".4f"), ("loss", "loss", ".4f"), ("auc", "auc", ".4f"),
                             ("epsilon", "eps", ".3f"), ("delta", "delta", ".0e"), ("noise_multiplier", "z", ".3f"),
                             ("sample_rate", "q", ".3g"), ("steps", "steps", "d")):
+        if per_client_dp and key in ("noise_multiplier", "sample_rate", "steps"):
+            continue
+        if per_client_dp and key == "epsilon":
+            label = "eps max"
         value = record.get(key)
         if isinstance(value, int | float) and not (isinstance(value, float) and math.isnan(value)):
             parts.append(f"{label} {value:{fmt}}")
     if "aborted" in record:
         parts.append("ABORTED")
     return " | ".join(parts)
+
+
+@contextlib.contextmanager
+def _torch_threads(limit: int) -> Iterator[None]:
+    """Cap torch's intra-op threads inside the block and restore the caller's setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(limit, before)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _nonprivate_twin(config: TrainConfig) -> TrainConfig | None:
+    """The same run with every privacy layer removed (``None`` if it has none): what privacy costs."""
+    if not config.privacy.tokens():
+        return None
+    return replace(config, privacy=PrivacyConfig(spec="none"))
 
 
 def train(
@@ -431,6 +579,7 @@ def train(
     checkpoint_dir: Path | None = None,
     resume: bool = False,
     baseline: bool = True,
+    federated_baseline: bool | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     dataset: Dataset | None = None,
 ) -> dict[str, Any]:
@@ -438,32 +587,60 @@ def train(
 
     ``checkpoint_dir``: write a checkpoint after every round; with ``resume=True`` continue from it and
     end with exactly the model an uninterrupted run would have (same seed, test seam for noise).
+    ``baseline``: also compute the centralized baseline and (``federated_baseline``, default: the same
+    as ``baseline``) the identical federated run without privacy layers, so the report shows what
+    privacy cost. Ctrl-C raises :class:`TrainingInterrupted` saying how to resume.
     """
-    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-    fed = Federation(config, dataset=dataset, stats=saved_statistics(checkpoint_dir) if resume else None)
-    if resume:
-        if checkpoint_dir is None:
-            raise ValueError("resume needs the checkpoint directory")
-        fed.load(checkpoint_dir)
-        log.info("resumed from %s at round %d", checkpoint_dir, fed.next_round)
-    base = centralized_baseline(fed.data, config) if baseline else None
-    stopped = None
+    if config.rounds < 1:
+        raise ValueError(f"--rounds must be >= 1, got {config.rounds} (with 0 the untrained model would be reported)")
+    with _torch_threads(2):
+        fed = Federation(config, dataset=dataset, stats=saved_statistics(checkpoint_dir) if resume else None)
+        if resume:
+            if checkpoint_dir is None:
+                raise ValueError("resume needs the checkpoint directory")
+            fed.load(checkpoint_dir)
+            log.info("resumed from %s at round %d", checkpoint_dir, fed.next_round)
+        base = centralized_baseline(fed.data, config) if baseline else None
+        stopped = _run_rounds(fed, config, progress=progress, checkpoint_dir=checkpoint_dir, on_round=on_round)
+        report = fed.report(baseline=base, stopped=stopped)
+        twin = _nonprivate_twin(config) if (baseline if federated_baseline is None else federated_baseline) else None
+        if twin is not None:
+            plain = train(twin, baseline=False, dataset=fed.data)
+            report["baseline"]["federated_nonprivate_accuracy"] = plain["final"].get("accuracy")
+    return report
+
+
+def _run_rounds(
+    fed: Federation,
+    config: TrainConfig,
+    *,
+    progress: bool,
+    checkpoint_dir: Path | None,
+    on_round: Callable[[dict[str, Any]], None] | None,
+) -> str | None:
+    """The round loop of :func:`train`; returns why it stopped early (budget), if it did."""
+    saved = fed.next_round - 1 if checkpoint_dir is not None else None
     # disable=None: tqdm hides the bar when stderr is not a terminal (CI logs), keeping the round lines
     bar = tqdm(range(fed.next_round, config.rounds + 1), desc="rounds", unit="round",
                disable=None if progress else True)
-    for r in bar:
-        try:
-            record = fed.run_round(r)
-        except BudgetExhaustedError as exc:
-            stopped = f"stopped before round {r}: {exc}"
-            log.warning("%s", stopped)
+    try:
+        for r in bar:
+            try:
+                record = fed.run_round(r)
+            except BudgetExhaustedError as exc:
+                stopped = f"stopped before round {r}: {exc}"
+                log.warning("%s", stopped)
+                if progress:
+                    tqdm.write(stopped)
+                return stopped
             if progress:
-                tqdm.write(stopped)
-            break
-        if progress:
-            tqdm.write(format_round(record, config.rounds))
-        if on_round is not None:
-            on_round(record)
-        if checkpoint_dir is not None:
-            fed.save(checkpoint_dir)
-    return fed.report(baseline=base, stopped=stopped)
+                tqdm.write(format_round(record, config.rounds))
+            if on_round is not None:
+                on_round(record)
+            if checkpoint_dir is not None:
+                fed.save(checkpoint_dir)  # atomic: a Ctrl-C here leaves the previous round's file whole
+                saved = r
+    except KeyboardInterrupt:
+        bar.close()
+        raise TrainingInterrupted(fed.next_round - 1, checkpoint_dir, saved) from None
+    return None

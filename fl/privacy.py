@@ -216,7 +216,7 @@ def _dp_sgd(
         )
     trainer = DpSgdTrainer(
         noise_multiplier=noise, max_grad_norm=pc.dpsgd_clip, batch_size=batch, epochs=config.local_epochs,
-        lr=config.lr, optimizer=config.optimizer, seeded_noise_for_testing=config.insecure_seeded_randomness,
+        lr=config.client_lr, optimizer=config.optimizer, seeded_noise_for_testing=config.insecure_seeded_randomness,
     )
     accounting = DpSgdAccounting(delta=pc.delta, planned=planned, accountant=pc.accountant, epsilon=pc.epsilon)
     return trainer, accounting

@@ -32,8 +32,21 @@ def write_json(report: Mapping[str, Any], path: Path) -> None:
     path.write_text(json.dumps(_clean(report), indent=2) + "\n")
 
 
+def _plot_title(report: Mapping[str, Any]) -> str:
+    """Data set, clients and the privacy stages (wrapped so the figure never cuts it)."""
+    import textwrap
+
+    cfg = report.get("config", {})
+    spec = cfg.get("privacy", {}).get("spec", "none")
+    head = f"{cfg.get('dataset')} · {cfg.get('clients')} clients · privacy: {spec}"
+    return "\n".join([head, *textwrap.wrap(str(report.get("pipeline")), width=90)])
+
+
 def plot_rounds(report: Mapping[str, Any], path: Path, *, title: str | None = None) -> None:
-    """Test accuracy per round, with the centralized baseline; epsilon spent on a second axis if DP."""
+    """Test accuracy per round, with the baselines; epsilon spent on a second axis if DP.
+
+    The legend sits below the axes (never over the curves) and the title names the privacy stages.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,40 +54,100 @@ def plot_rounds(report: Mapping[str, Any], path: Path, *, title: str | None = No
     from matplotlib.ticker import MaxNLocator
 
     rounds = [r for r in report["rounds"] if "accuracy" in r]
-    fig, ax = plt.subplots(figsize=(7, 4.2))
+    fig, ax = plt.subplots(figsize=(7.5, 5.2))
     ax.plot([r["round"] for r in rounds], [r["accuracy"] for r in rounds], marker="o", ms=3, label="federated")
-    base = report.get("baseline", {}).get("centralized_accuracy")
-    if base is not None:
-        ax.axhline(base, color="gray", ls="--", label=f"centralized, no privacy ({base:.3f})")
+    baseline = report.get("baseline", {})
+    for key, label, style in (("federated_nonprivate_accuracy", "federated, no privacy", ("tab:green", "-.")),
+                              ("centralized_accuracy", "centralized, no privacy", ("gray", "--")),
+                              ("majority_class_rate", "majority class", ("tab:brown", ":"))):
+        value = baseline.get(key)
+        if value is not None:
+            ax.axhline(value, color=style[0], ls=style[1], label=f"{label} ({value:.3f})")
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel("test accuracy")
+    handles, labels = ax.get_legend_handles_labels()
     eps = [r.get("epsilon") for r in rounds]
     if any(e is not None for e in eps):
         ax2 = ax.twinx()
         ax2.plot([r["round"] for r in rounds], [e if e is not None else float("nan") for e in eps], color="tab:red",
                  ls=":", label="epsilon spent")
         ax2.set_ylabel("epsilon", color="tab:red")
-    ax.legend(loc="lower right")
+        h2, l2 = ax2.get_legend_handles_labels()
+        handles, labels = handles + h2, labels + l2
+    ax.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize="small",
+              frameon=False)
     ax.grid(alpha=0.3)
-    cfg = report.get("config", {})
-    ax.set_title(title or f"{cfg.get('dataset')} · {cfg.get('clients')} clients · {report.get('pipeline')}")
+    ax.set_title(title or _plot_title(report), fontsize="medium")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 
+_LEVELS = {
+    "example": "example-level: covers each record (row) of every client",
+    "client": "client-level: covers each client's whole data set",
+}
+
+
+def _privacy_line(report: Mapping[str, Any]) -> str | None:
+    """epsilon/delta, and whom they cover (unit) and against whom (observer)."""
+    priv = report.get("privacy", {})
+    final = report.get("final", {})
+    if final.get("epsilon") is None:
+        return None
+    levels = [m.get("level") for m in priv.get("mechanisms", [])]
+    who = "; ".join(_LEVELS.get(str(lv), str(lv)) for lv in levels) or "unit not reported"
+    against = next((g["against"] for g in report.get("guarantees", []) if "epsilon" in g.get("params", {})), None)
+    line = f"privacy: epsilon {final['epsilon']:.3f} at delta {final.get('delta'):g} ({who})"
+    if against:
+        line += f"; against: {against}"
+    return line
+
+
+def _baseline_line(report: Mapping[str, Any], acc: float) -> str:
+    b = report.get("baseline", {})
+    parts = []
+    fed = b.get("federated_nonprivate_accuracy")
+    if fed is not None:
+        parts.append(f"federated without privacy {fed:.4f} (privacy cost {100 * (fed - acc):+.1f} points)")
+    for key, label in (("centralized_accuracy", "centralized, no privacy"), ("majority_class_rate", "majority class")):
+        if b.get(key) is not None:
+            parts.append(f"{label} {b[key]:.4f}")
+    return "baselines: " + (" | ".join(parts) if parts else "not computed (--no-baselines)")
+
+
 def summary_lines(report: Mapping[str, Any]) -> list[str]:
-    """The closing lines printed after a run: final numbers, baseline, and the privacy guarantees."""
+    """The closing lines printed after a run: final numbers beside the baselines, privacy, per client.
+
+    Warns when the final accuracy is at or below the majority-class rate (the model learned nothing
+    that always answering the most frequent class would not give).
+    """
     final = report["final"]
-    base = report.get("baseline", {}).get("centralized_accuracy")
-    line = f"final test accuracy {final.get('accuracy', float('nan')):.4f}"
-    if base is not None:
-        line += f"  (centralized, no privacy: {base:.4f})"
-    if final.get("epsilon") is not None:
-        line += f"  epsilon {final['epsilon']:.3f} at delta {final.get('delta')}"
-    lines = [line]
+    acc = float(final.get("accuracy", float("nan")))
+    line = f"final test accuracy {acc:.4f} after {final.get('rounds_completed')} rounds"
+    for key, label in (("balanced_accuracy", "balanced accuracy"), ("auc", "AUC")):
+        if final.get(key) is not None:
+            line += f"  {label} {final[key]:.4f}"
+    lines = [line, _baseline_line(report, acc)]
+    majority = report.get("baseline", {}).get("majority_class_rate")
+    if majority is not None and acc <= majority + 1e-12:
+        lines.append(
+            f"WARNING: final accuracy {acc:.4f} is at or below the majority-class rate {majority:.4f}: the model does "
+            "no better than always predicting the most frequent class (try more --rounds, another --lr, less noise)"
+        )
+    privacy = _privacy_line(report)
+    if privacy:
+        lines.append(privacy)
+    per_client = report.get("per_client") or {}
+    if per_client:
+        lines.append("per client (accuracy on its own training rows; simulation diagnostic): " + ", ".join(
+            f"{cid}: {v['accuracy']:.3f} (n={v['samples']})" for cid, v in per_client.items()))
+    if report.get("privacy", {}).get("accountant") and (per_client or report.get("baseline", {}).get(
+            "centralized_accuracy") is not None):
+        lines.append("note: the baselines and per-client numbers are computed from the raw data without privacy; "
+                     "they are outside the guarantee above -- do not publish them with the model")
     if report.get("stopped"):
         lines.append(str(report["stopped"]))
     lines.append(f"pipeline: {report.get('pipeline')}")

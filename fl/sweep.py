@@ -20,11 +20,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from fl.config import TrainConfig
+from fl.config import DP_TOKENS, TrainConfig
 
 __all__ = ["add_arguments", "parse_epsilons", "run", "sweep", "write_plot"]
-
-DP_TOKENS = ("noise", "dnoise", "dp-sgd")
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -47,7 +45,8 @@ def _config_for(base: TrainConfig, epsilon: float, seed: int) -> TrainConfig:
     pc = base.privacy
     if math.isinf(epsilon):
         tokens = [t for t in pc.tokens() if t not in DP_TOKENS]
-        pc = replace(pc, spec=",".join(tokens) or "none", epsilon=None)
+        pc = replace(pc, spec=",".join(tokens) or "none", epsilon=None, noise_multiplier=None,
+                     dpsgd_noise_multiplier=None)
     else:
         if not any(t in DP_TOKENS for t in pc.tokens()):
             raise ValueError(
@@ -67,7 +66,7 @@ def sweep(base: TrainConfig, epsilons: list[float], seeds: list[int], *, progres
     for eps in epsilons:
         for seed in seeds:
             cfg = _config_for(base, eps, seed)
-            report = train(cfg, baseline=centralized is None)
+            report = train(cfg, baseline=centralized is None, federated_baseline=False)  # eps=inf is that run
             if centralized is None:
                 centralized = report["baseline"]["centralized_accuracy"]
             final = report["final"]
@@ -165,7 +164,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("sweep")
     g.add_argument("--epsilons", default="0.5,1,2,4,8,inf", help="comma-separated epsilons, inf = no DP")
     g.add_argument("--seeds", type=int, default=5, help="seeds per epsilon: 0..N-1 (default: %(default)s)")
-    g.add_argument("--out", type=Path, default=Path("sweep"), help="directory for sweep.json and sweep.png")
+    g.add_argument("--out", type=Path, default=Path("out") / "sweep", help="directory for sweep.json and sweep.png")
     g.add_argument("--json", type=Path, help="JSON path (default: OUT/sweep.json)")
     g.add_argument("--plot", type=Path, help="PNG path (default: OUT/sweep.png)")
     g.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1387,8 +1387,7 @@ class _ForkExecutor:
             except BaseException:
                 log.exception("ClientApp task failed")
             finally:
-                print(f"privagg: forked ClientApp task finished in {time.perf_counter() - t0:.3f}s (exit {code})",
-                      file=sys.stderr)
+                log.info("forked ClientApp task finished in %.3fs (exit %s)", time.perf_counter() - t0, code)
                 sys.stdout.flush()
                 sys.stderr.flush()
                 os._exit(code)
