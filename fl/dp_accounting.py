@@ -369,7 +369,9 @@ class DpSgdAccounting:
                     "and whether it took part in a round; client-level membership is not hidden",
                     "floating-point Gaussian (Mironov 2012 caveat)",
                 ),
-                params={"epsilon": eps, "delta": self.delta, "accountant": self.accountant, "observer": "server"},
+                params={"epsilon": eps, "delta": self.delta, "accountant": self.accountant,
+                        # the server sees each update; the released model is post-processing of those
+                        "observer": ["server", "released model"]},
             ),
         )
 

@@ -35,6 +35,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("fl/loop.py", "hashlib"): "SHA-256 of public config values for per-client seeds and test-seam session ids",
     ("fl/loop.py", "torch.load"): "resume reads a local checkpoint with weights_only=False (a pickle of a file "
                                   "this user wrote); to be replaced by an explicit codec",
+    ("fl/preprocess.py", "hashlib"): "SHA-256 of the named test seam's seed for the statistics sum's session id",
+    ("fl/testing/assertions.py", "hashlib"): "SHA-256 of a test's node id for a reproducible audit seed tag",
     ("dp/rng.py", "cryptography"): "SecureRandom's AES-CTR stream (a CSPRNG primitive outside secagg/_hazmat)",
     ("dp/rng.py", "hashlib"): "SHA-256 of the named test seam's seed",
     ("secagg/paillier.py", "hashlib"): "key fingerprint and hash-to-Z_n* for fixed-base randomness (Paillier)",

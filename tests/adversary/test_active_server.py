@@ -192,8 +192,11 @@ def test_a_padded_cohort_cannot_lower_t_below_the_planned_one() -> None:
     searched, so the rule is simulated here.)"""
 
     class Shrinking(GraphSpec):  # complete up to 10 clients, then degree 4
-        def degree(self, n: int, threshold: float | int) -> int:
-            return n - 1 if n <= 10 else 4
+        def parameters(self, n: int, threshold: float | int | None) -> tuple[int, int]:
+            from secagg.graph import threshold_for
+
+            k = n - 1 if n <= 10 else 4
+            return k, threshold_for(0.7 if threshold is None else threshold, k + 1)
 
     graph = Shrinking(complete=False)
     ids, pubs = h.keys(2)

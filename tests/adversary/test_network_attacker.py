@@ -82,9 +82,11 @@ def test_unauthenticated_mode_detects_every_flip_but_the_stated_ones(kind: str, 
 
 def test_masked_input_flip_each_byte_auth_detected_unauth_stated() -> None:
     """Regression (issue 9.9): one changed byte in a masked input gave a silently wrong sum."""
-    raw_len = len(wire.dumps(MaskedInput(0, -1, h.SESSION, 1, np.zeros(D, np.uint32))))
-    header = raw_len - 4 * D
-    for pos in range(header, raw_len):  # every byte of y
+    y = np.random.default_rng(0).integers(0, h.MOD, D).astype(np.uint32)  # masked words: uniform in the ring
+    payload = wire.pack_bits(y, int(y.max()).bit_length())  # y travels packed to its bit width
+    header = wire.dumps(MaskedInput(0, -1, h.SESSION, 1, y)).find(payload)
+    assert header > 0
+    for pos in range(header, header + len(payload)):  # every byte of y
         assert _flip_round(True, "MaskedInput", 1, pos, 0)[0] == "detected"
     assert _flip_round(False, "MaskedInput", 1, header, 0)[0] == "wrong"  # what TLS must prevent
     spec = ValueSpec(size=D, cohort=N, domain="ring", modulus=h.MOD, value_bits=16)

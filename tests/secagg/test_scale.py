@@ -112,6 +112,7 @@ def _directory_for(cid: int, n: int, session: bytes, spec: GraphSpec) -> tuple[S
     directory = KeyDirectory(
         SERVER, cid, session, 0, cohort, tuple(group),
         tuple(ads[v].c_pk for v in group), tuple(ads[v].s_pk for v in group), tuple(b"" for _ in group),
+        tuple(ads[v].b_commit for v in group),
     )
     return machines[cid], directory
 

@@ -144,11 +144,12 @@ def test_packed_arrays_refuse_bad_widths_and_padding() -> None:
     y = np.array([5, 3, 7], dtype=np.uint32)  # width 3: 9 bits -> 2 bytes, 7 padding bits
     raw = bytearray(wire.dumps(MaskedInput(3, -1, b"s", 0, y)))
     assert np.array_equal(wire.loads(bytes(raw)).y, y)  # type: ignore[attr-defined]
-    bad = bytearray(raw)
-    bad[-1] |= 0x80  # a padding bit set: a second encoding of the same value is refused
+    end = len(raw) - len(wire.dumps(MaskedInput(3, -1, b"s", 0, y, b"")).split(wire.pack_bits(y, 3))[1])
+    bad = bytearray(raw)  # the packed bytes end at ``end``; the (empty) signature field follows
+    bad[end - 1] |= 0x80  # a padding bit set: a second encoding of the same value is refused
     with pytest.raises(CodecError, match="padding"):
         wire.loads(bytes(bad))
     bad = bytearray(raw)
-    bad[-3] = 33  # width 33 does not fit uint32
+    bad[end - 3] = 33  # width 33 does not fit uint32
     with pytest.raises(CodecError, match="width"):
         wire.loads(bytes(bad))
