@@ -54,7 +54,9 @@ BUNDLED = ("breast_cancer", "digits", "credit_default")
 Missing = Literal["refuse", "drop", "impute"]
 DP_TOKENS = ("noise", "dnoise", "dp-sgd")
 DEFAULT_STATS_EPSILON = 0.5
-"""Budget of the standardization statistics when DP is on and ``stats_epsilon`` is not given."""
+"""Budget of the standardization statistics when DP is on, with no ``stats_epsilon`` and no ``--epsilon``."""
+STATS_BUDGET_SHARE = 0.1
+"""Share of ``--epsilon`` the statistics spend when ``stats_epsilon`` is not given (training spends the rest)."""
 
 _ID_LIKE = re.compile(r"^(rownames|id|index|row|rowid|row_id|unnamed: ?\d+)$|(_id|\sid)$", re.IGNORECASE)
 
@@ -293,7 +295,9 @@ def _stats_privacy(config: TrainConfig) -> StatsPrivacy | None:
     if not dp and config.stats_epsilon is None:
         return None
     unit: Literal["example", "client"] = "client" if dp and "dp-sgd" not in dp else "example"
-    eps = config.stats_epsilon if config.stats_epsilon is not None else DEFAULT_STATS_EPSILON
+    eps = config.stats_epsilon
+    if eps is None:  # a tenth of a stated budget (training gets the rest), else the fixed default
+        eps = STATS_BUDGET_SHARE * config.privacy.epsilon if config.privacy.epsilon else DEFAULT_STATS_EPSILON
     if not eps > 0:
         raise DataError(f"--stats-epsilon must be > 0, got {eps}")
     return StatsPrivacy.for_epsilon(eps, delta=config.privacy.delta, unit=unit)
@@ -568,8 +572,8 @@ def add_data_arguments(g: Any) -> None:
     g.add_argument("--bounds", action="append", default=argparse.SUPPRESS, metavar="COL=LO:HI",
                    help="public range of a numeric column (clips it for the statistics)")
     g.add_argument("--stats-epsilon", type=float, default=argparse.SUPPRESS,
-                   help=f"DP budget of the federated standardization statistics (default with DP: "
-                        f"{DEFAULT_STATS_EPSILON})")
+                   help=f"DP budget of the federated standardization statistics, part of --epsilon (default "
+                        f"with DP: {STATS_BUDGET_SHARE:g} x --epsilon, else {DEFAULT_STATS_EPSILON})")
 
 
 def _pair(text: str, flag: str, shape: str) -> tuple[str, str]:

@@ -156,6 +156,32 @@ def _sigint_not_swallowed() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
+def _statistics_budget(data: Dataset) -> tuple[float, float] | None:
+    """(epsilon, delta) the DP preprocessing statistics spent (worst observer), or None without DP."""
+    stats = getattr(data, "stats", None)
+    if stats is None or stats.event is None:
+        return None
+    params = stats.guarantee.params
+    return max(float(params["epsilon"]), float(params.get("epsilon_server", 0.0))), float(params["delta"])
+
+
+def _training_budget(config: TrainConfig, stats: tuple[float, float] | None) -> TrainConfig:
+    """The config whose ``--epsilon`` is what training may spend: the budget less the statistics' epsilon.
+
+    The statistics and training compose (basic composition: epsilons and deltas add), so ``--epsilon E``
+    stays the total the report states."""
+    eps = config.privacy.epsilon
+    if stats is None or eps is None:
+        return config
+    left = eps - stats[0]
+    if left <= 0:
+        raise ValueError(
+            f"--epsilon {eps:g} leaves nothing for training after the preprocessing statistics spent "
+            f"{stats[0]:.3g}: raise --epsilon or lower --stats-epsilon"
+        )
+    return replace(config, privacy=replace(config.privacy, epsilon=left))
+
+
 def majority_rate(data: Dataset) -> float:
     """Test accuracy of always predicting the training set's most frequent class (the floor to beat)."""
     majority = int(np.bincount(data.y_train).argmax())
@@ -236,8 +262,10 @@ class Federation:
             raise ValueError(f"--cohort must be between 1 and the number of clients ({self.population})")
         if config.sample_rate is not None and not 0 < config.sample_rate <= 1:
             raise ValueError(f"--sample-rate must be in (0, 1], got {config.sample_rate}")
+        self.stats_budget = _statistics_budget(self.data)
         self.plan = build_plan(
-            config, size=self.params.size, population=self.population, client_sizes=self.client_sizes
+            _training_budget(config, self.stats_budget), size=self.params.size, population=self.population,
+            client_sizes=self.client_sizes,
         )
         self.trainer = self.plan.trainer or PlainTrainer(
             epochs=config.local_epochs, lr=config.client_lr, batch_size=config.batch_size, optimizer=config.optimizer
@@ -481,7 +509,13 @@ class Federation:
         final = dict(self.history[-1]) if self.history else self.evaluate()
         if self.plan.accounting is not None:  # also when the last round was skipped or aborted
             final["epsilon"], final["delta"] = self.plan.accounting.spent()
-        final_keys = ("accuracy", "balanced_accuracy", "loss", "auc", "epsilon", "delta")
+        if self.stats_budget is not None:  # basic composition with the released preprocessing statistics
+            eps_s, delta_s = self.stats_budget
+            final["epsilon_training"], final["epsilon_preprocessing"] = final.get("epsilon", 0.0), eps_s
+            final["epsilon"] = final.get("epsilon", 0.0) + eps_s
+            final["delta"] = final.get("delta", 0.0) + delta_s
+        final_keys = ("accuracy", "balanced_accuracy", "loss", "auc", "epsilon", "delta", "epsilon_training",
+                      "epsilon_preprocessing")
         out: dict[str, Any] = {
             "config": self.config.as_dict(),
             "pipeline": self.plan.pipeline.name,

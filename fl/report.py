@@ -101,6 +101,9 @@ def _privacy_line(report: Mapping[str, Any]) -> str | None:
     who = "; ".join(_LEVELS.get(str(lv), str(lv)) for lv in levels) or "unit not reported"
     against = next((g["against"] for g in report.get("guarantees", []) if "epsilon" in g.get("params", {})), None)
     line = f"privacy: epsilon {final['epsilon']:.3f} at delta {final.get('delta'):g} ({who})"
+    if "epsilon_preprocessing" in final:
+        line += (f" = training {final['epsilon_training']:.3f} + preprocessing statistics "
+                 f"{final['epsilon_preprocessing']:.3f} (basic composition)")
     if against:
         line += f"; against: {against}"
     return line

@@ -81,6 +81,15 @@ def run(tmp_path: Path, spec: str, **kw: Any) -> dict[str, Any]:
     return dict(json.loads(path.read_text()))
 
 
+def training_epsilon(report: dict[str, Any]) -> float:
+    """The epsilon training spent: the headline also adds the preprocessing statistics (basic composition)."""
+    final = report["final"]
+    if "epsilon_preprocessing" in final:
+        assert final["epsilon"] == pytest.approx(final["epsilon_training"] + final["epsilon_preprocessing"])
+        return float(final["epsilon_training"])
+    return float(final["epsilon"])
+
+
 def observers(report: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return {o["observer"]: o for o in report["privacy"]["observers"]}
 
@@ -91,7 +100,7 @@ def check_entries(report: Mapping[str, Any]) -> None:
     assert entries
     for entry in entries:
         assert recompute(entry) == pytest.approx(entry["epsilon"], abs=TOL)
-    assert report["final"]["epsilon"] == pytest.approx(max(e["epsilon"] for e in entries), abs=1e-12)
+    assert training_epsilon(report) == pytest.approx(max(e["epsilon"] for e in entries), abs=1e-12)
 
 
 def released(report: Mapping[str, Any]) -> list[dict[str, Any]]:
@@ -108,7 +117,7 @@ def test_recompute_central_noise_with_poisson_sampling(tmp_path: Path, accountan
     assert (mech["sampling"], q, mech["steps"]) == ("poisson", 0.5, n)
     stated = dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(z)), n)
     again = pld(stated, 1e-5) if accountant == "pld" else rdp(stated, 1e-5, "add_or_remove_one")
-    assert again == pytest.approx(rep["final"]["epsilon"], abs=TOL)
+    assert again == pytest.approx(training_epsilon(rep), abs=TOL)
     assert set(observers(rep)) == {"released model"}
 
 
@@ -121,7 +130,7 @@ def test_recompute_central_noise_with_fixed_cohort(tmp_path: Path) -> None:
     # replace-one: one client's clipped update replaced by another moves the sum by 2 x clip
     inner = dp_event.GaussianDpEvent(mech["noise_multiplier"] / 2)
     stated = dp_event.SelfComposedDpEvent(dp_event.SampledWithoutReplacementDpEvent(6, 3, inner), mech["steps"])
-    assert rdp(stated, 1e-5, "replace_one") == pytest.approx(rep["final"]["epsilon"], abs=TOL)
+    assert rdp(stated, 1e-5, "replace_one") == pytest.approx(training_epsilon(rep), abs=TOL)
 
 
 def test_recompute_distributed_noise_with_dropouts(tmp_path: Path) -> None:
@@ -139,7 +148,7 @@ def test_recompute_distributed_noise_with_dropouts(tmp_path: Path) -> None:
     server = observers(rep)["server"]
     assert server["knows_schedule"] is True
     assert pld(stated, 1e-5) == pytest.approx(server["epsilon"], abs=TOL)
-    assert rep["final"]["epsilon"] == pytest.approx(server["epsilon"])
+    assert training_epsilon(rep) == pytest.approx(server["epsilon"])
 
 
 def test_recompute_dp_sgd(tmp_path: Path) -> None:
@@ -149,8 +158,8 @@ def test_recompute_dp_sgd(tmp_path: Path) -> None:
     for c in rep["privacy"]["mechanisms"][0]["clients"].values():
         step = dp_event.PoissonSampledDpEvent(c["sample_rate"], dp_event.GaussianDpEvent(c["noise_multiplier"]))
         per_client.append(pld(dp_event.SelfComposedDpEvent(step, c["steps"]), 1e-5))
-    assert max(per_client) == pytest.approx(rep["final"]["epsilon"], abs=TOL)
-    assert rep["final"]["epsilon"] <= 1.0
+    assert max(per_client) == pytest.approx(training_epsilon(rep), abs=TOL)
+    assert training_epsilon(rep) <= 1.0
 
 
 def test_recompute_discrete_gaussian_charges_the_grid_rounding() -> None:
@@ -168,7 +177,7 @@ def test_recompute_discrete_gaussian_charges_the_grid_rounding() -> None:
     stated = dp_event.ComposedDpEvent(
         [dp_event.GaussianDpEvent(z * clip * math.sqrt((3 + r % 2) / 4) / sens) for r in range(1, 6)]
     )
-    assert pld(stated, 1e-5) == pytest.approx(rep["final"]["epsilon"], abs=TOL)
+    assert pld(stated, 1e-5) == pytest.approx(training_epsilon(rep), abs=TOL)
 
 
 def client_ids_in(obj: Any) -> list[Any]:
@@ -287,3 +296,25 @@ def test_budget_stop_holds_when_the_fewest_possible_clients_survive() -> None:
                                  sample_rate=0.1, sampling="poisson"), {})
             assert acc.spent()[0] <= 6.0 + 1e-9, f"{n} planned, {floor(n)} survivors overspent"
         assert acc.rounds >= 1 or n <= 5  # a tiny round alone would overspend: refused before it runs
+
+
+def test_epsilon_is_the_total_including_the_preprocessing_statistics() -> None:
+    """``--epsilon E`` is what the run spends in all: the DP statistics take a tenth, training the rest, and
+    the headline adds them (basic composition) -- it never hides the statistics' release."""
+    config = TrainConfig(dataset="breast_cancer", clients=3, rounds=2, seed=0, insecure_seeded_randomness=True,
+                         privacy=PrivacyConfig(spec="dp-sgd", epsilon=1.0))
+    final = train(config, baseline=False, progress=False)["final"]
+    # a tenth of the budget against the released model; without a secure sum the server sees each site's
+    # vector with only its noise share, so its (worst-observer) epsilon is larger -- and that is charged
+    assert final["epsilon_preprocessing"] >= 0.1 - 1e-6
+    assert final["epsilon_training"] <= 1.0 - final["epsilon_preprocessing"] + 1e-6
+    assert final["epsilon"] == pytest.approx(final["epsilon_training"] + final["epsilon_preprocessing"])
+    assert final["epsilon"] <= 1.0 + 1e-6
+    assert final["delta"] == pytest.approx(2e-5)  # training's delta plus the statistics' delta
+
+
+def test_statistics_budget_at_or_above_the_total_is_refused() -> None:
+    config = TrainConfig(dataset="breast_cancer", clients=3, rounds=2, seed=0, stats_epsilon=1.0,
+                         privacy=PrivacyConfig(spec="dp-sgd", epsilon=1.0))
+    with pytest.raises(ValueError, match="leaves nothing for training"):
+        train(config, baseline=False, progress=False)
