@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import re
 import shlex
 from collections.abc import Mapping, Sequence
@@ -286,10 +287,12 @@ def _stats_sum(config: TrainConfig, sites: int) -> SecureSum:
     return secure_sum_for(sums[0], every_site, sites) if sums else PlainSum()
 
 
-def _stats_privacy(config: TrainConfig) -> StatsPrivacy | None:
+def _stats_privacy(config: TrainConfig, sites: int) -> StatsPrivacy | None:
     """DP for the statistics: on whenever the run uses DP (or ``stats_epsilon`` is given).
 
     The unit follows the run's guarantee: example level for DP-SGD, client (site) level for DP-FedAvg.
+    ``eps`` holds against the worst observer: without a secure sum that is the server, which sees each of
+    the ``sites`` vectors with only its share of the noise.
     """
     dp = [t for t in config.privacy.tokens() if t in DP_TOKENS]
     if not dp and config.stats_epsilon is None:
@@ -300,7 +303,13 @@ def _stats_privacy(config: TrainConfig) -> StatsPrivacy | None:
         eps = STATS_BUDGET_SHARE * config.privacy.epsilon if config.privacy.epsilon else DEFAULT_STATS_EPSILON
     if not eps > 0:
         raise DataError(f"--stats-epsilon must be > 0, got {eps}")
-    return StatsPrivacy.for_epsilon(eps, delta=config.privacy.delta, unit=unit)
+    calibrated = StatsPrivacy.for_epsilon(eps, delta=config.privacy.delta, unit=unit)
+    if any(t in ("secagg", "secagg+", "paillier") for t in config.privacy.tokens()) or sites < 2:
+        return calibrated
+    # plain sum: the server sees each site's vector with only its 1/sites share of the noise variance, so
+    # calibrate that observer (the worst one) to eps; the released sum then gets more noise than it needs
+    return StatsPrivacy(noise_multiplier=calibrated.noise_multiplier * math.sqrt(sites), delta=calibrated.delta,
+                        unit=unit)
 
 
 def prepare_sites(
@@ -350,7 +359,8 @@ def _federate(
 
     seeded = config.insecure_seeded_randomness
     return federated_statistics(
-        list(sites.values()), schema, secure_sum=_stats_sum(config, len(sites)), privacy=_stats_privacy(config),
+        list(sites.values()), schema, secure_sum=_stats_sum(config, len(sites)),
+        privacy=_stats_privacy(config, len(sites)),
         bounds={c: (lo, hi) for c, lo, hi in config.feature_bounds}, reference=test,
         categories={c: list(v) for c, v in config.categories},
         rng_for=(lambda k: SecureRandom.for_testing(f"{config.seed}:stats:{k}")) if seeded else None,

@@ -174,7 +174,7 @@ def _training_budget(config: TrainConfig, stats: tuple[float, float] | None) -> 
     if stats is None or eps is None:
         return config
     left = eps - stats[0]
-    if left <= 0:
+    if left <= 1e-3 * eps:
         raise ValueError(
             f"--epsilon {eps:g} leaves nothing for training after the preprocessing statistics spent "
             f"{stats[0]:.3g}: raise --epsilon or lower --stats-epsilon"

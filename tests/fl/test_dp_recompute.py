@@ -314,7 +314,7 @@ def test_epsilon_is_the_total_including_the_preprocessing_statistics() -> None:
 
 
 def test_statistics_budget_at_or_above_the_total_is_refused() -> None:
-    config = TrainConfig(dataset="breast_cancer", clients=3, rounds=2, seed=0, stats_epsilon=1.0,
+    config = TrainConfig(dataset="breast_cancer", clients=3, rounds=2, seed=0, stats_epsilon=1.5,
                          privacy=PrivacyConfig(spec="dp-sgd", epsilon=1.0))
     with pytest.raises(ValueError, match="leaves nothing for training"):
         train(config, baseline=False, progress=False)
