@@ -13,12 +13,15 @@ Four checks, each playing the server against the real client machines:
    least 2 included clients, with the t and k the server machine used.
 
 Failure raises :class:`fl.testing.assertions.PrivacyAssertionError` naming the failed check(s) and what
-to suspect. Checks that do not apply (no unmask step, as in ``PlainSum``) are reported as ``n/a``.
+to suspect; check 2 also fails when the server merely *asked* for both kinds (honest clients refuse, so
+the round may abort; the checks then judge what the server saw until then). Checks that do not apply
+(no unmask step, as in ``PlainSum``) are reported as ``n/a``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -30,10 +33,12 @@ from numpy.typing import NDArray
 
 from fl.spec import Guarantee, RoundInfo, SecureSum, ValueSpec
 from fl.testing.assertions import InputPrivacyRequirement, PrivacyAssertionError
-from secagg.errors import ProtocolError
+from secagg.errors import AbortError, ProtocolError
 from secagg.machine import ClientMachine, Message, ServerMachine
 
 __all__ = ["CheckResult", "InputPrivacyReport", "assert_input_private"]
+
+log = logging.getLogger(__name__)
 
 _DROP_PHASE = "masked"  # dropped clients share their keys, then go silent: the server must ask for s-shares
 _DROP_INDEX = 2  # the masked phase's index in SecAgg(+) (a one-phase sum: the client never takes part)
@@ -234,8 +239,26 @@ def _check_uniform(rec: _RecordingServer, spec: ValueSpec, significance: float) 
 # ---- check 2: never both kinds of share --------------------------------------------------------------
 
 
+def _asked_both(sent: Sequence[Message]) -> list[int]:
+    """Clients whose self-mask seed one unmask request and whose mask key another (or the same) asks for."""
+    from secagg.messages import UnmaskRequest
+
+    reqs = [m for m in sent if isinstance(m, UnmaskRequest)]
+    asked_b = {v for m in reqs for v in m.alive}
+    asked_s = {v for m in reqs for v in m.dropped}
+    return sorted(asked_b & asked_s)
+
+
 def _check_one_kind(rec: _RecordingServer, t: int | None) -> CheckResult:
     name = "2 one kind of share per client"
+    asked = _asked_both(rec.sent)
+    if asked:
+        return CheckResult(
+            name, "FAIL",
+            f"the server asked for self-mask and mask-key shares of client(s) {asked} (its unmask requests name "
+            "them alive and dropped); had t clients answered, it would hold their inputs",
+            "the server's unmask requests: each client must be asked for exactly one kind of share per round",
+        )
     resp = [m for m in rec.seen if all(hasattr(m, a) for a in ("alive", "b_shares", "dropped", "s_shares"))]
     if not resp:
         return CheckResult(name, "n/a", "the protocol has no unmask responses")
@@ -335,7 +358,11 @@ def _check_refusals(ssum: SecureSum, spec: ValueSpec, values: Mapping[int, Any],
     session = b"assert-input-private:" + os.urandom(8)
     srv = ssum.server(sorted(values), spec=spec, session=session, round=1)
     parties = {c: ssum.client(c, v, spec=spec, session=session, round=1) for c, v in values.items()}
-    reqs = _drive_to_unmask(srv, parties, drop)
+    try:
+        reqs = _drive_to_unmask(srv, parties, drop)
+    except AbortError as exc:
+        return CheckResult(name, "FAIL", f"an honest round aborted before its unmask requests: {exc}",
+                           "the sum cannot finish a round with one client dropped after sharing its keys")
     t = int(getattr(srv, "threshold", 0))
     results: list[tuple[bool, str]] = []
     if reqs:
@@ -363,12 +390,13 @@ def _claims(ssum: SecureSum, spec: ValueSpec, cids: Sequence[int], included: Seq
     return [g for g in ssum.guarantees(spec, info) if req.met_by(g.as_dict())]
 
 
-def _check_ledger(ssum: SecureSum, spec: ValueSpec, cids: Sequence[int], included: Sequence[int],
+def _check_ledger(ssum: SecureSum, spec: ValueSpec, cids: Sequence[int], included: Sequence[int] | None,
                   srv: Any) -> CheckResult:
+    """``included``: the run's included clients, ``None`` when it aborted (nothing released)."""
     name = "4 ledger matches the run"
     problems: list[str] = []
-    claims = _claims(ssum, spec, cids, included)
-    if claims and len(included) < 2:
+    claims = _claims(ssum, spec, cids, cids if included is None else included)
+    if included is not None and claims and len(included) < 2:
         problems.append(f"claims input privacy for a run with {len(included)} included client(s)")
     if _claims(ssum, spec, cids, tuple(cids[:1])):
         problems.append("claims input privacy for a round whose sum holds one client's update")
@@ -383,7 +411,8 @@ def _check_ledger(ssum: SecureSum, spec: ValueSpec, cids: Sequence[int], include
         return CheckResult(name, "FAIL", "; ".join(problems),
                            "the sum's guarantees() are computed from other parameters than its machines use")
     said = f"claims input privacy against the server with t = {t}, k = {k}" if claims else "claims no input privacy"
-    return CheckResult(name, "pass", f"{len(included)} included; the ledger {said}; no claim for 1 included")
+    ran = "the round aborted" if included is None else f"{len(included)} included"
+    return CheckResult(name, "pass", f"{ran}; the ledger {said}; no claim for 1 included")
 
 
 # ---- the assertion -----------------------------------------------------------------------------------
@@ -427,15 +456,20 @@ def assert_input_private(
     values = _adversarial_values(sspec, clients)
     drop = {clients - 1}
     rec_sum = _RecordingSum(ssum)
-    outcome = run_secure_sum(rec_sum, values, spec=sspec, session=b"assert-input-private:" + os.urandom(8),
-                             dropouts=DropoutSchedule(dict.fromkeys(drop, _DROP_INDEX)))
+    try:
+        outcome = run_secure_sum(rec_sum, values, spec=sspec, session=b"assert-input-private:" + os.urandom(8),
+                                 dropouts=DropoutSchedule(dict.fromkeys(drop, _DROP_INDEX)))
+        included: tuple[int, ...] | None = outcome.included
+    except (AbortError, ProtocolError) as exc:  # e.g. honest clients refused it: check what it saw up to then
+        log.warning("the recorded round did not finish: %s", exc)
+        included = None
     rec = rec_sum.servers[-1]
     refusals = _check_refusals(ssum, sspec, values, drop)
     checks = (
         _check_uniform(rec, sspec, significance),
         _check_one_kind(rec, getattr(rec.inner, "threshold", None)),
         refusals,
-        _check_ledger(ssum, sspec, sorted(values), outcome.included, rec.inner),
+        _check_ledger(ssum, sspec, sorted(values), included, rec.inner),
     )
     report = InputPrivacyReport(what, checks)
     if report.failed:
