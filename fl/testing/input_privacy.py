@@ -4,7 +4,8 @@ Four checks, each playing the server against the real client machines:
 
 1. **uniform uploads** -- every vector the server received, with inputs chosen adversarially (half the
    clients send all zeros, half the ring's maximum), is indistinguishable from uniform on Z_2^k: a
-   chi-square test per byte lane and a binomial test per bit, Bonferroni-corrected to ``significance``;
+   chi-square test per byte lane and a binomial test per bit, Bonferroni-corrected to ``significance``,
+   on the uploads and on the differences of disjoint pairs of uploads (so a mask two clients share fails);
 2. **one kind of share** -- no client's self-mask seed shares *and* mask-key shares both reached the
    server (the recorded ``UnmaskResponse`` messages of a round with one client dropped after sharing);
 3. **refusals** -- fresh honest clients refuse (``ProtocolError``) an unmask request naming a client both
@@ -227,12 +228,19 @@ def _check_uniform(rec: _RecordingServer, spec: ValueSpec, significance: float) 
     if spec.modulus is None:
         return CheckResult(name, "FAIL", "the sum's spec has no ring modulus, so nothing masks the inputs", suspect)
     bits = spec.modulus.bit_length() - 1
-    words = np.concatenate([v.astype(np.uint64).ravel() for _, v in ups])
-    if bits < 64:
-        words &= np.uint64(spec.modulus - 1)
-    ok, detail = _uniformity(words, bits, significance)
+    mask = np.uint64(spec.modulus - 1) if bits < 64 else np.uint64(2**64 - 1)
+    vecs = [v.astype(np.uint64).ravel() & mask for _, v in ups]
+    ok, detail = _uniformity(np.concatenate(vecs), bits, significance / 2)
     senders = sorted({s for s, _ in ups})
     detail = f"uploads of clients {senders} (inputs all 0 or all 2^{bits}-1): {detail}"
+    diffs = [(a - b) & mask for a, b in zip(vecs[0::2], vecs[1::2], strict=False) if a.shape == b.shape]
+    if diffs:  # disjoint pairs: a mask shared by two clients cancels here while each upload looks uniform
+        ok2, detail2 = _uniformity(np.concatenate(diffs), bits, significance / 2)
+        detail += f"; differences of {len(diffs)} disjoint upload pairs: {detail2}"
+        if ok and not ok2:
+            suspect = ("two clients' uploads differ by a non-uniform amount: their masks are equal or cancel "
+                       "pairwise (a reused seed, or a self-mask missing so only pairwise masks remain)")
+        ok = ok and ok2
     return CheckResult(name, "pass" if ok else "FAIL", detail, "" if ok else suspect)
 
 

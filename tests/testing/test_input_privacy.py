@@ -23,6 +23,7 @@ from secagg.client import SecAggClient
 from secagg.errors import ProtocolError
 from secagg.machine import SERVER, Message
 from secagg.messages import UnmaskRequest, UnmaskResponse
+from secagg.plain import PlainClient
 from secagg.server import SecAggServer
 
 CHECKS = ("1 uploads uniform", "2 one kind of share per client", "3 adversarial requests refused",
@@ -75,6 +76,25 @@ def test_a_sum_that_passes_inputs_through_fails_the_uniformity_check() -> None:
 def test_a_real_valued_plain_pipeline_fails_check_1_naming_the_dtype() -> None:
     with pytest.raises(PrivacyAssertionError, match="float64 vectors, not words of a ring"):
         assert_input_private(Pipeline([Clip(l2=1.0)]))
+
+
+@dataclass(frozen=True)
+class SharedMask(PlainSum):
+    """Planted bug: every client adds the same uniform mask (each upload alone is uniform)."""
+
+    def client(self, cid: int, value: Any, *, spec: ValueSpec, session: bytes, round: int) -> Any:
+        assert spec.modulus is not None
+        m = np.random.default_rng(0).integers(0, spec.modulus, spec.size, dtype=np.uint64)
+        return PlainClient(cid, (value.astype(np.uint64) + m) & np.uint64(spec.modulus - 1), session, round)
+
+
+def test_a_mask_shared_by_the_clients_fails_check_1_on_the_pair_differences() -> None:
+    with pytest.raises(PrivacyAssertionError) as info:
+        assert_input_private(SharedMask())
+    text = str(info.value)
+    _, pairs = text.split("differences of")
+    assert _statuses(text)["1 uploads uniform"] == "FAIL"
+    assert "1 of 256 values seen" in pairs  # the shared mask cancels: y_0 - y_1 = 0 - (2^32 - 1) everywhere
 
 
 # ---------------------------------------------------------------- planted bug: client answers both (check 3)
