@@ -215,12 +215,13 @@ def _uniformity(words: NDArray[np.uint64], bits: int, significance: float) -> tu
 
 def _check_uniform(rec: _RecordingServer, spec: ValueSpec, significance: float) -> CheckResult:
     name = "1 uploads uniform"
-    ups = _uploads(rec.seen)
+    ups = [(c, v) for c, v in _uploads(rec.seen) if c >= 0]  # other roles (a key holder) may send the sum
     suspect = ("the sum sends inputs in the clear or with a weak or missing mask (self-mask or pairwise masks "
                "skipped, a constant or reused seed, masks not expanded over the whole vector)")
     if not ups:
-        return CheckResult(name, "FAIL", "the server received no vectors at all, so nothing could be checked",
-                           "the recording server saw no uploads: is this a SecureSum whose clients upload?")
+        return CheckResult(name, "FAIL", "the clients uploaded no vectors, so nothing could be checked",
+                           "assert_input_private checks masking sums (SecAgg, SecAgg+), whose clients upload words "
+                           "of Z_2^k; input privacy by encryption (Paillier ciphertexts) is not covered")
     if any(v.dtype.kind not in "ui" for _, v in ups):
         kinds = sorted({str(v.dtype) for _, v in ups})
         return CheckResult(name, "FAIL", f"the server received {', '.join(kinds)} vectors, not words of a ring: "
@@ -461,6 +462,9 @@ def assert_input_private(
     from fl.runners.local import DropoutSchedule, run_secure_sum
 
     ssum, sspec, what = _sum_and_spec(target, spec, clients, size)
+    if ssum.parties(spec=sspec, session=b"probe", round=0):
+        raise TypeError(f"assert_input_private checks masking sums run by clients and a server; {ssum.name} has "
+                        "other roles (e.g. a Paillier key holder), whose input privacy these checks do not cover")
     values = _adversarial_values(sspec, clients)
     drop = {clients - 1}
     rec_sum = _RecordingSum(ssum)

@@ -63,6 +63,13 @@ def test_bad_targets_and_sizes_are_refused_clearly() -> None:
         assert_input_private(SecAgg(), clients=3)
 
 
+def test_a_sum_with_a_key_holder_is_refused_not_judged() -> None:
+    from fl.sums_paillier import PaillierSum
+
+    with pytest.raises(TypeError, match="Paillier key holder"):
+        assert_input_private(PaillierSum(key_bits=1024))
+
+
 # ---------------------------------------------------------------- planted bug: plain sum (check 1)
 def test_a_sum_that_passes_inputs_through_fails_the_uniformity_check() -> None:
     with pytest.raises(PrivacyAssertionError) as info:
