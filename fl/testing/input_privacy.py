@@ -214,6 +214,7 @@ def _uniformity(words: NDArray[np.uint64], bits: int, significance: float) -> tu
 
 
 def _check_uniform(rec: _RecordingServer, spec: ValueSpec, significance: float) -> CheckResult:
+    """Check 1: the clients' uploads (and differences of disjoint pairs) are uniform on Z_2^k."""
     name = "1 uploads uniform"
     ups = [(c, v) for c, v in _uploads(rec.seen) if c >= 0]  # other roles (a key holder) may send the sum
     suspect = ("the sum sends inputs in the clear or with a weak or missing mask (self-mask or pairwise masks "
@@ -259,6 +260,7 @@ def _asked_both(sent: Sequence[Message]) -> list[int]:
 
 
 def _check_one_kind(rec: _RecordingServer, t: int | None) -> CheckResult:
+    """Check 2: the server neither asked for nor received both kinds of share of any client."""
     name = "2 one kind of share per client"
     asked = _asked_both(rec.sent)
     if asked:
@@ -318,6 +320,7 @@ def _drive_to_unmask(srv: ServerMachine, parties: Mapping[int, ClientMachine], d
 
 
 def _refused(client: ClientMachine, msg: Message, attack: str) -> tuple[bool, str]:
+    """Deliver ``msg``; (True, reason) when the client refuses with ``ProtocolError``."""
     try:
         replies = client.receive(msg)
     except ProtocolError as exc:
@@ -363,6 +366,7 @@ def _shrunken_directory(ssum: SecureSum, spec: ValueSpec, session: bytes, values
 
 
 def _check_refusals(ssum: SecureSum, spec: ValueSpec, values: Mapping[int, Any], drop: set[int]) -> CheckResult:
+    """Check 3: fresh honest clients refuse the crafted unmask requests and a shrunken key directory."""
     name = "3 adversarial requests refused"
     session = b"assert-input-private:" + os.urandom(8)
     srv = ssum.server(sorted(values), spec=spec, session=session, round=1)
@@ -394,6 +398,7 @@ def _check_refusals(ssum: SecureSum, spec: ValueSpec, values: Mapping[int, Any],
 
 
 def _claims(ssum: SecureSum, spec: ValueSpec, cids: Sequence[int], included: Sequence[int]) -> list[Guarantee]:
+    """The sum's guarantees claiming input privacy against the server, for a round with ``included``."""
     info = RoundInfo(round=0, planned=tuple(cids), included=tuple(included), population=len(cids), sample_rate=1.0)
     req = InputPrivacyRequirement("server")
     return [g for g in ssum.guarantees(spec, info) if req.met_by(g.as_dict())]
@@ -428,6 +433,7 @@ def _check_ledger(ssum: SecureSum, spec: ValueSpec, cids: Sequence[int], include
 
 
 def _sum_and_spec(target: Any, spec: ValueSpec | None, clients: int, size: int) -> tuple[SecureSum, ValueSpec, str]:
+    """The secure sum to run, the (bound) spec of its input, and a name for the report."""
     from fl.pipeline import Pipeline
 
     if isinstance(target, Pipeline):
