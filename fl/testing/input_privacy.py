@@ -11,7 +11,7 @@ Four checks, each playing the server against the real client machines:
 3. **refusals** -- fresh honest clients refuse (``ProtocolError``) an unmask request naming a client both
    alive and dropped, one naming fewer than t survivors, and a key directory showing a shrunken cohort;
 4. **ledger** -- the sum's ``guarantees`` claim input privacy against the server only for rounds with at
-   least 2 included clients, with the t and k the server machine used.
+   least 2 included clients, with the t and k the server machine used (and the t the clients derived).
 
 Failure raises :class:`fl.testing.assertions.PrivacyAssertionError` naming the failed check(s) and what
 to suspect; check 2 also fails when the server merely *asked* for both kinds (honest clients refuse, so
@@ -365,8 +365,12 @@ def _shrunken_directory(ssum: SecureSum, spec: ValueSpec, session: bytes, values
                                  tuple(k.b_commit for k in ks))  # type: ignore[attr-defined]
 
 
-def _check_refusals(ssum: SecureSum, spec: ValueSpec, values: Mapping[int, Any], drop: set[int]) -> CheckResult:
-    """Check 3: fresh honest clients refuse the crafted unmask requests and a shrunken key directory."""
+def _check_refusals(ssum: SecureSum, spec: ValueSpec, values: Mapping[int, Any], drop: set[int]) -> \
+        tuple[CheckResult, set[int]]:
+    """Check 3: fresh honest clients refuse the crafted unmask requests and a shrunken key directory.
+
+    Also returns the thresholds t the driven clients derived themselves (for check 4).
+    """
     name = "3 adversarial requests refused"
     session = b"assert-input-private:" + os.urandom(8)
     srv = ssum.server(sorted(values), spec=spec, session=session, round=1)
@@ -375,7 +379,8 @@ def _check_refusals(ssum: SecureSum, spec: ValueSpec, values: Mapping[int, Any],
         reqs = _drive_to_unmask(srv, parties, drop)
     except AbortError as exc:
         return CheckResult(name, "FAIL", f"an honest round aborted before its unmask requests: {exc}",
-                           "the sum cannot finish a round with one client dropped after sharing its keys")
+                           "the sum cannot finish a round with one client dropped after sharing its keys"), set()
+    client_ts = {int(t_) for t_ in (getattr(p, "_t", None) for p in parties.values()) if t_}
     t = int(getattr(srv, "threshold", 0))
     results: list[tuple[bool, str]] = []
     if reqs:
@@ -384,14 +389,14 @@ def _check_refusals(ssum: SecureSum, spec: ValueSpec, values: Mapping[int, Any],
     if shrunk is not None:
         results.append(_refused(shrunk[0], shrunk[1], f"key directory showing a cohort of 2 of {len(values)}"))
     if not results:
-        return CheckResult(name, "n/a", "the protocol has no unmask step and no key directory")
+        return CheckResult(name, "n/a", "the protocol has no unmask step and no key directory"), client_ts
     bad = [d for ok, d in results if not ok]
     detail = "; ".join(d for _, d in results)
     if bad:
         return CheckResult(name, "FAIL", detail,
                            "the client machine answers requests it must refuse: check its unmask-request and "
-                           "key-directory validation (alive/dropped overlap, the t survivors, min_cohort)")
-    return CheckResult(name, "pass", detail)
+                           "key-directory validation (alive/dropped overlap, the t survivors, min_cohort)"), client_ts
+    return CheckResult(name, "pass", detail), client_ts
 
 
 # ---- check 4: the ledger -----------------------------------------------------------------------------
@@ -405,8 +410,9 @@ def _claims(ssum: SecureSum, spec: ValueSpec, cids: Sequence[int], included: Seq
 
 
 def _check_ledger(ssum: SecureSum, spec: ValueSpec, cids: Sequence[int], included: Sequence[int] | None,
-                  srv: Any) -> CheckResult:
-    """``included``: the run's included clients, ``None`` when it aborted (nothing released)."""
+                  srv: Any, client_ts: set[int]) -> CheckResult:
+    """Check 4. ``included``: the run's included clients, ``None`` when it aborted (nothing released);
+    ``client_ts``: the thresholds the clients derived from their own configuration."""
     name = "4 ledger matches the run"
     problems: list[str] = []
     claims = _claims(ssum, spec, cids, cids if included is None else included)
@@ -416,6 +422,8 @@ def _check_ledger(ssum: SecureSum, spec: ValueSpec, cids: Sequence[int], include
         problems.append("claims input privacy for a round whose sum holds one client's update")
     t, graph = getattr(srv, "threshold", None), getattr(srv, "graph", None)
     k = getattr(graph, "k", None)
+    if t is not None and client_ts - {t}:
+        problems.append(f"the clients derived t = {sorted(client_ts)} but the server machine used t = {t}")
     for g in claims:
         if t is not None and g.params.get("t") != t:
             problems.append(f"states t = {g.params.get('t')} but the server machine used t = {t}")
@@ -425,6 +433,8 @@ def _check_ledger(ssum: SecureSum, spec: ValueSpec, cids: Sequence[int], include
         return CheckResult(name, "FAIL", "; ".join(problems),
                            "the sum's guarantees() are computed from other parameters than its machines use")
     said = f"claims input privacy against the server with t = {t}, k = {k}" if claims else "claims no input privacy"
+    if client_ts:
+        said += f" (the clients' own t: {sorted(client_ts)})"
     ran = "the round aborted" if included is None else f"{len(included)} included"
     return CheckResult(name, "pass", f"{ran}; the ledger {said}; no claim for 1 included")
 
@@ -482,12 +492,12 @@ def assert_input_private(
         log.warning("the recorded round did not finish: %s", exc)
         included = None
     rec = rec_sum.servers[-1]
-    refusals = _check_refusals(ssum, sspec, values, drop)
+    refusals, client_ts = _check_refusals(ssum, sspec, values, drop)
     checks = (
         _check_uniform(rec, sspec, significance),
         _check_one_kind(rec, getattr(rec.inner, "threshold", None)),
         refusals,
-        _check_ledger(ssum, sspec, sorted(values), included, rec.inner),
+        _check_ledger(ssum, sspec, sorted(values), included, rec.inner, client_ts),
     )
     report = InputPrivacyReport(what, checks)
     if report.failed:

@@ -194,6 +194,19 @@ def test_a_ledger_claiming_privacy_for_one_included_client_fails_check_4() -> No
         assert_input_private(ClaimsForOne(threshold=0.7))
 
 
+@dataclass(frozen=True)
+class LaxServer(SecAgg):
+    """Planted bug: the server is built with a lower threshold than the clients use."""
+
+    def server(self, cids: Any, *, spec: ValueSpec, session: bytes, round: int) -> Any:
+        return SecAgg.server(SecAgg(threshold=0.5), cids, spec=spec, session=session, round=round)
+
+
+def test_a_server_using_another_t_than_its_clients_fails_check_4() -> None:
+    with pytest.raises(PrivacyAssertionError, match=r"the clients derived t = \[5\] but the server machine used t = 3"):
+        assert_input_private(LaxServer(threshold=0.7))
+
+
 # ---------------------------------------------------------------- the strategy
 SPEC = ValueSpec(size=8, cohort=6, domain="ring", modulus=1 << 32, value_bits=16)
 
