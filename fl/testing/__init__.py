@@ -2,7 +2,7 @@
 
 Installed with privagg (entry point ``pytest11``: ``privagg = fl.testing.plugin``), so in your tests::
 
-    from fl.testing import assert_dp, assert_ledger
+    from fl.testing import assert_dp, assert_input_private, assert_ledger
 
     @pytest.mark.privacy_audit
     def test_my_noise_layer():
@@ -10,7 +10,9 @@ Installed with privagg (entry point ``pytest11``: ``privagg = fl.testing.plugin`
 
 ``--privacy-audit-effort=quick|thorough`` (quick in CI, thorough nightly) and ``--privacy-audit-seed=N``
 (reproducible audits) configure every :func:`assert_dp`; ``@pytest.mark.privacy_audit(effort=...)`` sets
-the effort of one test. :mod:`fl.testing.strategies` has hypothesis strategies for protocol tests.
+the effort of one test. ``assert_input_private(SecAgg(threshold=0.7))`` runs a secure sum with a
+recording server and checks what it saw (:mod:`fl.testing.input_privacy`). :mod:`fl.testing.strategies`
+has hypothesis strategies for protocol tests.
 """
 
 from __future__ import annotations
@@ -25,14 +27,18 @@ from fl.testing.assertions import (
     assert_ledger,
     parse_requirement,
 )
+from fl.testing.input_privacy import CheckResult, InputPrivacyReport, assert_input_private
 
 __all__ = [
     "EFFORTS",
     "AuditEffort",
+    "CheckResult",
     "DpRequirement",
+    "InputPrivacyReport",
     "InputPrivacyRequirement",
     "PrivacyAssertionError",
     "assert_dp",
+    "assert_input_private",
     "assert_ledger",
     "parse_requirement",
 ]
