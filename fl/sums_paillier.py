@@ -197,14 +197,18 @@ class PaillierSum:
                 f"short-exponent indistinguishability of h^a with {2 * security_bits(self.key_bits)}-bit a "
                 f"(Damgard-Jurik-Nielsen 2010 fixed-base randomness)"
             )
+        prop = (
+            "input privacy against the aggregator: it sees only Paillier ciphertexts of each "
+            "client's update; the sum is revealed to the key holder and the aggregator"
+        )
+        against = "the aggregation server (and anyone without the private key)"
+        if info.n_included == 1:  # the decrypted "sum" of one client is that client's update
+            prop, against = "none: a sum of one client's update is that update", "no one"
         return (
             Guarantee(
                 layer=self.name,
-                property=(
-                    "input privacy against the aggregator: it sees only Paillier ciphertexts of each "
-                    "client's update; the sum is revealed to the key holder and the aggregator"
-                ),
-                against="the aggregation server (and anyone without the private key)",
+                property=prop,
+                against=against,
                 assumptions=tuple(assumptions),
                 params={
                     "key_bits": self.key_bits,

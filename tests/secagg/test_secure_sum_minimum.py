@@ -65,3 +65,15 @@ def test_no_ledger_entry_claims_input_privacy_for_a_sum_of_one() -> None:
     (g2,) = SecAgg(threshold=0.4).guarantees(spec, info2)
     assert g2.property.startswith("input privacy")
     assert np.isfinite(g2.params["t"])
+
+
+def test_paillier_ledger_claims_nothing_for_a_sum_of_one() -> None:
+    from fl.spec import RoundInfo, ValueSpec
+
+    ssum = PaillierSum(key_bits=1024)
+    spec = ValueSpec(size=4, cohort=3, domain="ring", modulus=1 << 20, value_bits=16)
+    one = RoundInfo(round=1, planned=(0, 1, 2), included=(0,), population=3, sample_rate=1.0)
+    (g,) = ssum.guarantees(spec, one)
+    assert g.property.startswith("none") and g.against == "no one"
+    many = RoundInfo(round=1, planned=(0, 1, 2), included=(0, 1), population=3, sample_rate=1.0)
+    assert ssum.guarantees(spec, many)[0].property.startswith("input privacy")
