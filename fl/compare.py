@@ -3,7 +3,8 @@
 Every (configuration, epsilon, seed) cell is one :func:`fl.loop.train` run (no baselines inside the
 cell); configurations without a DP stage (``none``, ``secagg+``, ``paillier``) run once per seed and
 show as flat lines. The non-private federated baseline is the ``none`` configuration on the same
-seeds, the centralized baseline a scikit-learn fit of the same model family (first seed). Runs are
+seeds, the centralized baseline a scikit-learn fit of the same model family (first seed, in the
+main process, outside the timed runs). Runs are
 spread over worker processes (``--jobs``), each capped at one torch thread.
 
 Rows are comparable only when epsilon means the same thing, so every row states its privacy unit
@@ -26,11 +27,14 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
 from fl.config import DP_TOKENS, PrivacyConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from fl.loop import Federation
 
 __all__ = ["BYTES_METHOD", "Cell", "add_arguments", "compare", "estimate_bytes", "parse_configs", "parse_seeds",
            "run", "table_lines", "write_plot"]
@@ -82,7 +86,6 @@ class Cell:
     spec: str
     epsilon: float | None
     seed: int
-    centralized: bool = False  # also fit the centralized baseline (once, on the baseline config)
 
 
 def cell_config(base: TrainConfig, cell: Cell) -> TrainConfig:
@@ -100,7 +103,7 @@ def grid(specs: Sequence[str], epsilons: Sequence[float], seeds: Sequence[int]) 
             if has_dp(spec):
                 cells += [Cell(spec, eps, seed) for eps in epsilons]
             else:
-                cells.append(Cell(spec, None, seed, centralized=spec == BASELINE and seed == seeds[0]))
+                cells.append(Cell(spec, None, seed))
     return cells
 
 
@@ -116,7 +119,7 @@ def run_cell(base: TrainConfig, cell: Cell) -> dict[str, Any]:
 
     _init_worker()
     start = time.perf_counter()
-    report = train(cell_config(base, cell), baseline=cell.centralized, federated_baseline=False)
+    report = train(cell_config(base, cell), baseline=False, federated_baseline=False)
     seconds = time.perf_counter() - start
     final, privacy = report["final"], report.get("privacy", {})
     rounds = int(final.get("rounds_completed") or 0)
@@ -127,12 +130,16 @@ def run_cell(base: TrainConfig, cell: Cell) -> dict[str, Any]:
         "accuracy": final.get("accuracy"), "epsilon_spent": final.get("epsilon"), "delta": final.get("delta"),
         "rounds_completed": rounds, "seconds": seconds, "seconds_per_round": seconds / rounds if rounds else None,
         "unit": privacy.get("unit"), "observers": observers, "stopped": report.get("stopped"),
-        "centralized_accuracy": report["baseline"]["centralized_accuracy"] if cell.centralized else None,
     }
 
 
 def estimate_bytes(config: TrainConfig) -> dict[str, Any]:
     """Bytes one client sends per round for its encoded update (:data:`BYTES_METHOD`), from the bound pipeline."""
+    return _probe(config)[0]
+
+
+def _probe(config: TrainConfig) -> tuple[dict[str, Any], Federation]:
+    """Bind the configuration's pipeline (no training) and estimate its bytes; also returns the federation."""
     from fl.loop import Federation
     from fl.sums import PlainSum
     from fl.sums_paillier import PaillierSum
@@ -140,15 +147,28 @@ def estimate_bytes(config: TrainConfig) -> dict[str, Any]:
     fed = Federation(config)
     spec, summer = fed.bound.sum_spec, fed.plan.pipeline.sum
     if isinstance(summer, PaillierSum):
-        plan = summer.plan(spec)
-        n = math.ceil(spec.size / plan.slots) * 2 * summer.key_bits // 8
-        how = f"{math.ceil(spec.size / plan.slots)} ciphertexts x {2 * summer.key_bits} bits"
+        ciphertexts = math.ceil(spec.size / summer.plan(spec).slots)
+        n, how = ciphertexts * 2 * summer.key_bits // 8, f"{ciphertexts} ciphertexts x {2 * summer.key_bits} bits"
     elif isinstance(summer, PlainSum) or spec.domain != "ring" or spec.modulus is None:
         n, how = spec.size * 4, f"{spec.size} values x 4 bytes"
     else:
         ring = spec.modulus.bit_length() - 1
         n, how = math.ceil(spec.size * ring / 8), f"{spec.size} values x {ring}-bit ring"
-    return {"bytes_per_client_per_round": n, "how": how, "parameters": int(fed.params.size)}
+    return {"bytes_per_client_per_round": n, "how": how, "parameters": int(fed.params.size)}, fed
+
+
+def _costs_and_centralized(base: TrainConfig, cells: list[Cell]) -> tuple[dict[str, dict[str, Any]], float]:
+    """Bytes per configuration, and the centralized baseline fitted on the baseline configuration's data."""
+    from fl.loop import centralized_baseline
+
+    costs: dict[str, dict[str, Any]] = {}
+    centralized = math.nan
+    for spec in dict.fromkeys(c.spec for c in cells):
+        config = cell_config(base, next(c for c in cells if c.spec == spec))
+        costs[spec], fed = _probe(config)
+        if spec == BASELINE:
+            centralized = centralized_baseline(fed.data, config)
+    return costs, centralized
 
 
 def _execute(base: TrainConfig, cells: list[Cell], *, jobs: int, progress: bool) -> list[dict[str, Any]]:
@@ -188,6 +208,8 @@ def _row(spec: str, epsilon: float | None, runs: list[dict[str, Any]], cost: dic
     return {
         "config": spec, "pipeline": runs[0]["pipeline"], "epsilon": epsilon, "dp": epsilon is not None,
         "unit": runs[0]["unit"], "observers": observers,
+        # rows whose epsilon means the same thing share this key
+        "comparable_group": f"{runs[0]['unit']}-level vs {', '.join(observers)}" if runs[0]["unit"] else "no DP",
         "epsilon_by_observer_max": by_observer, "mean": mean, "std": std, "runs": len(runs),
         "epsilon_spent_max": max(spent) if spent else None, "seconds_per_round": spr,
         "bytes_per_client_per_round": cost["bytes_per_client_per_round"], "bytes_how": cost["how"],
@@ -202,8 +224,7 @@ def compare(base: TrainConfig, specs: Sequence[str], epsilons: Sequence[float], 
         raise ValueError("--epsilons must be finite and positive here: configurations without DP are the "
                          "non-private lines (e.g. --configs \"none;dp-sgd\")")
     cells = grid(specs, epsilons, seeds)
-    costs = {s: estimate_bytes(cell_config(base, next(c for c in cells if c.spec == s))) for s in
-             dict.fromkeys(c.spec for c in cells)}
+    costs, centralized = _costs_and_centralized(base, cells)
     runs = _execute(base, cells, jobs=jobs, progress=progress)
     rows = []
     for spec in costs:
@@ -215,8 +236,7 @@ def compare(base: TrainConfig, specs: Sequence[str], epsilons: Sequence[float], 
         "config": base.as_dict(), "configs": list(specs), "epsilons": list(epsilons), "seeds": list(seeds),
         "jobs": jobs, "rows": [r for r in rows if r["config"] in specs], "runs": runs,
         "baselines": {
-            "centralized_accuracy": next(r["centralized_accuracy"] for r in runs if r["centralized_accuracy"]
-                                         is not None),
+            "centralized_accuracy": centralized,
             "federated_nonprivate_accuracy": plain["mean"], "federated_nonprivate_std": plain["std"],
         },
         "costs": {"seconds_per_round": "wall time of the run (setup included) / rounds completed, mean over runs",
@@ -247,10 +267,24 @@ def table_lines(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB"):
+        if n < 1024 or unit == "MiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
 def _label(row: dict[str, Any]) -> str:
-    unit = f", {row['unit']}-level vs {'/'.join(row['observers'])}" if row["unit"] else ""
+    unit = f", {row['unit']}-level vs {'/'.join(row['observers'])}" if row["unit"] else ", no DP"
     spr = row["seconds_per_round"] or 0.0
-    return f"{row['config']}{unit} ({spr:.2f} s/round, {row['bytes_per_client_per_round'] / 1024:.1f} KiB/client)"
+    return f"{row['config']}{unit} ({spr:.2f} s/round, {_size(row['bytes_per_client_per_round'])}/client/round)"
+
+
+def _band(means: list[float], stds: list[float]) -> tuple[list[float], list[float]]:
+    """mean -+ std, kept inside [0, 1] (accuracy cannot leave it)."""
+    return ([max(0.0, m - s) for m, s in zip(means, stds, strict=True)],
+            [min(1.0, m + s) for m, s in zip(means, stds, strict=True)])
 
 
 def write_plot(result: dict[str, Any], path: Path) -> None:
@@ -271,13 +305,11 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
             rows.sort(key=lambda r: r["epsilon"])
             x, m, s = [r["epsilon"] for r in rows], [r["mean"] for r in rows], [r["std"] for r in rows]
             ax.plot(x, m, marker="o", color=color, label=_label(rows[0]))
-            ax.fill_between(x, [a - b for a, b in zip(m, s, strict=True)], [a + b for a, b in zip(m, s, strict=True)],
-                            color=color, alpha=0.2)
+            ax.fill_between(x, *_band(m, s), color=color, alpha=0.2)
         else:
             r = rows[0]
             ax.plot([eps[0], eps[-1]], [r["mean"]] * 2, color=color, ls="-.", label=_label(r))
-            ax.fill_between([eps[0], eps[-1]], [r["mean"] - r["std"]] * 2, [r["mean"] + r["std"]] * 2, color=color,
-                            alpha=0.1)
+            ax.fill_between([eps[0], eps[-1]], *_band([r["mean"]] * 2, [r["std"]] * 2), color=color, alpha=0.1)
     b = result["baselines"]
     ax.axhline(b["federated_nonprivate_accuracy"], color="black", ls="--", label="federated, non-private")
     if b["centralized_accuracy"] is not None:

@@ -40,10 +40,16 @@ def test_tiny_compare_writes_json_table_and_plot(tmp_path: Path, capsys: pytest.
     assert by["dp-sgd"]["unit"] == "example" and by["dp-sgd"]["observers"] == ["server"]
     assert by["clip,dnoise,secagg+"]["unit"] == "client"
     assert "released model" in by["clip,dnoise,secagg+"]["observers"]
+    assert by["dp-sgd"]["comparable_group"] != by["clip,dnoise,secagg+"]["comparable_group"]
     assert set(by["clip,dnoise,secagg+"]["epsilon_by_observer_max"]) == set(by["clip,dnoise,secagg+"]["observers"])
     b = result["baselines"]
     assert 0.5 < b["centralized_accuracy"] <= 1.0 and 0.0 <= b["federated_nonprivate_accuracy"] <= 1.0
     assert "ring" in result["costs"]["bytes_per_client_per_round"]
+    # the centralized baseline is the one `privagg train` reports for the same data and seed
+    from fl.loop import train
+
+    same = train(TrainConfig(rounds=1, clients=3, seed=0), baseline=True, federated_baseline=False)
+    assert b["centralized_accuracy"] == same["baseline"]["centralized_accuracy"]
     # the run list holds the baseline runs as well: none on seed 0, plus 4 DP cells
     assert len(result["runs"]) == 5 and sum(r["config"] == "none" for r in result["runs"]) == 1
     assert "same unit and observers" in printed
@@ -53,12 +59,11 @@ def test_configs_without_dp_run_once_per_seed_as_flat_lines() -> None:
     cells = grid(["none", "dp-sgd", "secagg+"], [1.0, 4.0], [0, 1])
     assert [c for c in cells if c.spec == "secagg+"] == [Cell("secagg+", None, 0), Cell("secagg+", None, 1)]
     assert sum(c.spec == "dp-sgd" for c in cells) == 4
-    assert [c.centralized for c in cells if c.spec == "none"] == [True, False]  # one centralized fit
 
 
 def test_baseline_runs_even_when_not_asked_for() -> None:
     cells = grid(["paillier"], [1.0], [0])
-    assert Cell("none", None, 0, centralized=True) in cells
+    assert Cell("none", None, 0) in cells
 
 
 def test_cell_config_recalibrates_for_the_cell_budget() -> None:
