@@ -113,3 +113,20 @@ def test_jobs_spread_over_processes_give_the_same_shape(tmp_path: Path) -> None:
     result, _, png = _run(tmp_path, "--configs", "none;dp-sgd", "--jobs", "2")
     assert png.exists() and result["jobs"] == 2
     assert [(r["config"], r["epsilon"]) for r in result["rows"]] == [("none", None), ("dp-sgd", 2.0), ("dp-sgd", 8.0)]
+
+
+def test_compare_on_the_users_own_sites(tmp_path: Path) -> None:
+    from tests.fl.test_sites import site_frame, write_sites
+
+    write_sites(tmp_path / "sites", {"north": site_frame(0), "south": site_frame(1, shift=5), "east": site_frame(2)})
+    out_json = tmp_path / "s.json"
+    rc = main(["compare", "--sites", str(tmp_path / "sites"), "--target", "outcome", "--categories", "smoker=yes,no",
+               "--configs", "clip,noise;secagg+", "--epsilons", "4", "--seeds", "0", "--rounds", "2", "--jobs", "1",
+               "--quiet", "--json", str(out_json), "--plot", str(tmp_path / "s.png")])
+    assert rc == 0
+    result = json.loads(out_json.read_text())
+    assert result["config"]["sites_dir"] == str(tmp_path / "sites")
+    assert [(r["config"], r["epsilon"], r["unit"]) for r in result["rows"]] == [
+        ("clip,noise", 4.0, "client"), ("secagg+", None, None)]
+    assert result["rows"][1]["comparable_group"] == "no DP"
+    assert (tmp_path / "s.png").exists()
