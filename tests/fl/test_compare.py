@@ -120,7 +120,7 @@ def test_compare_on_the_users_own_sites(tmp_path: Path) -> None:
 
     write_sites(tmp_path / "sites", {"north": site_frame(0), "south": site_frame(1, shift=5), "east": site_frame(2)})
     out_json = tmp_path / "s.json"
-    rc = main(["compare", "--sites", str(tmp_path / "sites"), "--target", "outcome", "--categories", "smoker=yes,no",
+    rc = main(["compare", "--sites", str(tmp_path / "sites"), "--target", "outcome", "--drop", "smoker",
                "--configs", "clip,noise;secagg+", "--epsilons", "4", "--seeds", "0", "--rounds", "2", "--jobs", "1",
                "--quiet", "--json", str(out_json), "--plot", str(tmp_path / "s.png")])
     assert rc == 0
