@@ -19,6 +19,7 @@ log = logging.getLogger("privagg")
 # ``add_arguments(parser)`` and ``run(args) -> int``.
 EXTERNAL_COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("sweep", "fl.sweep", "accuracy against privacy budget: epsilon values x seeds, with a table and a plot"),
+    ("compare", "fl.compare", "accuracy against privacy budget across privacy configurations x epsilons x seeds"),
     ("audit", "fl.audit_cli", "empirical privacy audit: canary-based lower bounds on epsilon"),
     ("flower", "fl.flower_cli", "run across machines on Flower: certs, superlink, supernode, run, local"),
 )
