@@ -392,7 +392,11 @@ def _vocabulary(
     for col in schema.categorical:
         c = cand[col]
         kept = tuple(v for v, n in zip(c, counts[at:at + len(c)], strict=True) if n >= minimum)
-        if len(kept) < len(c):
+        if not kept and c:  # every (noisy) count fell below the floor: keep the candidates rather than none
+            log.warning("column %r: every category's count is below %g; keeping all %d candidates", col, minimum,
+                        len(c))
+            kept = tuple(c)
+        elif len(kept) < len(c):
             log.info("column %r: %d rare categories fall into 'other'", col, len(c) - len(kept))
         vocab[col] = kept
         at += len(c)

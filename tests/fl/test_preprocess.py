@@ -221,3 +221,14 @@ def test_dp_estimates_shrink_to_the_prior_on_small_data_and_converge_on_large() 
     large = [pd.DataFrame({"a": rng.normal(3, 12, 20_000)}) for _ in range(3)]
     stats = federated_statistics(large, schema, secure_sum=PlainSum(), privacy=privacy, bounds=bounds)
     assert stats.mean[0] == pytest.approx(3, abs=0.3) and stats.std[0] == pytest.approx(12, rel=0.05)
+
+
+def test_a_vocabulary_whose_counts_all_fall_below_the_floor_keeps_its_candidates() -> None:
+    """Regression: DP noise could push every count of a declared column below the floor, leaving an empty
+    vocabulary that crashed the one-hot encoder (IndexError) instead of training."""
+    from fl.preprocess import Schema, _vocabulary
+
+    schema = Schema(numeric=(), categorical=("smoker",), target="y")
+    vocab = _vocabulary(schema, {"smoker": ("no", "yes")}, np.array([-3.0, 0.5]), minimum=1.0)
+    assert vocab == {"smoker": ("no", "yes")}
+    assert _vocabulary(schema, {"smoker": ("no", "yes")}, np.array([5.0, 0.5]), minimum=1.0) == {"smoker": ("no",)}
