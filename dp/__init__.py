@@ -6,7 +6,7 @@ and DP-SGD pulls in torch only when used).
 
 from __future__ import annotations
 
-import importlib
+from types import ModuleType
 from typing import Any
 
 from dp.rng import SecureRandom
@@ -51,7 +51,26 @@ _LAZY = {
 __all__ = ["SecureRandom", *sorted(_LAZY)]
 
 
+def _submodule(where: str) -> ModuleType:
+    """The submodule ``where`` names, by static import statements (no module chosen by a string at run time)."""
+    if where == "dp.accounting":
+        from dp import accounting
+
+        return accounting
+    if where == "dp.mechanisms":
+        from dp import mechanisms
+
+        return mechanisms
+    if where == "dp.sgd":
+        from dp import sgd
+
+        return sgd
+    from dp import audit
+
+    return audit
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(_submodule(_LAZY[name]), name)
     raise AttributeError(f"module 'dp' has no attribute {name!r}")

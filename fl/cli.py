@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 from collections.abc import Sequence
@@ -17,11 +16,11 @@ log = logging.getLogger("privagg")
 
 # Sub-commands implemented in their own modules: (name, module, help). Each module exposes
 # ``add_arguments(parser)`` and ``run(args) -> int``.
-EXTERNAL_COMMANDS: tuple[tuple[str, str, str], ...] = (
-    ("sweep", "fl.sweep", "accuracy against privacy budget: epsilon values x seeds, with a table and a plot"),
-    ("compare", "fl.compare", "accuracy against privacy budget across privacy configurations x epsilons x seeds"),
-    ("audit", "fl.audit_cli", "empirical privacy audit: canary-based lower bounds on epsilon"),
-    ("flower", "fl.flower_cli", "run across machines on Flower: certs, superlink, supernode, run, local"),
+EXTERNAL_COMMANDS: tuple[tuple[str, str], ...] = (
+    ("sweep", "accuracy against privacy budget: epsilon values x seeds, with a table and a plot"),
+    ("compare", "accuracy against privacy budget across privacy configurations x epsilons x seeds"),
+    ("audit", "empirical privacy audit: canary-based lower bounds on epsilon"),
+    ("flower", "run across machines on Flower: certs, superlink, supernode, run, local"),
 )
 
 DEMO_PRIVACY = "dp-sgd,secagg+"
@@ -203,8 +202,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
-    for name, module, help_text in EXTERNAL_COMMANDS:
-        mod = importlib.import_module(module)
+    # imported here, not at the top: these modules import fl.cli themselves
+    from fl import audit_cli, compare, flower_cli, sweep
+
+    modules = {"sweep": sweep, "compare": compare, "audit": audit_cli, "flower": flower_cli}
+    for name, help_text in EXTERNAL_COMMANDS:
+        mod = modules[name]
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         mod.add_arguments(p)
         p.set_defaults(func=mod.run)
