@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm.auto import tqdm
 
 from fl.config import DP_TOKENS, PrivacyConfig, TrainConfig
+from fl.report import finish_epsilon_plot
 
 if TYPE_CHECKING:
     from fl.loop import Federation
@@ -310,25 +311,17 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
             r = rows[0]
             ax.plot([eps[0], eps[-1]], [r["mean"]] * 2, color=color, ls="-.", label=_label(r))
             ax.fill_between([eps[0], eps[-1]], *_band([r["mean"]] * 2, [r["std"]] * 2), color=color, alpha=0.1)
-    b = result["baselines"]
-    ax.axhline(b["federated_nonprivate_accuracy"], color="black", ls="--", label="federated, non-private")
-    if b["centralized_accuracy"] is not None:
-        ax.axhline(b["centralized_accuracy"], color="tab:gray", ls=":", label="centralized, non-private")
     if len(eps) > 1:
         ax.set_xscale("log")
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.minorticks_off()
     cfg = result["config"]
-    ax.set_xlabel(f"epsilon (delta = {cfg['privacy']['delta']:g}); compare rows of the same unit and observers")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{cfg['dataset']}, {cfg['clients']} clients, {cfg['rounds']} rounds, "
-                 f"seeds {','.join(map(str, result['seeds']))}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_epsilon_plot(
+        fig, ax, path, baselines=result["baselines"], federated_color="black", legend_size=7,
+        xlabel=f"epsilon (delta = {cfg['privacy']['delta']:g}); compare rows of the same unit and observers",
+        title=f"{cfg['dataset']}, {cfg['clients']} clients, {cfg['rounds']} rounds, "
+              f"seeds {','.join(map(str, result['seeds']))}",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

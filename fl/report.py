@@ -157,3 +157,27 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     for g in report.get("guarantees", []):
         lines.append(f"  - [{g['layer']}] {g['property']} -- against: {g['against']}")
     return lines
+
+
+def finish_epsilon_plot(
+    fig: Any, ax: Any, path: Path, *, baselines: Mapping[str, Any], xlabel: str, title: str,
+    federated_color: str = "tab:green", legend_size: float | None = None,
+) -> None:
+    """The shared end of the accuracy-against-epsilon plots (``sweep``, ``compare``): the non-private
+    federated and centralized baselines as horizontal lines, labels, grid and legend, then write ``path``."""
+    import matplotlib.pyplot as plt
+
+    if baselines.get("federated_nonprivate_accuracy") is not None:
+        ax.axhline(baselines["federated_nonprivate_accuracy"], color=federated_color, ls="--",
+                   label="federated, non-private")
+    if baselines.get("centralized_accuracy") is not None:
+        ax.axhline(baselines["centralized_accuracy"], color="tab:gray", ls=":", label="centralized, non-private")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=legend_size)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -21,6 +21,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fl.config import DP_TOKENS, TrainConfig
+from fl.report import finish_epsilon_plot
 
 __all__ = ["add_arguments", "parse_epsilons", "run", "sweep", "write_plot"]
 
@@ -138,21 +139,11 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
         ticks = [s["epsilon"] for s in finite]
         ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    b = result["baselines"]
-    if b["federated_nonprivate_accuracy"] is not None:
-        ax.axhline(b["federated_nonprivate_accuracy"], color="tab:green", ls="--", label="federated, non-private")
-    if b["centralized_accuracy"] is not None:
-        ax.axhline(b["centralized_accuracy"], color="tab:gray", ls=":", label="centralized, non-private")
     cfg = result["config"]
-    ax.set_xlabel(f"epsilon (delta = {cfg['privacy']['delta']:g})")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{cfg['dataset']}, {cfg['clients']} clients, --privacy {cfg['privacy']['spec']}")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    finish_epsilon_plot(
+        fig, ax, path, baselines=result["baselines"], xlabel=f"epsilon (delta = {cfg['privacy']['delta']:g})",
+        title=f"{cfg['dataset']}, {cfg['clients']} clients, --privacy {cfg['privacy']['spec']}",
+    )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
