@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fl.config import TrainConfig
-from fl.loop import Federation, _seed
+from fl.training.loop import Federation, _seed
 
 
 def hand_written_fedavg(fed: Federation, config: TrainConfig) -> np.ndarray:

@@ -35,7 +35,6 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from secagg import _paillier_fast as fast
 from secagg.paillier import (
     CiphertextBatch,
     PackingPlan,
@@ -47,6 +46,7 @@ from secagg.paillier import (
     encrypt_vector,
     generate_keypair,
 )
+from secagg.paillier import _fast as fast
 
 T = TypeVar("T")
 

@@ -38,12 +38,12 @@ from numpy.typing import NDArray
 
 from fl.runners.local import DropoutSchedule, run_secure_sum
 from fl.spec import ValueSpec
-from fl.sums_secagg import SecAggPlus
+from fl.sums.secagg import SecAggPlus
 from secagg import wire
 from secagg._hazmat import prg
 from secagg.machine import ClientMachine, Message, ServerMachine
-from secagg.messages import MaskedInput
-from secagg.server import SecAggServer
+from secagg.masking.messages import MaskedInput
+from secagg.masking.server import SecAggServer
 
 INPUT_BITS = 16
 

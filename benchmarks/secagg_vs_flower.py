@@ -2,7 +2,7 @@
 
 Both run in this process, one client after another (the time a real client spends is its own share):
 
-* **ours**: the sans-IO machines from :mod:`fl.sums_secagg` (``SecAggPlus(neighbours=k)`` for the sparse
+* **ours**: the sans-IO machines from :mod:`fl.sums.secagg` (``SecAggPlus(neighbours=k)`` for the sparse
   graph, ``SecAgg`` for the complete graph) after ``Quantize(bits=20, bound=1)``, driven phase by phase.
 * **peer**: Flower's own ``SecAggPlusWorkflow`` (server) and ``secaggplus_mod`` (client), unchanged: the
   workflow's stages are called on a ``LegacyContext`` with a FedAvg strategy, and an in-process ``Grid``
@@ -42,13 +42,13 @@ from typing import Any
 import numpy as np
 
 from dp.rng import SecureRandom
-from fl.layers import Quantize
+from fl.layers.clip import Quantize
 from fl.pipeline import Pipeline
 from fl.spec import RoundInfo, ValueSpec
-from fl.sums_secagg import SecAgg, SecAggPlus
+from fl.sums.secagg import SecAgg, SecAggPlus
 from secagg import wire
 from secagg.errors import AbortError
-from secagg.messages import MaskedInput, ShareDelivery
+from secagg.masking.messages import MaskedInput, ShareDelivery
 
 SESSION = b"benchmark-session"
 

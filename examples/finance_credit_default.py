@@ -17,8 +17,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from fl.config import PrivacyConfig, TrainConfig
-from fl.loop import train
 from fl.report import plot_rounds, summary_lines, write_json
+from fl.training.loop import train
 
 config = TrainConfig(
     dataset="credit_default",

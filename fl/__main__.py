@@ -2,6 +2,6 @@
 
 import sys
 
-from fl.cli import main
+from fl.cli.main import main
 
 sys.exit(main())

@@ -130,7 +130,7 @@ class TrainConfig:
     server_lr: float = 1.0
     dropout: float = 0.0  # probability a sampled client drops during a round (simulation)
     test_fraction: float = 0.2
-    # per-site data and federated preprocessing (fl.data / fl.preprocess)
+    # per-site data and federated preprocessing (fl.data.sites / fl.data.stats)
     sites: tuple[tuple[str, str], ...] = ()  # (NAME, CSV PATH) per site; then --partition/--clients do not apply
     sites_dir: str | None = None  # a folder of CSVs, one per site (file stem = site name)
     test_site: str | None = None  # the server's evaluation CSV (else each site holds out test_fraction)

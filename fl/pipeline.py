@@ -15,7 +15,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fl.spec import CompositionError, Guarantee, Layer, RandomSource, RoundInfo, SecureSum, ValueSpec
-from fl.sums import PlainSum
+from fl.sums.plain import PlainSum
 
 __all__ = ["BoundPipeline", "Pipeline"]
 

@@ -182,7 +182,7 @@ class TrainResult:
 
 
 class ClientTrainer(Protocol):
-    """Local training on one client: plain SGD, or DP-SGD (``fl.dp_training``)."""
+    """Local training on one client: plain SGD, or DP-SGD (``fl.training.dp_sgd``)."""
 
     def train(
         self,
@@ -199,7 +199,7 @@ class ClientTrainer(Protocol):
 
 
 class PrivacyAccounting(Protocol):
-    """Tracks the privacy spent across rounds (implemented in ``fl.dp_accounting``).
+    """Tracks the privacy spent across rounds (implemented in ``fl.privacy.accounting``).
 
     The loop asks :meth:`can_run` before each round and stops, with a clear message, if the next round
     would exceed the budget; :meth:`record` returns the per-round figures (``epsilon``, ``delta``, ...)

@@ -1,9 +1,10 @@
 """secagg: secure summation protocols as sans-IO state machines (no ML, no sockets, no clocks)."""
 
-from secagg.client import IdentityKeys, SecAggClient
 from secagg.errors import AbortError, CodecError, KeyMismatchError, OverflowRiskError, ProtocolError, SecAggError
-from secagg.graph import GraphSpec, NeighbourGraph, choose_k
 from secagg.machine import KEY_HOLDER, SERVER, ClientMachine, Message, ServerMachine
+from secagg.masking.client import IdentityKeys, SecAggClient
+from secagg.masking.graph import GraphSpec, NeighbourGraph, choose_k
+from secagg.masking.server import SecAggServer
 from secagg.paillier import (
     CiphertextBatch,
     PackingPlan,
@@ -18,8 +19,7 @@ from secagg.paillier import (
     generate_keypair,
 )
 from secagg.plain import PlainClient, PlainInput, PlainServer
-from secagg.quantize import Quantizer, ring_bits_for
-from secagg.server import SecAggServer
+from secagg.ring import Quantizer, ring_bits_for
 
 __all__ = [
     "KEY_HOLDER",

@@ -22,7 +22,7 @@ import numpy as np
 
 from secagg.errors import CodecError
 from secagg.machine import Message
-from secagg.messages import (
+from secagg.masking.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
     ConsistencySignature,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fl.loop import train
+from fl.training.loop import train
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
 

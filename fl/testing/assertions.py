@@ -121,7 +121,7 @@ def _run_audit(target: Any, claim: Any, effort: AuditEffort, rng: Any, confidenc
                max_grad_norm: float) -> tuple[Any, str]:
     """Dispatch on the target's kind; returns the audit result and a description of the target."""
     from dp.audit import audit_dp_sgd, audit_gaussian_mechanism
-    from fl.audit_cli import audit_dp_fedavg
+    from fl.cli.audit import audit_dp_fedavg
 
     pipeline = _pipeline_of(target)
     if pipeline is not None:
@@ -306,7 +306,7 @@ def _guarantees(report: Mapping[str, Any] | str | Path) -> list[Mapping[str, Any
     if isinstance(report, str | Path):
         report = json.loads(Path(report).read_text())
     if not isinstance(report, Mapping) or not isinstance(report.get("guarantees"), list):
-        raise ValueError("assert_ledger needs the run's report (fl.loop.train's return value, or the JSON "
+        raise ValueError("assert_ledger needs the run's report (fl.training.loop.train's return value, or the JSON "
                          "written by `privagg train --report`), with its 'guarantees' list")
     return list(report["guarantees"])
 

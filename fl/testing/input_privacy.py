@@ -251,7 +251,7 @@ def _check_uniform(rec: _RecordingServer, spec: ValueSpec, significance: float) 
 
 def _asked_both(sent: Sequence[Message]) -> list[int]:
     """Clients whose self-mask seed one unmask request and whose mask key another (or the same) asks for."""
-    from secagg.messages import UnmaskRequest
+    from secagg.masking.messages import UnmaskRequest
 
     reqs = [m for m in sent if isinstance(m, UnmaskRequest)]
     asked_b = {v for m in reqs for v in m.alive}
@@ -299,7 +299,7 @@ def _check_one_kind(rec: _RecordingServer, t: int | None) -> CheckResult:
 
 def _drive_to_unmask(srv: ServerMachine, parties: Mapping[int, ClientMachine], drop: set[int]) -> dict[int, Any]:
     """Run a round honestly until the server's unmask requests; ``drop`` goes silent at the masked phase."""
-    from secagg.messages import UnmaskRequest
+    from secagg.masking.messages import UnmaskRequest
 
     out = [m for c in sorted(parties) for m in parties[c].start()]
     phases = srv.phases
@@ -352,7 +352,7 @@ def _shrunken_directory(ssum: SecureSum, spec: ValueSpec, session: bytes, values
         tuple[ClientMachine, Message] | None:
     """A fresh client and a key directory showing a cohort of just it and one other client."""
     from secagg.machine import SERVER
-    from secagg.messages import AdvertiseKeys, KeyDirectory
+    from secagg.masking.messages import AdvertiseKeys, KeyDirectory
 
     a, b = sorted(values)[:2]
     pair = {c: ssum.client(c, values[c], spec=spec, session=session, round=1) for c in (a, b)}
@@ -454,7 +454,7 @@ def _sum_and_spec(target: Any, spec: ValueSpec | None, clients: int, size: int) 
         target.bind(s)
         return target, s, f"secure sum {getattr(target, 'name', repr(target))}"
     raise TypeError("assert_input_private checks an fl.pipeline.Pipeline or a SecureSum (e.g. "
-                    f"fl.sums_secagg.SecAgg(threshold=0.7)); got {target!r}")
+                    f"fl.sums.secagg.SecAgg(threshold=0.7)); got {target!r}")
 
 
 def assert_input_private(

@@ -102,7 +102,7 @@ def _stranger(honest: Any, outsider: int) -> st.SearchStrategy[Any]:
 
 
 def adversarial_unmask_requests(honest: Any, *, t: int, outsider: int = 2**31 - 1) -> st.SearchStrategy[Any]:
-    """Variants of ``honest`` (a ``secagg.messages.UnmaskRequest`` an honest server sent) that the honest
+    """Variants of ``honest`` (a ``secagg.masking.messages.UnmaskRequest`` an honest server sent) that the honest
     recipient must refuse with ``ProtocolError``: clients named both alive and dropped, fewer than ``t``
     survivors, the recipient left out of the survivors, or shares asked of ``outsider`` (an id not in the
     round). A refused request leaves the client unchanged, so one client can be asked every example.

@@ -9,10 +9,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from secagg._hazmat import kex, prg
-from secagg.client import IdentityKeys, SecAggClient
-from secagg.graph import GraphSpec
 from secagg.machine import Message
-from secagg.server import SecAggServer
+from secagg.masking.client import IdentityKeys, SecAggClient
+from secagg.masking.graph import GraphSpec
+from secagg.masking.server import SecAggServer
 
 SESSION = b"adversary-session"
 MOD = 1 << 24

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 
 from fl.spec import CompositionError, RoundInfo, ValueSpec
-from fl.sums_secagg import SecAgg, SecAggPlus, max_colluders
-from secagg._common import PAIR_MASK_LABEL, SURVIVORS_SIG_LABEL, pair_context, survivors_payload
+from fl.sums.secagg import SecAgg, SecAggPlus, max_colluders
 from secagg._hazmat import shamir, sign
-from secagg.client import SecAggClient
 from secagg.errors import ProtocolError
-from secagg.graph import GraphSpec
 from secagg.machine import SERVER, Message
-from secagg.messages import ConsistencyCheck, MaskedInput, UnmaskRequest, UnmaskResponse
+from secagg.masking._common import PAIR_MASK_LABEL, SURVIVORS_SIG_LABEL, pair_context, survivors_payload
+from secagg.masking.client import SecAggClient
+from secagg.masking.graph import GraphSpec
+from secagg.masking.messages import ConsistencyCheck, MaskedInput, UnmaskRequest, UnmaskResponse
 from tests.adversary import harness as h
 
 D = 12
@@ -164,7 +164,7 @@ def test_threshold_of_one_half_is_refused_in_authenticated_mode() -> None:
 
 
 def _directory_for(cls: dict[int, SecAggClient]) -> Message:
-    from secagg.messages import KeyDirectory
+    from secagg.masking.messages import KeyDirectory
 
     ads = {c: cl.start()[0] for c, cl in cls.items()}
     ids = tuple(sorted(ads))
@@ -193,7 +193,7 @@ def test_a_padded_cohort_cannot_lower_t_below_the_planned_one() -> None:
 
     class Shrinking(GraphSpec):  # complete up to 10 clients, then degree 4
         def parameters(self, n: int, threshold: float | int | None) -> tuple[int, int]:
-            from secagg.graph import threshold_for
+            from secagg.masking.graph import threshold_for
 
             k = n - 1 if n <= 10 else 4
             return k, threshold_for(0.7 if threshold is None else threshold, k + 1)
@@ -203,7 +203,7 @@ def test_a_padded_cohort_cannot_lower_t_below_the_planned_one() -> None:
     victim = SecAggClient(0, np.zeros(D, np.uint64), session=h.SESSION, round=1, modulus=h.MOD, size=D,
                           threshold=0.7, min_cohort=10, graph=graph, identity_key=ids[0].private, identities=pubs)
     victim.start()
-    from secagg.messages import KeyDirectory
+    from secagg.masking.messages import KeyDirectory
 
     with pytest.raises(ProtocolError, match="lowers the threshold"):  # t = 4 of 5 < the planned 7 of 10
         victim.receive(KeyDirectory(SERVER, 0, h.SESSION, 1, tuple(range(20)), (0,), (b"",), (b"",), (b"",), (b"",)))

@@ -18,7 +18,7 @@ import pytest
 from secagg._hazmat import shamir
 from secagg.errors import AbortError
 from secagg.machine import Message
-from secagg.messages import UnmaskResponse
+from secagg.masking.messages import UnmaskResponse
 from tests.adversary import harness as h
 
 D = 10

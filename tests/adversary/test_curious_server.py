@@ -12,11 +12,11 @@ import numpy as np
 from scipy import stats
 
 from fl.spec import RoundInfo, ValueSpec
-from fl.sums_secagg import SecAgg
-from secagg._common import PAIR_MASK_LABEL, pair_context
+from fl.sums.secagg import SecAgg
 from secagg._hazmat import kex, prg, shamir
 from secagg.machine import Message
-from secagg.messages import MaskedInput, UnmaskRequest, UnmaskResponse
+from secagg.masking._common import PAIR_MASK_LABEL, pair_context
+from secagg.masking.messages import MaskedInput, UnmaskRequest, UnmaskResponse
 from tests.adversary import harness as h
 
 N, T, D = 5, 3, 400

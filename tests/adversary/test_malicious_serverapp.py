@@ -115,7 +115,7 @@ def test_seeded_randomness_from_the_job_is_refused(tmp_path: Path) -> None:
     """With the seed the server knows, it could recompute and subtract this node's DP noise."""
     import numpy as np
 
-    from fl.loop import Federation
+    from fl.training.loop import Federation
 
     job = _train_job(tmp_path, insecure_seeded_randomness=True)
     size = Federation(TrainConfig(**{**json.loads(job)["config"], "privacy": PrivacyConfig(

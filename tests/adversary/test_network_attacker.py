@@ -20,11 +20,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fl.spec import RoundInfo, ValueSpec
-from fl.sums_secagg import SecAgg
+from fl.sums.secagg import SecAgg
 from secagg import wire
 from secagg.errors import AbortError, CodecError, ProtocolError
 from secagg.machine import Message
-from secagg.messages import KeyDirectory, MaskedInput, ShareKeys, UnmaskResponse
+from secagg.masking.messages import KeyDirectory, MaskedInput, ShareKeys, UnmaskResponse
 from tests.adversary import harness as h
 
 N, T, D = 5, 3, 6

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fl.cli import build_parser, main
+from fl.cli.main import build_parser, main
 
 
 def test_help_lists_commands(capsys: pytest.CaptureFixture[str]) -> None:
@@ -43,7 +43,7 @@ def test_bad_input_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None
 
 
 def test_parser_defaults_match_config() -> None:
-    from fl.cli import config_from_args
+    from fl.cli.main import config_from_args
     from fl.config import TrainConfig
 
     args = build_parser().parse_args(["train"])

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fl.cli import build_parser, main
-from fl.compare import Cell, cell_config, estimate_bytes, grid, parse_configs, parse_seeds
+from fl.cli.compare import Cell, cell_config, estimate_bytes, grid, parse_configs, parse_seeds
+from fl.cli.main import build_parser, main
 from fl.config import PrivacyConfig, TrainConfig
 
 TINY = ["--rounds", "2", "--clients", "3", "--jobs", "1", "--quiet", "--seeds", "0", "--epsilons", "2,8"]
@@ -46,7 +46,7 @@ def test_tiny_compare_writes_json_table_and_plot(tmp_path: Path, capsys: pytest.
     assert 0.5 < b["centralized_accuracy"] <= 1.0 and 0.0 <= b["federated_nonprivate_accuracy"] <= 1.0
     assert "ring" in result["costs"]["bytes_per_client_per_round"]
     # the centralized baseline is the one `privagg train` reports for the same data and seed
-    from fl.loop import train
+    from fl.training.loop import train
 
     same = train(TrainConfig(rounds=1, clients=3, seed=0), baseline=True, federated_baseline=False)
     assert b["centralized_accuracy"] == same["baseline"]["centralized_accuracy"]

@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fl.data import DataError, load_dataset, partition
+from fl.data.sites import DataError, load_dataset, partition
 
 
 @pytest.mark.parametrize(("name", "rows", "classes"), [("breast_cancer", 569, 2), ("digits", 1797, 10),

@@ -8,8 +8,8 @@ import math
 import pytest
 
 from dp.accounting import PLD_FAST, compute_epsilon
-from fl.dp_accounting import DpFedAvgAccounting, DpSgdAccounting, SurvivorFloor
-from fl.dp_layers import GaussianNoise
+from fl.layers.noise import GaussianNoise
+from fl.privacy.accounting import DpFedAvgAccounting, DpSgdAccounting, SurvivorFloor
 from fl.spec import RoundInfo, TrainResult
 
 
@@ -98,7 +98,7 @@ def test_budget_worst_case_uses_the_rounds_own_threshold() -> None:
 
 
 def test_secagg_plus_floor_is_the_share_group_threshold() -> None:
-    from secagg.graph import GraphSpec
+    from secagg.masking.graph import GraphSpec
 
     graph = GraphSpec(complete=False, neighbours=4)
     floor = SurvivorFloor(threshold=0.5, graph=graph)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from fl import audit_cli, sweep
+from fl.cli import audit as audit_cli
+from fl.cli import sweep
 from fl.config import PrivacyConfig, TrainConfig
 
 

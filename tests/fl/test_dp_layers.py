@@ -9,13 +9,13 @@ import pytest
 
 from dp.accounting import compute_epsilon, rounding_sensitivity
 from dp.rng import SecureRandom
-from fl.dp_accounting import DpFedAvgAccounting
-from fl.dp_layers import GaussianNoise
-from fl.layers import Clip, Quantize
+from fl.layers.clip import Clip, Quantize
+from fl.layers.noise import GaussianNoise
 from fl.pipeline import Pipeline
+from fl.privacy.accounting import DpFedAvgAccounting
 from fl.runners.local import run_secure_sum
 from fl.spec import CompositionError, RoundInfo, ValueSpec
-from fl.sums import PlainSum
+from fl.sums.plain import PlainSum
 
 D = 20_000
 

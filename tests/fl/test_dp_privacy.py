@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 
 from fl.config import PrivacyConfig, TrainConfig
-from fl.dp_accounting import DpFedAvgAccounting, DpSgdAccounting
-from fl.dp_layers import GaussianNoise
-from fl.dp_training import DpSgdTrainer
-from fl.layers import Clip, Quantize
-from fl.privacy import build_plan
+from fl.layers.clip import Clip, Quantize
+from fl.layers.noise import GaussianNoise
+from fl.privacy.accounting import DpFedAvgAccounting, DpSgdAccounting
+from fl.privacy.plan import build_plan
 from fl.spec import CompositionError, RoundInfo
+from fl.training.dp_sgd import DpSgdTrainer
 
 SIZES = {0: 90, 1: 100, 2: 40, 3: 120, 4: 105}
 

@@ -21,11 +21,11 @@ from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
 
 from fl.config import PrivacyConfig, TrainConfig
-from fl.dp_accounting import DpFedAvgAccounting, SurvivorFloor
-from fl.dp_layers import GaussianNoise
-from fl.loop import Federation, train
+from fl.layers.noise import GaussianNoise
+from fl.privacy.accounting import DpFedAvgAccounting, SurvivorFloor
 from fl.report import write_json
 from fl.spec import RoundInfo
+from fl.training.loop import Federation, train
 
 TOL = 1e-3
 CLASSES: dict[str, type[dp_event.DpEvent]] = {
@@ -266,8 +266,8 @@ def test_budget_stop_never_overspends_with_poisson_sampling_and_dropouts(seed: i
 
 @pytest.mark.parametrize("graph", ["complete", "sparse"])
 def test_survivor_floor_is_the_secagg_servers_own_threshold(graph: str) -> None:
-    from secagg.graph import GraphSpec
-    from secagg.server import SecAggServer
+    from secagg.masking.graph import GraphSpec
+    from secagg.masking.server import SecAggServer
 
     spec = GraphSpec(complete=True) if graph == "complete" else GraphSpec(complete=False, neighbours=4)
     floor = SurvivorFloor(threshold=0.7, graph=spec)

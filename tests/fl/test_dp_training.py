@@ -1,4 +1,4 @@
-"""DP end to end through fl.loop.train: DP-SGD clients, DP-FedAvg with dropouts, budget stops."""
+"""DP end to end through fl.training.loop.train: DP-SGD clients, DP-FedAvg with dropouts, budget stops."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from fl.config import PrivacyConfig, TrainConfig
-from fl.dp_training import DpSgdTrainer
-from fl.loop import train
+from fl.training.dp_sgd import DpSgdTrainer
+from fl.training.loop import train
 
 
 def test_dp_sgd_trainer_reports_what_it_did() -> None:

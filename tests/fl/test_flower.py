@@ -52,7 +52,7 @@ def _progress(out: Path) -> list[dict[str, Any]]:
 @pytest.mark.slow
 def test_secagg_plus_with_dp_over_flower_equals_in_memory(cluster: LocalCluster, tmp_path: Path) -> None:
     """2 rounds of clip + distributed Gaussian noise + SecAgg+ across processes == the in-memory run."""
-    from fl.loop import Federation
+    from fl.training.loop import Federation
 
     config = TrainConfig(
         dataset="breast_cancer", clients=3, rounds=2, seed=7, model="logreg",
@@ -123,7 +123,7 @@ def test_sealed_client_state_round_trips_and_refuses_tampering_and_rollback(tmp_
 
     from fl.runners.flower import state
     from fl.spec import ValueSpec
-    from fl.sums_secagg import SecAggPlus
+    from fl.sums.secagg import SecAggPlus
     from secagg.errors import ProtocolError
 
     spec = ValueSpec(size=8, cohort=3, domain="ring", modulus=1 << 32, value_bits=20)
@@ -236,7 +236,7 @@ def test_commands_and_environment(tmp_path: Path) -> None:
 def test_cli_parses_and_rejects_bad_partition() -> None:
     import argparse
 
-    from fl import flower_cli
+    from fl.cli import flower as flower_cli
 
     parser = argparse.ArgumentParser(prog="privagg flower")
     flower_cli.add_arguments(parser)
@@ -405,7 +405,7 @@ def test_cli_refuses_plaintext_to_remote_and_open_superlinks(
 ) -> None:
     import argparse
 
-    from fl import flower_cli
+    from fl.cli import flower as flower_cli
 
     parser = argparse.ArgumentParser(prog="privagg flower")
     flower_cli.add_arguments(parser)

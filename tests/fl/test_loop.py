@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from fl.config import PrivacyConfig, TrainConfig
-from fl.loop import Federation, train
-from fl.models import build_model, get_flat, set_flat
 from fl.spec import TrainResult
+from fl.training.loop import Federation, train
+from fl.training.models import build_model, get_flat, set_flat
 
 
 def test_fedsgd_equals_synchronous_sgd_on_the_union() -> None:

@@ -8,14 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dp.rng import SecureRandom
-from fl.layers import Clip, Quantize, clip_l2
+from fl.layers.clip import Clip, Quantize, clip_l2
 from fl.pipeline import Pipeline
 from fl.runners.local import DropoutSchedule, run_secure_sum
 from fl.spec import CompositionError, RoundInfo, ValueSpec
-from fl.sums import PlainSum, threshold_count
+from fl.sums.plain import PlainSum, threshold_count
 from secagg.errors import AbortError, OverflowRiskError, ProtocolError
 from secagg.plain import PlainInput, PlainServer
-from secagg.quantize import Quantizer
+from secagg.ring import Quantizer
 
 
 def info_for(included: tuple[int, ...], planned: tuple[int, ...] | None = None) -> RoundInfo:

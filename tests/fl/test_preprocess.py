@@ -17,11 +17,11 @@ from numpy.typing import NDArray
 from sklearn.preprocessing import StandardScaler
 
 from dp.rng import SecureRandom
-from fl.preprocess import Schema, StatsPrivacy, federated_statistics, sensitivity, site_vector
+from fl.data.stats import Schema, StatsPrivacy, federated_statistics, sensitivity, site_vector
 from fl.spec import Guarantee, RoundInfo, ValueSpec
-from fl.sums import PlainSum
-from fl.sums_paillier import PaillierSum
-from fl.sums_secagg import SecAgg, SecAggPlus
+from fl.sums.paillier import PaillierSum
+from fl.sums.plain import PlainSum
+from fl.sums.secagg import SecAgg, SecAggPlus
 from secagg.machine import ClientMachine, ServerMachine
 
 
@@ -111,7 +111,7 @@ def test_sites_statistics_leave_them_only_through_the_sum() -> None:
 
 
 def _ranges(stats: Any, reference: pd.DataFrame) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-    from fl.preprocess import public_ranges
+    from fl.data.stats import public_ranges
 
     return public_ranges(SCHEMA, declared={}, reference=reference)
 
@@ -226,7 +226,7 @@ def test_dp_estimates_shrink_to_the_prior_on_small_data_and_converge_on_large() 
 def test_a_vocabulary_whose_counts_all_fall_below_the_floor_keeps_its_candidates() -> None:
     """Regression: DP noise could push every count of a declared column below the floor, leaving an empty
     vocabulary that crashed the one-hot encoder (IndexError) instead of training."""
-    from fl.preprocess import Schema, _vocabulary
+    from fl.data.stats import Schema, _vocabulary
 
     schema = Schema(numeric=(), categorical=("smoker",), target="y")
     vocab = _vocabulary(schema, {"smoker": ("no", "yes")}, np.array([-3.0, 0.5]), minimum=1.0)

@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from fl.cli import main
+from fl.cli.main import main
 from fl.config import PrivacyConfig, TrainConfig
-from fl.data import DataError, DataWarning, load_federated
-from fl.loop import Federation
+from fl.data.sites import DataError, DataWarning, load_federated
+from fl.training.loop import Federation
 
 
 def site_frame(seed: int, n: int = 60, *, shift: float = 0.0) -> pd.DataFrame:
@@ -175,7 +175,7 @@ def test_bad_site_flag(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
 
 def test_resume_reuses_the_released_statistics(tmp_path: Path) -> None:
     """A resumed run neither sums (and spends budget on) the statistics again nor standardizes differently."""
-    from fl.loop import saved_statistics, train
+    from fl.training.loop import saved_statistics, train
 
     paths = write_sites(tmp_path / "s", {"a": site_frame(0), "b": site_frame(1)})
     cfg = config_for(paths, categories=(("smoker", ("yes", "no")),),

@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 import torch
 
-from fl.cli import main
+from fl.cli.main import main
 from fl.config import PrivacyConfig, TrainConfig
-from fl.data import DataError
-from fl.loop import (
+from fl.data.sites import DataError
+from fl.report import _plot_title, summary_lines
+from fl.training.loop import (
     CHECKPOINT,
     CheckpointError,
     Federation,
@@ -28,7 +29,6 @@ from fl.loop import (
     format_round,
     train,
 )
-from fl.report import _plot_title, summary_lines
 
 SMALL = TrainConfig(dataset="breast_cancer", clients=3, rounds=3, seed=0)
 ROOT = Path(__file__).resolve().parents[2]
@@ -259,7 +259,8 @@ def test_train_restores_torch_threads() -> None:
 
 
 def test_no_print_in_library_code() -> None:
-    cli_modules = {"fl/cli.py", "fl/sweep.py", "fl/compare.py", "fl/audit_cli.py", "fl/flower_cli.py", "fl/__main__.py"}
+    cli_modules = {"fl/cli/main.py", "fl/cli/sweep.py", "fl/cli/compare.py", "fl/cli/audit.py", "fl/cli/flower.py",
+                   "fl/__main__.py"}
     offenders = []
     for pkg in ("secagg", "dp", "fl"):
         for path in sorted((ROOT / pkg).rglob("*.py")):

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secagg import graph as g
-from secagg.graph import GraphSpec, NeighbourGraph, achieved_bits, find_parameters
+from secagg.masking import graph as g
+from secagg.masking.graph import GraphSpec, NeighbourGraph, achieved_bits, find_parameters
 
 VECTORS = Path(__file__).resolve().parents[1] / "vectors" / "secagg_plus_parameters.json"
 TABLE: dict[str, Any] = json.loads(VECTORS.read_text())

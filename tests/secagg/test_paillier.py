@@ -11,8 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from phe import paillier as phe_paillier
 
-from secagg import _paillier_fast as fast
-from secagg._paillier_pack import pack, unpack
 from secagg.errors import CodecError, KeyMismatchError, OverflowRiskError, ProtocolError
 from secagg.paillier import (
     CiphertextBatch,
@@ -25,6 +23,8 @@ from secagg.paillier import (
     generate_keypair,
     security_bits,
 )
+from secagg.paillier import _fast as fast
+from secagg.paillier.packing import pack, unpack
 
 # A tiny fixed key for known-answer tests: n = (2^31 - 1)(2^31 - 19), 62 bits.
 KAT_P, KAT_Q = 2147483647, 2147483629

@@ -1,4 +1,4 @@
-"""The Paillier round as sans-IO machines, and fl.sums_paillier.PaillierSum driven by the in-memory runner."""
+"""The Paillier round as sans-IO machines, and fl.sums.paillier.PaillierSum driven by the in-memory runner."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dp.rng import SecureRandom
-from fl.layers import Clip, Quantize
+from fl.layers.clip import Clip, Quantize
 from fl.pipeline import Pipeline
 from fl.runners.local import DropoutSchedule, run_secure_sum
 from fl.spec import CompositionError, RoundInfo, ValueSpec
-from fl.sums import PlainSum
-from fl.sums_paillier import PaillierSum
+from fl.sums.paillier import PaillierSum
+from fl.sums.plain import PlainSum
 from secagg.errors import AbortError, KeyMismatchError, OverflowRiskError, ProtocolError
 from secagg.machine import KEY_HOLDER, SERVER, ClientMachine, Message, ServerMachine
 from secagg.paillier import (

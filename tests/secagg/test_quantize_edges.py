@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from secagg.quantize import MAX_RING_BITS, Quantizer, to_signed
+from secagg.ring import MAX_RING_BITS, Quantizer, to_signed
 
 ALMOST_ONE = 1.0 - 2.0**-53
 

@@ -13,13 +13,13 @@ from hypothesis import strategies as st
 
 from fl.runners.local import DropoutSchedule, run_secure_sum
 from fl.spec import ValueSpec
-from fl.sums_secagg import SecAggPlus
-from secagg import graph as g
+from fl.sums.secagg import SecAggPlus
 from secagg._hazmat import shamir
-from secagg.client import SecAggClient
-from secagg.graph import GraphSpec
 from secagg.machine import SERVER
-from secagg.messages import AdvertiseKeys, KeyDirectory, ShareKeys
+from secagg.masking import graph as g
+from secagg.masking.client import SecAggClient
+from secagg.masking.graph import GraphSpec
+from secagg.masking.messages import AdvertiseKeys, KeyDirectory, ShareKeys
 
 
 @settings(max_examples=40, deadline=None)

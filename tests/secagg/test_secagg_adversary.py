@@ -9,17 +9,17 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fl.layers import Quantize
+from fl.layers.clip import Quantize
 from fl.pipeline import Pipeline
 from fl.runners.local import DropoutSchedule, run_secure_sum
 from fl.spec import CompositionError, ValueSpec
-from fl.sums_secagg import SecAgg, SecAggPlus
+from fl.sums.secagg import SecAgg, SecAggPlus
 from secagg import wire
-from secagg.client import IdentityKeys, SecAggClient
 from secagg.errors import OverflowRiskError, ProtocolError
-from secagg.graph import GraphSpec
 from secagg.machine import SERVER, Message
-from secagg.messages import (
+from secagg.masking.client import IdentityKeys, SecAggClient
+from secagg.masking.graph import GraphSpec
+from secagg.masking.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
     KeyDirectory,
@@ -29,7 +29,7 @@ from secagg.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
-from secagg.server import SecAggServer
+from secagg.masking.server import SecAggServer
 
 S = b"session-A"
 MOD = 1 << 20

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 import secagg
-from fl.layers import Clip, Quantize
+from fl.layers.clip import Clip, Quantize
 from fl.pipeline import Pipeline
 from fl.runners.local import run_secure_sum
 from fl.spec import CompositionError, RoundInfo, ValueSpec
-from fl.sums_secagg import SecAgg, SecAggPlus
-from secagg.graph import achieved_bits, choose_k, find_parameters
+from fl.sums.secagg import SecAgg, SecAggPlus
+from secagg.masking.graph import achieved_bits, choose_k, find_parameters
 
 
 def test_public_names_resolve_and_hazmat_is_not_exported() -> None:

@@ -16,10 +16,10 @@ import numpy as np
 
 from dp.rng import SecureRandom
 from secagg import wire
-from secagg.client import IdentityKeys, SecAggClient
-from secagg.graph import GraphSpec
 from secagg.machine import Message
-from secagg.server import SecAggServer
+from secagg.masking.client import IdentityKeys, SecAggClient
+from secagg.masking.graph import GraphSpec
+from secagg.masking.server import SecAggServer
 
 GOLDEN = Path(__file__).resolve().parents[1] / "vectors" / "secagg_golden_transcript.json"
 

@@ -15,15 +15,15 @@ from numpy.typing import NDArray
 from scipy import stats
 
 from dp.rng import SecureRandom
-from fl.layers import Clip, Quantize
+from fl.layers.clip import Clip, Quantize
 from fl.pipeline import Pipeline
 from fl.runners.local import DropoutSchedule, run_secure_sum
 from fl.spec import RoundInfo, ValueSpec
-from fl.sums_secagg import SecAgg, SecAggPlus
+from fl.sums.secagg import SecAgg, SecAggPlus
 from secagg.errors import AbortError
-from secagg.graph import GraphSpec
 from secagg.machine import ClientMachine, Message, ServerMachine
-from secagg.messages import MaskedInput, UnmaskResponse
+from secagg.masking.graph import GraphSpec
+from secagg.masking.messages import MaskedInput, UnmaskResponse
 
 SESSION = b"test-session"
 

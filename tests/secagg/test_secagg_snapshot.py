@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 
 from dp.rng import SecureRandom
 from secagg import wire
-from secagg.client import IdentityKeys, SecAggClient
 from secagg.errors import CodecError, ProtocolError
-from secagg.graph import GraphSpec
 from secagg.machine import Message
-from secagg.server import SecAggServer
+from secagg.masking.client import IdentityKeys, SecAggClient
+from secagg.masking.graph import GraphSpec
+from secagg.masking.server import SecAggServer
 
 SESSION = b"snapshot-session"
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from secagg import wire
 from secagg.errors import CodecError
-from secagg.messages import (
+from secagg.masking.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
     ConsistencySignature,

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 
 from fl.config import PrivacyConfig, TrainConfig
-from fl.privacy import build_plan
+from fl.privacy.plan import build_plan
 from fl.spec import CompositionError, RoundInfo, ValueSpec
-from fl.sums import PlainSum
-from fl.sums_paillier import PaillierSum
-from fl.sums_secagg import SecAgg, SecAggPlus
+from fl.sums.paillier import PaillierSum
+from fl.sums.plain import PlainSum
+from fl.sums.secagg import SecAgg, SecAggPlus
+from secagg.masking.server import SecAggServer
 from secagg.paillier import PaillierKeyHolder, PaillierServer, generate_keypair
-from secagg.server import SecAggServer
 
 RING = ValueSpec(size=4, cohort=1, domain="ring", modulus=1 << 24, value_bits=16)
 

@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 
 from fl.config import PrivacyConfig, TrainConfig
-from fl.loop import train
 from fl.testing import (
     DpRequirement,
     InputPrivacyRequirement,
@@ -18,6 +17,7 @@ from fl.testing import (
     assert_ledger,
     parse_requirement,
 )
+from fl.training.loop import train
 
 POLICY = ["input privacy against the server", "(eps <= 3, delta <= 1e-5) at example level for the released model"]
 

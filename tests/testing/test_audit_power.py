@@ -15,9 +15,9 @@ import pytest
 from dp.accounting import calibrate_noise
 from dp.rng import SecureRandom
 from dp.sgd import dp_sgd
-from fl.audit_cli import audit_dp_fedavg
-from fl.dp_layers import GaussianNoise
-from fl.layers import Clip
+from fl.cli.audit import audit_dp_fedavg
+from fl.layers.clip import Clip
+from fl.layers.noise import GaussianNoise
 from fl.testing import PrivacyAssertionError, assert_dp
 
 EPS, DELTA = 1.0, 1e-5

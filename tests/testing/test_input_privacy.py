@@ -10,21 +10,21 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 
-from fl.layers import Clip, Quantize
+from fl.layers.clip import Clip, Quantize
 from fl.pipeline import Pipeline
 from fl.spec import Guarantee, RoundInfo, ValueSpec
-from fl.sums import PlainSum
-from fl.sums_secagg import SecAgg, SecAggPlus
+from fl.sums.plain import PlainSum
+from fl.sums.secagg import SecAgg, SecAggPlus
 from fl.testing import PrivacyAssertionError, assert_input_private
 from fl.testing.input_privacy import _drive_to_unmask
 from fl.testing.strategies import adversarial_unmask_requests
 from secagg._hazmat import shamir
-from secagg.client import SecAggClient
 from secagg.errors import ProtocolError
 from secagg.machine import SERVER, Message
-from secagg.messages import UnmaskRequest, UnmaskResponse
+from secagg.masking.client import SecAggClient
+from secagg.masking.messages import UnmaskRequest, UnmaskResponse
+from secagg.masking.server import SecAggServer
 from secagg.plain import PlainClient
-from secagg.server import SecAggServer
 
 CHECKS = ("1 uploads uniform", "2 one kind of share per client", "3 adversarial requests refused",
           "4 ledger matches the run")
@@ -64,7 +64,7 @@ def test_bad_targets_and_sizes_are_refused_clearly() -> None:
 
 
 def test_a_sum_with_a_key_holder_is_refused_not_judged() -> None:
-    from fl.sums_paillier import PaillierSum
+    from fl.sums.paillier import PaillierSum
 
     with pytest.raises(TypeError, match="Paillier key holder"):
         assert_input_private(PaillierSum(key_bits=1024))

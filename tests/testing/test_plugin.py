@@ -20,8 +20,8 @@ from fl.testing import PrivacyAssertionError, assert_dp, assert_ledger
 
 from dp.accounting import calibrate_noise
 from dp.sgd import dp_sgd
-from fl.dp_layers import GaussianNoise
-from fl.layers import Clip
+from fl.layers.noise import GaussianNoise
+from fl.layers.clip import Clip
 
 Z = calibrate_noise(epsilon=1.0, delta=1e-5, sample_rate=1.0, steps=1)  # one round at epsilon = 1
 

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from fl.runners.local import DropoutSchedule, run_secure_sum
 from fl.spec import ValueSpec
-from fl.sums_secagg import SecAgg
+from fl.sums.secagg import SecAgg
 from fl.testing.strategies import cohorts, dropout_schedules, message_orders, reorder_generators
 
 

@@ -17,7 +17,7 @@ Nothing a remote party sends selects code or weakens privacy: protocol messages 
 jobs it runs (:mod:`fl.runners.flower.policy`) and which app code (:mod:`fl.runners.flower.pin`).
 A malformed SuperNode reply drops that client for the round, never the run.
 
-Two jobs run on this transport. ``train`` drives :class:`fl.loop.Federation` on both sides (the server
+Two jobs run on this transport. ``train`` drives :class:`fl.training.loop.Federation` on both sides (the server
 samples, decodes, averages, evaluates and keeps the ledger; each SuperNode owns one partition and
 trains/encodes with the same seeds), so the final model equals the in-memory runner's for the same
 config. ``sum`` sums public pseudo-random ring vectors and checks the result exactly: the latency
@@ -214,7 +214,7 @@ def _refuse_weaker(context: Context, job: FlowerJob, cid: int, fed: Any = None) 
 
 
 def _federation(job: FlowerJob) -> Any:
-    from fl.loop import Federation
+    from fl.training.loop import Federation
 
     return Federation(_train_config(job))
 
@@ -247,11 +247,11 @@ def _sum_of(job: FlowerJob) -> SecureSum:
     """The (unbound) secure sum a ``sum`` job names."""
     ssum: SecureSum
     if job.protocol in ("secagg", "secagg+"):
-        from fl.sums_secagg import SecAgg, SecAggPlus
+        from fl.sums.secagg import SecAgg, SecAggPlus
 
         ssum = SecAgg(threshold=job.threshold) if job.protocol == "secagg" else SecAggPlus(threshold=job.threshold)
     elif job.protocol == "plain":
-        from fl.sums import PlainSum
+        from fl.sums.plain import PlainSum
 
         ssum = PlainSum(min_clients=max(1, math.ceil(job.threshold * job.clients)))
     else:
@@ -345,7 +345,7 @@ def _start(msg: Message, context: Context) -> Message:
     if job.task == "train":
         import torch
 
-        from fl.loop import Federation, NonFiniteUpdateError
+        from fl.training.loop import Federation, NonFiniteUpdateError
 
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
         fed = Federation(_train_config(job))
@@ -761,7 +761,7 @@ def _serve(grid: Grid, job: FlowerJob, progress: _Progress) -> dict[str, Any]:
     if job.task == "train":
         import torch
 
-        from fl.loop import BudgetExhaustedError, Federation
+        from fl.training.loop import BudgetExhaustedError, Federation
 
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
         fed = Federation(_train_config(job))
@@ -1415,14 +1415,14 @@ def superexec_main(argv: Sequence[str]) -> int:
     import flwr.supernode.cli.flwr_clientapp  # noqa: F401
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
-    import fl.sums_secagg
-    import secagg.client
+    import fl.sums.secagg
+    import secagg.masking.client
     import secagg.wire  # noqa: F401
 
     try:
-        import fl.loop  # noqa: F401  (torch)
+        import fl.training.loop  # noqa: F401  (torch)
     except ImportError as exc:
-        log.warning("cannot pre-import fl.loop (%s); tasks will import it themselves", exc)
+        log.warning("cannot pre-import fl.training.loop (%s); tasks will import it themselves", exc)
     rs.__dict__["get_executor"] = lambda *a, **kw: _ForkExecutor()
     sys.argv = ["flower-superexec", *argv]
     flower_superexec()

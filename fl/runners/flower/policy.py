@@ -183,14 +183,14 @@ class NodePolicy:
 
 def protocol_word(ssum: Any) -> str:
     """The policy word of a secure-sum object, by its class (an unknown class counts as ``plain``)."""
-    from fl.sums_secagg import SecAgg, SecAggPlus
+    from fl.sums.secagg import SecAgg, SecAggPlus
 
     if isinstance(ssum, SecAggPlus):
         return "secagg+"
     if isinstance(ssum, SecAgg):
         return "secagg"
     try:
-        from fl.sums_paillier import PaillierSum
+        from fl.sums.paillier import PaillierSum
     except ImportError:  # pragma: no cover - phe is a core dependency
         PaillierSum = ()  # type: ignore[assignment,misc]
     if isinstance(ssum, PaillierSum):
@@ -213,10 +213,10 @@ def sum_terms(ssum: Any, cohort: int) -> JobTerms:
 
 
 def train_terms(fed: Any, cid: int) -> JobTerms:
-    """Terms of a ``train`` job for client ``cid``, read from the :class:`fl.loop.Federation` it built."""
-    from fl.dp_layers import GaussianNoise
-    from fl.dp_training import DpSgdTrainer
-    from fl.layers import Clip
+    """Terms of a ``train`` job for client ``cid``, read from the :class:`fl.training.loop.Federation` it built."""
+    from fl.layers.clip import Clip
+    from fl.layers.noise import GaussianNoise
+    from fl.training.dp_sgd import DpSgdTrainer
 
     plan = fed.plan
     cohort = int(fed.bound.sum_spec.cohort)

@@ -1,12 +1,12 @@
 """A SuperNode's between-phase client state: a versioned snapshot, sealed, bound to where and when it opens.
 
 Flower starts a fresh ClientApp process for every message, so a client's round secrets must survive
-between phases in the node's ``Context.state``. What is kept is :meth:`secagg.client.SecAggClient.snapshot`
+between phases in the node's ``Context.state``. What is kept is :meth:`secagg.masking.client.SecAggClient.snapshot`
 (the versioned wire record codec; never pickle), sealed with AES-256-GCM
 (:mod:`secagg._hazmat.seal`) under a key only this node holds (``state-key-file`` in its node config).
 The associated data binds the run, the node, the session, the round, the step (how many protocol
 steps of this round the node has taken, which the ServerApp states in each step message) and the
-machine's phase; :meth:`~secagg.client.SecAggClient.restore` checks session, round and phase again.
+machine's phase; :meth:`~secagg.masking.client.SecAggClient.restore` checks session, round and phase again.
 So an older blob (an earlier phase or round of the same run: rollback), another node's blob, or an
 altered one is refused with :class:`~secagg.errors.ProtocolError`.
 
@@ -71,9 +71,9 @@ def _aad(context: Context, *, session: bytes, round: int, step: int, phase: str)
 
 
 def store(context: Context, machine: Any, *, session: bytes, round: int, step: int) -> None:
-    """Seal ``machine`` (a :class:`~secagg.client.SecAggClient`) into the node's state for ``step``."""
+    """Seal ``machine`` (a :class:`~secagg.masking.client.SecAggClient`) into the node's state for ``step``."""
     from secagg._hazmat.seal import seal
-    from secagg.client import SecAggClient
+    from secagg.masking.client import SecAggClient
 
     if not isinstance(machine, SecAggClient):
         raise ProtocolError(f"the Flower runner keeps state only for SecAgg/SecAgg+ clients, not {type(machine)}")
@@ -90,7 +90,7 @@ def store(context: Context, machine: Any, *, session: bytes, round: int, step: i
 def load(context: Context, *, session: bytes, round: int, step: int) -> Any:
     """The machine stored for exactly this session, round and step; ``ProtocolError`` for anything else."""
     from secagg._hazmat.seal import unseal
-    from secagg.client import SecAggClient
+    from secagg.masking.client import SecAggClient
 
     if STATE_RECORD not in context.state:
         raise ProtocolError("no protocol state for this round on this node (restarted mid-round?)")

@@ -1,6 +1,6 @@
 """Secure sums as pipeline stages. ``PlainSum`` is the no-privacy baseline.
 
-``SecAgg``/``SecAggPlus`` live in :mod:`fl.sums_secagg`, ``PaillierSum`` in :mod:`fl.sums_paillier`.
+``SecAgg``/``SecAggPlus`` live in :mod:`fl.sums.secagg`, ``PaillierSum`` in :mod:`fl.sums.paillier`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 from numpy.typing import NDArray
 
 from fl.spec import CompositionError, Guarantee, RoundInfo, ValueSpec
-from secagg.graph import threshold_for
 from secagg.machine import ClientMachine, ServerMachine
+from secagg.masking.graph import threshold_for
 from secagg.plain import PlainClient, PlainServer
 
 __all__ = ["PlainSum", "threshold_count"]

@@ -21,11 +21,11 @@ from typing import Any
 from numpy.typing import NDArray
 
 from fl.spec import CompositionError, Guarantee, RoundInfo, ValueSpec
-from fl.sums import threshold_count
-from secagg.client import IdentityKeys, SecAggClient
-from secagg.graph import GraphSpec, achieved_bits
+from fl.sums.plain import threshold_count
 from secagg.machine import ClientMachine, ServerMachine
-from secagg.server import SecAggServer
+from secagg.masking.client import IdentityKeys, SecAggClient
+from secagg.masking.graph import GraphSpec, achieved_bits
+from secagg.masking.server import SecAggServer
 
 __all__ = ["IdentityRegistry", "SecAgg", "SecAggPlus", "max_colluders"]
 
@@ -184,7 +184,7 @@ class SecAggPlus(_MaskedSum):
 
     ``neighbours``: k; ``None`` finds the smallest k (and its threshold t) meeting ``security_bits`` and
     ``correctness_bits`` when at most a ``dropout`` fraction of the clients drop and a ``corrupt``
-    fraction are corrupt, from exact hypergeometric tails (:func:`secagg.graph.find_parameters`; small
+    fraction are corrupt, from exact hypergeometric tails (:func:`secagg.masking.graph.find_parameters`; small
     cohorts get the complete graph). ``threshold``: ``None`` takes that t (or, with explicit
     ``neighbours``, the smallest t meeting ``security_bits``); a fraction of each share group (a client
     and its k neighbours) or an absolute count overrides it, and the guarantee then states the bits it

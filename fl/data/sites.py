@@ -6,7 +6,7 @@ user's file (``target`` names the label column); ``--site NAME=PATH`` / ``--site
 its own CSV.
 
 Nothing is pooled: each site (a real site, or a client of a partitioned table) keeps its own raw rows,
-and the standardization statistics and category vocabularies are *federated* (:mod:`fl.preprocess`):
+and the standardization statistics and category vocabularies are *federated* (:mod:`fl.data.stats`):
 summed through the run's secure sum, with DP noise and a ledger entry when the run uses DP. The test
 set is the server's own held-out data, transformed with the federated statistics.
 """
@@ -28,7 +28,7 @@ import pandas as pd
 from numpy.typing import NDArray
 from sklearn.model_selection import train_test_split
 
-from fl.preprocess import DataError, DataWarning, FederatedStats, Schema, StatsPrivacy, federated_statistics, warn
+from fl.data.stats import DataError, DataWarning, FederatedStats, Schema, StatsPrivacy, federated_statistics, warn
 from fl.spec import Guarantee
 
 if TYPE_CHECKING:
@@ -279,8 +279,8 @@ def _stats_sum(config: TrainConfig, sites: int) -> SecureSum:
     Every site takes part in the statistics sum, so its clients pin the full cohort of ``sites``."""
     import dataclasses
 
-    from fl.privacy import secure_sum_for
-    from fl.sums import PlainSum
+    from fl.privacy.plan import secure_sum_for
+    from fl.sums.plain import PlainSum
 
     sums = [t for t in config.privacy.tokens() if t in ("secagg", "secagg+", "paillier")]
     every_site = dataclasses.replace(config, sample_rate=None, cohort=None)
@@ -355,7 +355,7 @@ def _federate(
 ) -> FederatedStats:
     """One secure sum of the sites' statistics vectors, with the run's sum and (if DP) noise."""
     from dp.rng import SecureRandom
-    from fl.preprocess import default_session
+    from fl.data.stats import default_session
 
     seeded = config.insecure_seeded_randomness
     return federated_statistics(

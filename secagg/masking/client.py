@@ -18,8 +18,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from secagg import _state, wire
-from secagg._common import (
+from secagg import wire
+from secagg._hazmat import aead, commit, kex, prg, shamir, sign
+from secagg.errors import CodecError, KeyMismatchError, OverflowRiskError, ProtocolError
+from secagg.machine import SERVER, Message
+from secagg.masking import _state
+from secagg.masking._common import (
     ADVERTISE_SIG_LABEL,
     B_COMMIT_LABEL,
     CIPHERTEXT_BYTES,
@@ -36,11 +40,8 @@ from secagg._common import (
     survivors_payload,
     word_dtype,
 )
-from secagg._hazmat import aead, commit, kex, prg, shamir, sign
-from secagg.errors import CodecError, KeyMismatchError, OverflowRiskError, ProtocolError
-from secagg.graph import GraphSpec, NeighbourGraph
-from secagg.machine import SERVER, Message
-from secagg.messages import (
+from secagg.masking.graph import GraphSpec, NeighbourGraph
+from secagg.masking.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
     ConsistencySignature,
@@ -75,7 +76,7 @@ class SecAggClient:
 
     ``value``: the client's vector in Z_modulus (uint64 from ``Quantize``), ``size`` long.
     ``threshold``: fraction of the share group (or absolute count) needed at every phase; ``None`` takes
-    the t of the graph parameters (:func:`secagg.graph.find_parameters`).
+    the t of the graph parameters (:func:`secagg.masking.graph.find_parameters`).
     ``min_cohort``: the smallest cohort this client's own configuration accepts (the planned cohort
     size). The server's key directory names the cohort but nobody signs it, so a directory showing
     fewer clients is refused: a server cannot shrink the cohort to shrink ``t``.

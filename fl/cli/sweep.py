@@ -1,6 +1,6 @@
 """``privagg sweep``: accuracy against privacy budget, epsilon values x seeds, with baselines.
 
-Every (epsilon, seed) pair is one :func:`fl.loop.train` run of the same configuration with the noise
+Every (epsilon, seed) pair is one :func:`fl.training.loop.train` run of the same configuration with the noise
 calibrated to that epsilon; ``inf`` runs the same pipeline without its DP stages (the non-private
 federated baseline). The centralized (non-federated, non-private) baseline comes from the first run.
 Prints a table of accuracy mean +- std (and median) per epsilon, writes a PNG plot (matplotlib, Agg) and
@@ -59,7 +59,7 @@ def _config_for(base: TrainConfig, epsilon: float, seed: int) -> TrainConfig:
 
 def sweep(base: TrainConfig, epsilons: list[float], seeds: list[int], *, progress: bool = True) -> dict[str, Any]:
     """Run every (epsilon, seed) and summarise; returns the JSON-ready result."""
-    from fl.loop import train
+    from fl.training.loop import train
 
     runs: list[dict[str, Any]] = []
     centralized: float | None = None
@@ -148,7 +148,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` flags, plus the sweep's own."""
-    from fl.cli import add_train_arguments
+    from fl.cli.main import add_train_arguments
 
     add_train_arguments(parser)
     parser.set_defaults(privacy="dp-sgd")
@@ -162,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fl.cli import config_from_args
+    from fl.cli.main import config_from_args
     from fl.report import write_json
 
     if args.seeds < 1:

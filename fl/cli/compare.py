@@ -1,6 +1,6 @@
 """``privagg compare``: accuracy against privacy budget across several privacy configurations.
 
-Every (configuration, epsilon, seed) cell is one :func:`fl.loop.train` run (no baselines inside the
+Every (configuration, epsilon, seed) cell is one :func:`fl.training.loop.train` run (no baselines inside the
 cell); configurations without a DP stage (``none``, ``secagg+``, ``paillier``) run once per seed and
 show as flat lines. The non-private federated baseline is the ``none`` configuration on the same
 seeds, the centralized baseline a scikit-learn fit of the same model family (first seed, in the
@@ -35,7 +35,7 @@ from fl.config import DP_TOKENS, PrivacyConfig, TrainConfig
 from fl.report import finish_epsilon_plot
 
 if TYPE_CHECKING:
-    from fl.loop import Federation
+    from fl.training.loop import Federation
 
 __all__ = ["BYTES_METHOD", "Cell", "add_arguments", "compare", "estimate_bytes", "parse_configs", "parse_seeds",
            "run", "table_lines", "write_plot"]
@@ -116,7 +116,7 @@ def _init_worker() -> None:
 
 def run_cell(base: TrainConfig, cell: Cell) -> dict[str, Any]:
     """Train one cell and keep what the comparison needs (accuracy, cost, unit and observers)."""
-    from fl.loop import train
+    from fl.training.loop import train
 
     _init_worker()
     start = time.perf_counter()
@@ -141,9 +141,9 @@ def estimate_bytes(config: TrainConfig) -> dict[str, Any]:
 
 def _probe(config: TrainConfig) -> tuple[dict[str, Any], Federation]:
     """Bind the configuration's pipeline (no training) and estimate its bytes; also returns the federation."""
-    from fl.loop import Federation
-    from fl.sums import PlainSum
-    from fl.sums_paillier import PaillierSum
+    from fl.sums.paillier import PaillierSum
+    from fl.sums.plain import PlainSum
+    from fl.training.loop import Federation
 
     fed = Federation(config)
     spec, summer = fed.bound.sum_spec, fed.plan.pipeline.sum
@@ -160,7 +160,7 @@ def _probe(config: TrainConfig) -> tuple[dict[str, Any], Federation]:
 
 def _costs_and_centralized(base: TrainConfig, cells: list[Cell]) -> tuple[dict[str, dict[str, Any]], float]:
     """Bytes per configuration, and the centralized baseline fitted on the baseline configuration's data."""
-    from fl.loop import centralized_baseline
+    from fl.training.loop import centralized_baseline
 
     costs: dict[str, dict[str, Any]] = {}
     centralized = math.nan
@@ -326,7 +326,7 @@ def write_plot(result: dict[str, Any], path: Path) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``train`` flags (data, model, privacy parameters), plus the comparison's own."""
-    from fl.cli import add_train_arguments
+    from fl.cli.main import add_train_arguments
 
     add_train_arguments(parser)
     g = parser.add_argument_group("compare")
@@ -344,9 +344,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from fl.cli import config_from_args
+    from fl.cli.main import config_from_args
+    from fl.cli.sweep import parse_epsilons
     from fl.report import write_json
-    from fl.sweep import parse_epsilons
 
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")

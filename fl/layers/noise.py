@@ -10,7 +10,7 @@ Gaussian noise with std ``sigma = z * S`` lands on the sum:
   ``N(0, sigma^2 / shares)`` before the secure sum, so the sum already carries ``N(0, sigma^2)`` and the
   server never sees a noiseless sum (with a secure sum, it sees only the sum). If only ``n`` of the
   ``shares`` clients survive, the noise on the sum has std ``sigma * sqrt(n / shares)``; the accountant
-  (:mod:`fl.dp_accounting`) charges that weaker noise, so dropouts visibly raise epsilon.
+  (:mod:`fl.privacy.accounting`) charges that weaker noise, so dropouts visibly raise epsilon.
 
 ``discrete=True`` draws the noise from the discrete Gaussian (Canonne, Kamath, Steinke 2020) on the grid
 ``granularity * Z``, after rounding the clipped update onto the same grid with unbiased stochastic
@@ -73,7 +73,7 @@ class GaussianNoise:
     ``shares``: for ``placement="clients"``, how many clients split the noise (default: the spec's
     cohort); set it to the planned clients per round. ``granularity``: the grid step for
     ``discrete=True`` (default ``S / 2**16``). The layer holds no accountant: it reports its mechanism
-    per round (:meth:`steps`) and the ledger (:mod:`fl.dp_accounting`) composes and states epsilon.
+    per round (:meth:`steps`) and the ledger (:mod:`fl.privacy.accounting`) composes and states epsilon.
     """
 
     multiplier: float

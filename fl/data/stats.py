@@ -247,11 +247,11 @@ def secure_total(
     A ring sum (SecAgg, SecAgg+, Paillier) gets ``Quantize`` with the public ``bound`` per coordinate, so
     the decoded total differs from the exact one by at most the quantizer's stated error.
     """
-    from fl.layers import Quantize
+    from fl.layers.clip import Quantize
     from fl.pipeline import Pipeline
     from fl.runners.local import run_secure_sum
     from fl.spec import RoundInfo
-    from secagg.quantize import MAX_RING_BITS
+    from secagg.ring import MAX_RING_BITS
 
     cids = sorted(vectors)
     size = len(next(iter(vectors.values())))

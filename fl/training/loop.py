@@ -33,15 +33,15 @@ from tqdm.auto import tqdm
 
 from dp.rng import SecureRandom
 from fl.config import PrivacyConfig, TrainConfig
-from fl.data import Dataset, load_federated, partition
-from fl.ledger import Ledger
-from fl.models import build_model, flatten_parameters, get_flat, set_flat
-from fl.preprocess import FederatedStats
-from fl.privacy import build_plan
+from fl.data.sites import Dataset, load_federated, partition
+from fl.data.stats import FederatedStats
+from fl.privacy.ledger import Ledger
+from fl.privacy.plan import build_plan
 from fl.runners.local import DropoutSchedule, SumOutcome, run_secure_sum
-from fl.server_opt import make_server_optimizer
 from fl.spec import RandomSource, RoundInfo, TrainResult, ValueSpec
-from fl.training import PlainTrainer
+from fl.training.models import build_model, flatten_parameters, get_flat, set_flat
+from fl.training.server_opt import make_server_optimizer
+from fl.training.trainers import PlainTrainer
 from secagg.errors import AbortError
 
 __all__ = [
@@ -234,7 +234,7 @@ class Federation:
         self, config: TrainConfig, *, dataset: Dataset | None = None, stats: FederatedStats | None = None
     ) -> None:
         self.config = config
-        # each site keeps its rows; standardization statistics are federated (fl.preprocess), or reused
+        # each site keeps its rows; standardization statistics are federated (fl.data.stats), or reused
         # from a checkpoint (``stats``) so a resumed run never releases them twice
         self.data = dataset or load_federated(config, stats=stats)
         if dataset is None:

@@ -6,7 +6,7 @@ key holder decrypts the total.
 ``g = n+1``), so our ciphertexts decrypt with a ``phe`` private key and vice versa. Decryption uses
 Paillier's CRT trick (exponentiations mod ``p^2`` and ``q^2`` with exponents ``p-1`` and ``q-1``).
 
-**Packing** (BatchCrypt, Zhang et al., USENIX ATC 2020; see :mod:`secagg._paillier_pack`): each plaintext
+**Packing** (BatchCrypt, Zhang et al., USENIX ATC 2020; see :mod:`secagg.paillier.packing`): each plaintext
 carries ``slots`` offset-encoded signed integers, each in a slot of ``value_bits + ceil(log2 K)`` bits for
 ``K`` planned summands. ``slots = floor((|n| - 1 - MARGIN_BITS) / slot_bits)``, so even the largest
 packed sum stays below ``2^(|n| - 1 - MARGIN_BITS) < n`` and never wraps mod ``n``. Exactness is
@@ -62,11 +62,11 @@ import gmpy2
 import numpy as np
 from numpy.typing import NDArray
 
-from secagg import _paillier_fast as fast
-from secagg._paillier_pack import slot_bits_for
 from secagg.errors import AbortError, CodecError, KeyMismatchError, OverflowRiskError, ProtocolError
 from secagg.machine import KEY_HOLDER, SERVER, Message
-from secagg.quantize import to_signed
+from secagg.paillier import _fast as fast
+from secagg.paillier.packing import slot_bits_for
+from secagg.ring import to_signed
 
 __all__ = [
     "CiphertextBatch",

@@ -9,7 +9,7 @@ from typing import Final
 import numpy as np
 
 from secagg._hazmat import aead, commit, shamir
-from secagg.messages import MaskedInput, ShareKeys, UnmaskResponse
+from secagg.masking.messages import MaskedInput, ShareKeys, UnmaskResponse
 
 __all__: list[str] = []
 

@@ -58,7 +58,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--partition", default=d.partition,
                    help="iid | dirichlet:ALPHA (label skew) | by-column:NAME (one client per value)")
     g.add_argument("--test-fraction", type=float, default=d.test_fraction, help="held-out share (default: %(default)s)")
-    from fl.data import add_data_arguments  # per-site CSVs and federated preprocessing
+    from fl.data.sites import add_data_arguments  # per-site CSVs and federated preprocessing
 
     add_data_arguments(g)
     g = p.add_argument_group("model and training")
@@ -110,7 +110,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    from fl.data import data_config_from_args
+    from fl.data.sites import data_config_from_args
 
     privacy = PrivacyConfig(
         spec=args.privacy, clip=args.clip, noise_multiplier=args.noise_multiplier, epsilon=args.epsilon,
@@ -132,8 +132,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def _run_and_report(config: TrainConfig, *, report: Path | None, plot: Path | None, checkpoint_dir: Path | None,
                     resume: bool, quiet: bool, baselines: bool = True) -> int:
-    from fl.loop import train
     from fl.report import plot_rounds, summary_lines, write_json
+    from fl.training.loop import train
 
     result = train(config, progress=not quiet, checkpoint_dir=checkpoint_dir, resume=resume, baseline=baselines)
     for line in summary_lines(result):
@@ -202,8 +202,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default: %(default)s)")
     p.set_defaults(func=cmd_demo)
 
-    # imported here, not at the top: these modules import fl.cli themselves
-    from fl import audit_cli, compare, flower_cli, sweep
+    # imported here, not at the top: these modules import fl.cli.main themselves
+    from fl.cli import audit as audit_cli
+    from fl.cli import compare, sweep
+    from fl.cli import flower as flower_cli
 
     modules = {"sweep": sweep, "compare": compare, "audit": audit_cli, "flower": flower_cli}
     for name, help_text in EXTERNAL_COMMANDS:
@@ -224,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
                         format="%(levelname)s %(name)s: %(message)s")
-    from fl.loop import TrainingInterrupted
+    from fl.training.loop import TrainingInterrupted
 
     try:
         return int(args.func(args))

@@ -9,7 +9,7 @@ This is the one place that knows every token; each token maps to a layer, a sum,
   the secure sum; the ledger charges the survivors' noise ``z * sqrt(n_included / n_expected)``, for the
   released model (amplified by the secret sample) and for the server (which knows the sample: not
   amplified). Every sum then stops a round below ``--threshold`` of the planned clients.
-- ``dp-sgd``: example-level DP-SGD in each client's local training (:class:`fl.dp_training.DpSgdTrainer`).
+- ``dp-sgd``: example-level DP-SGD in each client's local training (:class:`fl.training.dp_sgd.DpSgdTrainer`).
 
 ``noise``/``dnoise`` need ``clip`` before them and force unweighted averaging (``weighting="uniform"``), as
 the DP-FedAvg analysis requires. When ``epsilon`` is set the noise multiplier is calibrated with
@@ -28,13 +28,13 @@ from typing import Literal
 
 from dp.accounting import calibrate_noise
 from fl.config import TrainConfig
-from fl.dp_accounting import DpFedAvgAccounting, DpSgdAccounting, SurvivorFloor
-from fl.dp_layers import GaussianNoise
-from fl.dp_training import DpSgdTrainer
-from fl.layers import Clip, Quantize
+from fl.layers.clip import Clip, Quantize
+from fl.layers.noise import GaussianNoise
 from fl.pipeline import Pipeline
+from fl.privacy.accounting import DpFedAvgAccounting, DpSgdAccounting, SurvivorFloor
 from fl.spec import ClientTrainer, CompositionError, Layer, PrivacyAccounting, RoundInfo, SecureSum, ValueSpec
-from fl.sums import PlainSum, threshold_count
+from fl.sums.plain import PlainSum, threshold_count
+from fl.training.dp_sgd import DpSgdTrainer
 
 __all__ = ["KNOWN_TOKENS", "PrivacyPlan", "build_plan", "secure_sum_for"]
 
@@ -62,25 +62,25 @@ def secure_sum_for(token: str, config: TrainConfig, population: int, *, min_clie
         mu = config.sample_rate * population
         min_cohort = min(population, max(2, math.floor(mu - 6 * math.sqrt(mu * (1 - config.sample_rate)))))
     if token == "secagg":
-        from fl.sums_secagg import SecAgg
+        from fl.sums.secagg import SecAgg
 
         return SecAgg(threshold=pc.cohort_threshold, min_cohort=min_cohort)
     if token == "secagg+":
-        from fl.sums_secagg import SecAggPlus
+        from fl.sums.secagg import SecAggPlus
 
         return SecAggPlus(
             threshold=pc.threshold, neighbours=pc.neighbours, corrupt=pc.corrupt_fraction,
             dropout=pc.dropout_fraction, min_cohort=min_cohort,
         )
-    from fl.sums_paillier import PaillierSum
+    from fl.sums.paillier import PaillierSum
 
     return PaillierSum(min_clients=max(2, min_clients))
 
 
 def _floor(ssum: SecureSum) -> SurvivorFloor:
     """The secure sum's own rule for the fewest survivors a round can be released with."""
-    from fl.sums_paillier import PaillierSum
-    from fl.sums_secagg import SecAgg, SecAggPlus
+    from fl.sums.paillier import PaillierSum
+    from fl.sums.secagg import SecAgg, SecAggPlus
 
     if isinstance(ssum, SecAgg | SecAggPlus):
         return SurvivorFloor(threshold=ssum.threshold, graph=ssum._graph())

@@ -12,7 +12,7 @@ discretization, and the epsilon: anyone can rebuild the event with dp-accounting
 :meth:`state` / :meth:`load_state` are the event lists, for checkpoints.
 
 - :class:`DpFedAvgAccounting` (client level): the steps the noise layer reports each round
-  (:meth:`fl.dp_layers.GaussianNoise.steps`) -- for the released model, amplified by the secret client
+  (:meth:`fl.layers.noise.GaussianNoise.steps`) -- for the released model, amplified by the secret client
   sample; with distributed noise also for the server, unamplified in every round (the server knows the
   sample). The headline epsilon is the largest over observers.
 - :class:`DpSgdAccounting` (example level): one accountant per client, charged with the DP-SGD steps the
@@ -29,9 +29,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from dp.accounting import PLD_FAST, Accountant, AccountantName, GaussianStep, event_to_json
-from fl.dp_layers import RELEASED, SERVER, GaussianNoise
+from fl.layers.noise import RELEASED, SERVER, GaussianNoise
 from fl.spec import Guarantee, RoundInfo, TrainResult, ValueSpec
-from secagg.graph import GraphSpec
+from secagg.masking.graph import GraphSpec
 
 __all__ = ["DpFedAvgAccounting", "DpSgdAccounting", "SurvivorFloor"]
 
@@ -86,7 +86,7 @@ _KNOWS = {
 class DpFedAvgAccounting:
     """Client-level ledger for DP-FedAvg: composes what the noise layer reports, per observer.
 
-    ``noise``: the pipeline's :class:`~fl.dp_layers.GaussianNoise`; ``clip`` and ``size``: its input spec
+    ``noise``: the pipeline's :class:`~fl.layers.noise.GaussianNoise`; ``clip`` and ``size``: its input spec
     (clip norm and vector length, so discrete rounding is charged). ``floor``: the fewest survivors a
     round can be released with (distributed noise); :meth:`can_run` charges that worst case, so dropouts
     never overspend the budget. ``sum_hides_updates``: the sum reveals only the sum (SecAgg(+),

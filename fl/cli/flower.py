@@ -57,7 +57,7 @@ def _insecure_i_know(p: Any) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``flower`` sub-commands."""
-    from fl.cli import add_train_arguments
+    from fl.cli.main import add_train_arguments
 
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME,
                         help="Flower's config directory (FLWR_HOME; default: %(default)s)")
@@ -155,7 +155,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _job(args: argparse.Namespace) -> Any:
-    from fl.cli import config_from_args
+    from fl.cli.main import config_from_args
     from fl.runners.flower import FlowerJob
 
     config = config_from_args(args)

@@ -29,8 +29,8 @@ from dp.accounting import calibrate_noise
 from dp.audit import AuditResult, Claim, audit_dp_sgd, audit_gaussian_mechanism, canary_audit, gdp_audit
 from dp.mechanisms import GaussianMechanism, NoiseSource
 from dp.rng import SecureRandom
-from fl.dp_layers import GaussianNoise
-from fl.layers import Clip
+from fl.layers.clip import Clip
+from fl.layers.noise import GaussianNoise
 from fl.pipeline import Pipeline
 from fl.spec import RoundInfo, ValueSpec
 

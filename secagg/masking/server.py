@@ -20,8 +20,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import numpy as np
 from numpy.typing import NDArray
 
-from secagg import _state
-from secagg._common import (
+from secagg._hazmat import commit, kex, prg, shamir, sign
+from secagg.errors import AbortError, ProtocolError
+from secagg.machine import SERVER, Message
+from secagg.masking import _state
+from secagg.masking._common import (
     ADVERTISE_SIG_LABEL,
     B_COMMIT_LABEL,
     CIPHERTEXT_BYTES,
@@ -36,11 +39,8 @@ from secagg._common import (
     survivors_payload,
     word_dtype,
 )
-from secagg._hazmat import commit, kex, prg, shamir, sign
-from secagg.errors import AbortError, ProtocolError
-from secagg.graph import GraphSpec, NeighbourGraph
-from secagg.machine import SERVER, Message
-from secagg.messages import (
+from secagg.masking.graph import GraphSpec, NeighbourGraph
+from secagg.masking.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
     ConsistencySignature,

@@ -8,7 +8,7 @@ first), where ``slot_bits = value_bits + ceil(log2 K)`` leaves room for the sum 
 the sum of ``k <= K`` vectors decodes as ``slot - k * B``.
 
 Everything here is plain integer/numpy work (no key, no randomness); the crypto lives in
-:mod:`secagg._paillier_fast`.
+:mod:`secagg.paillier._fast`.
 """
 
 from __future__ import annotations

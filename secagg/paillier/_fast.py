@@ -27,8 +27,8 @@ import gmpy2
 import numpy as np
 from numpy.typing import NDArray
 
-from secagg._paillier_pack import pack, unpack
 from secagg.errors import CodecError
+from secagg.paillier.packing import pack, unpack
 
 __all__ = [
     "DEFAULT_WINDOW",

@@ -1,6 +1,6 @@
 """Layers that shape a client's update before it is summed: clipping and quantization.
 
-Differential-privacy noise layers live in :mod:`fl.dp_layers`.
+Differential-privacy noise layers live in :mod:`fl.layers.noise`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from numpy.typing import NDArray
 from dp.mechanisms import clip_l2
 from fl.spec import CompositionError, Guarantee, RandomSource, RoundInfo, ValueSpec
 from secagg.errors import OverflowRiskError
-from secagg.quantize import MAX_RING_BITS, Quantizer
+from secagg.ring import MAX_RING_BITS, Quantizer
 
 __all__ = ["Clip", "Quantize", "clip_l2"]
 

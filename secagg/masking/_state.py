@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Final
 
-from secagg.messages import (
+from secagg.masking.messages import (
     AdvertiseKeys,
     ConsistencyCheck,
     ConsistencySignature,

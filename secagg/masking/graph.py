@@ -68,7 +68,7 @@ _LN2 = math.log(2)
 def threshold_for(threshold: float | int, group_size: int) -> int:
     """A threshold given as a fraction of the group (``0.7``) or an absolute count (``7``) -> count.
 
-    A float in (0, 1] is a fraction, anything else a count (``fl.sums.threshold_count`` wraps this).
+    A float in (0, 1] is a fraction, anything else a count (``fl.sums.plain.threshold_count`` wraps this).
     """
     if isinstance(threshold, float) and 0 < threshold <= 1:
         return max(1, math.ceil(threshold * group_size))

@@ -3,7 +3,7 @@
 Each client runs :func:`dp.sgd.dp_sgd` on its own data: ``epochs`` passes' worth of Poisson-sampled
 steps (``epochs * ceil(n / batch_size)`` steps at rate ``batch_size / n``), per-example clipping, and
 CSPRNG Gaussian noise. It reports what it did in ``TrainResult.extra["dp_sgd"]`` (steps, sample rate,
-noise multiplier), which :class:`fl.dp_accounting.DpSgdAccounting` charges to that client's accountant.
+noise multiplier), which :class:`fl.privacy.accounting.DpSgdAccounting` charges to that client's accountant.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""The privagg command line: train, demo, sweep, compare, audit, flower."""

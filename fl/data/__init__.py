@@ -1,0 +1,1 @@
+"""Data: loading sites (bundled sets, users' CSVs) and federated preprocessing statistics."""

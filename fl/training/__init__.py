@@ -1,0 +1,1 @@
+"""Training: the client side (one site), the server side (sampling, aggregation, ledger) and the loop."""
