@@ -1,8 +1,8 @@
 """The pytest plugin as a user meets it: a user-style test file run by pytester.
 
 The file imports only the plugin's public API (``fl.testing``) and the privagg code it tests. Correct
-layers pass; each planted bug (noise divided by 2, clipping switched off, a missing guarantee) makes
-exactly its own assertion fail, with the audit's report.
+layers pass; each planted bug (noise divided by 2, clipping switched off, a missing guarantee, a server that
+asks for both kinds of share of one client) makes exactly its own assertion fail, with the check's report.
 """
 
 from __future__ import annotations
@@ -15,13 +15,18 @@ import pytest
 pytest_plugins = ["pytester"]
 
 USER_TESTS = '''
+import dataclasses
+
 import pytest
-from fl.testing import PrivacyAssertionError, assert_dp, assert_ledger
+from fl.testing import PrivacyAssertionError, assert_dp, assert_input_private, assert_ledger
 
 from dp.accounting import calibrate_noise
 from dp.sgd import dp_sgd
 from fl.layers.noise import GaussianNoise
 from fl.layers.clip import Clip
+from fl.sums.secagg import SecAgg, SecAggPlus
+from secagg.masking.messages import UnmaskRequest
+from secagg.masking.server import SecAggServer
 
 Z = calibrate_noise(epsilon=1.0, delta=1e-5, sample_rate=1.0, steps=1)  # one round at epsilon = 1
 
@@ -90,10 +95,37 @@ def test_ledger_meets_policy():
 
 def test_ledger_without_secure_sum():  # PLANTED BUG: the secure sum was dropped from the pipeline
     assert_ledger({"guarantees": SECAGG_DPSGD["guarantees"][1:]}, requires=POLICY)
+
+
+class GreedyServer(SecAggServer):  # PLANTED BUG: also asks one survivor for another survivor's mask key
+    def _unmask_requests(self, responders):
+        out = super()._unmask_requests(responders)
+        first = out[0]
+        victim = max(v for v in first.alive if v != first.recipient)
+        out[0] = self._requests[first.recipient] = dataclasses.replace(
+            first, dropped=tuple(sorted({*first.dropped, victim})))
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class GreedySecAgg(SecAgg):
+    def server(self, cids, *, spec, session, round):
+        machine = SecAgg.server(self, cids, spec=spec, session=session, round=round)
+        machine.__class__ = GreedyServer
+        return machine
+
+
+def test_secure_sums_are_input_private():
+    assert_input_private(SecAggPlus())
+    assert_input_private(SecAgg(threshold=0.7, authenticated=True))
+
+
+def test_greedy_server_is_caught():
+    assert_input_private(GreedySecAgg(threshold=0.7))
 '''
 
 BUGS = ("test_dp_sgd_half_noise", "test_dp_sgd_no_clipping", "test_fedavg_half_noise", "test_fedavg_no_clipping",
-        "test_ledger_without_secure_sum")
+        "test_ledger_without_secure_sum", "test_greedy_server_is_caught")
 
 
 def _plugin_args() -> list[str]:
@@ -107,11 +139,12 @@ def _plugin_args() -> list[str]:
 def test_user_suite_passes_correct_code_and_fails_exactly_the_planted_bugs(pytester: pytest.Pytester) -> None:
     pytester.makepyfile(test_user=USER_TESTS)
     result = pytester.runpytest(*_plugin_args(), "-p", "no:cacheprovider", "--privacy-audit-seed=3", "-rf")
-    result.assert_outcomes(passed=4, failed=len(BUGS))
+    result.assert_outcomes(passed=5, failed=len(BUGS))
     out = result.stdout.str()
     for name in BUGS:
         assert f"FAILED test_user.py::{name} - " in out
-    for name in ("test_dp_sgd", "test_fedavg", "test_fedavg_distributed", "test_ledger_meets_policy"):
+    for name in ("test_dp_sgd", "test_fedavg", "test_fedavg_distributed", "test_ledger_meets_policy",
+                 "test_secure_sums_are_input_private"):
         assert f"FAILED test_user.py::{name} " not in out and f"FAILED test_user.py::{name} -" not in out
     marker = "PrivacyAssertionError: privacy audit FAILED"
     raised = [ln for ln in out.splitlines() if ln.startswith("E ") and marker in ln]
@@ -119,6 +152,8 @@ def test_user_suite_passes_correct_code_and_fails_exactly_the_planted_bugs(pytes
     assert "clipping looks switched off" in out  # the report names the suspect
     assert "lacks 1 required guarantee(s):" in out and "input privacy against the server" in out
     assert "privagg privacy audits: effort=quick, seed=3" in out
+    assert "[FAIL] 2 one kind of share per client" in out  # the greedy server fails exactly check 2 ...
+    assert "[FAIL] 3" not in out and "[FAIL] 1" not in out  # ... while honest clients refuse it and uploads look uniform
 
 
 def test_effort_option_and_marker_reach_the_audit(pytester: pytest.Pytester) -> None:
