@@ -139,6 +139,7 @@ class TrainConfig:
     keep_columns: tuple[str, ...] = ()  # id-like names used as features anyway
     categories: tuple[tuple[str, tuple[str, ...]], ...] = ()  # declared vocabularies (required under DP)
     feature_bounds: tuple[tuple[str, float, float], ...] = ()  # public ranges (COL, LO, HI)
+    standardize: Literal["federated", "public"] = "federated"  # public: scale by public ranges, no ε
     stats_epsilon: float | None = None  # DP budget of the standardization statistics (default 0.5 with DP)
     seed: int = 0
     # Named test seam: derive DP noise, rounding bits and session ids from ``seed`` so runs repeat

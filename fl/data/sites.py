@@ -28,7 +28,16 @@ import pandas as pd
 from numpy.typing import NDArray
 from sklearn.model_selection import train_test_split
 
-from fl.data.stats import DataError, DataWarning, FederatedStats, Schema, StatsPrivacy, federated_statistics, warn
+from fl.data.stats import (
+    DataError,
+    DataWarning,
+    FederatedStats,
+    Schema,
+    StatsPrivacy,
+    federated_statistics,
+    public_statistics,
+    warn,
+)
 from fl.spec import Guarantee
 
 if TYPE_CHECKING:
@@ -303,7 +312,10 @@ def _stats_privacy(config: TrainConfig, sites: int) -> StatsPrivacy | None:
         eps = STATS_BUDGET_SHARE * config.privacy.epsilon if config.privacy.epsilon else DEFAULT_STATS_EPSILON
     if not eps > 0:
         raise DataError(f"--stats-epsilon must be > 0, got {eps}")
-    calibrated = StatsPrivacy.for_epsilon(eps, delta=config.privacy.delta, unit=unit)
+    # under a stated total budget the statistics take the same share of delta as of epsilon, so the two
+    # releases compose (basic composition) to exactly the (epsilon, delta) the user asked for
+    delta = config.privacy.delta * (STATS_BUDGET_SHARE if config.privacy.epsilon else 1.0)
+    calibrated = StatsPrivacy.for_epsilon(eps, delta=delta, unit=unit)
     if any(t in ("secagg", "secagg+", "paillier") for t in config.privacy.tokens()) or sites < 2:
         return calibrated
     # plain sum: the server sees each site's vector with only its 1/sites share of the noise variance, so
@@ -358,6 +370,10 @@ def _federate(
     from fl.data.stats import default_session
 
     seeded = config.insecure_seeded_randomness
+    if config.standardize == "public":
+        return public_statistics(schema, bounds={c: (lo, hi) for c, lo, hi in config.feature_bounds}, reference=test,
+                                 categories={c: list(v) for c, v in config.categories},
+                                 rows=sum(len(f) for f in sites.values()))
     return federated_statistics(
         list(sites.values()), schema, secure_sum=_stats_sum(config, len(sites)),
         privacy=_stats_privacy(config, len(sites)),
@@ -581,6 +597,10 @@ def add_data_arguments(g: Any) -> None:
                    help="declared vocabulary of a categorical column (required with DP)")
     g.add_argument("--bounds", action="append", default=argparse.SUPPRESS, metavar="COL=LO:HI",
                    help="public range of a numeric column (clips it for the statistics)")
+    g.add_argument("--standardize", choices=["federated", "public"], default=argparse.SUPPRESS,
+                   help="federated: means/stds from a secure (DP when DP is on) sum of the sites' statistics; "
+                        "public: scale each column by its public range (--bounds, else the server's own data), "
+                        "reading no site and spending no budget (default: federated)")
     g.add_argument("--stats-epsilon", type=float, default=argparse.SUPPRESS,
                    help=f"DP budget of the federated standardization statistics, part of --epsilon (default "
                         f"with DP: {STATS_BUDGET_SHARE:g} x --epsilon, else {DEFAULT_STATS_EPSILON})")
@@ -618,4 +638,5 @@ def data_config_from_args(args: Any) -> dict[str, Any]:
                             (_pair(s, "--categories", "COL=A,B,C") for s in get("categories", []) or [])),
         "feature_bounds": tuple(_bounds(s) for s in get("bounds", []) or []),
         "stats_epsilon": get("stats_epsilon", None),
+        "standardize": get("standardize", "federated"),
     }

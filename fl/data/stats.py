@@ -51,6 +51,7 @@ __all__ = [
     "StatsPrivacy",
     "federated_statistics",
     "public_ranges",
+    "public_statistics",
     "site_vector",
 ]
 
@@ -347,6 +348,40 @@ def federated_statistics(
         event=privacy.event if privacy is not None else None,
         constant=tuple(c for c, flat in zip(schema.numeric, low, strict=True) if flat) if privacy is None else (),
     )
+
+
+def public_statistics(
+    schema: Schema,
+    *,
+    bounds: Mapping[str, tuple[float, float]] | None = None,
+    reference: pd.DataFrame | None = None,
+    categories: Mapping[str, Sequence[str]] | None = None,
+    rows: int = 0,
+) -> FederatedStats:
+    """Standardization that reads no site: each numeric column scaled by its public range, declared vocabularies.
+
+    The range of a column (declared ``bounds``, else the server's own ``reference`` rows, see
+    :func:`public_ranges`) is mapped to ``[-sqrt(3), sqrt(3)]`` (unit variance for a uniform column). Costs no
+    privacy budget, so all of ``--epsilon`` goes to training: the right choice when the ranges are a public
+    fact of the data format (pixel intensities, sensor ranges, percentages).
+    """
+    centre, width = public_ranges(schema, declared=bounds or {}, reference=reference)
+    vocab: dict[str, tuple[str, ...]] = {}
+    for col in schema.categorical:
+        if not categories or col not in categories:
+            raise DataError(f"categorical column {col!r} needs a declared vocabulary with public standardization: "
+                            f"pass --categories {col}=A,B,C (or --standardize federated)")
+        vocab[col] = tuple(str(v) for v in categories[col])
+    guarantee = Guarantee(
+        layer="public-standardization",
+        property="no site data read: numeric columns scaled by their public ranges, categories from the declared "
+                 "vocabularies; the preprocessing spends no privacy budget",
+        against="everyone (nothing about the sites is released by preprocessing)",
+        assumptions=("the ranges come from declared bounds or the server's own data, never from the sites'",),
+        params={"ranges": "declared" if bounds else "server reference data", "sites_read": 0},
+    )
+    return FederatedStats(schema=schema, mean=centre, std=width / (2.0 * math.sqrt(3.0)), vocabulary=vocab,
+                          rows=rows, guarantee=guarantee)
 
 
 def _moments(

@@ -24,8 +24,13 @@ class Ledger:
         self.entries.append({"round": round, "guarantees": [g.as_dict() for g in guarantees], **facts})
 
     def latest(self) -> list[dict[str, Any]]:
-        """The guarantees of the most recent round (what holds for the model as released)."""
-        return list(self.entries[-1]["guarantees"]) if self.entries else []
+        """What holds for the model as released: the preprocessing entries, then the most recent round's.
+
+        The preprocessing (round 0, ``stage="preprocessing"``) shaped every later round, so its guarantee
+        stays part of what the released model carries."""
+        pre = [g for e in self.entries if e.get("stage") == "preprocessing" for g in e["guarantees"]]
+        rounds = [e for e in self.entries if e.get("stage") != "preprocessing"]
+        return pre + (list(rounds[-1]["guarantees"]) if rounds else [])
 
     def as_list(self) -> list[dict[str, Any]]:
         return [dict(e) for e in self.entries]

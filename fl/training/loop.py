@@ -168,18 +168,18 @@ def _statistics_budget(data: Dataset) -> tuple[float, float] | None:
 def _training_budget(config: TrainConfig, stats: tuple[float, float] | None) -> TrainConfig:
     """The config whose ``--epsilon`` is what training may spend: the budget less the statistics' epsilon.
 
-    The statistics and training compose (basic composition: epsilons and deltas add), so ``--epsilon E``
-    stays the total the report states."""
+    The statistics and training compose (basic composition: epsilons and deltas add), so ``--epsilon E
+    --delta D`` stay the totals the report states (the statistics take a share of both)."""
     eps = config.privacy.epsilon
     if stats is None or eps is None:
         return config
-    left = eps - stats[0]
-    if left <= 1e-3 * eps:
+    left, delta_left = eps - stats[0], config.privacy.delta - stats[1]
+    if left <= 1e-3 * eps or delta_left <= 0:
         raise ValueError(
-            f"--epsilon {eps:g} leaves nothing for training after the preprocessing statistics spent "
-            f"{stats[0]:.3g}: raise --epsilon or lower --stats-epsilon"
+            f"--epsilon {eps:g} --delta {config.privacy.delta:g} leaves nothing for training after the "
+            f"preprocessing statistics spent ({stats[0]:.3g}, {stats[1]:.3g}): raise --epsilon or lower --stats-epsilon"
         )
-    return replace(config, privacy=replace(config.privacy, epsilon=left))
+    return replace(config, privacy=replace(config.privacy, epsilon=left, delta=delta_left))
 
 
 def majority_rate(data: Dataset) -> float:

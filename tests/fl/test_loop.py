@@ -133,7 +133,7 @@ def test_report_shape_and_breast_cancer_bar() -> None:
     assert {"round", "accuracy", "loss"} <= set(rep["rounds"][0])
     assert rep["final"]["accuracy"] >= 0.96
     assert rep["baseline"]["centralized_accuracy"] > 0.95
-    assert rep["guarantees"][0]["layer"] == "plain-sum"
+    assert [g["layer"] for g in rep["guarantees"]] == ["federated-statistics", "plain-sum"]  # preprocessing stays
 
 
 def test_dp_resume_keeps_the_ledger_and_refuses_new_rounds(tmp_path: Path) -> None:

@@ -232,3 +232,30 @@ def test_a_vocabulary_whose_counts_all_fall_below_the_floor_keeps_its_candidates
     vocab = _vocabulary(schema, {"smoker": ("no", "yes")}, np.array([-3.0, 0.5]), minimum=1.0)
     assert vocab == {"smoker": ("no", "yes")}
     assert _vocabulary(schema, {"smoker": ("no", "yes")}, np.array([5.0, 0.5]), minimum=1.0) == {"smoker": ("no",)}
+
+
+# ---------------------------------------------------------------- public standardization (reads no site)
+def test_public_standardization_reads_no_site_and_spends_nothing(tmp_path: Any) -> None:
+    from fl.config import PrivacyConfig, TrainConfig
+    from fl.data.stats import DataError, public_statistics
+    from fl.training.loop import _statistics_budget, train
+
+    schema = Schema(target="y", numeric=("a", "b"), categorical=("c",))
+    ref = pd.DataFrame({"a": [0.0, 10.0], "b": [5.0, 5.0], "y": [0, 1], "c": ["u", "v"]})
+    stats = public_statistics(schema, bounds={"a": (0.0, 16.0)}, reference=ref, categories={"c": ["u", "v", "w"]})
+    # a: declared 0..16 -> centre 8, std 16 / (2 sqrt 3); b: the server's own rows (one value) widened
+    assert stats.mean[0] == 8.0 and math.isclose(stats.std[0], 16.0 / (2 * math.sqrt(3)))
+    assert stats.vocabulary == {"c": ("u", "v", "w")} and stats.event is None
+    x = stats.transform(pd.DataFrame({"a": [0.0, 16.0], "b": [5.0, 5.0], "c": ["u", "w"]}))
+    assert np.allclose(x[:, 0], [-math.sqrt(3), math.sqrt(3)], atol=1e-6)  # the range maps to [-sqrt 3, sqrt 3]
+    assert stats.guarantee.layer == "public-standardization" and stats.guarantee.params["sites_read"] == 0
+    with pytest.raises(DataError, match="--categories c=A,B,C"):
+        public_statistics(schema, reference=ref)
+
+    config = TrainConfig(dataset="breast_cancer", clients=3, rounds=1, standardize="public",
+                         privacy=PrivacyConfig(spec="dp-sgd", epsilon=2.0), insecure_seeded_randomness=True)
+    report = train(config)
+    assert "epsilon_preprocessing" not in report["final"]
+    assert math.isclose(report["final"]["epsilon"], 2.0, rel_tol=1e-3)  # the whole budget went to training
+    assert any(g["layer"] == "public-standardization" for g in report["guarantees"])
+    assert _statistics_budget(type("D", (), {"stats": stats})()) is None

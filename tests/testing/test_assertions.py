@@ -75,3 +75,28 @@ def test_assert_dp_names_what_it_accepts() -> None:
         assert_dp(lambda x: x, epsilon=1.0, delta=1e-5, effort="huge")
     with pytest.raises(ValueError, match="epsilon"):
         assert_dp(lambda x: x, epsilon=0.0, delta=1e-5)
+
+
+def _g(layer: str, eps: float | None, against: str = "the server and anyone who sees the released model",
+       **params: Any) -> dict[str, Any]:
+    p = {"epsilon": eps, "delta": 1e-6, **params} if eps is not None else dict(params)
+    prop = f"({eps}, 1e-06)-DP at example level" if eps is not None else "no DP: the server learns the sums"
+    return {"layer": layer, "property": prop, "against": against, "params": p}
+
+
+def test_preprocessing_statistics_compose_with_training_and_never_meet_a_requirement_alone() -> None:
+    need = ["(eps <= 1, delta <= 2e-6) at example level for the released model"]
+    stats = _g("federated-statistics", 0.3, epsilon_server=0.6)
+    assert_ledger({"guarantees": [stats, _g("dp-sgd", 0.7)]}, requires=need)  # 0.3 + 0.7 <= 1
+    with pytest.raises(PrivacyAssertionError):  # 0.3 + 0.8 > 1: the statistics are charged
+        assert_ledger({"guarantees": [stats, _g("dp-sgd", 0.8)]}, requires=need)
+    with pytest.raises(PrivacyAssertionError):  # no training DP: the statistics alone do not make the model DP
+        assert_ledger({"guarantees": [stats, _g("plain-sum", None)]}, requires=need)
+    with pytest.raises(PrivacyAssertionError):  # the server, seeing each site's vector, is charged epsilon_server
+        assert_ledger({"guarantees": [stats, _g("dp-sgd", 0.7)]},
+                      requires=["(eps <= 1, delta <= 2e-6) at example level for the server"])
+    with pytest.raises(PrivacyAssertionError):  # statistics without DP: nothing built on them is DP
+        assert_ledger({"guarantees": [_g("federated-statistics", None), _g("dp-sgd", 0.7)]}, requires=need)
+    public = {"layer": "public-standardization", "property": "no site data read", "against": "everyone",
+              "params": {"sites_read": 0}}
+    assert_ledger({"guarantees": [public, _g("dp-sgd", 1.0)]}, requires=need)  # reads no site: costs nothing

@@ -153,7 +153,7 @@ def test_user_suite_passes_correct_code_and_fails_exactly_the_planted_bugs(pytes
     assert "lacks 1 required guarantee(s):" in out and "input privacy against the server" in out
     assert "privagg privacy audits: effort=quick, seed=3" in out
     assert "[FAIL] 2 one kind of share per client" in out  # the greedy server fails exactly check 2 ...
-    assert "[FAIL] 3" not in out and "[FAIL] 1" not in out  # ... while honest clients refuse it and uploads look uniform
+    assert "[FAIL] 3" not in out and "[FAIL] 1" not in out  # ... honest clients refuse it; uploads look uniform
 
 
 def test_effort_option_and_marker_reach_the_audit(pytester: pytest.Pytester) -> None:
