@@ -311,3 +311,13 @@ def test_cli_flags_reach_the_layer() -> None:
     with pytest.raises(CompositionError, match="aclip-quantile"):
         build_plan(replace(cfg, privacy=replace(cfg.privacy, aclip_quantile=2.0)), size=10, population=5,
                    client_sizes=dict.fromkeys(range(5), 20))
+
+
+def test_flower_refuses_aclip_until_it_ships_the_state() -> None:
+    """Over Flower each node would encode with the initial norm while the server decodes with C_t."""
+    pytest.importorskip("flwr")
+    from fl.runners.flower import FlowerJob, JobError, _train_config
+
+    job = FlowerJob(config={"clients": 3, "privacy": {"spec": "aclip,noise", "noise_multiplier": 1.0}})
+    with pytest.raises(JobError, match="aclip"):
+        _train_config(job)
