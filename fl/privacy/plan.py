@@ -152,6 +152,14 @@ def _dp_fedavg(
             f"sampling at rate {q:.4g} ({pc.accountant})"
             + (f", with as few as {n_worst} of {expected} clients surviving a round" if n_worst < expected else "")
         )
+    if adaptive is not None:
+        update, count = (adaptive.sensitivity * layer.multiplier, adaptive.count_noise * layer.multiplier)
+        notes.append(
+            f"adaptive clipping toward the {adaptive.target_quantile:g} quantile of update norms: its noisy count of "
+            f"unclipped clients rides in one extra coordinate under the same Gaussian, so the update's noise "
+            f"multiplier is {update:.4g} (z x {adaptive.sensitivity:.4g}) and the count's noise std {count:.4g} "
+            "clients; the ledger charges the joint multiplier z"
+        )
     if placement == "clients":
         notes.append(
             "distributed noise protects against the server, which knows which clients it sampled: its epsilon "

@@ -321,3 +321,19 @@ def test_flower_refuses_aclip_until_it_ships_the_state() -> None:
     job = FlowerJob(config={"clients": 3, "privacy": {"spec": "aclip,noise", "noise_multiplier": 1.0}})
     with pytest.raises(JobError, match="aclip"):
         _train_config(job)
+
+
+def test_epsilon_calibration_with_aclip_meets_the_budget(tmp_path: Path) -> None:
+    rep = run(tmp_path, "aclip,noise", epsilon=3.0, sample_rate=0.5, clip=0.5, rounds=4, stats_epsilon=0.5)
+    check_entries(rep)
+    assert stated_poisson_epsilon(rep) == pytest.approx(training_epsilon(rep), abs=TOL)
+    assert rep["final"]["epsilon"] <= 3.0 + 1e-9
+    assert any("adaptive clipping" in n for n in rep["notes"])
+
+
+def test_sweep_without_noise_drops_aclip_too() -> None:
+    from fl.cli.sweep import _config_for
+
+    base = TrainConfig(privacy=PrivacyConfig(spec="aclip,noise,secagg+", noise_multiplier=1.0))
+    assert _config_for(base, math.inf, 0).privacy.tokens() == ("secagg+",)
+    assert _config_for(base, 2.0, 0).privacy.tokens() == ("aclip", "noise", "secagg+")
