@@ -27,7 +27,9 @@ class PrivacyConfig:
     ``"dp-sgd"``, ``"dp-sgd,secagg"``, ``"clip,noise,paillier"``. Tokens: ``clip`` (``Clip(l2=clip)``),
     ``noise`` (central Gaussian on the sum, ``noise_multiplier`` x ``clip``), ``dnoise`` (distributed:
     each client adds its share), ``quantize`` (implied before secagg/secagg+/paillier), ``secagg``,
-    ``secagg+``, ``paillier``, ``dp-sgd`` (example-level DP-SGD in client training).
+    ``secagg+``, ``paillier``, ``dp-sgd`` (example-level DP-SGD in client training), ``aclip`` (adaptive
+    clipping in place of ``clip``: ``clip`` is the initial norm, it tracks the ``aclip_quantile`` of the update
+    norms at rate ``aclip_lr``; needs ``noise`` or ``dnoise``).
     ``spec`` may also be a list of stage names (``["clip", "noise", "secagg+"]``).
     ``epsilon``/``delta``: target budget; when ``epsilon`` is set the noise multiplier is calibrated for
     the planned rounds, and training stops before the budget would be exceeded. ``epsilon`` without a
@@ -53,6 +55,10 @@ class PrivacyConfig:
     dpsgd_clip: float = 1.0
     dpsgd_noise_multiplier: float | None = None
     dpsgd_batch_size: int = 32
+    # ``aclip`` (fl.layers.adaptive_clip.AdaptiveClip): ``clip`` is the initial norm
+    aclip_quantile: float = 0.5
+    aclip_lr: float = 0.2
+    aclip_count_noise: float = 2.0
 
     @property
     def cohort_threshold(self) -> float:

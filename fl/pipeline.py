@@ -3,21 +3,38 @@
 ``Pipeline([Clip(l2=1.0), Quantize(bits=20)], sum=SecAggPlus(threshold=0.7))`` -- list order is client
 order; the server decodes the sum in reverse order. :meth:`Pipeline.bind` checks the composition before
 any data flows.
+
+Stateful layers (:class:`fl.spec.StatefulLayer`, e.g. adaptive clipping): the pipeline's state is a list
+with one entry per layer (``None`` for stateless ones), from :meth:`BoundPipeline.initialize`; pass it
+to :meth:`BoundPipeline.encode` and :meth:`BoundPipeline.advance` (decode, then each layer's
+``next_state``), and store what ``advance`` returns -- it is JSON-ready, for checkpoints and reports.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from fl.spec import CompositionError, Guarantee, Layer, RandomSource, RoundInfo, SecureSum, ValueSpec
+from fl.spec import (
+    CompositionError,
+    Guarantee,
+    Layer,
+    RandomSource,
+    RoundInfo,
+    SecureSum,
+    StatefulLayer,
+    ValueSpec,
+)
 from fl.sums.plain import PlainSum
 
-__all__ = ["BoundPipeline", "Pipeline"]
+__all__ = ["BoundPipeline", "Pipeline", "PipelineState"]
+
+PipelineState = list[dict[str, Any] | None]
+"""One entry per layer: its state (JSON-ready dict), or ``None`` for a stateless layer."""
 
 
 @dataclass(frozen=True)
@@ -61,20 +78,86 @@ class BoundPipeline:
         """The spec of what each client hands to the secure sum."""
         return self.specs[-1]
 
-    def encode(self, x: NDArray[Any], rng: RandomSource) -> NDArray[Any]:
-        """Client half: run every layer's ``encode`` in order on one update."""
+    @property
+    def stateful(self) -> bool:
+        """True when some layer keeps state across rounds (then encode/advance need ``state``)."""
+        return any(isinstance(layer, StatefulLayer) for layer in self.pipeline.layers)
+
+    def initialize(self) -> PipelineState:
+        """The first round's state: each stateful layer's ``initialize()``, ``None`` for the others."""
+        return [layer.initialize() if isinstance(layer, StatefulLayer) else None for layer in self.pipeline.layers]
+
+    def load_state(self, data: Sequence[Any]) -> PipelineState:
+        """Validate state read back from a checkpoint (one entry per layer, dicts where stateful)."""
+        data = list(data)
+        fresh = self.initialize()
+        if len(data) != len(fresh) or any((a is None) != (b is None) for a, b in zip(data, fresh, strict=True)):
+            raise ValueError(
+                f"saved pipeline state {data!r} does not fit the pipeline {self.pipeline.name}; resume with the "
+                "same --privacy stages"
+            )
+        return [None if d is None else dict(d) for d in data]
+
+    def _states(self, state: Sequence[Mapping[str, Any] | None] | None) -> list[Mapping[str, Any] | None]:
+        n = len(self.pipeline.layers)
+        if state is None:
+            if self.stateful:
+                raise CompositionError(
+                    f"the pipeline {self.pipeline.name} has stateful layers: pass state= (start with "
+                    "bound.initialize(), then what bound.advance returns)"
+                )
+            return [None] * n
+        if len(state) != n:
+            raise CompositionError(f"the pipeline has {n} layers but the state has {len(state)} entries")
+        return list(state)
+
+    def encode(
+        self, x: NDArray[Any], rng: RandomSource, state: Sequence[Mapping[str, Any] | None] | None = None
+    ) -> NDArray[Any]:
+        """Client half: run every layer's ``encode`` in order on one update (``state``: this round's)."""
         x = np.asarray(x, dtype=np.float64).ravel()
         if x.shape != (self.specs[0].size,):
             raise CompositionError(f"update has {x.size} values, the pipeline was bound for {self.specs[0].size}")
-        for layer, spec in zip(self.pipeline.layers, self.specs, strict=False):
-            x = layer.encode(x, spec, rng)
+        states = self._states(state)
+        for layer, spec, st in zip(self.pipeline.layers, self.specs, states, strict=False):
+            x = layer.encode(x, spec, rng, st) if isinstance(layer, StatefulLayer) else layer.encode(x, spec, rng)
         return x
 
-    def decode(self, total: NDArray[Any], info: RoundInfo, rng: RandomSource) -> NDArray[np.float64]:
+    def decode(
+        self, total: NDArray[Any], info: RoundInfo, rng: RandomSource,
+        state: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> NDArray[np.float64]:
         """Server half: undo the layers in reverse order on the sum of the included clients."""
-        for layer, spec in zip(reversed(self.pipeline.layers), reversed(self.specs[:-1]), strict=True):
-            total = layer.decode(total, spec, info, rng)
-        return np.asarray(total, dtype=np.float64)
+        return self.advance(total, info, rng, state)[0]
+
+    def advance(
+        self, total: NDArray[Any], info: RoundInfo, rng: RandomSource,
+        state: Sequence[Mapping[str, Any] | None] | None = None,
+    ) -> tuple[NDArray[np.float64], PipelineState]:
+        """Decode the sum (as :meth:`decode`) and return it with the next round's state.
+
+        Each stateful layer's ``next_state`` sees exactly the value its ``decode`` received (a function
+        of the released sum and public round facts), so the state is post-processing of the release.
+        """
+        states = self._states(state)
+        nxt: PipelineState = [None] * len(states)
+        for i in reversed(range(len(self.pipeline.layers))):
+            layer, spec, st = self.pipeline.layers[i], self.specs[i], states[i]
+            if isinstance(layer, StatefulLayer):
+                assert st is not None
+                nxt[i] = layer.next_state(st, total, spec, info)
+                total = layer.decode(total, spec, info, rng, st)
+            else:
+                total = layer.decode(total, spec, info, rng)
+        return np.asarray(total, dtype=np.float64), nxt
+
+    def measurements(self, state: Sequence[Mapping[str, Any] | None] | None) -> dict[str, float]:
+        """The stateful layers' public per-round numbers (e.g. the clip norm and clipped fraction)."""
+        out: dict[str, float] = {}
+        for layer, st in zip(self.pipeline.layers, self._states(state), strict=True):
+            if isinstance(layer, StatefulLayer) and st is not None:
+                out.update(layer.measurements(st))
+        return out
 
     def guarantees(self, info: RoundInfo) -> tuple[Guarantee, ...]:
         out: list[Guarantee] = []

@@ -4,6 +4,12 @@ A :class:`Pipeline <fl.pipeline.Pipeline>` is a list of :class:`Layer` objects f
 :class:`SecureSum`. Before any data flows, each stage ``bind``\\ s the :class:`ValueSpec` it receives and
 returns the spec it produces, raising :class:`CompositionError` (naming the fix) when the order is wrong.
 Clients run ``encode`` in list order; the server runs ``decode`` on the sum in reverse order.
+
+A layer that needs memory across rounds (adaptive clipping) is a :class:`StatefulLayer`, shaped like
+TensorFlow Federated's aggregation processes: ``initialize()`` gives its first state, ``encode`` and
+``decode`` receive the round's state, and ``next_state`` computes the next one from what the server
+decoded. State is explicit JSON-ready data (checkpoints, the report), never hidden mutation; layers
+without these methods are stateless and keep working unchanged.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ __all__ = [
     "RandomSource",
     "RoundInfo",
     "SecureSum",
+    "StatefulLayer",
     "TrainResult",
     "ValueSpec",
 ]
@@ -142,6 +149,34 @@ class Layer(Protocol):
         ...
 
     def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]: ...
+
+
+@runtime_checkable
+class StatefulLayer(Layer, Protocol):
+    """A layer with state across rounds; the state is public JSON-ready data (the server releases it).
+
+    The driver (``BoundPipeline``) calls ``initialize()`` once, passes the round's state to every client's
+    ``encode`` and to the server's ``decode``, then ``next_state(state, total, ...)`` with the value this
+    layer's ``decode`` received, and uses the result in the next round. ``measurements`` are the public
+    per-round numbers for the round line and the report.
+    """
+
+    def initialize(self) -> dict[str, Any]: ...
+
+    def encode(
+        self, x: NDArray[Any], spec: ValueSpec, rng: RandomSource, state: Mapping[str, Any] | None = None
+    ) -> NDArray[Any]: ...
+
+    def decode(
+        self, total: NDArray[Any], spec: ValueSpec, info: RoundInfo, rng: RandomSource,
+        state: Mapping[str, Any] | None = None,
+    ) -> NDArray[Any]: ...
+
+    def next_state(
+        self, state: Mapping[str, Any], total: NDArray[Any], spec: ValueSpec, info: RoundInfo
+    ) -> dict[str, Any]: ...
+
+    def measurements(self, state: Mapping[str, Any]) -> dict[str, float]: ...
 
 
 class SecureSum(Protocol):

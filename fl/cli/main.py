@@ -87,6 +87,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                         "clip,dnoise,secagg | paillier (default: %(default)s)")
     g.add_argument("--clip", type=float, default=pd.clip, help="L2 clip norm of each client update")
     g.add_argument("--noise-multiplier", type=float, help="DP-FedAvg noise multiplier z (sigma = z * clip)")
+    g.add_argument("--aclip-quantile", type=float, default=pd.aclip_quantile,
+                   help="aclip: target quantile of the update norms (--clip is the initial norm)")
+    g.add_argument("--aclip-lr", type=float, default=pd.aclip_lr, help="aclip: learning rate of the clip norm")
+    g.add_argument("--aclip-count-noise", type=float, default=pd.aclip_count_noise,
+                   help="aclip: noise std on the unclipped-client count per unit of noise multiplier (> 0.5)")
     g.add_argument("--epsilon", type=float, help="target epsilon: calibrates the noise for the planned rounds")
     g.add_argument("--delta", type=float, default=pd.delta, help="target delta (default: %(default)s)")
     g.add_argument("--accountant", choices=["pld", "rdp"], default=pd.accountant, help="privacy accountant")
@@ -117,7 +122,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         delta=args.delta, accountant=args.accountant, quant_bits=args.quant_bits, threshold=args.threshold,
         neighbours=args.neighbours, corrupt_fraction=args.corrupt_fraction, dropout_fraction=args.dropout_fraction,
         dpsgd_clip=args.dpsgd_clip, dpsgd_noise_multiplier=args.dpsgd_noise_multiplier,
-        dpsgd_batch_size=args.dpsgd_batch_size,
+        dpsgd_batch_size=args.dpsgd_batch_size, aclip_quantile=args.aclip_quantile, aclip_lr=args.aclip_lr,
+        aclip_count_noise=args.aclip_count_noise,
     )
     return TrainConfig(
         dataset=args.dataset, target=args.target, clients=args.clients, partition=args.partition,

@@ -45,7 +45,7 @@ def parse_epsilons(text: str) -> list[float]:
 def _config_for(base: TrainConfig, epsilon: float, seed: int) -> TrainConfig:
     pc = base.privacy
     if math.isinf(epsilon):
-        tokens = [t for t in pc.tokens() if t not in DP_TOKENS]
+        tokens = [t for t in pc.tokens() if t not in (*DP_TOKENS, "aclip")]  # aclip's count needs the noise
         pc = replace(pc, spec=",".join(tokens) or "none", epsilon=None, noise_multiplier=None,
                      dpsgd_noise_multiplier=None)
     else:

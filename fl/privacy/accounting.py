@@ -19,6 +19,13 @@ discretization, and the epsilon: anyone can rebuild the event with dp-accounting
   client reports in ``TrainResult.extra["dp_sgd"]`` (Poisson rate ``batch / local size``; the batches are
   drawn from the client's CSPRNG, so amplification holds against everyone). The run's epsilon is the
   worst client's.
+
+Adaptive clipping (:class:`fl.layers.adaptive_clip.AdaptiveClip`, ``adaptive=``) needs no event of its
+own: its noisy count rides in one extra coordinate of the vector the noise layer noises, whose
+sensitivity ``sqrt(1 + c^2/4)`` is the ``clip`` given here, so the Gaussian step the layer reports is the
+joint mechanism. The report and round lines add the two parts -- the update's noise multiplier and the
+count's noise std, from the noise actually added -- from which anyone recomputes the same epsilon
+(Andrew et al. 2021, section 3: ``z^-2 = z_update^-2 + (2 sigma_b)^-2``).
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from dp.accounting import PLD_FAST, Accountant, AccountantName, GaussianStep, event_to_json
+from fl.layers.adaptive_clip import AdaptiveClip
 from fl.layers.noise import RELEASED, SERVER, GaussianNoise
 from fl.spec import Guarantee, RoundInfo, TrainResult, ValueSpec
 from secagg.masking.graph import GraphSpec
@@ -92,6 +100,8 @@ class DpFedAvgAccounting:
     never overspend the budget. ``sum_hides_updates``: the sum reveals only the sum (SecAgg(+),
     Paillier); without it the server sees each update with one noise share.
     ``epsilon``: the budget (``None``: unlimited; epsilon is still reported).
+    ``adaptive``: the pipeline's :class:`~fl.layers.adaptive_clip.AdaptiveClip`, if any (then ``clip``
+    and ``size`` are its output spec's: the joint sensitivity and the update length plus one).
     """
 
     def __init__(
@@ -105,10 +115,12 @@ class DpFedAvgAccounting:
         epsilon: float | None = None,
         floor: SurvivorFloor | None = None,
         sum_hides_updates: bool = True,
+        adaptive: AdaptiveClip | None = None,
     ) -> None:
         if not 0 < delta < 1:
             raise ValueError(f"delta must be in (0, 1), got {delta}")
         self.noise = noise
+        self.adaptive = adaptive
         self.spec = ValueSpec(size=size, cohort=noise.shares or 1, l2_bound=clip)
         self.delta = delta
         self.budget = epsilon
@@ -125,6 +137,21 @@ class DpFedAvgAccounting:
 
     def _steps(self, info: RoundInfo) -> dict[str, GaussianStep]:
         return self.noise.steps(self.spec, info, sum_hides_updates=self.sum_hides_updates)
+
+    def adaptive_split(self, info: RoundInfo | None = None) -> dict[str, float]:
+        """Adaptive clipping: the noise actually on the sum, split into update and count parts.
+
+        ``update_noise_multiplier``: noise std on the update in units of the round's clip norm;
+        ``count_noise_std``: std of the noise on the count of unclipped clients. With distributed noise,
+        for ``info``'s survivors (all shares when ``info`` is ``None``).
+        """
+        if self.adaptive is None:
+            return {}
+        sigma = self.noise.sigma(self.spec)
+        if self.noise.placement == "clients" and info is not None:
+            sigma *= math.sqrt(info.n_included / self.noise.n_shares(self.spec))
+        update, count = self.adaptive.split(sigma)
+        return {"update_noise_multiplier": update, "count_noise_std": count}
 
     def epsilons(self) -> dict[str, float]:
         """Epsilon spent so far, per observer."""
@@ -172,6 +199,7 @@ class DpFedAvgAccounting:
             "sample_rate": steps[RELEASED].sample_rate,
             "sampling": steps[RELEASED].sampling,
             "steps": self.rounds,
+            **self.adaptive_split(info),
         }
 
     def guarantees(self) -> tuple[Guarantee, ...]:
@@ -241,9 +269,22 @@ class DpFedAvgAccounting:
                     "min_included": self.floor(self.noise.n_shares(self.spec)) if distributed else None,
                     "composition": steps,
                     "epsilon": eps,
+                    **self._adaptive_report(),
                 }
             ],
         }
+
+    def _adaptive_report(self) -> dict[str, Any]:
+        if self.adaptive is None:
+            return {}
+        a = self.adaptive
+        return {"adaptive_clip": {
+            "target_quantile": a.target_quantile, "initial_clip": a.initial_clip, "learning_rate": a.learning_rate,
+            "count_noise": a.count_noise, "count_scale": a.count_scale, "joint_sensitivity": a.sensitivity,
+            **self.adaptive_split(),
+            "note": "one Gaussian on (update / C_t, c (b - 1/2)): the joint noise multiplier z is what is charged; "
+                    "z^-2 = update_noise_multiplier^-2 + (2 count_noise_std)^-2 (all shares present)",
+        }}
 
 
 class DpSgdAccounting:

@@ -9,6 +9,8 @@ This is the one place that knows every token; each token maps to a layer, a sum,
   the secure sum; the ledger charges the survivors' noise ``z * sqrt(n_included / n_expected)``, for the
   released model (amplified by the secret sample) and for the server (which knows the sample: not
   amplified). Every sum then stops a round below ``--threshold`` of the planned clients.
+- ``aclip``: adaptive clipping in place of ``clip`` (:class:`fl.layers.adaptive_clip.AdaptiveClip`, initial
+  norm ``clip``); needs ``noise``/``dnoise``, whose one Gaussian also covers its noisy count.
 - ``dp-sgd``: example-level DP-SGD in each client's local training (:class:`fl.training.dp_sgd.DpSgdTrainer`).
 
 ``noise``/``dnoise`` need ``clip`` before them and force unweighted averaging (``weighting="uniform"``), as
@@ -28,6 +30,7 @@ from typing import Literal
 
 from dp.accounting import calibrate_noise
 from fl.config import TrainConfig
+from fl.layers.adaptive_clip import AdaptiveClip
 from fl.layers.clip import Clip, Quantize
 from fl.layers.noise import GaussianNoise
 from fl.pipeline import Pipeline
@@ -38,7 +41,7 @@ from fl.training.dp_sgd import DpSgdTrainer
 
 __all__ = ["KNOWN_TOKENS", "PrivacyPlan", "build_plan", "secure_sum_for"]
 
-KNOWN_TOKENS = ("none", "clip", "quantize", "secagg", "secagg+", "paillier", "noise", "dnoise", "dp-sgd")
+KNOWN_TOKENS = ("none", "clip", "aclip", "quantize", "secagg", "secagg+", "paillier", "noise", "dnoise", "dp-sgd")
 
 
 @dataclass(frozen=True)
@@ -120,9 +123,12 @@ def _calibrate(
 
 
 def _dp_fedavg(
-    config: TrainConfig, token: str, population: int, size: int, ssum: SecureSum, notes: list[str]
+    config: TrainConfig, token: str, population: int, size: int, ssum: SecureSum, notes: list[str],
+    adaptive: AdaptiveClip | None = None,
 ) -> tuple[GaussianNoise, DpFedAvgAccounting]:
     pc = config.privacy
+    # adaptive clipping: the noise covers its output (update / C_t plus the count coordinate)
+    clip, size = (adaptive.sensitivity, size + 1) if adaptive is not None else (pc.clip, size)
     q, sampling, expected = _client_sampling(config, population)
     if pc.epsilon is not None and pc.noise_multiplier is not None:
         raise CompositionError("give either --epsilon (to calibrate the noise) or --noise-multiplier, not both")
@@ -131,7 +137,7 @@ def _dp_fedavg(
     placement: Literal["server", "clients"] = "clients" if token == "dnoise" else "server"
     hides = not isinstance(ssum, PlainSum)
     floor = _floor(ssum)
-    spec = ValueSpec(size=size, cohort=expected, l2_bound=pc.clip)
+    spec = ValueSpec(size=size, cohort=expected, l2_bound=clip)
     z = pc.noise_multiplier if pc.noise_multiplier is not None else 1.0
     layer = GaussianNoise(multiplier=z, placement=placement, shares=expected)
     if pc.epsilon is not None:
@@ -146,6 +152,14 @@ def _dp_fedavg(
             f"sampling at rate {q:.4g} ({pc.accountant})"
             + (f", with as few as {n_worst} of {expected} clients surviving a round" if n_worst < expected else "")
         )
+    if adaptive is not None:
+        update, count = (adaptive.sensitivity * layer.multiplier, adaptive.count_noise * layer.multiplier)
+        notes.append(
+            f"adaptive clipping toward the {adaptive.target_quantile:g} quantile of update norms: its noisy count of "
+            f"unclipped clients rides in one extra coordinate under the same Gaussian, so the update's noise "
+            f"multiplier is {update:.4g} (z x {adaptive.sensitivity:.4g}) and the count's noise std {count:.4g} "
+            "clients; the ledger charges the joint multiplier z"
+        )
     if placement == "clients":
         notes.append(
             "distributed noise protects against the server, which knows which clients it sampled: its epsilon "
@@ -157,8 +171,8 @@ def _dp_fedavg(
                 "noise, and is charged that; add secagg or secagg+ so it only sees the noisy sum"
             )
     accounting = DpFedAvgAccounting(
-        noise=layer, clip=pc.clip, size=size, delta=pc.delta, accountant=pc.accountant, epsilon=pc.epsilon,
-        floor=floor, sum_hides_updates=hides,
+        noise=layer, clip=clip, size=size, delta=pc.delta, accountant=pc.accountant, epsilon=pc.epsilon,
+        floor=floor, sum_hides_updates=hides, adaptive=adaptive,
     )
     if sampling == "fixed" and q < 1:
         notes.append(
@@ -222,6 +236,24 @@ def _dp_sgd(
     return trainer, accounting
 
 
+def _adaptive_clip(config: TrainConfig, tokens: tuple[str, ...]) -> AdaptiveClip:
+    """The ``aclip`` token: refused where its count would be released without noise or clipped twice."""
+    if not any(t in ("noise", "dnoise") for t in tokens):
+        raise CompositionError(
+            "'aclip' releases a count of unclipped clients that only a noise stage protects: add noise or dnoise "
+            "after it (--privacy aclip,noise or aclip,dnoise,secagg+), or use clip"
+        )
+    if "clip" in tokens or tokens.count("aclip") > 1:
+        raise CompositionError("use one clipping stage: either clip (fixed norm) or aclip (adaptive), once")
+    pc = config.privacy
+    try:
+        return AdaptiveClip(target_quantile=pc.aclip_quantile, initial_clip=pc.clip, learning_rate=pc.aclip_lr,
+                            count_noise=pc.aclip_count_noise)
+    except ValueError as exc:
+        fix = "set it with --aclip-quantile, --clip, --aclip-lr or --aclip-count-noise"
+        raise CompositionError(f"{exc} ({fix})") from exc
+
+
 def build_plan(
     config: TrainConfig, *, size: int, population: int, client_sizes: Mapping[int, int]
 ) -> PrivacyPlan:
@@ -254,7 +286,8 @@ def build_plan(
     weighting: Literal["samples", "uniform"] | None = None
     if noises:
         tok = noises[0]
-        if "clip" not in tokens or tokens.index("clip") > tokens.index(tok):
+        clip_tok = "aclip" if "aclip" in tokens else "clip"
+        if clip_tok not in tokens or tokens.index(clip_tok) > tokens.index(tok):
             fix = ",".join(["clip", tok, *sums])
             raise CompositionError(
                 f"{tok!r} needs a clip norm to calibrate the noise to: put clip before it (--privacy {fix})"
@@ -269,10 +302,13 @@ def build_plan(
     for t in tokens:
         if t == "clip":
             layers.append(Clip(l2=config.privacy.clip))
+        elif t == "aclip":
+            layers.append(_adaptive_clip(config, tokens))
         elif t == "quantize":
             layers.append(Quantize(bits=config.privacy.quant_bits))
         elif t in ("noise", "dnoise"):
-            layer, fedavg = _dp_fedavg(config, t, population, size, ssum, notes)
+            adaptive = next((x for x in layers if isinstance(x, AdaptiveClip)), None)
+            layer, fedavg = _dp_fedavg(config, t, population, size, ssum, notes, adaptive)
             layers.append(layer)
             accounting, weighting = fedavg, "uniform"
     if "dp-sgd" in tokens:
@@ -281,7 +317,7 @@ def build_plan(
         if tokens[-1] != sums[0]:
             raise CompositionError(f"the secure sum {sums[0]!r} must be the last stage of --privacy")
         if not any(isinstance(layer, Quantize) for layer in layers):
-            if not any(isinstance(layer, Clip) for layer in layers):
+            if not any(isinstance(layer, Clip | AdaptiveClip) for layer in layers):
                 layers.append(Clip(l2=config.privacy.clip))
             layers.append(Quantize(bits=config.privacy.quant_bits))
     return PrivacyPlan(

@@ -274,6 +274,7 @@ class Federation:
         # Rings are sized for the most clients a round can have (all of them under Poisson sampling).
         self.max_cohort = config.cohort if (config.cohort and config.sample_rate is None) else self.population
         self.bound = self.plan.pipeline.bind(ValueSpec(size=self.params.size, cohort=self.max_cohort))
+        self.layer_state = self.bound.initialize()  # stateful layers (aclip): public, explicit, checkpointed
         self.server_opt = make_server_optimizer(config.server_opt, config.server_lr)
         self.ledger = Ledger()
         self.server_log: list[dict[str, Any]] = []  # server-only facts (client ids); never in the report
@@ -345,7 +346,7 @@ class Federation:
                 f"client {cid}'s update has NaN/Inf values in round {round}; it is rejected. Lower the "
                 f"learning rate or check that client's data for NaN/Inf"
             )
-        return self.bound.encode(delta * self.weight(cid), self.rng(round, cid)), result
+        return self.bound.encode(delta * self.weight(cid), self.rng(round, cid), self.layer_state), result
 
     def round_info(self, round: int, planned: Sequence[int], included: Sequence[int]) -> RoundInfo:
         return RoundInfo(
@@ -369,7 +370,7 @@ class Federation:
     ) -> dict[str, Any]:
         """Server side: decode the sum, average, apply the server optimizer, evaluate and record."""
         info = self.round_info(round, planned, outcome.included)
-        total = self.bound.decode(outcome.total, info, self.rng(round, "server"))
+        total, self.layer_state = self.bound.advance(outcome.total, info, self.rng(round, "server"), self.layer_state)
         denom = sum(self.weight(c) for c in outcome.included)
         self.params = self.server_opt.step(self.params, total / denom)
         # counts only: who was sampled or included is the server's knowledge, never released (it would let
@@ -384,6 +385,7 @@ class Federation:
             self.server_log.append({"round": round, "rejected": list(rejected)})
         if self.plan.accounting is not None:
             record.update(self.plan.accounting.record(info, {c: results[c] for c in outcome.included if c in results}))
+        record.update(self.bound.measurements(self.layer_state))  # e.g. aclip's clip and noisy clipped fraction
         record.update(self.evaluate())
         record["train_loss"] = float(np.mean([results[c].loss for c in outcome.included if c in results] or [math.nan]))
         claims = self.bound.guarantees(info)
@@ -456,6 +458,7 @@ class Federation:
             "accounting": self.plan.accounting.state() if self.plan.accounting is not None else None,
             "server_log": self.server_log,
             "stats": self.data.stats,
+            "layer_state": self.layer_state,
         }
         tmp = directory / (CHECKPOINT + ".tmp")
         torch.save(state, tmp)
@@ -489,6 +492,8 @@ class Federation:
         self.history = list(state["history"])
         self.ledger = Ledger(list(state["ledger"]))
         self.server_log = list(state.get("server_log", []))
+        if "layer_state" in state or self.bound.stateful:  # a stateful pipeline never restarts its state
+            self.layer_state = self.bound.load_state(state.get("layer_state") or ())
         if state["accounting"] is not None and self.plan.accounting is not None:
             self.plan.accounting.load_state(state["accounting"])  # the composed event lists
 
@@ -528,6 +533,8 @@ class Federation:
             "ledger": self.ledger.as_list(),
             "privacy": self.plan.accounting.report() if self.plan.accounting is not None else {"accountant": None},
         }
+        if self.bound.stateful:
+            out["layer_state"] = self.layer_state
         if self.site_names:
             out["sites"] = {str(k): v for k, v in self.site_names.items()}
         if stopped:
@@ -572,7 +579,8 @@ def format_round(record: Mapping[str, Any], rounds: int) -> str:
     per_client_dp = "worst_client" in record
     for key, label, fmt in (("accuracy", "acc", ".4f"), ("loss", "loss", ".4f"), ("auc", "auc", ".4f"),
                             ("epsilon", "eps", ".3f"), ("delta", "delta", ".0e"), ("noise_multiplier", "z", ".3f"),
-                            ("sample_rate", "q", ".3g"), ("steps", "steps", "d")):
+                            ("sample_rate", "q", ".3g"), ("steps", "steps", "d"), ("clip", "clip", ".4g"),
+                            ("clipped_fraction", "clipped", ".2f")):
         if per_client_dp and key in ("noise_multiplier", "sample_rate", "steps"):
             continue
         if per_client_dp and key == "epsilon":

@@ -403,6 +403,8 @@ def _train_config(job: FlowerJob) -> Any:
 
     data = dict(job.config)
     privacy = PrivacyConfig(**data.pop("privacy", {}))
+    if "aclip" in privacy.tokens():  # its state (the round's clip norm) is not yet sent to the nodes
+        raise JobError("aclip (adaptive clipping) runs in memory only for now; over Flower use clip")
     return TrainConfig(**data, privacy=privacy)
 
 
