@@ -231,17 +231,20 @@ class Federation:
     """One federated run's state: data partitions, global model, pipeline, server optimizer, ledger."""
 
     def __init__(
-        self, config: TrainConfig, *, dataset: Dataset | None = None, stats: FederatedStats | None = None
+        self, config: TrainConfig, *, dataset: Dataset | None = None, stats: FederatedStats | None = None,
+        model: nn.Module | None = None, own_parts: bool = False,
     ) -> None:
+        """``model``: a user's module to federate (copied; else ``config.model``). ``own_parts``: the
+        given ``dataset``'s own ``parts`` are the clients (a user's sites), instead of re-partitioning."""
         self.config = config
         # each site keeps its rows; standardization statistics are federated (fl.data.stats), or reused
         # from a checkpoint (``stats``) so a resumed run never releases them twice
         self.data = dataset or load_federated(config, stats=stats)
-        if dataset is None:
+        if dataset is None or own_parts:
             self.parts = list(self.data.parts)
         else:
             self.parts = partition(self.data, config.partition, config.clients, seed=config.seed)
-        self.site_names = dict(enumerate(self.data.site_names)) if dataset is None else {}
+        self.site_names = dict(enumerate(self.data.site_names)) if dataset is None or own_parts else {}
         self.population = len(self.parts)
         self.client_sizes = {k: len(p) for k, p in enumerate(self.parts)}
         self.mean_size = float(np.mean(list(self.client_sizes.values())))
@@ -250,10 +253,12 @@ class Federation:
         self.x_test = torch.from_numpy(self.data.x_test)
         self.y_test = torch.from_numpy(self.data.y_test)
         self.model = build_model(
-            config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed
+            config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed,
+            prototype=model,
         )
         self._worker = build_model(
-            config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed
+            config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed,
+            prototype=model,
         )
         self._worker_flat = flatten_parameters(self._worker)
         self._start: tuple[NDArray[np.float64], torch.Tensor] | None = None  # (params, float32 copy)
