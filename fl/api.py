@@ -27,6 +27,7 @@ import copy
 import dataclasses
 import logging
 import math
+import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -53,7 +54,7 @@ from fl.training.loop import BudgetExhaustedError, Federation
 from fl.training.models import set_flat
 from fl.training.trainers import PlainTrainer
 
-__all__ = ["DPSGD", "FederatedResult", "train"]
+__all__ = ["DPSGD", "DpRelease", "FederatedResult", "private_sum", "secure_sum", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -563,3 +564,144 @@ def _run(fed: _ApiFederation, rounds: int, *, progress: bool) -> FederatedResult
         report["baseline"]["majority_class_rate"] = math.nan
     return FederatedResult(model=trained, report=report, ledger=fed.ledger)
 
+
+
+# ---- library use: a secure sum or a DP release in one call --------------------------------------------
+Protocol = str
+PROTOCOLS = ("secagg+", "secagg", "paillier", "plain")
+
+
+def _stacked(arrays: Sequence[Any]) -> tuple[NDArray[Any], tuple[int, ...]]:
+    """The parties' arrays as one (n, d) matrix and their common shape; at least two parties."""
+    if isinstance(arrays, np.ndarray | torch.Tensor) or not isinstance(arrays, Sequence):
+        raise TypeError("pass a list of arrays, one per party (a single array would be one party)")
+    values = [_to_numpy(a, f"array {k}") for k, a in enumerate(arrays)]
+    if len(values) < 2:
+        raise ValueError(f"a secure sum needs at least two parties, got {len(values)}: the sum of one is its input")
+    shapes = {v.shape for v in values}
+    if len(shapes) > 1:
+        raise ValueError(f"the arrays have different shapes {sorted(shapes)}; every party sends the same shape")
+    shape = values[0].shape
+    return np.stack([v.reshape(-1) for v in values]), shape
+
+
+def _secure_sum_object(protocol: Protocol, threshold: float | int | None, n: int) -> Any:
+    if protocol == "secagg+":
+        return SecAggPlus(threshold=threshold)
+    if protocol == "secagg":
+        return SecAgg(threshold=0.7 if threshold is None else threshold)
+    if protocol == "paillier":
+        return PaillierSum(min_clients=2)
+    if protocol == "plain":
+        return PlainSum()
+    raise ValueError(f"unknown protocol {protocol!r}; choose one of {', '.join(PROTOCOLS)}")
+
+
+def _run_ring_sum(protocol: Protocol, words: NDArray[np.uint64], *, value_bits: int, threshold: float | int | None,
+                  session: bytes | None) -> NDArray[np.int64]:
+    """One in-memory round of the protocol over ring words (n, d); the signed integer sum."""
+    from fl.runners.local import run_secure_sum
+    from fl.spec import ValueSpec
+    from secagg.ring import MAX_RING_BITS, ring_bits_for, to_signed
+
+    n, d = words.shape
+    ring = ring_bits_for(value_bits, n)
+    if ring > MAX_RING_BITS:
+        raise ValueError(f"{n} parties' {value_bits}-bit values need a {ring}-bit ring, more than {MAX_RING_BITS}: "
+                         f"lower bits=")
+    words = words & np.uint64((1 << ring) - 1)  # two's complement in Z_2^ring (negative values wrap into it)
+    ssum = _secure_sum_object(protocol, threshold, n)
+    spec = ssum.bind(ValueSpec(size=d, cohort=n, domain="ring", modulus=1 << ring, value_bits=value_bits))
+    outcome = run_secure_sum(ssum, {k: words[k] for k in range(n)}, spec=spec, session=session or os.urandom(16))
+    if len(outcome.included) != n:
+        raise RuntimeError(f"only {len(outcome.included)} of {n} parties made it into the sum")
+    return to_signed(np.asarray(outcome.total, dtype=np.uint64), ring)
+
+
+def secure_sum(
+    arrays: Sequence[Any], *, protocol: Protocol = "secagg+", bits: int | None = None, bound: float | None = None,
+    threshold: float | int | None = None, session: bytes | None = None,
+) -> NDArray[Any]:
+    """The element-wise sum of the parties' arrays, computed by a secure-aggregation protocol in memory.
+
+    ``protocol``: ``"secagg+"`` (Bell et al. 2020), ``"secagg"`` (Bonawitz et al. 2017), ``"paillier"``
+    (packed Paillier) or ``"plain"``. Integer arrays sum exactly: ``bits`` is the public width of one
+    party's signed values (default 32: every ``|v| < 2^31``). Float arrays need the public ``bound`` on
+    every ``|v|`` and are stochastically rounded to ``bits`` (default 20) bits; the result is within
+    ``n * bound / (2^(bits-1) - 1)`` per coordinate. A value outside the declared range is refused.
+    """
+    matrix, shape = _stacked(arrays)
+    integer = matrix.dtype.kind in "iub"
+    if integer:
+        width = 32 if bits is None else bits
+        top = (1 << (width - 1)) - 1
+        if matrix.size and int(np.abs(matrix.astype(np.int64)).max()) > top:
+            raise ValueError(f"a value exceeds the declared {width}-bit range (|v| <= {top}); raise bits=")
+        words = matrix.astype(np.int64).view(np.uint64)
+        return _run_ring_sum(protocol, words, value_bits=width, threshold=threshold, session=session).reshape(shape)
+    if matrix.dtype.kind != "f":
+        raise TypeError(f"secure_sum adds numbers, got arrays of {matrix.dtype}")
+    if bound is None:
+        raise ValueError("float arrays need bound= (a public bound on every |value|) to be quantized for the ring; "
+                         "integer arrays sum exactly without it")
+    from dp.rng import SecureRandom
+    from secagg.ring import Quantizer
+
+    width = 20 if bits is None else bits
+    q = Quantizer(bound=bound, value_bits=width, cohort=len(matrix))
+    words = np.stack([q.encode(row, SecureRandom().uniform) for row in matrix])
+    total = _run_ring_sum(protocol, words, value_bits=width, threshold=threshold, session=session)
+    return (total.astype(np.float64) / q.scale).reshape(shape)
+
+
+@dataclass(frozen=True)
+class DpRelease:
+    """A differentially private sum: the noisy total and its (epsilon, delta) guarantee, client level."""
+
+    value: NDArray[np.float64]
+    epsilon: float
+    delta: float
+    noise_multiplier: float
+    guarantees: tuple[Any, ...]
+
+
+def private_sum(
+    updates: Sequence[Any], *, clip: float, delta: float, noise_multiplier: float | None = None,
+    epsilon: float | None = None, protocol: Protocol = "plain",
+) -> DpRelease:
+    """Clip each party's update to L2 norm ``clip``, sum them and add Gaussian noise: the DP-FedAvg layer.
+
+    Give ``noise_multiplier`` (z: noise std ``z * clip``) or ``epsilon`` (z is calibrated for one
+    release); the returned ``epsilon`` is what this one release costs each party (add/remove-one,
+    PLD accountant). ``protocol`` sums the clipped updates (``"secagg+"``: the server sees only the sum).
+    """
+    from dp.accounting import Accountant, calibrate_noise
+    from dp.rng import SecureRandom
+    from fl.pipeline import Pipeline
+    from fl.runners.local import run_secure_sum
+    from fl.spec import RoundInfo, ValueSpec
+
+    if (noise_multiplier is None) == (epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier= (the noise) or epsilon= (to calibrate it)")
+    matrix, shape = _stacked(updates)
+    n, d = matrix.shape
+    z = noise_multiplier if noise_multiplier is not None else calibrate_noise(
+        epsilon=float(epsilon), delta=delta, sample_rate=1.0, steps=1)  # type: ignore[arg-type]
+    layers: list[Any] = [Clip(l2=clip), GaussianNoise(multiplier=z)]
+    if protocol != "plain":
+        layers.append(Quantize(bits=20))
+    bound = Pipeline(layers, sum=_secure_sum_object(protocol, None, n)).bind(ValueSpec(size=d, cohort=n))
+    rng = SecureRandom()
+    values = {k: bound.encode(matrix[k].astype(np.float64), rng) for k in range(n)}
+    outcome = run_secure_sum(bound.pipeline.sum, values, spec=bound.sum_spec, session=os.urandom(16))
+    info = RoundInfo(round=1, planned=tuple(range(n)), included=tuple(outcome.included), population=n,
+                     sample_rate=1.0)
+    total = bound.decode(outcome.total, info, rng)
+    noise = next(layer for layer in layers if isinstance(layer, GaussianNoise))
+    eps = 0.0
+    for step in noise.steps(bound.specs[1], info, sum_hides_updates=protocol != "plain").values():
+        acc = Accountant()
+        acc.compose(step, 1)
+        eps = max(eps, acc.epsilon(delta))
+    return DpRelease(value=total.reshape(shape), epsilon=eps, delta=delta, noise_multiplier=z,
+                     guarantees=bound.guarantees(info))
