@@ -618,6 +618,7 @@ def train(
     federated_baseline: bool | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     dataset: Dataset | None = None,
+    on_finish: Callable[[Federation, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``config.rounds`` rounds in memory and return the JSON-ready report.
 
@@ -625,7 +626,8 @@ def train(
     end with exactly the model an uninterrupted run would have (same seed, test seam for noise).
     ``baseline``: also compute the centralized baseline and (``federated_baseline``, default: the same
     as ``baseline``) the identical federated run without privacy layers, so the report shows what
-    privacy cost. Ctrl-C raises :class:`TrainingInterrupted` saying how to resume.
+    privacy cost. Ctrl-C raises :class:`TrainingInterrupted` saying how to resume. ``on_finish(fed,
+    report)`` sees the finished federation (e.g. to save its model) before any baseline twin runs.
     """
     if config.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {config.rounds} (with 0 the untrained model would be reported)")
@@ -639,6 +641,8 @@ def train(
         base = centralized_baseline(fed.data, config) if baseline else None
         stopped = _run_rounds(fed, config, progress=progress, checkpoint_dir=checkpoint_dir, on_round=on_round)
         report = fed.report(baseline=base, stopped=stopped)
+        if on_finish is not None:
+            on_finish(fed, report)
         twin = _nonprivate_twin(config) if (baseline if federated_baseline is None else federated_baseline) else None
         if twin is not None:
             plain = train(twin, baseline=False, dataset=fed.data)
