@@ -193,11 +193,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         preds.to_csv(args.out, index=False)
-        print(f"predictions: {args.out} ({len(preds)} rows)")
+        sys.stdout.write(f"predictions: {args.out} ({len(preds)} rows)\n")
     else:
         preds.to_csv(sys.stdout, index=False)
     if target in frame.columns:
         truth = frame[target].astype(str).to_numpy()
         acc = float(np.mean(preds["prediction"].to_numpy() == truth)) if len(truth) else math.nan
-        print(f"accuracy against column {target!r}: {acc:.4f}", file=sys.stderr if args.out is None else sys.stdout)
+        stream = sys.stderr if args.out is None else sys.stdout  # stdout may be carrying the predictions
+        stream.write(f"accuracy against column {target!r}: {acc:.4f}\n")
     return 0
