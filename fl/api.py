@@ -517,12 +517,13 @@ def train(
     with torch.no_grad():
         out = copy.deepcopy(model).eval()(torch.from_numpy(data.x_train[:2]))
     _probe_loss(loss_fn, out, torch.from_numpy(data.y_train[:2]), per_example=dpsgd)
-    fed = _federation(config, data, model, factory, loss_fn, evaluation)
+    # no loss given: the trainers keep their own cross-entropy (DP-SGD's closed form for one Linear layer)
+    fed = _federation(config, data, model, factory, loss_fn if loss is not None else None, evaluation)
     return _run(fed, rounds, progress=progress)
 
 
 def _federation(
-    config: TrainConfig, data: Dataset, model: nn.Module, factory: OptimizerFactory, loss_fn: LossFn,
+    config: TrainConfig, data: Dataset, model: nn.Module, factory: OptimizerFactory, loss_fn: LossFn | None,
     evaluation: Evaluation,
 ) -> _ApiFederation:
     fed = _ApiFederation(config, dataset=data, model=model, own_parts=True)

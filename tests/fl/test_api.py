@@ -109,6 +109,20 @@ def test_dp_sgd_with_a_user_loss_and_optimizer_reports_epsilon() -> None:
     assert len(seen) >= 2 * 3  # a fresh optimizer per site per round (plus the up-front check)
 
 
+def test_without_a_loss_dp_sgd_keeps_its_closed_form_cross_entropy(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fl.training.dp_sgd import DpSgdTrainer
+
+    seen: list[Any] = []
+    monkeypatch.setattr(api, "_run", lambda fed, rounds, progress: seen.append(fed.trainer))
+    x, y = _table()
+    api.train(model=nn.Sequential(nn.Linear(6, 2)), sites=_sites(x, y), privacy="dp-sgd", epsilon=1.0)
+    api.train(model=_net(), sites=_sites(x, y), privacy="dp-sgd", epsilon=1.0, loss=nn.CrossEntropyLoss())
+    plain, custom = seen
+    assert isinstance(plain, DpSgdTrainer) and plain.loss is None  # dp.sgd's own loss: the one-Linear fast path
+    assert isinstance(custom, DpSgdTrainer) and custom.loss is not None
+    assert custom.loss(torch.zeros(3, 2), torch.zeros(3, dtype=torch.long)).shape == (3,)  # reduction='none'
+
+
 @pytest.mark.slow
 def test_a_cnn_goes_through_opacus_under_dp_sgd() -> None:
     from sklearn.datasets import load_digits
