@@ -245,10 +245,14 @@ def _probe_loss(loss: LossFn, output: torch.Tensor, labels: torch.Tensor, *, per
 
 # ---- sites -> one Dataset whose parts are the sites -------------------------------------------------
 def _named_sites(sites: object) -> dict[str, object]:
-    """``{name: data}`` from a mapping, or ``site-0, site-1, ...`` for a plain sequence."""
+    """``{name: data}`` from a mapping; for a sequence the CSV file stems, else ``site-0, site-1, ...``."""
     if isinstance(sites, Mapping):
         named = {str(k): v for k, v in sites.items()}
     elif isinstance(sites, Sequence) and not isinstance(sites, str | bytes):
+        if sites and all(_is_path(v) for v in sites):  # CSV files: the file stem names the site, as --sites DIR
+            stems = [Path(str(v)).stem for v in sites]
+            if len(set(stems)) == len(stems):
+                return dict(zip(stems, sites, strict=True))
         named = {f"site-{k}": v for k, v in enumerate(sites)}
     else:
         raise TypeError("sites= takes a list of sites or a {name: site} dict; a site is a torch Dataset, a DataLoader, "

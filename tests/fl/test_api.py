@@ -185,6 +185,7 @@ def test_csv_sites_use_the_federated_preprocessing(tmp_path: Path) -> None:
         frame.to_csv(paths[name], index=False)
     result = api.train(model=_net(d=3), sites=paths, target="label", rounds=2)
     assert result.report["sites"] == {"0": "h0", "1": "h1"}
+    assert api._named_sites(list(paths.values())) == paths  # a list of CSVs: the file stems name the sites
     assert result.ledger.entries[0]["stage"] == "preprocessing"
     assert "accuracy" in result.report["final"]
 
