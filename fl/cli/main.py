@@ -7,6 +7,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fl.config import PrivacyConfig, TrainConfig
 
@@ -21,6 +22,7 @@ EXTERNAL_COMMANDS: tuple[tuple[str, str], ...] = (
     ("compare", "accuracy against privacy budget across privacy configurations x epsilons x seeds"),
     ("audit", "empirical privacy audit: canary-based lower bounds on epsilon"),
     ("flower", "run across machines on Flower: certs, superlink, supernode, run, local"),
+    ("predict", "apply a model saved by train --save-model to new rows of a CSV"),
 )
 
 DEMO_PRIVACY = "dp-sgd,secagg+"
@@ -137,11 +139,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def _run_and_report(config: TrainConfig, *, report: Path | None, plot: Path | None, checkpoint_dir: Path | None,
-                    resume: bool, quiet: bool, baselines: bool = True) -> int:
+                    resume: bool, quiet: bool, baselines: bool = True, save_model: Path | None = None) -> int:
+    from fl.cli.predict import save_model as save
     from fl.report import plot_rounds, summary_lines, write_json
     from fl.training.loop import train
 
-    result = train(config, progress=not quiet, checkpoint_dir=checkpoint_dir, resume=resume, baseline=baselines)
+    def saver(fed: Any, rep: dict[str, Any]) -> None:
+        if save_model is not None:
+            save(fed, save_model, report=rep)
+
+    result = train(config, progress=not quiet, checkpoint_dir=checkpoint_dir, resume=resume, baseline=baselines,
+                   on_finish=saver)
     for line in summary_lines(result):
         print(line)
     if report is not None:
@@ -150,6 +158,8 @@ def _run_and_report(config: TrainConfig, *, report: Path | None, plot: Path | No
     if plot is not None:
         plot_rounds(result, plot)
         print(f"plot:   {plot}")
+    if save_model is not None:
+        print(f"model:  {save_model} (privagg predict --model {save_model} --data NEW.csv)")
     return 0
 
 
@@ -157,7 +167,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     ckpt = args.resume or args.checkpoint_dir
     return _run_and_report(config, report=args.report, plot=args.plot, checkpoint_dir=ckpt,
-                           resume=args.resume is not None, quiet=args.quiet, baselines=not args.no_baselines)
+                           resume=args.resume is not None, quiet=args.quiet, baselines=not args.no_baselines,
+                           save_model=args.save_model)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -194,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--plot", type=Path, help="write a PNG of accuracy per round here")
     g.add_argument("--checkpoint-dir", type=Path, help="checkpoint after every round into this directory")
     g.add_argument("--resume", type=Path, metavar="DIR", help="continue the run checkpointed in DIR")
+    g.add_argument("--save-model", type=Path, metavar="DIR",
+                   help="write the trained model (weights.pt) and its preprocessing (model.json) into DIR")
     g.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
     g.add_argument("--no-baselines", action="store_true",
                    help="skip the baselines (centralized fit and the same federated run without privacy) for speed")
@@ -210,10 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     # imported here, not at the top: these modules import fl.cli.main themselves
     from fl.cli import audit as audit_cli
-    from fl.cli import compare, sweep
+    from fl.cli import compare, predict, sweep
     from fl.cli import flower as flower_cli
 
-    modules = {"sweep": sweep, "compare": compare, "audit": audit_cli, "flower": flower_cli}
+    modules = {"sweep": sweep, "compare": compare, "audit": audit_cli, "flower": flower_cli, "predict": predict}
     for name, help_text in EXTERNAL_COMMANDS:
         mod = modules[name]
         p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)

@@ -9,7 +9,7 @@ noise multiplier), which :class:`fl.privacy.accounting.DpSgdAccounting` charges 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -41,6 +41,9 @@ class DpSgdTrainer:
     optimizer: Literal["sgd", "adam"] = "sgd"
     mode: PerSampleMode = "auto"
     seeded_noise_for_testing: bool = False
+    # the Python API's factories: ``params -> Optimizer`` and a loss returning one value per example
+    optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -72,12 +75,15 @@ class DpSgdTrainer:
             raise ValueError(f"client {cid} has no training samples")
         rng = SecureRandom.for_testing(f"dp-sgd:{seed}") if self.seeded_noise_for_testing else SecureRandom()
         opt: torch.optim.Optimizer
-        if self.optimizer == "adam":
+        if self.optimizer_factory is not None:
+            opt = self.optimizer_factory(model.parameters())
+        elif self.optimizer == "adam":
             opt = torch.optim.Adam(model.parameters(), lr=self.lr)
         elif self.optimizer == "sgd":
             opt = torch.optim.SGD(model.parameters(), lr=self.lr)
         else:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
+        extra: dict[str, Any] = {"loss_fn": self.loss} if self.loss is not None else {}
         stats = dp_sgd(
             model,
             features,
@@ -89,9 +95,10 @@ class DpSgdTrainer:
             optimizer=opt,
             mode=self.mode,
             rng=rng,
+            **extra,
         )
         loss = stats.mean_loss
         if not math.isfinite(loss):  # no example was sampled in any step: report the loss on local data
             with torch.no_grad():
-                loss = float(nn.functional.cross_entropy(model(features), labels))
+                loss = float((self.loss or nn.functional.cross_entropy)(model(features), labels).mean())
         return TrainResult(num_samples=n, steps=stats.steps, loss=loss, extra={"dp_sgd": stats.as_dict()})

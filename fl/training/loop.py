@@ -231,17 +231,20 @@ class Federation:
     """One federated run's state: data partitions, global model, pipeline, server optimizer, ledger."""
 
     def __init__(
-        self, config: TrainConfig, *, dataset: Dataset | None = None, stats: FederatedStats | None = None
+        self, config: TrainConfig, *, dataset: Dataset | None = None, stats: FederatedStats | None = None,
+        model: nn.Module | None = None, own_parts: bool = False,
     ) -> None:
+        """``model``: a user's module to federate (copied; else ``config.model``). ``own_parts``: the
+        given ``dataset``'s own ``parts`` are the clients (a user's sites), instead of re-partitioning."""
         self.config = config
         # each site keeps its rows; standardization statistics are federated (fl.data.stats), or reused
         # from a checkpoint (``stats``) so a resumed run never releases them twice
         self.data = dataset or load_federated(config, stats=stats)
-        if dataset is None:
+        if dataset is None or own_parts:
             self.parts = list(self.data.parts)
         else:
             self.parts = partition(self.data, config.partition, config.clients, seed=config.seed)
-        self.site_names = dict(enumerate(self.data.site_names)) if dataset is None else {}
+        self.site_names = dict(enumerate(self.data.site_names)) if dataset is None or own_parts else {}
         self.population = len(self.parts)
         self.client_sizes = {k: len(p) for k, p in enumerate(self.parts)}
         self.mean_size = float(np.mean(list(self.client_sizes.values())))
@@ -250,10 +253,12 @@ class Federation:
         self.x_test = torch.from_numpy(self.data.x_test)
         self.y_test = torch.from_numpy(self.data.y_test)
         self.model = build_model(
-            config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed
+            config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed,
+            prototype=model,
         )
         self._worker = build_model(
-            config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed
+            config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed,
+            prototype=model,
         )
         self._worker_flat = flatten_parameters(self._worker)
         self._start: tuple[NDArray[np.float64], torch.Tensor] | None = None  # (params, float32 copy)
@@ -621,6 +626,7 @@ def train(
     federated_baseline: bool | None = None,
     on_round: Callable[[dict[str, Any]], None] | None = None,
     dataset: Dataset | None = None,
+    on_finish: Callable[[Federation, dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``config.rounds`` rounds in memory and return the JSON-ready report.
 
@@ -628,7 +634,8 @@ def train(
     end with exactly the model an uninterrupted run would have (same seed, test seam for noise).
     ``baseline``: also compute the centralized baseline and (``federated_baseline``, default: the same
     as ``baseline``) the identical federated run without privacy layers, so the report shows what
-    privacy cost. Ctrl-C raises :class:`TrainingInterrupted` saying how to resume.
+    privacy cost. Ctrl-C raises :class:`TrainingInterrupted` saying how to resume. ``on_finish(fed,
+    report)`` sees the finished federation (e.g. to save its model) before any baseline twin runs.
     """
     if config.rounds < 1:
         raise ValueError(f"--rounds must be >= 1, got {config.rounds} (with 0 the untrained model would be reported)")
@@ -642,6 +649,8 @@ def train(
         base = centralized_baseline(fed.data, config) if baseline else None
         stopped = _run_rounds(fed, config, progress=progress, checkpoint_dir=checkpoint_dir, on_round=on_round)
         report = fed.report(baseline=base, stopped=stopped)
+        if on_finish is not None:
+            on_finish(fed, report)
         twin = _nonprivate_twin(config) if (baseline if federated_baseline is None else federated_baseline) else None
         if twin is not None:
             plain = train(twin, baseline=False, dataset=fed.data)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 from numpy.typing import NDArray
@@ -13,8 +15,20 @@ __all__ = ["MODELS", "build_model", "flatten_parameters", "get_flat", "set_flat"
 MODELS = ("logreg", "mlp")
 
 
-def build_model(kind: str, num_features: int, num_classes: int, *, hidden: int = 64, seed: int = 0) -> nn.Module:
-    """``logreg``: one linear layer (multinomial logistic regression). ``mlp``: two hidden ReLU layers."""
+def build_model(
+    kind: str, num_features: int, num_classes: int, *, hidden: int = 64, seed: int = 0,
+    prototype: nn.Module | None = None,
+) -> nn.Module:
+    """``logreg``: one linear layer (multinomial logistic regression). ``mlp``: two hidden ReLU layers.
+
+    ``prototype``: a user's own module (any ``nn.Module``); the result is an independent deep copy that
+    keeps the prototype's own initialization (``kind``, ``hidden`` and ``seed`` are then not used), so
+    the federation never trains the caller's object in place.
+    """
+    if prototype is not None:
+        if not isinstance(prototype, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(prototype).__name__}")
+        return copy.deepcopy(prototype)
     gen = torch.Generator().manual_seed(seed)
     if kind == "logreg":
         model: nn.Module = nn.Sequential(nn.Linear(num_features, num_classes))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -25,12 +26,18 @@ def make_optimizer(kind: str, params: Any, lr: float) -> torch.optim.Optimizer:
 
 @dataclass(frozen=True, slots=True)
 class PlainTrainer:
-    """``epochs`` passes over the local data in shuffled minibatches; cross-entropy loss."""
+    """``epochs`` passes over the local data in shuffled minibatches; cross-entropy loss.
+
+    ``optimizer_factory`` (``params -> Optimizer``) and ``loss`` (``(output, labels) -> loss``, a mean or
+    per-example losses) replace ``optimizer``/``lr`` and cross-entropy when given (the Python API).
+    """
 
     epochs: int = 1
     lr: float = 0.1
     batch_size: int = 32
     optimizer: Literal["sgd", "adam"] = "sgd"
+    optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def train(
         self, model: Any, features: Any, labels: Any, *, cid: int, round: int, seed: int
@@ -40,7 +47,11 @@ class PlainTrainer:
         if n == 0:
             raise ValueError(f"client {cid} has no training samples")
         gen = torch.Generator().manual_seed(seed)
-        opt = make_optimizer(self.optimizer, model.parameters(), self.lr)
+        if self.optimizer_factory is not None:
+            opt = self.optimizer_factory(model.parameters())
+        else:
+            opt = make_optimizer(self.optimizer, model.parameters(), self.lr)
+        loss_fn = self.loss or nn.functional.cross_entropy
         bs = min(self.batch_size, n)
         steps, total = 0, torch.zeros(())
         if not model.training:
@@ -50,7 +61,7 @@ class PlainTrainer:
             for start in range(0, n, bs):
                 idx = order[start : start + bs]
                 opt.zero_grad(set_to_none=True)
-                loss = nn.functional.cross_entropy(model(features[idx]), labels[idx])
+                loss = loss_fn(model(features[idx]), labels[idx]).mean()
                 loss.backward()
                 opt.step()
                 steps += 1
