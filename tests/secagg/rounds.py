@@ -14,11 +14,21 @@ from typing import Any
 
 from numpy.typing import NDArray
 
-from secagg.machine import ClientMachine, Message, ServerMachine
+from secagg.machine import KEY_HOLDER, ClientMachine, Message, ServerMachine
 from secagg.masking.client import IdentityKeys, SecAggClient
 from secagg.masking.graph import GraphSpec
 from secagg.masking.server import SecAggServer
 from secagg.memory import DropoutSchedule, Shuffler, SumOutcome, run_in_memory
+from secagg.paillier import (
+    PackingPlan,
+    PaillierClient,
+    PaillierKeyHolder,
+    PaillierPrivateKey,
+    PaillierPublicKey,
+    PaillierServer,
+    generate_keypair,
+)
+from secagg.ring import ring_bits_for
 
 
 def plus(neighbours: int | None = None, *, authenticated: bool = False) -> GraphSpec:
@@ -98,3 +108,59 @@ def recording(seen: list[Message], servers: list[Any]) -> Callable[[ServerMachin
         return srv
 
     return watch
+
+
+@dataclass
+class Paillier:
+    """One Paillier configuration (what ``fl.sums.paillier.PaillierSum`` builds from a bound spec).
+
+    ``key_holder``: ``"separate"`` (a key holder at ``KEY_HOLDER``) or ``"clients"`` (shared key, the
+    lowest surviving client decrypts). The ring is sized for ``cohort`` ``value_bits``-bit values.
+    """
+
+    size: int
+    cohort: int
+    value_bits: int = 16
+    key_holder: str = "separate"
+    min_clients: int = 2
+    keys: tuple[PaillierPublicKey, PaillierPrivateKey] = field(default_factory=lambda: _keypair(1024))
+
+    @property
+    def modulus(self) -> int:
+        return 1 << ring_bits_for(self.value_bits, self.cohort)
+
+    @property
+    def plan(self) -> PackingPlan:
+        return PackingPlan(self.keys[0].bits, self.value_bits, self.cohort)
+
+    def machines(self, values: Mapping[int, NDArray[Any]], *, session: bytes,
+                 round: int = 0) -> tuple[ServerMachine, dict[int, ClientMachine]]:
+        public, private = self.keys
+        shared = self.key_holder == "clients"
+        server = PaillierServer(sorted(values), self.size, session, round, public, self.plan,
+                                min_clients=self.min_clients, decryptor=None if shared else KEY_HOLDER,
+                                modulus=self.modulus, workers=1)
+        parties: dict[int, ClientMachine] = {
+            c: PaillierClient(c, v, session, round, public, self.plan, workers=1, modulus=self.modulus,
+                              private=private if shared else None, min_summands=self.min_clients)
+            for c, v in values.items()
+        }
+        if not shared:
+            parties[KEY_HOLDER] = PaillierKeyHolder(KEY_HOLDER, private, session, round, workers=1,
+                                                    min_summands=self.min_clients)
+        return server, parties
+
+    def run(self, values: Mapping[int, NDArray[Any]], *, session: bytes, dropouts: DropoutSchedule | None = None,
+            reorder: Shuffler | None = None) -> SumOutcome:
+        server, parties = self.machines(values, session=session)
+        return run_in_memory(server, parties, dropouts=dropouts, reorder=reorder)
+
+
+_KEYS: dict[int, tuple[PaillierPublicKey, PaillierPrivateKey]] = {}
+
+
+def _keypair(bits: int) -> tuple[PaillierPublicKey, PaillierPrivateKey]:
+    """One key pair per size for the whole test session (generation takes a while)."""
+    if bits not in _KEYS:
+        _KEYS[bits] = generate_keypair(bits=bits)
+    return _KEYS[bits]
