@@ -66,7 +66,7 @@ from secagg.errors import AbortError, CodecError, KeyMismatchError, OverflowRisk
 from secagg.machine import KEY_HOLDER, SERVER, Message
 from secagg.paillier import _fast as fast
 from secagg.paillier.packing import slot_bits_for
-from secagg.ring import to_signed
+from secagg.ring import ring_bits, to_signed
 
 __all__ = [
     "CiphertextBatch",
@@ -563,12 +563,14 @@ def ring_to_signed(value: NDArray[Any], modulus: int | None) -> NDArray[np.int64
         )
     if v.dtype.kind == "i" or modulus is None:
         return v.astype(np.int64)
-    if modulus & (modulus - 1) or modulus > (1 << 64):
-        raise OverflowRiskError(f"ring modulus must be a power of two <= 2^64, got {modulus}")
+    try:
+        bits = ring_bits(modulus, what="the ring modulus")
+    except ValueError as exc:
+        raise OverflowRiskError(str(exc)) from exc
     u = v.astype(np.uint64)
     if modulus < (1 << 64) and np.any(u >= np.uint64(modulus)):
         raise OverflowRiskError(f"a ring element is >= the modulus {modulus}; it was not encoded by Quantize")
-    return to_signed(u, modulus.bit_length() - 1)  # overflow-safe up to 2^64 (a 2^63 ring overflowed int64)
+    return to_signed(u, bits)  # overflow-safe up to 2^64 (a 2^63 ring overflowed int64)
 
 
 def _check_round(msg: Any, session: bytes, round: int) -> None:

@@ -13,10 +13,10 @@ Everything here is plain integer/numpy work (no key, no randomness); the crypto 
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 from numpy.typing import NDArray
+
+from secagg.ring import ring_bits_for
 
 __all__ = ["pack", "slot_bits_for", "unpack"]
 
@@ -25,7 +25,7 @@ _ROWS_PER_STEP = 512  # bound the temporaries (rows * slots * slot_bits bytes)
 
 def slot_bits_for(value_bits: int, summands: int) -> int:
     """Width of one slot holding the sum of ``summands`` offset-encoded ``value_bits``-bit values."""
-    return value_bits + max(0, math.ceil(math.log2(summands)))
+    return ring_bits_for(value_bits, summands)
 
 
 def pack(encoded: NDArray[np.uint64], *, slots: int, slot_bits: int) -> list[int]:

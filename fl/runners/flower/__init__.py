@@ -70,6 +70,7 @@ from secagg.errors import AbortError, CodecError, ProtocolError
 from secagg.machine import SERVER, ClientMachine, ServerMachine
 from secagg.machine import Message as ProtocolMessage
 from secagg.plain import PlainClient
+from secagg.ring import value_bits_for
 
 __all__ = [
     "DEFAULT_SUPERLINK_PORT",
@@ -238,7 +239,7 @@ def _guarded(fn: Any) -> Any:
 # ---------------------------------------------------------------------------------------------- sum task
 def _sum_protocol(job: FlowerJob) -> tuple[SecureSum, ValueSpec]:
     """The secure sum and ring spec of a ``sum`` job (values of ``ring_bits - log2(cohort)`` bits)."""
-    vbits = job.ring_bits - max(0, math.ceil(math.log2(max(1, job.clients))))
+    vbits = value_bits_for(job.ring_bits, max(1, job.clients))
     spec = ValueSpec(size=job.size, cohort=job.clients, domain="ring", modulus=1 << job.ring_bits, value_bits=vbits)
     ssum = _sum_of(job)
     return ssum, ssum.bind(spec)
