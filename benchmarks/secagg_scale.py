@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -44,6 +43,7 @@ from secagg._hazmat import prg
 from secagg.machine import ClientMachine, Message, ServerMachine
 from secagg.masking.messages import MaskedInput
 from secagg.masking.server import SecAggServer
+from secagg.ring import ring_bits_for
 
 INPUT_BITS = 16
 
@@ -155,7 +155,7 @@ def _limit(server: SecAggServer, d: int, dtype: Any) -> float:
 
 def run_row(n: int, d: int, dropout: float, *, full_d: int | None = None, seed: int = 0) -> dict[str, Any]:
     """One round; ``full_d``: report the expansion for this d (masked input encoded at full size)."""
-    bits = INPUT_BITS + max(0, math.ceil(math.log2(n)))
+    bits = ring_bits_for(INPUT_BITS, n)
     rng = np.random.default_rng(seed)
     values = {c: rng.integers(0, 1 << INPUT_BITS, size=d, dtype=np.uint64) for c in range(n)}
     spec = ValueSpec(size=d, cohort=n, domain="ring", modulus=1 << bits, value_bits=INPUT_BITS)

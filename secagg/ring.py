@@ -19,17 +19,57 @@ from numpy.typing import NDArray
 
 from secagg.errors import OverflowRiskError
 
-__all__ = ["MAX_RING_BITS", "Quantizer", "ring_bits_for", "to_signed"]
+__all__ = [
+    "MAX_RING_BITS",
+    "Quantizer",
+    "headroom_bits",
+    "is_power_of_two",
+    "is_ring_modulus",
+    "ring_bits",
+    "ring_bits_for",
+    "to_signed",
+    "value_bits_for",
+]
 
 MAX_RING_BITS = 63
 """Largest ring we use: sums are kept in uint64 and decoded through int64."""
 
 
-def ring_bits_for(value_bits: int, cohort: int) -> int:
-    """Bits of the ring that holds the sum of ``cohort`` signed ``value_bits``-bit values without wrap."""
+def headroom_bits(cohort: int) -> int:
+    """``ceil(log2(cohort))``: the extra bits a sum of ``cohort`` values needs (exact, in integers).
+
+    The one headroom rule: the ring (SecAgg), a Paillier slot and every sizing of a quantizer use it.
+    """
     if cohort < 1:
         raise ValueError(f"cohort must be >= 1, got {cohort}")
-    return value_bits + max(0, math.ceil(math.log2(cohort)))
+    return (cohort - 1).bit_length()
+
+
+def ring_bits_for(value_bits: int, cohort: int) -> int:
+    """Bits of the ring that holds the sum of ``cohort`` signed ``value_bits``-bit values without wrap."""
+    return value_bits + headroom_bits(cohort)
+
+
+def value_bits_for(ring_bits: int, cohort: int) -> int:
+    """The widest value whose sum over ``cohort`` clients fits ``ring_bits`` (the inverse of the rule)."""
+    return ring_bits - headroom_bits(cohort)
+
+
+def is_power_of_two(m: int) -> bool:
+    """Whether ``m`` is 2^k for some k >= 0 (the one power-of-two check)."""
+    return m >= 1 and not m & (m - 1)
+
+
+def is_ring_modulus(modulus: int) -> bool:
+    """Whether ``modulus`` is 2^k with 1 <= k <= 64 (a ring whose words fit uint64)."""
+    return 2 <= modulus <= (1 << 64) and is_power_of_two(modulus)
+
+
+def ring_bits(modulus: int, *, what: str = "the modulus") -> int:
+    """k for a ring modulus 2^k with 1 <= k <= 64; a clear ``ValueError`` otherwise."""
+    if not is_ring_modulus(modulus):
+        raise ValueError(f"{what} must be a power of two in [2, 2^64], got {modulus}: size the ring with Quantize")
+    return modulus.bit_length() - 1
 
 
 @dataclass(frozen=True, slots=True)

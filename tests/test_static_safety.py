@@ -38,7 +38,8 @@ ALLOWED: dict[tuple[str, str], str] = {
     ("fl/testing/assertions.py", "hashlib"): "SHA-256 of a test's node id for a reproducible audit seed tag",
     ("dp/rng.py", "cryptography"): "SecureRandom's AES-CTR stream (a CSPRNG primitive outside secagg/_hazmat)",
     ("dp/rng.py", "hashlib"): "SHA-256 of the named test seam's seed",
-    ("secagg/paillier/__init__.py", "hashlib"): "key fingerprint and hash-to-Z_n* for fixed-base randomness (Paillier)",
+    ("secagg/paillier/keys.py", "hashlib"): "key fingerprint and hash-to-Z_n* for fixed-base randomness (Paillier)",
+    ("secagg/paillier/ciphertexts.py", "hashlib"): "SHA-256 digest of a ciphertext batch (transit corruption check)",
     ("secagg/paillier/_fast.py", "secrets"): "Paillier encryption randomness r and exponents",
 }
 

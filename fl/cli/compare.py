@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from fl.config import DP_TOKENS, PrivacyConfig, TrainConfig
 from fl.report import finish_epsilon_plot
+from secagg.ring import ring_bits
 
 if TYPE_CHECKING:
     from fl.training.loop import Federation
@@ -153,7 +154,7 @@ def _probe(config: TrainConfig) -> tuple[dict[str, Any], Federation]:
     elif isinstance(summer, PlainSum) or spec.domain != "ring" or spec.modulus is None:
         n, how = spec.size * 4, f"{spec.size} values x 4 bytes"
     else:
-        ring = spec.modulus.bit_length() - 1
+        ring = ring_bits(spec.modulus)
         n, how = math.ceil(spec.size * ring / 8), f"{spec.size} values x {ring}-bit ring"
     return {"bytes_per_client_per_round": n, "how": how, "parameters": int(fed.params.size)}, fed
 

@@ -252,12 +252,12 @@ def secure_total(
     from fl.pipeline import Pipeline
     from fl.runners.local import run_secure_sum
     from fl.spec import RoundInfo
-    from secagg.ring import MAX_RING_BITS
+    from secagg.ring import MAX_RING_BITS, value_bits_for
 
     cids = sorted(vectors)
     size = len(next(iter(vectors.values())))
     layers = [] if _is_plain(ssum) else [
-        Quantize(bits=min(48, MAX_RING_BITS - math.ceil(math.log2(max(2, len(cids))))), bound=bound)
+        Quantize(bits=min(48, value_bits_for(MAX_RING_BITS, max(2, len(cids)))), bound=bound)
     ]
     bound_pipe = Pipeline(layers, sum=ssum).bind(ValueSpec(size=max(1, size), cohort=len(cids)))
     encoded = {}

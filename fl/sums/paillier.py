@@ -37,6 +37,7 @@ from secagg.paillier import (
     generate_keypair,
     security_bits,
 )
+from secagg.ring import is_ring_modulus
 
 __all__ = ["PaillierSum"]
 
@@ -125,7 +126,7 @@ class PaillierSum:
                 f"a Paillier sum over a cohort of {spec.cohort} client(s) would decrypt fewer than min_clients="
                 f"{self.min_clients} updates, revealing them: sample a cohort of at least {self.min_clients}"
             )
-        if spec.modulus & (spec.modulus - 1) or spec.modulus > (1 << 64):
+        if not is_ring_modulus(spec.modulus):
             raise CompositionError("PaillierSum needs a power-of-two ring modulus <= 2^64 (use Quantize)")
         plan = self.plan(spec)
         if (1 << plan.slot_bits) > spec.modulus:

@@ -15,6 +15,7 @@ from fl.spec import CompositionError, Guarantee, RoundInfo, ValueSpec
 from secagg.machine import ClientMachine, ServerMachine
 from secagg.masking.graph import threshold_for
 from secagg.plain import PlainClient, PlainServer
+from secagg.ring import is_power_of_two
 
 __all__ = ["PlainSum", "threshold_count"]
 
@@ -45,7 +46,7 @@ class PlainSum:
         return max(1, self.min_clients)
 
     def bind(self, spec: ValueSpec) -> ValueSpec:
-        if spec.domain == "ring" and (spec.modulus is None or spec.modulus & (spec.modulus - 1)):
+        if spec.domain == "ring" and (spec.modulus is None or not is_power_of_two(spec.modulus)):
             raise CompositionError("a ring-domain value needs a power-of-two modulus (use Quantize)")
         return spec
 

@@ -11,7 +11,6 @@ a client id is seen, held for the adapter's lifetime -- it plays the role of the
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from secagg.machine import ClientMachine, ServerMachine
 from secagg.masking.client import IdentityKeys, SecAggClient
 from secagg.masking.graph import GraphSpec, achieved_bits
 from secagg.masking.server import SecAggServer
+from secagg.ring import is_ring_modulus, ring_bits, ring_bits_for
 
 __all__ = ["IdentityRegistry", "SecAgg", "SecAggPlus", "max_colluders"]
 
@@ -59,18 +59,18 @@ class IdentityRegistry:
 
 def _check_ring(spec: ValueSpec) -> None:
     m = spec.modulus
-    if spec.domain != "ring" or m is None or m < 2 or m & (m - 1) or m > (1 << 64):
+    if spec.domain != "ring" or m is None or not is_ring_modulus(m):
         raise CompositionError(_RING_MESSAGE)
     if spec.value_bits is None:
         raise CompositionError(
             "SecAgg needs the bit width of each client's value to check that the cohort's sum cannot wrap: "
             "put Quantize(bits=...) before it"
         )
-    need = spec.value_bits + max(0, math.ceil(math.log2(spec.cohort)))
-    if need > m.bit_length() - 1:
+    need, have = ring_bits_for(spec.value_bits, spec.cohort), ring_bits(m)
+    if need > have:
         raise CompositionError(
             f"the sum of {spec.cohort} clients' {spec.value_bits}-bit values needs a {need}-bit ring but the "
-            f"modulus is 2^{m.bit_length() - 1}: it would wrap. Size Quantize for the cohort"
+            f"modulus is 2^{have}: it would wrap. Size Quantize for the cohort"
         )
 
 
@@ -333,7 +333,7 @@ def _guarantee(
         "authenticated": authenticated,
         "max_colluders": c,
         "max_dropouts": m - t,
-        "modulus_bits": (spec.modulus or 2).bit_length() - 1,
+        "modulus_bits": ring_bits(spec.modulus or 2),
         "included": info.n_included,
     }
     if not complete:

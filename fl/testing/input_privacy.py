@@ -36,6 +36,7 @@ from fl.spec import Guarantee, RoundInfo, SecureSum, ValueSpec
 from fl.testing.assertions import InputPrivacyRequirement, PrivacyAssertionError
 from secagg.errors import AbortError, ProtocolError
 from secagg.machine import ClientMachine, Message, ServerMachine
+from secagg.ring import ring_bits
 
 __all__ = ["CheckResult", "InputPrivacyReport", "assert_input_private"]
 
@@ -229,7 +230,7 @@ def _check_uniform(rec: _RecordingServer, spec: ValueSpec, significance: float) 
                            "the inputs reach it unmasked", suspect)
     if spec.modulus is None:
         return CheckResult(name, "FAIL", "the sum's spec has no ring modulus, so nothing masks the inputs", suspect)
-    bits = spec.modulus.bit_length() - 1
+    bits = ring_bits(spec.modulus)
     mask = np.uint64(spec.modulus - 1) if bits < 64 else np.uint64(2**64 - 1)
     vecs = [v.astype(np.uint64).ravel() & mask for _, v in ups]
     ok, detail = _uniformity(np.concatenate(vecs), bits, significance / 2)

@@ -10,6 +10,7 @@ import numpy as np
 
 from secagg._hazmat import aead, commit, shamir
 from secagg.masking.messages import MaskedInput, ShareKeys, UnmaskResponse
+from secagg.ring import ring_bits as ring_bits  # the one rule, for client and server
 
 __all__: list[str] = []
 
@@ -78,12 +79,6 @@ def survivors_payload(session: bytes, round: int, survivors: Sequence[int]) -> b
 def word_dtype(modulus: int) -> type[np.unsignedinteger]:
     """uint32 words when the ring fits (k <= 32), else uint64."""
     return np.uint32 if modulus <= (1 << 32) else np.uint64
-
-
-def ring_bits(modulus: int) -> int:
-    if modulus < 2 or modulus & (modulus - 1) or modulus > (1 << 64):
-        raise ValueError(f"the modulus must be a power of two in [2, 2^64], got {modulus}")
-    return modulus.bit_length() - 1
 
 
 def sorted_unique(ids: Sequence[int]) -> bool:
