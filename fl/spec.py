@@ -15,6 +15,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
+from fl.errors import CompositionError
 from secagg.machine import ClientMachine, ServerMachine
 
 __all__ = [
@@ -31,10 +32,6 @@ __all__ = [
 ]
 
 Domain = Literal["real", "ring"]
-
-
-class CompositionError(ValueError):
-    """Layers were composed in an order that cannot work; the message names the fix."""
 
 
 @dataclass(frozen=True, slots=True)
