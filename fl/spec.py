@@ -165,6 +165,11 @@ class SecureSum(Protocol):
         """The fewest included clients a round over ``spec.cohort`` planned may be summed with."""
         ...
 
+    @property
+    def hides_updates(self) -> bool:
+        """Whether the server learns only the sum (a secure sum) or every client's value (a plain sum)."""
+        ...
+
     def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]: ...
 
 

@@ -24,7 +24,7 @@ discretization, and the epsilon: anyone can rebuild the event with dp-accounting
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -103,7 +103,7 @@ class DpFedAvgAccounting:
         delta: float,
         accountant: AccountantName = "pld",
         epsilon: float | None = None,
-        floor: SurvivorFloor | None = None,
+        floor: Callable[[int], int] | None = None,
         sum_hides_updates: bool = True,
     ) -> None:
         if not 0 < delta < 1:
