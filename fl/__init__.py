@@ -1,1 +1,73 @@
-"""fl: federated training that composes privacy layers (``dp``) and secure sums (``secagg``)."""
+"""fl: federated training that composes privacy layers (``dp``) and secure sums (``secagg``).
+
+The curated public API (static imports; importing ``fl`` never imports Flower, which is optional):
+
+- run: :func:`train` (a :class:`TrainConfig` -> the JSON-ready report), :class:`Federation` (the
+  in-memory composition), its halves :class:`ClientSide` (one site) and :class:`ServerSide`.
+- compose: :class:`Pipeline` of layers (:class:`Clip`, :class:`Quantize`, :class:`GaussianNoise`) ending
+  in one secure sum (:class:`PlainSum`, :class:`SecAgg`, :class:`SecAggPlus`, :class:`PaillierSum`);
+  the contracts :class:`Layer`, :class:`SecureSum`, :class:`ValueSpec`, :class:`RoundInfo`,
+  :class:`Guarantee`; the CLI words in :data:`STAGES` (:func:`build_plan`).
+- errors: every error ``fl`` raises on purpose (:mod:`fl.errors`).
+"""
+
+from fl.config import PrivacyConfig, TrainConfig
+from fl.errors import (
+    BudgetExhaustedError,
+    CheckpointError,
+    CompositionError,
+    DataError,
+    NonFiniteUpdateError,
+    TrainingInterrupted,
+)
+from fl.layers.clip import Clip, Quantize
+from fl.layers.noise import GaussianNoise
+from fl.pipeline import BoundPipeline, Pipeline
+from fl.privacy.ledger import Ledger
+from fl.privacy.plan import STAGES, PrivacyPlan, Stage, build_plan
+from fl.spec import Guarantee, Layer, RoundInfo, SecureSum, TrainResult, ValueSpec
+from fl.sums.paillier import PaillierSum
+from fl.sums.plain import PlainSum
+from fl.sums.secagg import SecAgg, SecAggPlus
+from fl.training.client import ClientSide
+from fl.training.dp_sgd import DpSgdTrainer
+from fl.training.loop import Federation, train
+from fl.training.server import ServerSide
+from fl.training.trainers import PlainTrainer
+
+__all__ = [
+    "STAGES",
+    "BoundPipeline",
+    "BudgetExhaustedError",
+    "CheckpointError",
+    "ClientSide",
+    "Clip",
+    "CompositionError",
+    "DataError",
+    "DpSgdTrainer",
+    "Federation",
+    "GaussianNoise",
+    "Guarantee",
+    "Layer",
+    "Ledger",
+    "NonFiniteUpdateError",
+    "PaillierSum",
+    "Pipeline",
+    "PlainSum",
+    "PlainTrainer",
+    "PrivacyConfig",
+    "PrivacyPlan",
+    "Quantize",
+    "RoundInfo",
+    "SecAgg",
+    "SecAggPlus",
+    "SecureSum",
+    "ServerSide",
+    "Stage",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingInterrupted",
+    "ValueSpec",
+    "build_plan",
+    "train",
+]
