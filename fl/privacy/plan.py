@@ -45,8 +45,8 @@ from fl.sums.secagg import SecAgg, SecAggPlus
 from fl.training.dp_sgd import DpSgdTrainer
 
 __all__ = [
-    "KNOWN_TOKENS", "STAGES", "PlanContext", "PrivacyPlan", "Stage", "SumFloor", "build_plan", "is_sum_token",
-    "known_tokens", "secure_sum_for",
+    "KNOWN_TOKENS", "STAGES", "Calibrator", "PlanContext", "PrivacyPlan", "Stage", "SumFloor", "build_plan",
+    "is_sum_token", "known_tokens", "secure_sum_for",
 ]
 
 
@@ -79,6 +79,9 @@ class PlanContext:
         mu = q * self.population
         return min(self.population, max(2, math.floor(mu - 6 * math.sqrt(mu * (1 - q)))))
 
+
+Calibrator = Callable[..., float]
+"""``calibrate_noise``'s signature (keyword arguments only): the smallest noise multiplier for a budget."""
 
 StageKind = Literal["none", "layer", "noise", "sum", "trainer"]
 
@@ -179,7 +182,8 @@ def _client_sampling(config: TrainConfig, population: int) -> tuple[float, Liter
 
 
 def _calibrate(
-    config: TrainConfig, layer: GaussianNoise, spec: ValueSpec, worst: RoundInfo, *, hides: bool
+    config: TrainConfig, layer: GaussianNoise, spec: ValueSpec, worst: RoundInfo, *, hides: bool,
+    calibrate: Calibrator = calibrate_noise,
 ) -> tuple[float, str]:
     """The smallest multiplier meeting the budget for every observer of the layer, in the worst round.
 
@@ -190,7 +194,7 @@ def _calibrate(
     assert pc.epsilon is not None
     best, which = 0.0, ""
     for observer, unit in layer.steps(spec, worst, sum_hides_updates=hides).items():
-        z = calibrate_noise(
+        z = calibrate(
             epsilon=pc.epsilon, delta=pc.delta, sample_rate=unit.sample_rate, steps=config.rounds,
             accountant=pc.accountant, sampling=unit.sampling, population=unit.population or None,
         ) / unit.noise_multiplier
@@ -200,7 +204,8 @@ def _calibrate(
 
 
 def _dp_fedavg(
-    config: TrainConfig, token: str, population: int, size: int, ssum: SecureSum, notes: list[str]
+    config: TrainConfig, token: str, population: int, size: int, ssum: SecureSum, notes: list[str],
+    calibrate: Calibrator = calibrate_noise,
 ) -> tuple[GaussianNoise, DpFedAvgAccounting]:
     pc = config.privacy
     q, sampling, expected = _client_sampling(config, population)
@@ -218,7 +223,7 @@ def _dp_fedavg(
         worst = RoundInfo(round=0, planned=tuple(range(expected)), included=tuple(range(n_worst)),
                           population=population, sample_rate=q, sampling=sampling)
         spec = ValueSpec(size=size, cohort=expected, l2_bound=pc.clip)
-        z, observer = _calibrate(config, layer, spec, worst, hides=hides)
+        z, observer = _calibrate(config, layer, spec, worst, hides=hides, calibrate=calibrate)
         layer = GaussianNoise(multiplier=z, placement=placement, shares=expected)
         notes.append(
             f"DP-FedAvg noise multiplier {z:.4f} calibrated for ({pc.epsilon:g}, {pc.delta:g})-DP at client level "
@@ -265,7 +270,7 @@ def _dp_fedavg_notes(
 
 
 def _dp_sgd(
-    config: TrainConfig, client_sizes: Mapping[int, int], notes: list[str]
+    config: TrainConfig, client_sizes: Mapping[int, int], notes: list[str], calibrate: Calibrator = calibrate_noise
 ) -> tuple[DpSgdTrainer, DpSgdAccounting]:
     pc = config.privacy
     batch = pc.dpsgd_batch_size
@@ -286,7 +291,7 @@ def _dp_sgd(
         if pc.epsilon is not None:
             key = (q, per_round * config.rounds)
             if key not in cache:
-                cache[key] = calibrate_noise(
+                cache[key] = calibrate(
                     epsilon=pc.epsilon, delta=pc.delta, sample_rate=q, steps=key[1], accountant=pc.accountant
                 )
             z = cache[key]
@@ -350,9 +355,13 @@ def _bind_check(pipeline: Pipeline, config: TrainConfig, *, size: int, populatio
 
 
 def build_plan(
-    config: TrainConfig, *, size: int, population: int, client_sizes: Mapping[int, int]
+    config: TrainConfig, *, size: int, population: int, client_sizes: Mapping[int, int],
+    calibrate: Calibrator = calibrate_noise,
 ) -> PrivacyPlan:
-    """Build the plan for ``config.privacy``; raises ``CompositionError`` for an unknown or bad spec."""
+    """Build the plan for ``config.privacy``; raises ``CompositionError`` for an unknown or bad spec.
+
+    ``calibrate``: :func:`dp.accounting.calibrate_noise` or a memo of it with the same keyword
+    arguments and result (a Flower node keeps one across ClientApp processes)."""
     tokens = config.privacy.tokens()
     sums, noises, dp_sgd = _parse(tokens)
     min_clients = 1  # distributed noise: every sum stops a round below the --threshold of the planned clients
@@ -368,11 +377,11 @@ def build_plan(
         if stage.kind == "layer" and stage.build is not None:
             layers.append(cast(Layer, stage.build(ctx)))
         elif stage.kind == "noise":
-            layer, accounting = _dp_fedavg(config, t, population, size, ssum, notes)
+            layer, accounting = _dp_fedavg(config, t, population, size, ssum, notes, calibrate)
             layers.append(layer)
     trainer: ClientTrainer | None = None
     if dp_sgd:
-        trainer, accounting = _dp_sgd(config, client_sizes, notes)
+        trainer, accounting = _dp_sgd(config, client_sizes, notes, calibrate)
     if sums and not any(isinstance(layer, Quantize) for layer in layers):  # a secure sum sums a ring
         if not any(isinstance(layer, Clip) for layer in layers):
             layers.append(Clip(l2=config.privacy.clip))

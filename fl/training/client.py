@@ -17,11 +17,12 @@ import torch
 from numpy.typing import NDArray
 from torch import nn
 
+from dp.accounting import calibrate_noise
 from fl.config import TrainConfig
 from fl.data.sites import Dataset
 from fl.errors import NonFiniteUpdateError
 from fl.pipeline import BoundPipeline
-from fl.privacy.plan import PrivacyPlan
+from fl.privacy.plan import Calibrator, PrivacyPlan
 from fl.spec import ClientTrainer, RandomSource, TrainResult
 from fl.training.models import build_model, flatten_parameters
 from fl.training.seeds import derive_seed, party_rng
@@ -91,16 +92,17 @@ class ClientSide:
         self.trainer: ClientTrainer = run.trainer
 
     @classmethod
-    def for_site(cls, config: TrainConfig, cid: int) -> ClientSide:
+    def for_site(cls, config: TrainConfig, cid: int, *, calibrate: Calibrator = calibrate_noise) -> ClientSide:
         """Client ``cid``'s side of the run ``config`` describes, rebuilt deterministically (a SuperNode).
 
-        Its privacy plan is calibrated for this client only (DP-SGD: one calibration, not one per site).
+        Its privacy plan is calibrated for this client only (DP-SGD: one calibration, not one per site);
+        ``calibrate``: a memo of :func:`dp.accounting.calibrate_noise` (see :func:`fl.privacy.plan.build_plan`).
         """
         sites = load_sites(config)
         if not 0 <= cid < sites.population:
             raise ValueError(f"client {cid} is not in this run's {sites.population} clients")
         worker = Worker.for_config(config, sites.data)
-        run = plan_run(config, size=worker.size, sites=sites, only=cid)
+        run = plan_run(config, size=worker.size, sites=sites, only=cid, calibrate=calibrate)
         idx = torch.from_numpy(sites.parts[cid])
         return cls(
             cid, torch.from_numpy(sites.data.x_train)[idx], torch.from_numpy(sites.data.y_train)[idx],

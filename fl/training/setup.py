@@ -15,11 +15,12 @@ from typing import Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from dp.accounting import calibrate_noise
 from fl.config import TrainConfig
 from fl.data.sites import Dataset, load_federated, partition
 from fl.data.stats import FederatedStats
 from fl.pipeline import BoundPipeline
-from fl.privacy.plan import PrivacyPlan, build_plan
+from fl.privacy.plan import Calibrator, PrivacyPlan, build_plan
 from fl.spec import ClientTrainer, ValueSpec
 from fl.training.trainers import PlainTrainer
 
@@ -110,7 +111,9 @@ def training_budget(config: TrainConfig, stats: tuple[float, float] | None) -> T
     return replace(config, privacy=replace(config.privacy, epsilon=left))
 
 
-def plan_run(config: TrainConfig, *, size: int, sites: Sites, only: int | None = None) -> RunPlan:
+def plan_run(
+    config: TrainConfig, *, size: int, sites: Sites, only: int | None = None, calibrate: Calibrator = calibrate_noise
+) -> RunPlan:
     """Build and bind the privacy plan for a model of ``size`` parameters over ``sites``.
 
     ``only``: a client side's own plan; per-client calibration (DP-SGD) is done for that client alone
@@ -122,7 +125,7 @@ def plan_run(config: TrainConfig, *, size: int, sites: Sites, only: int | None =
     sizes = sites.client_sizes
     plan = build_plan(
         training_budget(config, stats_budget), size=size, population=population,
-        client_sizes={only: sizes[only]} if only is not None else sizes,
+        client_sizes={only: sizes[only]} if only is not None else sizes, calibrate=calibrate,
     )
     trainer = plan.trainer or PlainTrainer(
         epochs=config.local_epochs, lr=config.client_lr, batch_size=config.batch_size, optimizer=config.optimizer

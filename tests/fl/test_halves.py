@@ -92,9 +92,9 @@ def _flower_setup(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[int]]:
     built: list[int] = []
     real = ClientSide.for_site.__func__  # type: ignore[attr-defined]
 
-    def counting(cls: type[ClientSide], config: TrainConfig, cid: int) -> ClientSide:
+    def counting(cls: type[ClientSide], config: TrainConfig, cid: int, **kw: Any) -> ClientSide:
         built.append(cid)
-        return real(cls, config, cid)  # type: ignore[no-any-return]
+        return real(cls, config, cid, **kw)  # type: ignore[no-any-return]
 
     monkeypatch.setattr(ClientSide, "for_site", classmethod(counting))
     return runner, built
@@ -137,3 +137,32 @@ def test_flower_client_rebuilds_for_another_job_or_run(tmp_path: Path, monkeypat
     assert built == [0, 0]
     (key,) = runner._CLIENT_SIDES  # only the latest run's side is kept
     assert key[0] == 1 and '"seed": 6' in key[1]
+
+
+def test_a_cold_process_reuses_the_nodes_calibration_and_checks_it(tmp_path: Path) -> None:
+    """The memo lives in the node's own state; a stored value that misses the budget is recomputed."""
+    pytest.importorskip("flwr")
+    import time
+
+    from flwr.app import ConfigRecord
+
+    from dp.accounting import calibrate_noise
+    from fl.runners.flower.calibrations import RECORD, NodeCalibrations
+    from tests.adversary.flower_harness import node_context
+
+    ctx = node_context(tmp_path, 11, 0, 3, "{}")
+    config = _config(CONFIGS["dp-sgd"])
+    t0 = time.perf_counter()
+    first = ClientSide.for_site(config, 2, calibrate=NodeCalibrations(ctx))
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    again = ClientSide.for_site(config, 2, calibrate=NodeCalibrations(ctx))  # a fresh process, same node state
+    warm = time.perf_counter() - t0
+    z = first.plan.trainer.noise_for(2)  # type: ignore[union-attr]
+    assert again.plan.trainer.noise_for(2) == z == Federation(config).plan.trainer.noise_for(2)  # type: ignore
+    assert warm < cold
+    rec: Any = ctx.state[RECORD]
+    kwargs = __import__("json").loads(rec["keys"][0])
+    assert float(rec["values"][0]) == calibrate_noise(**kwargs)
+    ctx.state[RECORD] = ConfigRecord({"keys": list(rec["keys"]), "values": [z / 10]})  # too little noise
+    assert NodeCalibrations(ctx)(**kwargs) == z  # refused, recalibrated

@@ -223,15 +223,18 @@ def _client_side(context: Context, job: FlowerJob, cid: int) -> Any:
 
     Built once per process and run, keyed by run id and the job's exact text (a different job under the
     same run id builds a new one); a cold process (Flower may start one per message) rebuilds it
-    deterministically from the job's config alone. Only the latest run is kept.
+    deterministically from the job's config alone, reusing the noise calibrations this node memoised in
+    its own state (:mod:`fl.runners.flower.calibrations`). Only the latest run is kept.
     """
     key = (int(context.run_id), job.to_json(), cid)
     side = _CLIENT_SIDES.get(key)
     if side is None:
+        from fl.runners.flower.calibrations import NodeCalibrations
         from fl.training.client import ClientSide
 
         _CLIENT_SIDES.clear()
-        side = _CLIENT_SIDES[key] = ClientSide.for_site(_train_config(job), cid)
+        side = ClientSide.for_site(_train_config(job), cid, calibrate=NodeCalibrations(context))
+        _CLIENT_SIDES[key] = side
     return side
 
 
