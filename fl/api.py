@@ -422,18 +422,21 @@ class _ApiFederation(Federation):
     user_evaluation: Callable[[nn.Module], Mapping[str, float]] | None = None
     has_test_rows: bool = True
 
-    def evaluate(self) -> dict[str, float]:
-        if self.user_evaluation is not None:
-            set_flat(self.model, self.params)
-            self.model.eval()
-            with torch.no_grad():
-                metrics = self.user_evaluation(self.model)
-            if not isinstance(metrics, Mapping):
-                raise TypeError(f"evaluation(model) must return a dict of metrics, got {type(metrics).__name__}")
-            return {str(k): float(v) for k, v in metrics.items()}
-        if not self.has_test_rows:
-            return {}
-        return super().evaluate()
+    def use_evaluation(self) -> None:
+        """Route the server side's evaluation (every round's record and the final metrics) through the user's."""
+        user, has_rows, server = self.user_evaluation, self.has_test_rows, self.server
+
+        def run(model: nn.Module) -> dict[str, float]:
+            if user is not None:
+                model.eval()
+                with torch.no_grad():
+                    metrics = user(model)
+                if not isinstance(metrics, Mapping):
+                    raise TypeError(f"evaluation(model) must return a dict of metrics, got {type(metrics).__name__}")
+                return {str(k): float(v) for k, v in metrics.items()}
+            return server.test_metrics() if has_rows else {}
+
+        server.evaluation = run
 
 
 def _csv_dataset(
@@ -534,6 +537,7 @@ def _federation(
     fed.has_test_rows = len(data.y_test) > 0
     if callable(evaluation):
         fed.user_evaluation = evaluation
+    fed.use_evaluation()
     if isinstance(fed.trainer, PlainTrainer | DpSgdTrainer):
         fed.trainer = dataclasses.replace(fed.trainer, optimizer_factory=factory, loss=loss_fn)
     else:  # pragma: no cover - the plan only builds these two

@@ -21,6 +21,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 from numpy.typing import NDArray
 
+from fl.errors import CompositionError
 from secagg.machine import ClientMachine, ServerMachine
 
 __all__ = [
@@ -38,10 +39,6 @@ __all__ = [
 ]
 
 Domain = Literal["real", "ring"]
-
-
-class CompositionError(ValueError):
-    """Layers were composed in an order that cannot work; the message names the fix."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +198,11 @@ class SecureSum(Protocol):
 
     def min_included(self, spec: ValueSpec) -> int:
         """The fewest included clients a round over ``spec.cohort`` planned may be summed with."""
+        ...
+
+    @property
+    def hides_updates(self) -> bool:
+        """Whether the server learns only the sum (a secure sum) or every client's value (a plain sum)."""
         ...
 
     def guarantees(self, spec: ValueSpec, info: RoundInfo) -> tuple[Guarantee, ...]: ...

@@ -288,10 +288,10 @@ def _stats_sum(config: TrainConfig, sites: int) -> SecureSum:
     Every site takes part in the statistics sum, so its clients pin the full cohort of ``sites``."""
     import dataclasses
 
-    from fl.privacy.plan import secure_sum_for
+    from fl.privacy.plan import is_sum_token, secure_sum_for
     from fl.sums.plain import PlainSum
 
-    sums = [t for t in config.privacy.tokens() if t in ("secagg", "secagg+", "paillier")]
+    sums = [t for t in config.privacy.tokens() if is_sum_token(t)]
     every_site = dataclasses.replace(config, sample_rate=None, cohort=None)
     return secure_sum_for(sums[0], every_site, sites) if sums else PlainSum()
 

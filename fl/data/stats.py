@@ -41,6 +41,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
 from dp.accounting import calibrate_noise, gaussian_epsilon
 from dp.rng import SecureRandom
+from fl.errors import DataError
 from fl.spec import Guarantee, RandomSource, SecureSum, ValueSpec
 
 __all__ = [
@@ -67,10 +68,6 @@ known noise (``tau^2 / (tau^2 + s^2)``, ``s = sigma / rows``). Large data sets k
 ones fall back towards the prior instead of dividing by a noisy variance."""
 PRIOR_MEAN_SPREAD = 0.25
 PRIOR_VARIANCE_SPREAD = 1.0 / 64
-
-
-class DataError(ValueError):
-    """A data set, CSV or partition cannot be used as asked; the message names the fix."""
 
 
 class DataWarning(UserWarning):

@@ -31,7 +31,7 @@ count's noise std, from the noise actually added -- from which anyone recomputes
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -113,7 +113,7 @@ class DpFedAvgAccounting:
         delta: float,
         accountant: AccountantName = "pld",
         epsilon: float | None = None,
-        floor: SurvivorFloor | None = None,
+        floor: Callable[[int], int] | None = None,
         sum_hides_updates: bool = True,
         adaptive: AdaptiveClip | None = None,
     ) -> None:

@@ -1,6 +1,10 @@
 """Turn a privacy spec (``--privacy clip,noise,secagg+``) into a pipeline, a client trainer and accounting.
 
-This is the one place that knows every token; each token maps to a layer, a sum, or a trainer:
+:data:`STAGES` is the one table of ``--privacy`` words: each maps to a factory that builds a layer, a
+secure sum or a trainer from the run's settings (a :class:`PlanContext`). Objects decide the rest: the
+order rules live in :meth:`fl.pipeline.Pipeline.bind` (the layers' and the sum's own ``bind``), and each
+sum states its own guarantee, whether it hides the updates (``hides_updates``) and the fewest clients it
+may be released with (``min_included``). A new secure sum is its own module plus one line here.
 
 - ``clip``: ``Clip(l2=clip)``; ``quantize``: ``Quantize(bits)`` (implied before a secure sum).
 - ``secagg`` / ``secagg+`` / ``paillier``: the secure sum (last stage).
@@ -13,35 +17,40 @@ This is the one place that knows every token; each token maps to a layer, a sum,
   norm ``clip``); needs ``noise``/``dnoise``, whose one Gaussian also covers its noisy count.
 - ``dp-sgd``: example-level DP-SGD in each client's local training (:class:`fl.training.dp_sgd.DpSgdTrainer`).
 
-``noise``/``dnoise`` need ``clip`` before them and force unweighted averaging (``weighting="uniform"``), as
-the DP-FedAvg analysis requires. When ``epsilon`` is set the noise multiplier is calibrated with
-dp-accounting's ``calibrate_dp_mechanism``: for DP-FedAvg, ``config.rounds`` of the layer's worst-case
-round (fewest survivors) for each observer it protects, taking the largest; for DP-SGD, per
-client, ``config.rounds * local_epochs * ceil(n_k / batch)`` Poisson steps at rate ``batch / n_k``
-(assuming the client takes part in every round, so the budget holds whatever the client sampling).
+``noise``/``dnoise`` force unweighted averaging (``weighting="uniform"``), as the DP-FedAvg analysis
+requires. When ``epsilon`` is set the noise multiplier is calibrated with dp-accounting's
+``calibrate_dp_mechanism``: for DP-FedAvg, ``config.rounds`` of the layer's worst-case round (fewest
+survivors, the sum's own ``min_included``) for each observer it protects, taking the largest; for
+DP-SGD, per client, ``config.rounds * local_epochs * ceil(n_k / batch)`` Poisson steps at rate
+``batch / n_k`` (assuming the client takes part in every round, so the budget holds whatever the
+client sampling).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 from dp.accounting import calibrate_noise
 from fl.config import TrainConfig
+from fl.errors import CompositionError
 from fl.layers.adaptive_clip import AdaptiveClip
 from fl.layers.clip import Clip, Quantize
 from fl.layers.noise import GaussianNoise
 from fl.pipeline import Pipeline
-from fl.privacy.accounting import DpFedAvgAccounting, DpSgdAccounting, SurvivorFloor
-from fl.spec import ClientTrainer, CompositionError, Layer, PrivacyAccounting, RoundInfo, SecureSum, ValueSpec
+from fl.privacy.accounting import DpFedAvgAccounting, DpSgdAccounting
+from fl.spec import ClientTrainer, Layer, PrivacyAccounting, RoundInfo, SecureSum, ValueSpec
+from fl.sums.paillier import PaillierSum
 from fl.sums.plain import PlainSum, threshold_count
+from fl.sums.secagg import SecAgg, SecAggPlus
 from fl.training.dp_sgd import DpSgdTrainer
 
-__all__ = ["KNOWN_TOKENS", "PrivacyPlan", "build_plan", "secure_sum_for"]
-
-KNOWN_TOKENS = ("none", "clip", "aclip", "quantize", "secagg", "secagg+", "paillier", "noise", "dnoise", "dp-sgd")
+__all__ = [
+    "KNOWN_TOKENS", "STAGES", "Calibrator", "PlanContext", "PrivacyPlan", "Stage", "SumFloor", "build_plan",
+    "is_sum_token", "known_tokens", "secure_sum_for",
+]
 
 
 @dataclass(frozen=True)
@@ -55,41 +64,135 @@ class PrivacyPlan:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
+@dataclass(frozen=True)
+class PlanContext:
+    """The run's settings a stage factory may read."""
+
+    config: TrainConfig
+    population: int
+    min_clients: int = 1  # every sum stops a round below this (distributed noise: --threshold of the planned)
+
+    @property
+    def min_cohort(self) -> int | None:
+        """The smallest cohort clients accept (a server cannot shrink t): the fixed cohort (``None``), or
+        for Poisson sampling six standard deviations below the expected count (smaller rounds abort)."""
+        q = self.config.sample_rate
+        if q is None:
+            return None
+        mu = q * self.population
+        return min(self.population, max(2, math.floor(mu - 6 * math.sqrt(mu * (1 - q)))))
+
+
+Calibrator = Callable[..., float]
+"""``calibrate_noise``'s signature (keyword arguments only): the smallest noise multiplier for a budget."""
+
+StageKind = Literal["none", "layer", "noise", "sum", "trainer"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What one ``--privacy`` word builds: a layer, a secure sum, a noise layer (calibrated) or a trainer."""
+
+    kind: StageKind
+    build: Callable[[PlanContext], object] | None = None
+
+    @classmethod
+    def secure_sum(cls, factory: Callable[[PlanContext], SecureSum]) -> Stage:
+        return cls("sum", factory)
+
+    @classmethod
+    def layer(cls, factory: Callable[[PlanContext], Layer]) -> Stage:
+        return cls("layer", factory)
+
+
+def _secagg(ctx: PlanContext) -> SecureSum:
+    return SecAgg(threshold=ctx.config.privacy.cohort_threshold, min_cohort=ctx.min_cohort)
+
+
+def _secagg_plus(ctx: PlanContext) -> SecureSum:
+    pc = ctx.config.privacy
+    return SecAggPlus(threshold=pc.threshold, neighbours=pc.neighbours, corrupt=pc.corrupt_fraction,
+                      dropout=pc.dropout_fraction, min_cohort=ctx.min_cohort)
+
+
+def _paillier(ctx: PlanContext) -> SecureSum:
+    return PaillierSum(min_clients=max(2, ctx.min_clients))
+
+
+def _adaptive_clip(ctx: PlanContext) -> Layer:
+    """The ``aclip`` word: refused where its count would be released without noise or clipped twice."""
+    tokens = ctx.config.privacy.tokens()
+    if not any(t in ("noise", "dnoise") for t in tokens):
+        raise CompositionError(
+            "'aclip' releases a count of unclipped clients that only a noise stage protects: add noise or dnoise "
+            "after it (--privacy aclip,noise or aclip,dnoise,secagg+), or use clip"
+        )
+    if "clip" in tokens or tokens.count("aclip") > 1:
+        raise CompositionError("use one clipping stage: either clip (fixed norm) or aclip (adaptive), once")
+    pc = ctx.config.privacy
+    try:
+        return AdaptiveClip(target_quantile=pc.aclip_quantile, initial_clip=pc.clip, learning_rate=pc.aclip_lr,
+                            count_noise=pc.aclip_count_noise)
+    except ValueError as exc:
+        fix = "set it with --aclip-quantile, --clip, --aclip-lr or --aclip-count-noise"
+        raise CompositionError(f"{exc} ({fix})") from exc
+
+
+STAGES: dict[str, Stage] = {
+    "none": Stage("none"),
+    "clip": Stage.layer(lambda ctx: Clip(l2=ctx.config.privacy.clip)),
+    "aclip": Stage.layer(_adaptive_clip),
+    "quantize": Stage.layer(lambda ctx: Quantize(bits=ctx.config.privacy.quant_bits)),
+    "secagg": Stage.secure_sum(_secagg),
+    "secagg+": Stage.secure_sum(_secagg_plus),
+    "paillier": Stage.secure_sum(_paillier),
+    "noise": Stage("noise"),
+    "dnoise": Stage("noise"),
+    "dp-sgd": Stage("trainer"),
+}
+"""The one table of ``--privacy`` words. Register a new secure sum with one line:
+``STAGES["mysum"] = Stage.secure_sum(lambda ctx: MySum(...))``."""
+
+KNOWN_TOKENS = tuple(STAGES)
+"""The built-in words (see :func:`known_tokens` for the table as it is now)."""
+
+
+def known_tokens() -> tuple[str, ...]:
+    return tuple(STAGES)
+
+
+def is_sum_token(token: str) -> bool:
+    """Whether ``token`` names a secure sum in :data:`STAGES`."""
+    stage = STAGES.get(token)
+    return stage is not None and stage.kind == "sum"
+
+
 def secure_sum_for(token: str, config: TrainConfig, population: int, *, min_clients: int = 1) -> SecureSum:
     """The secure sum a ``--privacy`` token names, configured from the run's own settings."""
-    pc = config.privacy
-    # clients pin the smallest cohort they accept (a server cannot shrink t): the fixed cohort, or for
-    # Poisson sampling six standard deviations below the expected count (smaller rounds abort)
-    min_cohort = None
-    if config.sample_rate is not None:
-        mu = config.sample_rate * population
-        min_cohort = min(population, max(2, math.floor(mu - 6 * math.sqrt(mu * (1 - config.sample_rate)))))
-    if token == "secagg":
-        from fl.sums.secagg import SecAgg
-
-        return SecAgg(threshold=pc.cohort_threshold, min_cohort=min_cohort)
-    if token == "secagg+":
-        from fl.sums.secagg import SecAggPlus
-
-        return SecAggPlus(
-            threshold=pc.threshold, neighbours=pc.neighbours, corrupt=pc.corrupt_fraction,
-            dropout=pc.dropout_fraction, min_cohort=min_cohort,
-        )
-    from fl.sums.paillier import PaillierSum
-
-    return PaillierSum(min_clients=max(2, min_clients))
+    return _build_sum(token, PlanContext(config, population, min_clients))
 
 
-def _floor(ssum: SecureSum) -> SurvivorFloor:
-    """The secure sum's own rule for the fewest survivors a round can be released with."""
-    from fl.sums.paillier import PaillierSum
-    from fl.sums.secagg import SecAgg, SecAggPlus
+def _build_sum(token: str, ctx: PlanContext) -> SecureSum:
+    stage = STAGES.get(token)
+    if stage is None or stage.kind != "sum" or stage.build is None:
+        raise CompositionError(f"{token!r} is not a secure sum; choose from {', '.join(filter(is_sum_token, STAGES))}")
+    return cast(SecureSum, stage.build(ctx))
 
-    if isinstance(ssum, SecAgg | SecAggPlus):
-        return SurvivorFloor(threshold=ssum.threshold, graph=ssum._graph())
-    if isinstance(ssum, PaillierSum | PlainSum):
-        return SurvivorFloor(min_clients=ssum.min_clients)
-    return SurvivorFloor()
+
+@dataclass(frozen=True)
+class SumFloor:
+    """The fewest survivors a round planned with ``n`` clients can be released with: the sum's own rule.
+
+    Asks the sum itself (:meth:`SecureSum.min_included`), so the accountant's worst case is exactly the
+    round the sum would still release."""
+
+    ssum: SecureSum
+    size: int
+
+    def __call__(self, n: int) -> int:
+        if n <= 0:
+            return 0
+        return max(1, min(n, self.ssum.min_included(ValueSpec(size=self.size, cohort=n))))
 
 
 def _client_sampling(config: TrainConfig, population: int) -> tuple[float, Literal["poisson", "fixed"], int]:
@@ -102,7 +205,8 @@ def _client_sampling(config: TrainConfig, population: int) -> tuple[float, Liter
 
 
 def _calibrate(
-    config: TrainConfig, layer: GaussianNoise, spec: ValueSpec, worst: RoundInfo, *, hides: bool
+    config: TrainConfig, layer: GaussianNoise, spec: ValueSpec, worst: RoundInfo, *, hides: bool,
+    calibrate: Calibrator = calibrate_noise,
 ) -> tuple[float, str]:
     """The smallest multiplier meeting the budget for every observer of the layer, in the worst round.
 
@@ -113,7 +217,7 @@ def _calibrate(
     assert pc.epsilon is not None
     best, which = 0.0, ""
     for observer, unit in layer.steps(spec, worst, sum_hides_updates=hides).items():
-        z = calibrate_noise(
+        z = calibrate(
             epsilon=pc.epsilon, delta=pc.delta, sample_rate=unit.sample_rate, steps=config.rounds,
             accountant=pc.accountant, sampling=unit.sampling, population=unit.population or None,
         ) / unit.noise_multiplier
@@ -124,7 +228,7 @@ def _calibrate(
 
 def _dp_fedavg(
     config: TrainConfig, token: str, population: int, size: int, ssum: SecureSum, notes: list[str],
-    adaptive: AdaptiveClip | None = None,
+    calibrate: Calibrator = calibrate_noise, adaptive: AdaptiveClip | None = None,
 ) -> tuple[GaussianNoise, DpFedAvgAccounting]:
     pc = config.privacy
     # adaptive clipping: the noise covers its output (update / C_t plus the count coordinate)
@@ -135,16 +239,16 @@ def _dp_fedavg(
     if pc.epsilon is None and pc.noise_multiplier is None:
         raise CompositionError(f"{token!r} needs a noise level: pass --noise-multiplier Z or --epsilon E --delta D")
     placement: Literal["server", "clients"] = "clients" if token == "dnoise" else "server"
-    hides = not isinstance(ssum, PlainSum)
-    floor = _floor(ssum)
-    spec = ValueSpec(size=size, cohort=expected, l2_bound=clip)
+    hides = ssum.hides_updates
+    floor = SumFloor(ssum, size)
     z = pc.noise_multiplier if pc.noise_multiplier is not None else 1.0
     layer = GaussianNoise(multiplier=z, placement=placement, shares=expected)
     if pc.epsilon is not None:
         n_worst = floor(expected) if placement == "clients" else expected
         worst = RoundInfo(round=0, planned=tuple(range(expected)), included=tuple(range(n_worst)),
                           population=population, sample_rate=q, sampling=sampling)
-        z, observer = _calibrate(config, layer, spec, worst, hides=hides)
+        spec = ValueSpec(size=size, cohort=expected, l2_bound=clip)
+        z, observer = _calibrate(config, layer, spec, worst, hides=hides, calibrate=calibrate)
         layer = GaussianNoise(multiplier=z, placement=placement, shares=expected)
         notes.append(
             f"DP-FedAvg noise multiplier {z:.4f} calibrated for ({pc.epsilon:g}, {pc.delta:g})-DP at client level "
@@ -152,14 +256,31 @@ def _dp_fedavg(
             f"sampling at rate {q:.4g} ({pc.accountant})"
             + (f", with as few as {n_worst} of {expected} clients surviving a round" if n_worst < expected else "")
         )
+    notes += _dp_fedavg_notes(config, placement, hides=hides, sampling=sampling, q=q)
     if adaptive is not None:
-        update, count = (adaptive.sensitivity * layer.multiplier, adaptive.count_noise * layer.multiplier)
-        notes.append(
-            f"adaptive clipping toward the {adaptive.target_quantile:g} quantile of update norms: its noisy count of "
-            f"unclipped clients rides in one extra coordinate under the same Gaussian, so the update's noise "
-            f"multiplier is {update:.4g} (z x {adaptive.sensitivity:.4g}) and the count's noise std {count:.4g} "
-            "clients; the ledger charges the joint multiplier z"
-        )
+        notes.append(_adaptive_note(adaptive, layer.multiplier))
+    accounting = DpFedAvgAccounting(
+        noise=layer, clip=clip, size=size, delta=pc.delta, accountant=pc.accountant, epsilon=pc.epsilon,
+        floor=floor, sum_hides_updates=hides, adaptive=adaptive,
+    )
+    return layer, accounting
+
+
+def _adaptive_note(adaptive: AdaptiveClip, z: float) -> str:
+    update, count = adaptive.sensitivity * z, adaptive.count_noise * z
+    return (
+        f"adaptive clipping toward the {adaptive.target_quantile:g} quantile of update norms: its noisy count of "
+        f"unclipped clients rides in one extra coordinate under the same Gaussian, so the update's noise "
+        f"multiplier is {update:.4g} (z x {adaptive.sensitivity:.4g}) and the count's noise std {count:.4g} "
+        "clients; the ledger charges the joint multiplier z"
+    )
+
+
+def _dp_fedavg_notes(
+    config: TrainConfig, placement: str, *, hides: bool, sampling: str, q: float
+) -> list[str]:
+    """What the report says about a DP-FedAvg run's threat model and accounting choices."""
+    notes: list[str] = []
     if placement == "clients":
         notes.append(
             "distributed noise protects against the server, which knows which clients it sampled: its epsilon "
@@ -170,10 +291,6 @@ def _dp_fedavg(
                 "dnoise without a secure sum: the server sees each client's update with only its share of the "
                 "noise, and is charged that; add secagg or secagg+ so it only sees the noisy sum"
             )
-    accounting = DpFedAvgAccounting(
-        noise=layer, clip=clip, size=size, delta=pc.delta, accountant=pc.accountant, epsilon=pc.epsilon,
-        floor=floor, sum_hides_updates=hides, adaptive=adaptive,
-    )
     if sampling == "fixed" and q < 1:
         notes.append(
             "fixed cohorts smaller than the population are accounted as sampling without replacement under "
@@ -186,11 +303,11 @@ def _dp_fedavg(
     )
     if config.weighting == "samples":
         notes.append("DP-FedAvg forces uniform (unweighted) averaging, so one client's influence is bounded")
-    return layer, accounting
+    return notes
 
 
 def _dp_sgd(
-    config: TrainConfig, client_sizes: Mapping[int, int], notes: list[str]
+    config: TrainConfig, client_sizes: Mapping[int, int], notes: list[str], calibrate: Calibrator = calibrate_noise
 ) -> tuple[DpSgdTrainer, DpSgdAccounting]:
     pc = config.privacy
     batch = pc.dpsgd_batch_size
@@ -211,7 +328,7 @@ def _dp_sgd(
         if pc.epsilon is not None:
             key = (q, per_round * config.rounds)
             if key not in cache:
-                cache[key] = calibrate_noise(
+                cache[key] = calibrate(
                     epsilon=pc.epsilon, delta=pc.delta, sample_rate=q, steps=key[1], accountant=pc.accountant
                 )
             z = cache[key]
@@ -236,90 +353,78 @@ def _dp_sgd(
     return trainer, accounting
 
 
-def _adaptive_clip(config: TrainConfig, tokens: tuple[str, ...]) -> AdaptiveClip:
-    """The ``aclip`` token: refused where its count would be released without noise or clipped twice."""
-    if not any(t in ("noise", "dnoise") for t in tokens):
+def _parse(tokens: tuple[str, ...]) -> tuple[list[str], list[str], bool]:
+    """Check the words against :data:`STAGES`; the sum words, the noise words and whether DP-SGD is on.
+
+    Only what no object can check is checked here: every word is known, one secure sum (a pipeline has
+    one, and it ends it), one noise stage and one DP ledger. Everything about order is ``bind``'s."""
+    unknown = [t for t in tokens if t not in STAGES]
+    if unknown:
         raise CompositionError(
-            "'aclip' releases a count of unclipped clients that only a noise stage protects: add noise or dnoise "
-            "after it (--privacy aclip,noise or aclip,dnoise,secagg+), or use clip"
+            f"unknown privacy stage(s) {unknown}; choose from {', '.join(STAGES)} (comma-separated)"
         )
-    if "clip" in tokens or tokens.count("aclip") > 1:
-        raise CompositionError("use one clipping stage: either clip (fixed norm) or aclip (adaptive), once")
-    pc = config.privacy
+    sums = [t for t in tokens if STAGES[t].kind == "sum"]
+    if len(sums) > 1:
+        raise CompositionError(f"pick one secure sum, got {sums}")
+    if sums and tokens[-1] != sums[0]:
+        raise CompositionError(f"the secure sum {sums[0]!r} must be the last stage of --privacy")
+    noises = [t for t in tokens if STAGES[t].kind == "noise"]
+    if len(noises) > 1:
+        raise CompositionError(f"pick one noise stage (noise = central, dnoise = distributed), got {noises}")
+    trainers = [t for t in tokens if STAGES[t].kind == "trainer"]
+    if len(trainers) > 1:
+        raise CompositionError("'dp-sgd' appears twice in --privacy")
+    if noises and trainers:
+        raise CompositionError(
+            "combine either example-level dp-sgd or client-level clip,noise/dnoise in one run, not both "
+            "(their ledgers would need joint accounting)"
+        )
+    return sums, noises, bool(trainers)
+
+
+def _bind_check(pipeline: Pipeline, config: TrainConfig, *, size: int, population: int) -> None:
+    """Bind the pipeline for the run's largest cohort; the layers' and sum's own rules, in the CLI's words."""
+    cohort = config.cohort if (config.cohort and config.sample_rate is None) else population
     try:
-        return AdaptiveClip(target_quantile=pc.aclip_quantile, initial_clip=pc.clip, learning_rate=pc.aclip_lr,
-                            count_noise=pc.aclip_count_noise)
-    except ValueError as exc:
-        fix = "set it with --aclip-quantile, --clip, --aclip-lr or --aclip-count-noise"
-        raise CompositionError(f"{exc} ({fix})") from exc
+        pipeline.bind(ValueSpec(size=size, cohort=cohort))
+    except CompositionError as exc:
+        raise CompositionError(f"--privacy {config.privacy.spec}: {exc}") from exc
 
 
 def build_plan(
-    config: TrainConfig, *, size: int, population: int, client_sizes: Mapping[int, int]
+    config: TrainConfig, *, size: int, population: int, client_sizes: Mapping[int, int],
+    calibrate: Calibrator = calibrate_noise,
 ) -> PrivacyPlan:
-    """Build the plan for ``config.privacy``; raises ``CompositionError`` for an unknown or bad spec."""
+    """Build the plan for ``config.privacy``; raises ``CompositionError`` for an unknown or bad spec.
+
+    ``calibrate``: :func:`dp.accounting.calibrate_noise` or a memo of it with the same keyword
+    arguments and result (a Flower node keeps one across ClientApp processes)."""
     tokens = config.privacy.tokens()
-    unknown = [t for t in tokens if t not in KNOWN_TOKENS]
-    if unknown:
-        raise CompositionError(
-            f"unknown privacy stage(s) {unknown}; choose from {', '.join(KNOWN_TOKENS)} (comma-separated)"
-        )
-    layers: list[Layer] = []
-    sums = [t for t in tokens if t in ("secagg", "secagg+", "paillier")]
-    if len(sums) > 1:
-        raise CompositionError(f"pick one secure sum, got {sums}")
-    noises = [t for t in tokens if t in ("noise", "dnoise")]
-    if len(noises) > 1:
-        raise CompositionError(f"pick one noise stage (noise = central, dnoise = distributed), got {noises}")
-    # distributed noise: every sum stops a round below the --threshold of the planned clients
-    min_clients = 1
-    if "dnoise" in noises:
+    sums, noises, dp_sgd = _parse(tokens)
+    min_clients = 1  # distributed noise: every sum stops a round below the --threshold of the planned clients
+    if noises == ["dnoise"]:
         min_clients = threshold_count(config.privacy.cohort_threshold, _client_sampling(config, population)[2])
-    ssum: SecureSum = (
-        secure_sum_for(sums[0], config, population, min_clients=min_clients) if sums else PlainSum(min_clients)
-    )
-    if tokens.count("dp-sgd") > 1:
-        raise CompositionError("'dp-sgd' appears twice in --privacy")
+    ctx = PlanContext(config, population, min_clients)
+    ssum = _build_sum(sums[0], ctx) if sums else PlainSum(min_clients)
     notes: list[str] = []
     accounting: PrivacyAccounting | None = None
-    trainer: ClientTrainer | None = None
-    weighting: Literal["samples", "uniform"] | None = None
-    if noises:
-        tok = noises[0]
-        clip_tok = "aclip" if "aclip" in tokens else "clip"
-        if clip_tok not in tokens or tokens.index(clip_tok) > tokens.index(tok):
-            fix = ",".join(["clip", tok, *sums])
-            raise CompositionError(
-                f"{tok!r} needs a clip norm to calibrate the noise to: put clip before it (--privacy {fix})"
-            )
-        if "quantize" in tokens and tokens.index("quantize") < tokens.index(tok):
-            raise CompositionError(f"{tok!r} works on real values: put it before quantize")
-        if "dp-sgd" in tokens:
-            raise CompositionError(
-                "combine either example-level dp-sgd or client-level clip,noise/dnoise in one run, not both "
-                "(their ledgers would need joint accounting)"
-            )
+    layers: list[Layer] = []
     for t in tokens:
-        if t == "clip":
-            layers.append(Clip(l2=config.privacy.clip))
-        elif t == "aclip":
-            layers.append(_adaptive_clip(config, tokens))
-        elif t == "quantize":
-            layers.append(Quantize(bits=config.privacy.quant_bits))
-        elif t in ("noise", "dnoise"):
+        stage = STAGES[t]
+        if stage.kind == "layer" and stage.build is not None:
+            layers.append(cast(Layer, stage.build(ctx)))
+        elif stage.kind == "noise":
             adaptive = next((x for x in layers if isinstance(x, AdaptiveClip)), None)
-            layer, fedavg = _dp_fedavg(config, t, population, size, ssum, notes, adaptive)
+            layer, accounting = _dp_fedavg(config, t, population, size, ssum, notes, calibrate, adaptive)
             layers.append(layer)
-            accounting, weighting = fedavg, "uniform"
-    if "dp-sgd" in tokens:
-        trainer, accounting = _dp_sgd(config, client_sizes, notes)
-    if sums:
-        if tokens[-1] != sums[0]:
-            raise CompositionError(f"the secure sum {sums[0]!r} must be the last stage of --privacy")
-        if not any(isinstance(layer, Quantize) for layer in layers):
-            if not any(isinstance(layer, Clip | AdaptiveClip) for layer in layers):
-                layers.append(Clip(l2=config.privacy.clip))
-            layers.append(Quantize(bits=config.privacy.quant_bits))
-    return PrivacyPlan(
-        Pipeline(layers, sum=ssum), trainer=trainer, accounting=accounting, weighting=weighting, notes=tuple(notes)
-    )
+    trainer: ClientTrainer | None = None
+    if dp_sgd:
+        trainer, accounting = _dp_sgd(config, client_sizes, notes, calibrate)
+    if sums and not any(isinstance(layer, Quantize) for layer in layers):  # a secure sum sums a ring
+        if not any(isinstance(layer, Clip | AdaptiveClip) for layer in layers):
+            layers.append(Clip(l2=config.privacy.clip))
+        layers.append(Quantize(bits=config.privacy.quant_bits))
+    pipeline = Pipeline(layers, sum=ssum)
+    _bind_check(pipeline, config, size=size, population=population)
+    return PrivacyPlan(pipeline, trainer=trainer, accounting=accounting, weighting="uniform" if noises else None,
+                       notes=tuple(notes))

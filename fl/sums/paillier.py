@@ -74,6 +74,11 @@ class PaillierSum:
             )
 
     @property
+    def hides_updates(self) -> bool:
+        """True: the aggregator sees only ciphertexts; the key holder decrypts only the sum."""
+        return True
+
+    @property
     def name(self) -> str:
         return "paillier"
 

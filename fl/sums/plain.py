@@ -41,6 +41,11 @@ class PlainSum:
     def name(self) -> str:
         return "plain-sum"
 
+    @property
+    def hides_updates(self) -> bool:
+        """False: the server sees every client's value."""
+        return False
+
     def min_included(self, spec: ValueSpec) -> int:
         """A plain sum protects nobody, so any number of clients will do."""
         return max(1, self.min_clients)

@@ -130,6 +130,11 @@ class _MaskedSum:
     def _graph(self) -> GraphSpec:
         raise TypeError("subclasses define their neighbour graph")
 
+    @property
+    def hides_updates(self) -> bool:
+        """True: the server learns only the sum of the included clients' values."""
+        return True
+
     def client(self, cid: int, value: NDArray[Any], *, spec: ValueSpec, session: bytes, round: int) -> ClientMachine:
         return _client(self, cid, value, spec=spec, session=session, round=round)
 

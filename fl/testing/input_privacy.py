@@ -146,6 +146,10 @@ class _RecordingSum:
     def min_included(self, spec: ValueSpec) -> int:
         return self.inner.min_included(spec)
 
+    @property
+    def hides_updates(self) -> bool:
+        return self.inner.hides_updates
+
     def client(self, cid: int, value: NDArray[Any], *, spec: ValueSpec, session: bytes, round: int) -> ClientMachine:
         return self.inner.client(cid, value, spec=spec, session=session, round=round)
 

@@ -1,23 +1,22 @@
-"""The federated training loop: sample, train locally, secure-sum through the pipeline, update, evaluate.
+"""The in-memory federated loop: sample, train locally, secure-sum through the pipeline, update, evaluate.
 
-:class:`Federation` holds one run's state and exposes each step separately (``sample``,
-``client_update``, ``finish_round``) so a network runner (Flower) can drive the same steps across
-machines; :func:`train` runs it in memory with the local runner, with checkpoints and a JSON report.
+A run has two halves. Each site's :class:`~fl.training.client.ClientSide` turns the global model into an
+encoded update; the :class:`~fl.training.server.ServerSide` samples, decodes, averages, applies the server
+optimizer, evaluates and keeps the ledger. :class:`Federation` composes one server side with every
+site's client side (sharing one worker model) and runs a round between them with the in-memory runner
+(:func:`fl.runners.local.run_secure_sum`); :func:`train` runs the rounds, with checkpoints and a JSON
+report. The Flower runner uses the same halves across machines (:mod:`fl.runners.flower`).
 
-Averaging: with ``weighting="samples"`` client k sends ``(n_k / n_mean) * delta_k`` and the server divides
-the sum by the included clients' ``sum(n_k / n_mean)`` -- the n_k-weighted FedAvg average of exactly the
-clients that made it into the sum (sample counts are public metadata). With ``"uniform"`` (what DP-FedAvg
-needs, so one client's influence is bounded by the clip norm) every client counts once.
+Hooks: a change to what a client does goes into :class:`~fl.training.client.ClientSide`; a change to
+what the server does with a round's sum into :class:`~fl.training.server.ServerSide`; the round
+sequence itself (early stopping, callbacks) into :func:`_run_rounds`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import logging
 import math
-import os
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -31,20 +30,25 @@ from numpy.typing import NDArray
 from torch import nn
 from tqdm.auto import tqdm
 
-from dp.rng import SecureRandom
 from fl.config import PrivacyConfig, TrainConfig
-from fl.data.sites import Dataset, load_federated, partition
+from fl.data.sites import Dataset
 from fl.data.stats import FederatedStats
+from fl.errors import BudgetExhaustedError, CheckpointError, NonFiniteUpdateError, TrainingInterrupted
+from fl.pipeline import BoundPipeline
 from fl.privacy.ledger import Ledger
-from fl.privacy.plan import build_plan
+from fl.privacy.plan import PrivacyPlan
 from fl.runners.local import DropoutSchedule, SumOutcome, run_secure_sum
-from fl.spec import RandomSource, RoundInfo, TrainResult, ValueSpec
-from fl.training.models import build_model, flatten_parameters, get_flat, set_flat
-from fl.training.server_opt import make_server_optimizer
-from fl.training.trainers import PlainTrainer
+from fl.spec import ClientTrainer, RandomSource, RoundInfo, TrainResult
+from fl.training.client import ClientSide, Worker
+from fl.training.models import build_model, set_flat
+from fl.training.seeds import derive_seed
+from fl.training.seeds import derive_seed as _seed  # noqa: F401  (the name benchmarks/loop_overhead.py imports)
+from fl.training.server import CHECKPOINT, ServerSide, evaluate, majority_rate, saved_statistics
+from fl.training.setup import RunPlan, Sites, load_sites, plan_run
 from secagg.errors import AbortError
 
 __all__ = [
+    "CHECKPOINT",
     "BudgetExhaustedError",
     "CheckpointError",
     "Federation",
@@ -52,83 +56,13 @@ __all__ = [
     "TrainingInterrupted",
     "centralized_baseline",
     "evaluate",
+    "format_round",
     "majority_rate",
+    "saved_statistics",
     "train",
 ]
 
 log = logging.getLogger(__name__)
-
-CHECKPOINT = "checkpoint.pt"
-
-
-class NonFiniteUpdateError(ValueError):
-    """A client's update contains NaN or Inf; it is rejected so the model is never poisoned."""
-
-
-class BudgetExhaustedError(RuntimeError):
-    """The next round would exceed the privacy budget; training stops before it."""
-
-
-def saved_statistics(directory: Path | None) -> FederatedStats | None:
-    """The preprocessing statistics a checkpoint holds (None if absent or unreadable: load() says why)."""
-    try:
-        stats = torch.load(directory / CHECKPOINT, weights_only=False).get("stats") if directory else None
-    except Exception:
-        return None
-    return stats if isinstance(stats, FederatedStats) else None
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read (truncated, corrupt, or not a privagg checkpoint); names the fix."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Ctrl-C during :func:`train`: says how far the run got and how to resume it.
-
-    ``completed``: rounds finished; ``checkpoint_round``: the last round whose checkpoint is on disk
-    (``None`` without a checkpoint directory). The checkpoint file is written atomically, so it always
-    holds a whole completed round.
-    """
-
-    def __init__(self, completed: int, checkpoint_dir: Path | None, checkpoint_round: int | None) -> None:
-        self.completed = completed
-        self.checkpoint_dir = checkpoint_dir
-        self.checkpoint_round = checkpoint_round
-        super().__init__(self.message())
-
-    def message(self) -> str:
-        if self.checkpoint_dir is None or not self.checkpoint_round:
-            how = "no checkpoint was written; pass --checkpoint-dir DIR to be able to resume"
-            if self.checkpoint_dir is not None:
-                how = f"no round was checkpointed in {self.checkpoint_dir} yet; start again"
-            return f"interrupted after round {self.completed}; {how}"
-        return (
-            f"interrupted after round {self.completed}; resume with --resume {self.checkpoint_dir} "
-            f"(and the same flags); its checkpoint holds round {self.checkpoint_round}"
-        )
-
-
-def _seed(*parts: object) -> int:
-    """A 63-bit seed derived from the run seed and labels (for public simulation randomness)."""
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "big") >> 1
-
-
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: int) -> dict[str, float]:
-    """Loss, accuracy and (binary tasks) ROC AUC on held-out data."""
-    model.eval()
-    with torch.no_grad():
-        logits = model(x)
-        loss = float(nn.functional.cross_entropy(logits, y))
-        acc = float((logits.argmax(dim=1) == y).float().mean())
-    pred = logits.argmax(dim=1)
-    recalls = [float((pred[y == c] == c).float().mean()) for c in torch.unique(y)]
-    out = {"loss": loss, "accuracy": acc, "balanced_accuracy": float(np.mean(recalls)) if recalls else math.nan}
-    if num_classes == 2 and len(torch.unique(y)) == 2:
-        from sklearn.metrics import roc_auc_score
-
-        prob = torch.softmax(logits, dim=1)[:, 1].numpy()
-        out["auc"] = float(roc_auc_score(y.numpy(), prob))
-    return out
 
 
 @contextlib.contextmanager
@@ -156,37 +90,6 @@ def _sigint_not_swallowed() -> Iterator[None]:
         raise KeyboardInterrupt
 
 
-def _statistics_budget(data: Dataset) -> tuple[float, float] | None:
-    """(epsilon, delta) the DP preprocessing statistics spent (worst observer), or None without DP."""
-    stats = getattr(data, "stats", None)
-    if stats is None or stats.event is None:
-        return None
-    params = stats.guarantee.params
-    return max(float(params["epsilon"]), float(params.get("epsilon_server", 0.0))), float(params["delta"])
-
-
-def _training_budget(config: TrainConfig, stats: tuple[float, float] | None) -> TrainConfig:
-    """The config whose ``--epsilon`` is what training may spend: the budget less the statistics' epsilon.
-
-    The statistics and training compose (basic composition: epsilons and deltas add), so ``--epsilon E
-    --delta D`` stay the totals the report states (the statistics take a share of both)."""
-    eps = config.privacy.epsilon
-    if stats is None or eps is None:
-        return config
-    left, delta_left = eps - stats[0], config.privacy.delta - stats[1]
-    if left <= 1e-3 * eps or delta_left <= 0:
-        raise ValueError(
-            f"--epsilon {eps:g} --delta {config.privacy.delta:g} leaves nothing for training after the "
-            f"preprocessing statistics spent ({stats[0]:.3g}, {stats[1]:.3g}): raise --epsilon or lower --stats-epsilon"
-        )
-    return replace(config, privacy=replace(config.privacy, epsilon=left, delta=delta_left))
-
-
-def majority_rate(data: Dataset) -> float:
-    """Test accuracy of always predicting the training set's most frequent class (the floor to beat)."""
-    majority = int(np.bincount(data.y_train).argmax())
-    return float(np.mean(data.y_test == majority))
-
 
 def centralized_baseline(data: Dataset, config: TrainConfig) -> float:
     """Test accuracy of the same model family trained centrally, without privacy (scikit-learn)."""
@@ -203,212 +106,167 @@ def centralized_baseline(data: Dataset, config: TrainConfig) -> float:
     return float(clf.score(data.x_test, data.y_test))
 
 
-class _LazyRandom:
-    """Creates the CSPRNG on first use: most pipelines draw no randomness on most parties."""
-
-    __slots__ = ("_factory", "_rng")
-
-    def __init__(self, factory: Callable[[], SecureRandom]) -> None:
-        self._factory = factory
-        self._rng: SecureRandom | None = None
-
-    def _get(self) -> SecureRandom:
-        if self._rng is None:
-            self._rng = self._factory()
-        return self._rng
-
-    def uniform(self, n: int) -> NDArray[np.float64]:
-        return self._get().uniform(n)
-
-    def normal(self, n: int, std: float = 1.0) -> NDArray[np.float64]:
-        return self._get().normal(n, std)
-
-    def bytes(self, n: int) -> bytes:
-        return self._get().bytes(n)
-
 
 class Federation:
-    """One federated run's state: data partitions, global model, pipeline, server optimizer, ledger."""
+    """One in-memory run: the server side and every site's client side, composed.
+
+    The attributes runners and tests read (``params``, ``plan``, ``bound``, ``history``, ``ledger`` ...)
+    are the server side's; :meth:`client` is a site's client side, built on first use.
+    """
 
     def __init__(
         self, config: TrainConfig, *, dataset: Dataset | None = None, stats: FederatedStats | None = None,
         model: nn.Module | None = None, own_parts: bool = False,
     ) -> None:
-        """``model``: a user's module to federate (copied; else ``config.model``). ``own_parts``: the
-        given ``dataset``'s own ``parts`` are the clients (a user's sites), instead of re-partitioning."""
+        """``model``: a user's module to federate (copied; else ``config.model``). ``own_parts``: the given
+        ``dataset``'s own ``parts`` are the clients (a user's sites), instead of re-partitioning it."""
         self.config = config
-        # each site keeps its rows; standardization statistics are federated (fl.data.stats), or reused
-        # from a checkpoint (``stats``) so a resumed run never releases them twice
-        self.data = dataset or load_federated(config, stats=stats)
-        if dataset is None or own_parts:
-            self.parts = list(self.data.parts)
-        else:
-            self.parts = partition(self.data, config.partition, config.clients, seed=config.seed)
-        self.site_names = dict(enumerate(self.data.site_names)) if dataset is None or own_parts else {}
-        self.population = len(self.parts)
-        self.client_sizes = {k: len(p) for k, p in enumerate(self.parts)}
-        self.mean_size = float(np.mean(list(self.client_sizes.values())))
-        self.x_train = torch.from_numpy(self.data.x_train)
-        self.y_train = torch.from_numpy(self.data.y_train)
-        self.x_test = torch.from_numpy(self.data.x_test)
-        self.y_test = torch.from_numpy(self.data.y_test)
-        self.model = build_model(
-            config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed,
-            prototype=model,
-        )
-        self._worker = build_model(
-            config.model, self.data.num_features, self.data.num_classes, hidden=config.hidden, seed=config.seed,
-            prototype=model,
-        )
-        self._worker_flat = flatten_parameters(self._worker)
-        self._start: tuple[NDArray[np.float64], torch.Tensor] | None = None  # (params, float32 copy)
-        self.params = get_flat(self.model)
-        if config.cohort is not None and not 1 <= config.cohort <= self.population:
-            raise ValueError(f"--cohort must be between 1 and the number of clients ({self.population})")
-        if config.sample_rate is not None and not 0 < config.sample_rate <= 1:
-            raise ValueError(f"--sample-rate must be in (0, 1], got {config.sample_rate}")
-        self.stats_budget = _statistics_budget(self.data)
-        self.plan = build_plan(
-            _training_budget(config, self.stats_budget), size=self.params.size, population=self.population,
-            client_sizes=self.client_sizes,
-        )
-        self.trainer = self.plan.trainer or PlainTrainer(
-            epochs=config.local_epochs, lr=config.client_lr, batch_size=config.batch_size, optimizer=config.optimizer
-        )
-        self.weighting = self.plan.weighting or config.weighting
-        # Rings are sized for the most clients a round can have (all of them under Poisson sampling).
-        self.max_cohort = config.cohort if (config.cohort and config.sample_rate is None) else self.population
-        self.bound = self.plan.pipeline.bind(ValueSpec(size=self.params.size, cohort=self.max_cohort))
-        self.layer_state = self.bound.initialize()  # stateful layers (aclip): public, explicit, checkpointed
-        self.server_opt = make_server_optimizer(config.server_opt, config.server_lr)
-        self.ledger = Ledger()
-        self.server_log: list[dict[str, Any]] = []  # server-only facts (client ids); never in the report
-        if self.data.guarantees:  # what preprocessing revealed (federated statistics), before round 1
-            self.ledger.record(0, self.data.guarantees, stage="preprocessing")
-        self.history: list[dict[str, Any]] = []
-        self.next_round = 1
+        self.sites: Sites = load_sites(config, dataset=dataset, stats=stats, own_parts=own_parts)
+        data = self.sites.data
+        self.x_train = torch.from_numpy(data.x_train)
+        self.y_train = torch.from_numpy(data.y_train)
+        model = build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden, seed=config.seed,
+                            prototype=model)
+        self._worker = Worker.for_config(config, data, prototype=model)
+        self.run_plan: RunPlan = plan_run(config, size=self._worker.size, sites=self.sites)
+        self.server = ServerSide(config, self.sites, self.run_plan, model)
+        self._trainer: ClientTrainer = self.run_plan.trainer
+        self._clients: dict[int, ClientSide] = {}
 
-    # ---- the steps of a round -------------------------------------------------------------------
-    @property
-    def sampling(self) -> str:
-        return "poisson" if self.config.sample_rate is not None else "fixed"
+    # ---- the client sides -----------------------------------------------------------------------
+    def client(self, cid: int) -> ClientSide:
+        """Site ``cid``'s client side (its rows, the shared worker model, the run's trainer)."""
+        side = self._clients.get(cid)
+        if side is None:
+            idx = torch.from_numpy(self.sites.parts[cid])
+            side = ClientSide(
+                cid, self.x_train[idx], self.y_train[idx], config=self.config, run=self.run_plan,
+                weight=self.run_plan.weight(self.sites, cid), population=self.population, worker=self._worker,
+            )
+            side.trainer = self._trainer
+            self._clients[cid] = side
+        return side
 
     @property
-    def sample_rate(self) -> float:
-        if self.config.sample_rate is not None:
-            return self.config.sample_rate
-        return (self.config.cohort or self.population) / self.population
+    def trainer(self) -> ClientTrainer:
+        return self._trainer
+
+    @trainer.setter
+    def trainer(self, trainer: ClientTrainer) -> None:
+        """Replace every client side's trainer (tests inject faulty trainers here)."""
+        self._trainer = trainer
+        for side in self._clients.values():
+            side.trainer = trainer
+
+    @property
+    def layer_state(self) -> Any:
+        """The public state of the pipeline's stateful layers (e.g. aclip's clip norm), held by the server."""
+        return self.server.layer_state
+
+    def client_update(self, cid: int, round: int, params: NDArray[np.float64]) -> tuple[NDArray[Any], TrainResult]:
+        """Client ``cid``'s encoded update from ``params`` (see :meth:`ClientSide.update`)."""
+        return self.client(cid).update(params, round, self.server.layer_state)
+
+    # ---- the server side ------------------------------------------------------------------------
+    @property
+    def data(self) -> Dataset:
+        return self.sites.data
+
+    @property
+    def parts(self) -> tuple[NDArray[np.int64], ...]:
+        return self.sites.parts
+
+    @property
+    def site_names(self) -> Mapping[int, str]:
+        return self.sites.site_names
+
+    @property
+    def population(self) -> int:
+        return self.sites.population
+
+    @property
+    def client_sizes(self) -> dict[int, int]:
+        return self.sites.client_sizes
+
+    @property
+    def plan(self) -> PrivacyPlan:
+        return self.run_plan.plan
+
+    @property
+    def bound(self) -> BoundPipeline:
+        return self.run_plan.bound
+
+    @property
+    def model(self) -> nn.Module:
+        return self.server.model
+
+    @property
+    def x_test(self) -> torch.Tensor:
+        return self.server.x_test
+
+    @property
+    def y_test(self) -> torch.Tensor:
+        return self.server.y_test
+
+    @property
+    def params(self) -> NDArray[np.float64]:
+        return self.server.params
+
+    @params.setter
+    def params(self, value: NDArray[np.float64]) -> None:
+        self.server.params = value
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return self.server.history
+
+    @property
+    def ledger(self) -> Ledger:
+        return self.server.ledger
+
+    @property
+    def server_log(self) -> list[dict[str, Any]]:
+        return self.server.server_log
+
+    @property
+    def next_round(self) -> int:
+        return self.server.next_round
 
     def sample(self, round: int) -> tuple[int, ...]:
-        """The clients asked to take part in ``round``, drawn from a CSPRNG (:class:`dp.rng.SecureRandom`).
-
-        Amplification by sampling holds only against observers who cannot replay the draw, so it is never
-        derived from the public seed; the report and ledger carry participant counts only. The named test
-        seam ``insecure_seeded_randomness`` derives it from the seed so runs repeat.
-        """
-        if self.config.insecure_seeded_randomness:
-            rng = SecureRandom.for_testing(f"sample:{self.config.seed}:{round}")
-        else:
-            rng = SecureRandom()
-        u = rng.uniform(self.population)
-        if self.config.sample_rate is not None:
-            return tuple(int(c) for c in np.flatnonzero(u < self.config.sample_rate))
-        k = self.config.cohort or self.population
-        return tuple(sorted(int(c) for c in np.argsort(u, kind="stable")[:k]))  # a uniform k-subset
+        return self.server.sample(round)
 
     def rng(self, round: int, who: object) -> RandomSource:
-        """A CSPRNG for one party's layer randomness; seeded only through the named test seam."""
-        if self.config.insecure_seeded_randomness:
-            label = f"{self.config.seed}:{round}:{who}"
-            return _LazyRandom(lambda: SecureRandom.for_testing(label))
-        return _LazyRandom(SecureRandom)
+        return self.server.rng(round, who)
 
     def session(self, round: int) -> bytes:
-        if self.config.insecure_seeded_randomness:
-            return hashlib.sha256(f"session:{self.config.seed}:{round}".encode()).digest()[:16]
-        return os.urandom(16)
+        return self.server.session(round)
 
     def weight(self, cid: int) -> float:
-        return self.client_sizes[cid] / self.mean_size if self.weighting == "samples" else 1.0
-
-    def client_update(
-        self, cid: int, round: int, params: NDArray[np.float64]
-    ) -> tuple[NDArray[Any], TrainResult]:
-        """Client side: train from ``params`` on client ``cid``'s data and encode the delta for the sum."""
-        if params.shape != self.params.shape:
-            raise ValueError(f"global model has {params.size} parameters, client {cid} expects {self.params.size}")
-        if self._start is None or self._start[0] is not params:  # all clients of a round share the start
-            self._start = (params, torch.from_numpy(params).to(torch.float32))
-        self._worker_flat.copy_(self._start[1])
-        idx = torch.from_numpy(self.parts[cid])
-        result = self.trainer.train(
-            self._worker, self.x_train[idx], self.y_train[idx], cid=cid, round=round,
-            seed=_seed(self.config.seed, "train", round, cid),
-        )
-        delta = self._worker_flat.numpy().astype(np.float64) - params
-        if not np.all(np.isfinite(delta)):
-            raise NonFiniteUpdateError(
-                f"client {cid}'s update has NaN/Inf values in round {round}; it is rejected. Lower the "
-                f"learning rate or check that client's data for NaN/Inf"
-            )
-        return self.bound.encode(delta * self.weight(cid), self.rng(round, cid), self.layer_state), result
+        return self.server.weight(cid)
 
     def round_info(self, round: int, planned: Sequence[int], included: Sequence[int]) -> RoundInfo:
-        return RoundInfo(
-            round=round,
-            planned=tuple(planned),
-            included=tuple(included),
-            population=self.population,
-            sample_rate=self.sample_rate,
-            sampling="poisson" if self.config.sample_rate is not None else "fixed",
-            num_samples={c: self.client_sizes[c] for c in planned},
-        )
+        return self.server.round_info(round, planned, included)
 
     def finish_round(
-        self,
-        round: int,
-        planned: Sequence[int],
-        outcome: SumOutcome,
-        results: Mapping[int, TrainResult],
-        *,
-        rejected: Sequence[int] = (),
+        self, round: int, planned: Sequence[int], outcome: SumOutcome, results: Mapping[int, TrainResult],
+        *, rejected: Sequence[int] = (),
     ) -> dict[str, Any]:
-        """Server side: decode the sum, average, apply the server optimizer, evaluate and record."""
-        info = self.round_info(round, planned, outcome.included)
-        total, self.layer_state = self.bound.advance(outcome.total, info, self.rng(round, "server"), self.layer_state)
-        denom = sum(self.weight(c) for c in outcome.included)
-        self.params = self.server_opt.step(self.params, total / denom)
-        # counts only: who was sampled or included is the server's knowledge, never released (it would let
-        # anyone with the report replay the sample and undo the amplification)
-        record: dict[str, Any] = {
-            "round": round,
-            "planned": len(planned),
-            "included": len(outcome.included),
-            "rejected": len(rejected),
-        }
-        if rejected:
-            self.server_log.append({"round": round, "rejected": list(rejected)})
-        if self.plan.accounting is not None:
-            record.update(self.plan.accounting.record(info, {c: results[c] for c in outcome.included if c in results}))
-        record.update(self.bound.measurements(self.layer_state))  # e.g. aclip's clip and noisy clipped fraction
-        record.update(self.evaluate())
-        record["train_loss"] = float(np.mean([results[c].loss for c in outcome.included if c in results] or [math.nan]))
-        claims = self.bound.guarantees(info)
-        if self.plan.accounting is not None:
-            claims += self.plan.accounting.guarantees()
-        self.ledger.record(round, claims, included=len(outcome.included))
-        self.history.append(record)
-        self.next_round = round + 1
-        return record
+        return self.server.finish_round(round, planned, outcome, results, rejected=rejected)
 
-    def run_round(self, round: int) -> dict[str, Any]:
-        """One synchronous round in memory. Raises ``BudgetExhaustedError`` before a round that would overspend."""
-        planned = self.sample(round)
-        if self.plan.accounting is not None:
-            ok, why = self.plan.accounting.can_run(self.round_info(round, planned, planned))
-            if not ok:
-                raise BudgetExhaustedError(why)
-        base: dict[str, Any] = {"round": round, "planned": len(planned)}
+    def evaluate(self) -> dict[str, float]:
+        return self.server.evaluate()
+
+    def save(self, directory: Path) -> None:
+        self.server.save(directory)
+
+    def load(self, directory: Path) -> None:
+        self.server.load(directory)
+
+    # ---- one round in memory --------------------------------------------------------------------
+    def _updates(
+        self, round: int, planned: Sequence[int]
+    ) -> tuple[dict[int, NDArray[Any]], dict[int, TrainResult], list[int]]:
+        """Every planned client's encoded update and result; clients whose training diverged are rejected."""
         values: dict[int, NDArray[Any]] = {}
         results: dict[int, TrainResult] = {}
         rejected: list[int] = []
@@ -418,160 +276,52 @@ class Federation:
             except NonFiniteUpdateError as exc:
                 log.warning("%s", exc)
                 rejected.append(cid)
-        # the sum's own floor for a round of this size (Poisson rounds vary): below it nothing may be summed
-        need = self.plan.pipeline.sum.min_included(dataclasses.replace(self.bound.sum_spec, cohort=max(1, len(values))))
+        return values, results, rejected
+
+    def _dropouts(self, round: int, cids: Sequence[int]) -> DropoutSchedule | None:
+        if self.config.dropout <= 0:
+            return None
+        drop_rng = np.random.default_rng(derive_seed(self.config.seed, "dropout", round))
+        return DropoutSchedule.random(sorted(cids), self.config.dropout, drop_rng, phases=4)
+
+    def run_round(self, round: int) -> dict[str, Any]:
+        """One synchronous round in memory. Raises ``BudgetExhaustedError`` before a round that would overspend."""
+        planned = self.sample(round)
+        self.server.check_budget(round, planned)
+        values, results, rejected = self._updates(round, planned)
+        need = self.server.min_included(len(values))  # below the sum's own floor nothing may be summed
         if len(values) < need:
             why = (f"only {len(values)} client update(s) this round; the secure sum needs at least {need} "
                    "(a sum of fewer would reveal them): nothing is released")
             log.warning("round %d skipped: %s", round, why)
-            record = {**base, "included": 0, "skipped": why, **self.evaluate()}
-            self.history.append(record)
-            self.next_round = round + 1
-            return record
-        dropouts = None
-        if self.config.dropout > 0:
-            drop_rng = np.random.default_rng(_seed(self.config.seed, "dropout", round))
-            dropouts = DropoutSchedule.random(sorted(values), self.config.dropout, drop_rng, phases=4)
+            return self.server.release_nothing(round, planned, "skipped", why)
         try:
             outcome = run_secure_sum(
                 self.plan.pipeline.sum, values, spec=self.bound.sum_spec, session=self.session(round),
-                round=round, dropouts=dropouts,
+                round=round, dropouts=self._dropouts(round, list(values)),
             )
         except AbortError as exc:
             log.warning("round %d: %s", round, exc)
-            record = {**base, "included": 0, "aborted": str(exc), **self.evaluate()}
-            self.history.append(record)
-            self.next_round = round + 1
-            return record
+            return self.server.release_nothing(round, planned, "aborted", str(exc))
         return self.finish_round(round, planned, outcome, results, rejected=rejected)
 
-    def evaluate(self) -> dict[str, float]:
-        set_flat(self.model, self.params)
-        return evaluate(self.model, self.x_test, self.y_test, self.data.num_classes)
-
-    # ---- checkpoints ----------------------------------------------------------------------------
-    def save(self, directory: Path) -> None:
-        """Write the whole run state (atomically) so :meth:`load` continues bit-for-bit."""
-        directory.mkdir(parents=True, exist_ok=True)
-        state = {
-            "config": self.config.as_dict(),
-            "next_round": self.next_round,
-            "params": self.params,
-            "server_opt": self.server_opt.state(),
-            "history": self.history,
-            "ledger": self.ledger.entries,
-            "accounting": self.plan.accounting.state() if self.plan.accounting is not None else None,
-            "server_log": self.server_log,
-            "stats": self.data.stats,
-            "layer_state": self.layer_state,
-        }
-        tmp = directory / (CHECKPOINT + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(directory / CHECKPOINT)
-
-    def load(self, directory: Path) -> None:
-        """Continue from the checkpoint in ``directory``; ``CheckpointError`` if it cannot be read."""
-        path = directory / CHECKPOINT
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint at {path}; run once with --checkpoint-dir {directory}")
-        state = _read_checkpoint(path)
-        saved = dict(state["config"])
-        current = self.config.as_dict()
-        if self.config.privacy.epsilon is not None and saved.get("rounds") != current["rounds"]:
-            raise ValueError(
-                f"the checkpoint's noise was calibrated for --rounds {saved.get('rounds')} at --epsilon "
-                f"{self.config.privacy.epsilon:g}; resume with the same --rounds (more rounds would need less "
-                f"noise per round than was already spent, and the budget would be undercounted)"
-            )
-        saved.pop("rounds", None)
-        current.pop("rounds", None)
-        diff = sorted(k for k in current if saved.get(k) != current[k])
-        if diff:
-            raise ValueError(
-                f"checkpoint in {directory} was made with different settings ({', '.join(diff)}); resume with "
-                f"the same flags (only --rounds may change)"
-            )
-        self.next_round = int(state["next_round"])
-        self.params = np.asarray(state["params"], dtype=np.float64)
-        self.server_opt.load(state["server_opt"])
-        self.history = list(state["history"])
-        self.ledger = Ledger(list(state["ledger"]))
-        self.server_log = list(state.get("server_log", []))
-        if "layer_state" in state or self.bound.stateful:  # a stateful pipeline never restarts its state
-            self.layer_state = self.bound.load_state(state.get("layer_state") or ())
-        if state["accounting"] is not None and self.plan.accounting is not None:
-            self.plan.accounting.load_state(state["accounting"])  # the composed event lists
-
+    # ---- report ---------------------------------------------------------------------------------
     def client_accuracy(self) -> dict[str, dict[str, float | int]]:
         """The current model's accuracy on each client's own training rows (per-site numbers)."""
-        set_flat(self.model, self.params)
-        self.model.eval()
+        model = self.server.model
+        set_flat(model, self.params)
+        model.eval()
         out: dict[str, dict[str, float | int]] = {}
         with torch.no_grad():
             for cid, rows in enumerate(self.parts):
                 idx = torch.from_numpy(rows)
-                pred = self.model(self.x_train[idx]).argmax(dim=1)
+                pred = model(self.x_train[idx]).argmax(dim=1)
                 out[str(cid)] = {"accuracy": float((pred == self.y_train[idx]).float().mean()), "samples": len(rows)}
         return out
 
-    # ---- report ---------------------------------------------------------------------------------
     def report(self, *, baseline: float | None, stopped: str | None = None) -> dict[str, Any]:
-        final = dict(self.history[-1]) if self.history else self.evaluate()
-        if self.plan.accounting is not None:  # also when the last round was skipped or aborted
-            final["epsilon"], final["delta"] = self.plan.accounting.spent()
-        if self.stats_budget is not None:  # basic composition with the released preprocessing statistics
-            eps_s, delta_s = self.stats_budget
-            final["epsilon_training"], final["epsilon_preprocessing"] = final.get("epsilon", 0.0), eps_s
-            final["epsilon"] = final.get("epsilon", 0.0) + eps_s
-            final["delta"] = final.get("delta", 0.0) + delta_s
-        final_keys = ("accuracy", "balanced_accuracy", "loss", "auc", "epsilon", "delta", "epsilon_training",
-                      "epsilon_preprocessing")
-        out: dict[str, Any] = {
-            "config": self.config.as_dict(),
-            "pipeline": self.plan.pipeline.name,
-            "rounds": self.history,
-            "final": {k: final[k] for k in final_keys if k in final} | {"rounds_completed": len(self.history)},
-            "baseline": {"centralized_accuracy": baseline, "majority_class_rate": majority_rate(self.data)},
-            # simulation diagnostics from raw data: not covered by any privacy guarantee of the run
-            "per_client": self.client_accuracy(),
-            "guarantees": self.ledger.latest(),
-            "ledger": self.ledger.as_list(),
-            "privacy": self.plan.accounting.report() if self.plan.accounting is not None else {"accountant": None},
-        }
-        if self.bound.stateful:
-            out["layer_state"] = self.layer_state
-        if self.site_names:
-            out["sites"] = {str(k): v for k, v in self.site_names.items()}
-        if stopped:
-            out["stopped"] = stopped
-        if self.plan.notes:
-            out["notes"] = list(self.plan.notes)
-        return out
-
-
-_CHECKPOINT_KEYS = ("config", "next_round", "params", "server_opt", "history", "ledger", "accounting")
-
-
-def _read_checkpoint(path: Path) -> dict[str, Any]:
-    """Load and shape-check a checkpoint; any damage becomes a ``CheckpointError`` naming file and fix."""
-    fix = (f"the file is damaged (e.g. the disk filled up or it was copied partially): restore it from a backup, "
-           f"or delete {path.parent} and start again with --checkpoint-dir")
-    try:
-        # own file, written by Federation.save (it holds the accountant object, so not weights_only)
-        state = torch.load(path, weights_only=False)
-    except Exception as exc:  # truncated zip, corrupt pickle stream, wrong types...: all "damaged"
-        raise CheckpointError(f"cannot read checkpoint {path} ({type(exc).__name__}: {exc}); {fix}") from exc
-    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise CheckpointError(f"{path} is not a privagg checkpoint (missing {', '.join(missing)}); {fix}")
-    try:
-        state["next_round"] = int(state["next_round"])
-        state["params"] = np.asarray(state["params"], dtype=np.float64)
-        if not isinstance(state["config"], dict) or not isinstance(state["history"], list):
-            raise TypeError("config or history has the wrong type")
-    except (TypeError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} holds malformed values ({exc}); {fix}") from exc
-    return state
+        """The JSON-ready report (the server side's, with per-site diagnostics from the raw data)."""
+        return self.server.report(baseline=baseline, per_client=self.client_accuracy(), stopped=stopped)
 
 
 def format_round(record: Mapping[str, Any], rounds: int) -> str:

@@ -23,7 +23,7 @@ def plan(spec: str, **kw: object):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("spec", ["noise", "dnoise,secagg", "noise,clip"])
 def test_noise_without_clip_names_the_fix(spec: str) -> None:
-    with pytest.raises(CompositionError, match="put clip before it"):
+    with pytest.raises(CompositionError, match=r"--privacy .*put Clip\(l2=\.\.\.\) before GaussianNoise"):
         plan(spec, noise_multiplier=1.0)
 
 

@@ -238,7 +238,8 @@ def test_a_vocabulary_whose_counts_all_fall_below_the_floor_keeps_its_candidates
 def test_public_standardization_reads_no_site_and_spends_nothing(tmp_path: Any) -> None:
     from fl.config import PrivacyConfig, TrainConfig
     from fl.data.stats import DataError, public_statistics
-    from fl.training.loop import _statistics_budget, train
+    from fl.training.loop import train
+    from fl.training.setup import statistics_budget
 
     schema = Schema(target="y", numeric=("a", "b"), categorical=("c",))
     ref = pd.DataFrame({"a": [0.0, 10.0], "b": [5.0, 5.0], "y": [0, 1], "c": ["u", "v"]})
@@ -258,4 +259,4 @@ def test_public_standardization_reads_no_site_and_spends_nothing(tmp_path: Any) 
     assert "epsilon_preprocessing" not in report["final"]
     assert math.isclose(report["final"]["epsilon"], 2.0, rel_tol=1e-3)  # the whole budget went to training
     assert any(g["layer"] == "public-standardization" for g in report["guarantees"])
-    assert _statistics_budget(type("D", (), {"stats": stats})()) is None
+    assert statistics_budget(type("D", (), {"stats": stats})()) is None

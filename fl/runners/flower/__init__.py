@@ -17,9 +17,10 @@ Nothing a remote party sends selects code or weakens privacy: protocol messages 
 jobs it runs (:mod:`fl.runners.flower.policy`) and which app code (:mod:`fl.runners.flower.pin`).
 A malformed SuperNode reply drops that client for the round, never the run.
 
-Two jobs run on this transport. ``train`` drives :class:`fl.training.loop.Federation` on both sides (the server
-samples, decodes, averages, evaluates and keeps the ledger; each SuperNode owns one partition and
-trains/encodes with the same seeds), so the final model equals the in-memory runner's for the same
+Two jobs run on this transport. ``train``: the server drives :class:`fl.training.loop.Federation`'s server
+side (it samples, decodes, averages, evaluates and keeps the ledger); each SuperNode holds one
+:class:`fl.training.client.ClientSide` for the whole run (one partition; it trains and encodes with the
+same seeds), so the final model equals the in-memory runner's for the same
 config. ``sum`` sums public pseudo-random ring vectors and checks the result exactly: the latency
 benchmark and the dropout test.
 
@@ -206,19 +207,37 @@ def _policy(context: Context) -> NodePolicy:
         raise PolicyError(f"this node's policy is unusable: {exc}") from exc
 
 
-def _refuse_weaker(context: Context, job: FlowerJob, cid: int, fed: Any = None) -> None:
+def _refuse_weaker(context: Context, job: FlowerJob, cid: int) -> None:
     """Raise :class:`PolicyError` if ``job`` asks this node for less than its policy allows."""
     if job.task == "train":
-        terms = train_terms(fed if fed is not None else _federation(job), cid)
+        terms = train_terms(_client_side(context, job, cid), cid)
     else:
         terms = sum_terms(_sum_of(job), job.clients)  # before binding: the policy's refusal is the one reported
     _policy(context).check(terms)
 
 
-def _federation(job: FlowerJob) -> Any:
-    from fl.training.loop import Federation
+_CLIENT_SIDES: dict[tuple[int, str, int], Any] = {}
+"""This process's client side per (run id, job text, partition): built once, kept for the whole run."""
 
-    return Federation(_train_config(job))
+
+def _client_side(context: Context, job: FlowerJob, cid: int) -> Any:
+    """This node's :class:`~fl.training.client.ClientSide` for the run (one site: its data, model, trainer).
+
+    Built once per process and run, keyed by run id and the job's exact text (a different job under the
+    same run id builds a new one); a cold process (Flower may start one per message) rebuilds it
+    deterministically from the job's config alone, reusing the noise calibrations this node memoised in
+    its own state (:mod:`fl.runners.flower.calibrations`). Only the latest run is kept.
+    """
+    key = (int(context.run_id), job.to_json(), cid)
+    side = _CLIENT_SIDES.get(key)
+    if side is None:
+        from fl.runners.flower.calibrations import NodeCalibrations
+        from fl.training.client import ClientSide
+
+        _CLIENT_SIDES.clear()
+        side = ClientSide.for_site(_train_config(job), cid, calibrate=NodeCalibrations(context))
+        _CLIENT_SIDES[key] = side
+    return side
 
 
 def _guarded(fn: Any) -> Any:
@@ -347,20 +366,20 @@ def _start(msg: Message, context: Context) -> Message:
     if job.task == "train":
         import torch
 
-        from fl.training.loop import Federation, NonFiniteUpdateError
+        from fl.errors import NonFiniteUpdateError
 
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-        fed = Federation(_train_config(job))
-        _refuse_weaker(context, job, cid, fed)
+        side = _client_side(context, job, cid)
+        _refuse_weaker(context, job, cid)
         _claim_round(context, rnd, job.num_rounds)
         params = np.frombuffer(bytes(rec["params"]), dtype=np.float64).copy()
         try:
-            value, result = fed.client_update(cid, rnd, params)
+            value, result = side.update(params, rnd)
         except NonFiniteUpdateError as exc:
             log.warning("%s", exc)
             return _reply(msg, {"rejected": str(exc)})
         extra["result"] = json.dumps(asdict(result), default=str)
-        ssum, spec = fed.plan.pipeline.sum, fed.bound.sum_spec
+        ssum, spec = side.plan.pipeline.sum, side.bound.sum_spec
     else:
         _refuse_weaker(context, job, cid)
         _claim_round(context, rnd, job.num_rounds)
@@ -1457,9 +1476,9 @@ def superexec_main(argv: Sequence[str]) -> int:
     import secagg.wire  # noqa: F401
 
     try:
-        import fl.training.loop  # noqa: F401  (torch)
+        import fl.training.client  # noqa: F401  (torch)
     except ImportError as exc:
-        log.warning("cannot pre-import fl.training.loop (%s); tasks will import it themselves", exc)
+        log.warning("cannot pre-import fl.training.client (%s); tasks will import it themselves", exc)
     rs.__dict__["get_executor"] = lambda *a, **kw: _ForkExecutor()
     sys.argv = ["flower-superexec", *argv]
     flower_superexec()

@@ -213,7 +213,7 @@ def sum_terms(ssum: Any, cohort: int) -> JobTerms:
 
 
 def train_terms(fed: Any, cid: int) -> JobTerms:
-    """Terms of a ``train`` job for client ``cid``, read from the :class:`fl.training.loop.Federation` it built."""
+    """Terms of a ``train`` job for client ``cid``, read from the client side it built (``ClientSide``)."""
     from fl.layers.clip import Clip
     from fl.layers.noise import GaussianNoise
     from fl.training.dp_sgd import DpSgdTrainer

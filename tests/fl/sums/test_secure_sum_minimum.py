@@ -27,9 +27,8 @@ def test_a_cohort_of_one_is_refused_at_bind(ssum: object) -> None:
 def test_the_cli_plan_for_one_client_is_refused(token: str) -> None:
     """``--privacy secagg+ --clients 1`` used to run and claim input privacy."""
     cfg = TrainConfig(clients=1, privacy=PrivacyConfig(spec=token))
-    plan = build_plan(cfg, size=4, population=1, client_sizes={0: 10})
     with pytest.raises(CompositionError, match="at least 2"):
-        plan.pipeline.bind(ValueSpec(size=4, cohort=1))
+        build_plan(cfg, size=4, population=1, client_sizes={0: 10})  # the plan binds its pipeline
 
 
 def test_min_included_is_the_threshold_and_never_below_two() -> None:

@@ -1,0 +1,154 @@
+"""The client side of a run: one site's rows, a model to train, its trainer, its encoder.
+
+``ClientSide.update(global_params, round)`` trains from the global model on this site's data and returns
+the update encoded by the client half of every privacy layer (ready for the secure sum) with the
+training result (public metadata; DP-SGD reports its own steps, rate and noise there). A client side
+holds nothing of any other site and no server state, so it lives for a whole run: in memory beside the
+others (:class:`fl.training.loop.Federation`), or one per Flower SuperNode
+(:mod:`fl.runners.flower`), built by :meth:`ClientSide.for_site` from the job's config alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import nn
+
+from dp.accounting import calibrate_noise
+from fl.config import TrainConfig
+from fl.data.sites import Dataset
+from fl.errors import NonFiniteUpdateError
+from fl.pipeline import BoundPipeline
+from fl.privacy.plan import Calibrator, PrivacyPlan
+from fl.spec import ClientTrainer, RandomSource, TrainResult
+from fl.training.models import build_model, flatten_parameters
+from fl.training.seeds import derive_seed, party_rng
+from fl.training.setup import RunPlan, load_sites, plan_run
+
+__all__ = ["ClientSide", "Worker"]
+
+
+class Worker:
+    """The module a client trains in place; in memory one worker serves every client side in turn.
+
+    It keeps the float32 copy of the round's global parameters, so the clients of one round convert
+    them once.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.flat = flatten_parameters(model)
+        self._start: tuple[NDArray[np.float64], torch.Tensor] | None = None
+
+    @classmethod
+    def for_config(cls, config: TrainConfig, data: Dataset, *, prototype: nn.Module | None = None) -> Worker:
+        """The run's model (``config.model``), or a copy of a user's ``prototype`` module."""
+        return cls(build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden,
+                               seed=config.seed, prototype=prototype))
+
+    @property
+    def size(self) -> int:
+        return int(self.flat.numel())
+
+    def load(self, params: NDArray[np.float64]) -> None:
+        """Set the module's parameters to ``params`` (all clients of a round share the start)."""
+        if self._start is None or self._start[0] is not params:
+            self._start = (params, torch.from_numpy(params).to(torch.float32))
+        self.flat.copy_(self._start[1])
+
+    def delta(self, params: NDArray[np.float64]) -> NDArray[np.float64]:
+        return self.flat.numpy().astype(np.float64) - params
+
+
+class ClientSide:
+    """One site of a run: its rows, the worker it trains, its trainer and the bound pipeline's client half.
+
+    ``weight``: the averaging weight this client applies before encoding (``n_k / n_mean`` or 1);
+    ``plan`` / ``population`` are what the node checks against its own policy before it contributes.
+    """
+
+    def __init__(
+        self,
+        cid: int,
+        features: torch.Tensor,
+        labels: torch.Tensor,
+        *,
+        config: TrainConfig,
+        run: RunPlan,
+        weight: float,
+        population: int,
+        worker: Worker,
+    ) -> None:
+        self.cid = cid
+        self.features = features
+        self.labels = labels
+        self.config = config
+        self.run = run
+        self.weight = weight
+        self.population = population
+        self.worker = worker
+        self.trainer: ClientTrainer = run.trainer
+
+    @classmethod
+    def for_site(cls, config: TrainConfig, cid: int, *, calibrate: Calibrator = calibrate_noise) -> ClientSide:
+        """Client ``cid``'s side of the run ``config`` describes, rebuilt deterministically (a SuperNode).
+
+        Its privacy plan is calibrated for this client only (DP-SGD: one calibration, not one per site);
+        ``calibrate``: a memo of :func:`dp.accounting.calibrate_noise` (see :func:`fl.privacy.plan.build_plan`).
+        """
+        sites = load_sites(config)
+        if not 0 <= cid < sites.population:
+            raise ValueError(f"client {cid} is not in this run's {sites.population} clients")
+        worker = Worker.for_config(config, sites.data)
+        run = plan_run(config, size=worker.size, sites=sites, only=cid, calibrate=calibrate)
+        idx = torch.from_numpy(sites.parts[cid])
+        return cls(
+            cid, torch.from_numpy(sites.data.x_train)[idx], torch.from_numpy(sites.data.y_train)[idx],
+            config=config, run=run, weight=run.weight(sites, cid), population=sites.population, worker=worker,
+        )
+
+    @property
+    def plan(self) -> PrivacyPlan:
+        return self.run.plan
+
+    @property
+    def bound(self) -> BoundPipeline:
+        return self.run.bound
+
+    def rng(self, round: int) -> RandomSource:
+        """This client's layer randomness for ``round`` (a CSPRNG; seeded only via the test seam)."""
+        return party_rng(self.config, round, self.cid)
+
+    def train(self, global_params: NDArray[np.float64], round: int) -> tuple[NDArray[np.float64], TrainResult]:
+        """Train from ``global_params`` on this site's rows; the raw delta, checked finite, and the result."""
+        if global_params.shape != (self.worker.size,):
+            raise ValueError(
+                f"global model has {global_params.size} parameters, client {self.cid} expects {self.worker.size}"
+            )
+        self.worker.load(global_params)
+        result = self.trainer.train(
+            self.worker.model, self.features, self.labels, cid=self.cid, round=round,
+            seed=derive_seed(self.config.seed, "train", round, self.cid),
+        )
+        delta = self.worker.delta(global_params)
+        if not np.all(np.isfinite(delta)):
+            raise NonFiniteUpdateError(
+                f"client {self.cid}'s update has NaN/Inf values in round {round}; it is rejected. Lower the "
+                f"learning rate or check that client's data for NaN/Inf"
+            )
+        return delta, result
+
+    def update(
+        self, global_params: NDArray[np.float64], round: int, layer_state: Any = None
+    ) -> tuple[NDArray[Any], TrainResult]:
+        """Train, weight and encode: what this client hands to the secure sum in ``round``, with its result.
+
+        ``layer_state``: the round's public state of stateful layers (e.g. aclip's clip norm), from the server.
+
+        Raises :class:`~fl.errors.NonFiniteUpdateError` (nothing is sent) if training diverged.
+        """
+        delta, result = self.train(global_params, round)
+        return self.bound.encode(delta * self.weight, self.rng(round), layer_state), result
