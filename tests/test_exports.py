@@ -54,7 +54,7 @@ def test_fl_train_takes_a_config_or_plain_objects() -> None:
     import fl.api
     import fl.training.loop
 
-    assert list(inspect.signature(fl.train).parameters)[0] == "config"  # train(config): the CLI's path
+    assert next(iter(inspect.signature(fl.train).parameters)) == "config"  # train(config): the CLI's path
     assert fl.secure_sum is fl.api.secure_sum and fl.FederatedResult is fl.api.FederatedResult
 
 
