@@ -13,7 +13,9 @@ server time here).
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
@@ -21,6 +23,7 @@ __all__ = [
     "PRIME",
     "SHARE_BYTES",
     "combine",
+    "combine_many",
     "combine_points",
     "combine_with",
     "decode_share",
@@ -185,6 +188,29 @@ def combine_points(shares: Sequence[tuple[int, int]]) -> bytes:
     if s >= 1 << (8 * SECRET_BYTES):
         raise ValueError("shares are inconsistent: they do not interpolate a 32-byte secret")
     return s.to_bytes(SECRET_BYTES, "big")
+
+
+def combine_many(xs: tuple[int, ...], rows: Sequence[Sequence[int]]) -> list[bytes | None]:
+    """The 32-byte secrets of many share rows that all use the sorted, distinct points ``xs``.
+
+    The coefficients are found once for the point set (binomials for dense points, else Lagrange), then
+    each secret costs ``len(xs)`` multiplications and one reduction. ``None`` marks a row whose shares
+    are inconsistent (they do not interpolate a 32-byte secret): the caller names the owner.
+    """
+    if len(set(xs)) != len(xs) or any(a >= b for a, b in itertools.pairwise(xs)):
+        raise ValueError("combine_many needs sorted, distinct points")
+    if dense_points(xs):
+        nums, scale = _gap_coefficients(xs)
+    else:
+        nums, scale = lagrange_at_zero(xs), 1
+    limit = 1 << (8 * SECRET_BYTES)
+    out: list[bytes | None] = []
+    for ys in rows:
+        if len(ys) != len(xs):
+            raise ValueError(f"a row has {len(ys)} shares for {len(xs)} points")
+        s = sum(map(operator.mul, nums, ys)) % PRIME * scale % PRIME
+        out.append(s.to_bytes(SECRET_BYTES, "big") if s < limit else None)
+    return out
 
 
 def combine_with(coefficients: Sequence[int], ys: Sequence[int]) -> bytes:

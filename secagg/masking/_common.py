@@ -31,6 +31,15 @@ def pair_context(session: bytes, round: int, u: int, v: int) -> bytes:
     return aead.associated_data(session, round, a, b)
 
 
+def pair_contexts(session: bytes, round: int, u: int, peers: Sequence[int]) -> list[bytes]:
+    """:func:`pair_context` of ``u`` with each of ``peers`` (same bytes; the common prefix built once)."""
+    head = aead.associated_data(session, round, 0, 0)[:-16]
+    return [
+        head + (u if u < v else v).to_bytes(8, "big", signed=True) + (v if u < v else u).to_bytes(8, "big", signed=True)
+        for v in peers
+    ]
+
+
 def advertise_payload(session: bytes, round: int, cid: int, c_pk: bytes, s_pk: bytes, b_commit: bytes) -> bytes:
     return aead.associated_data(session, round, cid, -1) + c_pk + s_pk + b_commit
 

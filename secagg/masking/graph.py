@@ -397,6 +397,19 @@ class NeighbourGraph:
         mine = pos[holder] + h
         return [(mine - pos[v]) % n + 1 for v in owners]
 
+    def holder_points(self, holders: NDArray[np.int64], owners: NDArray[np.int64]) -> NDArray[np.int64]:
+        """:meth:`share_x` of each ``holders[i]`` in ``owners[i]``'s group, vectorised (the server's unmask).
+
+        Every pair must lie in one group (as the server's share requests guarantee).
+        """
+        if self._perm is None:
+            return np.asarray(holders, dtype=np.int64) + 1
+        self.materialise()
+        ids = np.asarray(self.cohort, dtype=np.int64)
+        pos = np.fromiter((self._pos[u] for u in self.cohort), dtype=np.int64, count=self.n)
+        h = self.k // 2
+        return (pos[np.searchsorted(ids, holders)] - pos[np.searchsorted(ids, owners)] + h) % self.n + 1
+
     def materialise(self) -> None:
         """Compute every neighbourhood at once (vectorised; the server's O(n k))."""
         if self._perm is None or len(self._adj) == self.n:
