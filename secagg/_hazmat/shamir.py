@@ -32,6 +32,7 @@ __all__ = [
     "lagrange_at_zero",
     "lagrange_batch",
     "split",
+    "split_many",
 ]
 
 PRIME = (1 << 521) - 1
@@ -87,6 +88,45 @@ def split(
             acc = (acc * x + c) % PRIME
         out.append(acc)
     return out
+
+
+def split_many(
+    secrets: Sequence[bytes], xs: Sequence[int], *, threshold: int, random_bytes: Callable[[int], bytes]
+) -> list[list[int]]:
+    """:func:`split` of several secrets at the same points ``xs``: the same shares, from the same draws of
+    ``random_bytes`` (secret by secret, as one call each), in one Horner pass.
+
+    The polynomials are packed side by side into one integer, in lanes wide enough that no lane carries
+    into the next (points are small), so a client sharing b and s_sk pays for one polynomial, not two.
+    """
+    forward = [split_coefficients(sec, xs, threshold=threshold, random_bytes=random_bytes) for sec in secrets]
+    if not forward or max(xs) >= 1 << 32:  # large points: one plain split each
+        return [split(s, xs, threshold=threshold, coefficients=f[1:]) for s, f in zip(secrets, forward, strict=True)]
+    polys = [f[::-1] for f in forward]
+    width = 8 * SHARE_BYTES + threshold * max(xs).bit_length() + 8  # a lane's sum_j c_j x^j fits
+    packed = [sum(p[j] << (i * width) for i, p in enumerate(polys)) for j in range(threshold)]
+    mask = (1 << width) - 1
+    out: list[list[int]] = [[] for _ in polys]
+    for x in xs:
+        acc = 0
+        for c in packed:
+            acc = acc * x + c
+        for i, row in enumerate(out):
+            row.append(((acc >> (i * width)) & mask) % PRIME)
+    return out
+
+
+def split_coefficients(
+    secret: bytes, xs: Sequence[int], *, threshold: int, random_bytes: Callable[[int], bytes]
+) -> list[int]:
+    """[secret, c_1, ..., c_{t-1}]: the polynomial :func:`split` draws (same checks, same draws)."""
+    if len(secret) != SECRET_BYTES:
+        raise ValueError(f"secrets are {SECRET_BYTES} bytes, got {len(secret)}")
+    if not 1 <= threshold <= len(xs):
+        raise ValueError(f"threshold must be in [1, {len(xs)}], got {threshold}")
+    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
+        raise ValueError("evaluation points must be distinct and in [1, p)")
+    return [int.from_bytes(secret, "big"), *(_random_element(random_bytes) for _ in range(threshold - 1))]
 
 
 @lru_cache(maxsize=4096)

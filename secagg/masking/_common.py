@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Sequence
 from typing import Final
 
@@ -96,4 +97,5 @@ def ring_bits(modulus: int) -> int:
 
 
 def sorted_unique(ids: Sequence[int]) -> bool:
-    return all(a < b for a, b in itertools.pairwise(ids))
+    """Strictly increasing (C-level comparisons: a client checks the whole cohort list)."""
+    return all(map(operator.lt, ids, itertools.islice(ids, 1, None)))

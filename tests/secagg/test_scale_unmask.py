@@ -156,3 +156,24 @@ def test_a_wrong_share_is_still_named_with_the_table(monkeypatch: pytest.MonkeyP
     assert srv.bad_shares == {liar: frozenset({victim})}
     assert srv.result is not None and np.array_equal(srv.result, _expected(srv, values, d))
 
+
+
+def _stream(seed: int) -> Any:
+    """A deterministic byte source (test seam): the same draws for the same seed."""
+    rng = np.random.default_rng(seed)
+    return lambda n: rng.bytes(n)
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=st.integers(1, 30), extra=st.integers(0, 20), big=st.booleans(), seed=st.integers(0, 2**32))
+def test_split_many_equals_one_split_per_secret(t: int, extra: int, big: bool, seed: int) -> None:
+    """Same shares and the same randomness draws as sequential ``split`` calls (the golden transcript
+    depends on it), for small points (packed lanes) and large ones (plain path)."""
+    rng = np.random.default_rng(seed)
+    top = 2**40 if big else 200
+    xs = [int(x) for x in rng.choice(np.arange(1, 2000), size=t + extra, replace=False) * (top // 200)]
+    secrets = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)) for _ in range(2)]
+    one, many = _stream(seed), _stream(seed)
+    want = [shamir.split(s, xs, threshold=t, random_bytes=one) for s in secrets]
+    assert shamir.split_many(secrets, xs, threshold=t, random_bytes=many) == want
+    assert one(8) == many(8)  # the same number of bytes was drawn
