@@ -13,7 +13,6 @@ server time here).
 
 from __future__ import annotations
 
-import itertools
 import math
 import operator
 from collections.abc import Callable, Sequence
@@ -237,7 +236,7 @@ def combine_many(xs: tuple[int, ...], rows: Sequence[Sequence[int]]) -> list[byt
     each secret costs ``len(xs)`` multiplications and one reduction. ``None`` marks a row whose shares
     are inconsistent (they do not interpolate a 32-byte secret): the caller names the owner.
     """
-    if len(set(xs)) != len(xs) or any(a >= b for a, b in itertools.pairwise(xs)):
+    if not all(map(operator.lt, xs, xs[1:])):  # sorted and distinct (C-level: called per point set)
         raise ValueError("combine_many needs sorted, distinct points")
     if dense_points(xs):
         nums, scale = _gap_coefficients(xs)

@@ -432,7 +432,7 @@ class NeighbourGraph:
 
 def _sorted_cohort(cohort: Iterable[int]) -> tuple[int, ...]:
     """The cohort as a sorted tuple of distinct non-negative ids (O(n) when already sorted)."""
-    listed = tuple(int(c) for c in cohort)
+    listed = tuple(map(int, cohort))  # C-level: every client checks the whole cohort list
     arr = np.asarray(listed, dtype=np.int64)
     if len(arr) > 1 and not bool(np.all(arr[1:] > arr[:-1])):
         if len(set(listed)) != len(listed):
