@@ -206,8 +206,19 @@ def _gap_coefficients(xs: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
     present = set(xs)
     gaps = [j for j in range(1, top + 1) if j not in present]
     scale = pow(math.prod(gaps) % PRIME, -1, PRIME) if gaps else 1
-    nums = tuple((1 if i % 2 else -1) * math.comb(top, i) * math.prod([j - i for j in gaps]) for i in xs)
-    return nums, scale
+    signed = _signed_binomials(top)
+    if not gaps:
+        return tuple(map(signed.__getitem__, xs)), scale
+    factor = [1] * (top + 1)  # prod_gaps (j - i) for every i, gap by gap (C-level multiplies per row)
+    for j in gaps:
+        factor = list(map(operator.mul, factor, range(j, j - top - 1, -1)))
+    return tuple(signed[i] * factor[i] for i in xs), scale
+
+
+@lru_cache(maxsize=256)
+def _signed_binomials(top: int) -> tuple[int, ...]:
+    """``(-1)^(i-1) C(top, i)`` for i = 0..top."""
+    return tuple((1 if i % 2 else -1) * math.comb(top, i) for i in range(top + 1))
 
 
 def combine_points(shares: Sequence[tuple[int, int]]) -> bytes:
