@@ -7,7 +7,7 @@ the pairwise-mask seed of the same two clients come from different key pairs *an
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -16,9 +16,12 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 __all__ = [
     "KEY_BYTES",
+    "PublicKey",
     "agree",
+    "agree_many",
     "derive",
     "generate_private",
+    "parse_public",
     "private_bytes",
     "private_from_bytes",
     "public_bytes",
@@ -29,6 +32,8 @@ KEY_BYTES = 32
 """Length of X25519 private and public keys, and of every derived key."""
 
 RandomBytes = Callable[[int], bytes]
+PublicKey = X25519PublicKey
+"""A parsed peer public key (:func:`parse_public`)."""
 
 
 def generate_private(random_bytes: RandomBytes) -> X25519PrivateKey:
@@ -72,3 +77,30 @@ def agree(private: X25519PrivateKey, peer_public: bytes, *, label: bytes, contex
         raise ValueError(f"an X25519 public key has {KEY_BYTES} bytes, got {len(peer_public)}")
     shared = private.exchange(X25519PublicKey.from_public_bytes(peer_public))
     return derive(shared, label=label, context=context)
+
+
+def parse_public(data: bytes) -> X25519PublicKey:
+    """A peer's public key, parsed once (for a party that agrees with it many times)."""
+    if len(data) != KEY_BYTES:
+        raise ValueError(f"an X25519 public key has {KEY_BYTES} bytes, got {len(data)}")
+    return X25519PublicKey.from_public_bytes(data)
+
+
+def agree_many(
+    private: X25519PrivateKey, peers: Sequence[X25519PublicKey], *, label: bytes, contexts: Sequence[bytes]
+) -> list[bytes]:
+    """:func:`agree` of one private key with many parsed peer keys, each with its own context.
+
+    Same bytes as ``agree(private, peer, label=label, context=ctx)`` per pair; the label prefix is
+    built once. Raises ``ValueError`` for a low-order peer key.
+    """
+    if not label:
+        raise ValueError("HKDF needs a non-empty domain-separation label")
+    if len(peers) != len(contexts):
+        raise ValueError(f"{len(peers)} peer keys but {len(contexts)} contexts")
+    head = len(label).to_bytes(2, "big") + label
+    sha = hashes.SHA256()
+    return [
+        HKDF(algorithm=sha, length=KEY_BYTES, salt=None, info=head + ctx).derive(private.exchange(peer))
+        for peer, ctx in zip(peers, contexts, strict=True)
+    ]

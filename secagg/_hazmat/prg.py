@@ -15,6 +15,7 @@ __all__ = ["SEED_BYTES", "BlockPrf", "MaskExpander", "expand", "keystream"]
 
 SEED_BYTES = 32
 _IV = b"\x00" * 16
+_CTR0 = modes.CTR(_IV)  # immutable: shared by every expander (saves building it per mask)
 
 
 def keystream(seed: bytes, nbytes: int) -> bytes:
@@ -63,7 +64,7 @@ class MaskExpander:
         """The mask of ``seed`` as a view of the internal buffer (valid until the next call)."""
         if len(seed) != SEED_BYTES:
             raise ValueError(f"a mask seed has {SEED_BYTES} bytes, got {len(seed)}")
-        enc = Cipher(algorithms.AES(seed), modes.CTR(_IV)).encryptor()
+        enc = Cipher(algorithms.AES(seed), _CTR0).encryptor()
         enc.update_into(self._zeros, self._buf)
         return np.frombuffer(self._buf, dtype=self._dtype.newbyteorder("<"), count=self._n)
 

@@ -14,6 +14,7 @@ server time here).
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
@@ -21,6 +22,7 @@ __all__ = [
     "PRIME",
     "SHARE_BYTES",
     "combine",
+    "combine_many",
     "combine_points",
     "combine_with",
     "decode_share",
@@ -29,6 +31,7 @@ __all__ = [
     "lagrange_at_zero",
     "lagrange_batch",
     "split",
+    "split_many",
 ]
 
 PRIME = (1 << 521) - 1
@@ -84,6 +87,45 @@ def split(
             acc = (acc * x + c) % PRIME
         out.append(acc)
     return out
+
+
+def split_many(
+    secrets: Sequence[bytes], xs: Sequence[int], *, threshold: int, random_bytes: Callable[[int], bytes]
+) -> list[list[int]]:
+    """:func:`split` of several secrets at the same points ``xs``: the same shares, from the same draws of
+    ``random_bytes`` (secret by secret, as one call each), in one Horner pass.
+
+    The polynomials are packed side by side into one integer, in lanes wide enough that no lane carries
+    into the next (points are small), so a client sharing b and s_sk pays for one polynomial, not two.
+    """
+    forward = [split_coefficients(sec, xs, threshold=threshold, random_bytes=random_bytes) for sec in secrets]
+    if not forward or max(xs) >= 1 << 32:  # large points: one plain split each
+        return [split(s, xs, threshold=threshold, coefficients=f[1:]) for s, f in zip(secrets, forward, strict=True)]
+    polys = [f[::-1] for f in forward]
+    width = 8 * SHARE_BYTES + threshold * max(xs).bit_length() + 8  # a lane's sum_j c_j x^j fits
+    packed = [sum(p[j] << (i * width) for i, p in enumerate(polys)) for j in range(threshold)]
+    mask = (1 << width) - 1
+    out: list[list[int]] = [[] for _ in polys]
+    for x in xs:
+        acc = 0
+        for c in packed:
+            acc = acc * x + c
+        for i, row in enumerate(out):
+            row.append(((acc >> (i * width)) & mask) % PRIME)
+    return out
+
+
+def split_coefficients(
+    secret: bytes, xs: Sequence[int], *, threshold: int, random_bytes: Callable[[int], bytes]
+) -> list[int]:
+    """[secret, c_1, ..., c_{t-1}]: the polynomial :func:`split` draws (same checks, same draws)."""
+    if len(secret) != SECRET_BYTES:
+        raise ValueError(f"secrets are {SECRET_BYTES} bytes, got {len(secret)}")
+    if not 1 <= threshold <= len(xs):
+        raise ValueError(f"threshold must be in [1, {len(xs)}], got {threshold}")
+    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
+        raise ValueError("evaluation points must be distinct and in [1, p)")
+    return [int.from_bytes(secret, "big"), *(_random_element(random_bytes) for _ in range(threshold - 1))]
 
 
 @lru_cache(maxsize=4096)
@@ -164,8 +206,19 @@ def _gap_coefficients(xs: tuple[int, ...]) -> tuple[tuple[int, ...], int]:
     present = set(xs)
     gaps = [j for j in range(1, top + 1) if j not in present]
     scale = pow(math.prod(gaps) % PRIME, -1, PRIME) if gaps else 1
-    nums = tuple((1 if i % 2 else -1) * math.comb(top, i) * math.prod([j - i for j in gaps]) for i in xs)
-    return nums, scale
+    signed = _signed_binomials(top)
+    if not gaps:
+        return tuple(map(signed.__getitem__, xs)), scale
+    factor = [1] * (top + 1)  # prod_gaps (j - i) for every i, gap by gap (C-level multiplies per row)
+    for j in gaps:
+        factor = list(map(operator.mul, factor, range(j, j - top - 1, -1)))
+    return tuple(signed[i] * factor[i] for i in xs), scale
+
+
+@lru_cache(maxsize=256)
+def _signed_binomials(top: int) -> tuple[int, ...]:
+    """``(-1)^(i-1) C(top, i)`` for i = 0..top."""
+    return tuple((1 if i % 2 else -1) * math.comb(top, i) for i in range(top + 1))
 
 
 def combine_points(shares: Sequence[tuple[int, int]]) -> bytes:
@@ -185,6 +238,29 @@ def combine_points(shares: Sequence[tuple[int, int]]) -> bytes:
     if s >= 1 << (8 * SECRET_BYTES):
         raise ValueError("shares are inconsistent: they do not interpolate a 32-byte secret")
     return s.to_bytes(SECRET_BYTES, "big")
+
+
+def combine_many(xs: tuple[int, ...], rows: Sequence[Sequence[int]]) -> list[bytes | None]:
+    """The 32-byte secrets of many share rows that all use the sorted, distinct points ``xs``.
+
+    The coefficients are found once for the point set (binomials for dense points, else Lagrange), then
+    each secret costs ``len(xs)`` multiplications and one reduction. ``None`` marks a row whose shares
+    are inconsistent (they do not interpolate a 32-byte secret): the caller names the owner.
+    """
+    if not all(map(operator.lt, xs, xs[1:])):  # sorted and distinct (C-level: called per point set)
+        raise ValueError("combine_many needs sorted, distinct points")
+    if dense_points(xs):
+        nums, scale = _gap_coefficients(xs)
+    else:
+        nums, scale = lagrange_at_zero(xs), 1
+    limit = 1 << (8 * SECRET_BYTES)
+    out: list[bytes | None] = []
+    for ys in rows:
+        if len(ys) != len(xs):
+            raise ValueError(f"a row has {len(ys)} shares for {len(xs)} points")
+        s = sum(map(operator.mul, nums, ys)) % PRIME * scale % PRIME
+        out.append(s.to_bytes(SECRET_BYTES, "big") if s < limit else None)
+    return out
 
 
 def combine_with(coefficients: Sequence[int], ys: Sequence[int]) -> bytes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import operator
 from collections.abc import Sequence
 from typing import Final
 
@@ -30,6 +31,15 @@ def pair_context(session: bytes, round: int, u: int, v: int) -> bytes:
     """HKDF context of the (unordered) pair u, v in one session and round."""
     a, b = (u, v) if u < v else (v, u)
     return aead.associated_data(session, round, a, b)
+
+
+def pair_contexts(session: bytes, round: int, u: int, peers: Sequence[int]) -> list[bytes]:
+    """:func:`pair_context` of ``u`` with each of ``peers`` (same bytes; the common prefix built once)."""
+    head = aead.associated_data(session, round, 0, 0)[:-16]
+    return [
+        head + (u if u < v else v).to_bytes(8, "big", signed=True) + (v if u < v else u).to_bytes(8, "big", signed=True)
+        for v in peers
+    ]
 
 
 def advertise_payload(session: bytes, round: int, cid: int, c_pk: bytes, s_pk: bytes, b_commit: bytes) -> bytes:
@@ -82,4 +92,5 @@ def word_dtype(modulus: int) -> type[np.unsignedinteger]:
 
 
 def sorted_unique(ids: Sequence[int]) -> bool:
-    return all(a < b for a, b in itertools.pairwise(ids))
+    """Strictly increasing (C-level comparisons: a client checks the whole cohort list)."""
+    return all(map(operator.lt, ids, itertools.islice(ids, 1, None)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +35,7 @@ from secagg.masking._common import (
     message_label,
     message_payload,
     pair_context,
+    pair_contexts,
     ring_bits,
     sorted_unique,
     survivors_payload,
@@ -233,7 +234,7 @@ class SecAggClient:
             raise OverflowRiskError(
                 f"SecAgg masks integers in Z_2^{self._bits}, got {v.dtype} values: put Quantize before the sum"
             )
-        if v.size and (int(v.min()) < 0 or int(v.max()) >= self._modulus):
+        if v.size and ((v.dtype.kind == "i" and int(v.min()) < 0) or int(v.max()) >= self._modulus):
             raise OverflowRiskError(f"client {self._cid}'s value has entries outside Z_2^{self._bits}")
         return v  # checked, not copied: the masking step makes the one working copy (O(d) per live client)
 
@@ -291,18 +292,17 @@ class SecAggClient:
         self._graph, self._t, self._dir = graph, t, entries
         # Shamir-share b and s_sk among the group members present, at their points in this group.
         xs = [graph.share_x(self._cid, v) for v in msg.ids]
-        b_sh = shamir.split(self._b, xs, threshold=t, random_bytes=self._rand)
-        s_sh = shamir.split(kex.private_bytes(self._s_sk), xs, threshold=t, random_bytes=self._rand)
+        secrets = (self._b, kex.private_bytes(self._s_sk))
+        b_sh, s_sh = shamir.split_many(secrets, xs, threshold=t, random_bytes=self._rand)
+        others = [v for v in msg.ids if v != self._cid]
+        self._share_keys.update(zip(others, self._agree_all(self._c_sk, others, 0, SHARE_KEY_LABEL), strict=True))
         recipients: list[int] = []
         cts: list[bytes] = []
         for v, yb, ys in zip(msg.ids, b_sh, s_sh, strict=True):
             if v == self._cid:
                 self._held[v] = (yb, ys)
                 continue
-            try:
-                key = self._share_key(v)
-            except ValueError as exc:  # e.g. a low-order point: no usable shared secret
-                raise ProtocolError(f"client {v}'s advertised encryption key is unusable: {exc}") from exc
+            key = self._share_keys[v]
             pt = shamir.encode_share(yb) + shamir.encode_share(ys)
             cts.append(
                 aead.encrypt(
@@ -323,6 +323,25 @@ class SecAggClient:
         if key is None:
             key = self._share_keys[v] = self._derive_share_key(v)
         return key
+
+    def _agree_all(self, private: Any, peers: Sequence[int], slot: int, label: bytes) -> list[bytes]:
+        """HKDF(X25519) of ``private`` with each peer's advertised key (slot 0: encryption, 1: mask), batched.
+
+        A peer key that yields no usable secret (e.g. a low-order point) raises ``ProtocolError`` naming it.
+        """
+        try:
+            parsed = [kex.parse_public(self._dir[v][slot]) for v in peers]
+            contexts = pair_contexts(self._session, self._round, self._cid, peers)
+            return kex.agree_many(private, parsed, label=label, contexts=contexts)
+        except ValueError:
+            pass
+        for v in peers:  # name the first unusable key
+            try:
+                kex.agree(private, self._dir[v][slot], label=label)
+            except ValueError as exc:
+                what = ("encryption", "mask")[slot]
+                raise ProtocolError(f"client {v}'s advertised {what} key is unusable: {exc}") from exc
+        raise ProtocolError("an advertised key is unusable")  # pragma: no cover - the loop names it
 
     def _derive_share_key(self, v: int) -> bytes:
         c_pk_v = self._dir[v][0]
@@ -350,23 +369,12 @@ class SecAggClient:
                 )
             except (KeyMismatchError, ValueError) as exc:
                 raise ProtocolError(f"share from client {v} is invalid: {exc}") from exc
-        seeds: list[tuple[bytes, int]] = []
-        for v in msg.senders:
-            try:
-                seed = kex.agree(
-                    self._s_sk,
-                    self._dir[v][1],
-                    label=PAIR_MASK_LABEL,
-                    context=pair_context(self._session, self._round, self._cid, v),
-                )
-            except ValueError as exc:
-                raise ProtocolError(f"client {v}'s advertised mask key is unusable: {exc}") from exc
-            seeds.append((seed, +1 if self._cid < v else -1))
+        seeds = self._agree_all(self._s_sk, msg.senders, 1, PAIR_MASK_LABEL)
         y = self._value.astype(self._dtype)  # a fresh copy, masked in place; the caller's array is untouched
         exp = prg.MaskExpander(self._size, self._dtype)
         exp.add(y, self._b, +1)
-        for seed, sign_ in seeds:
-            exp.add(y, seed, sign_)
+        for v, seed in zip(msg.senders, seeds, strict=True):
+            exp.add(y, seed, +1 if self._cid < v else -1)
         if self._bits < 8 * np.dtype(self._dtype).itemsize:
             y &= self._dtype(self._modulus - 1)
         self._value = np.zeros(0, dtype=self._dtype)  # the clear input is no longer needed

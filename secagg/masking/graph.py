@@ -397,6 +397,19 @@ class NeighbourGraph:
         mine = pos[holder] + h
         return [(mine - pos[v]) % n + 1 for v in owners]
 
+    def holder_points(self, holders: NDArray[np.int64], owners: NDArray[np.int64]) -> NDArray[np.int64]:
+        """:meth:`share_x` of each ``holders[i]`` in ``owners[i]``'s group, vectorised (the server's unmask).
+
+        Every pair must lie in one group (as the server's share requests guarantee).
+        """
+        if self._perm is None:
+            return np.asarray(holders, dtype=np.int64) + 1
+        self.materialise()
+        ids = np.asarray(self.cohort, dtype=np.int64)
+        pos = np.fromiter((self._pos[u] for u in self.cohort), dtype=np.int64, count=self.n)
+        h = self.k // 2
+        return (pos[np.searchsorted(ids, holders)] - pos[np.searchsorted(ids, owners)] + h) % self.n + 1
+
     def materialise(self) -> None:
         """Compute every neighbourhood at once (vectorised; the server's O(n k))."""
         if self._perm is None or len(self._adj) == self.n:
@@ -419,7 +432,7 @@ class NeighbourGraph:
 
 def _sorted_cohort(cohort: Iterable[int]) -> tuple[int, ...]:
     """The cohort as a sorted tuple of distinct non-negative ids (O(n) when already sorted)."""
-    listed = tuple(int(c) for c in cohort)
+    listed = tuple(map(int, cohort))  # C-level: every client checks the whole cohort list
     arr = np.asarray(listed, dtype=np.int64)
     if len(arr) > 1 and not bool(np.all(arr[1:] > arr[:-1])):
         if len(set(listed)) != len(listed):

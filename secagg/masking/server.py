@@ -12,10 +12,12 @@ uint32/uint64 vector operations (natural wrap-around) and reduced mod 2^k.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,7 +36,7 @@ from secagg.masking._common import (
     commit_context,
     message_label,
     message_payload,
-    pair_context,
+    pair_contexts,
     ring_bits,
     survivors_payload,
     word_dtype,
@@ -111,6 +113,7 @@ class SecAggServer:
         if self._auth and identities is not None and not set(self._graph.cohort) <= set(identities):
             raise ValueError("authenticated mode needs an identity key for every sampled client")
         self._adverts: dict[int, AdvertiseKeys] = {}
+        self._s_pub: dict[int, kex.PublicKey] = {}
         self._shares: dict[int, ShareKeys] = {}
         self._acc = np.zeros(size, dtype=self._dtype)
         self._u3: set[int] = set()
@@ -200,11 +203,11 @@ class SecAggServer:
         self._dup(self._adverts, msg.sender)
         if len(msg.c_pk) != kex.KEY_BYTES or len(msg.s_pk) != kex.KEY_BYTES or msg.c_pk == msg.s_pk:
             raise ProtocolError(f"client {msg.sender} advertised malformed keys")
-        for pk in (msg.c_pk, msg.s_pk):
-            try:  # a low-order point gives an all-zero shared secret with any key: refuse it now
-                kex.agree(self._probe, pk, label=b"privagg/secagg/key-validity-probe")
-            except ValueError as exc:
-                raise ProtocolError(f"client {msg.sender} advertised an unusable X25519 key") from exc
+        try:  # a low-order point gives an all-zero shared secret with any key: refuse it now
+            c_pub, s_pub = kex.parse_public(msg.c_pk), kex.parse_public(msg.s_pk)
+            kex.agree_many(self._probe, [c_pub, s_pub], label=b"privagg/secagg/key-validity-probe", contexts=[b""] * 2)
+        except ValueError as exc:
+            raise ProtocolError(f"client {msg.sender} advertised an unusable X25519 key") from exc
         if len(msg.b_commit) != commit.COMMIT_BYTES:
             raise ProtocolError(f"client {msg.sender} advertised no {commit.COMMIT_BYTES}-byte self-mask commitment")
         if self._identities is not None:
@@ -214,6 +217,7 @@ class SecAggServer:
         elif msg.signature:
             raise ProtocolError("signature on advertised keys in unauthenticated mode")
         self._adverts[msg.sender] = msg
+        self._s_pub[msg.sender] = s_pub  # parsed once: the unmask step agrees with it per dropped neighbour
 
     def _check_signed(self, msg: ShareKeys | MaskedInput | UnmaskResponse) -> None:
         """Authenticated mode: the client's signature over (session, round, sender, phase, content digest)."""
@@ -397,32 +401,45 @@ class SecAggServer:
             out.append(req)
         return out
 
-    def _reconstruct(self, shares: dict[tuple[str, int], list[tuple[int, int]]]) -> dict[tuple[str, int], bytes | None]:
-        """Every secret from exactly t shares; Lagrange coefficients once per share-holder set, batched.
+    def _share_table(self, kind: int, wanted: set[int]) -> _ShareTable:
+        """Every share of one kind (0: b, 1: s_sk) that came back for the ``wanted`` owners, as a table."""
+        owners: list[int] = []
+        ys: list[int] = []
+        senders: list[int] = []
+        lens: list[int] = []
+        for r, resp in self._responses.items():
+            own = resp.dropped if kind else resp.alive
+            if own:
+                owners.extend(own)
+                ys.extend(self._decoded[r][kind])
+                senders.append(r)
+                lens.append(len(own))
+        o = np.asarray(owners, dtype=np.int64)
+        holders = np.repeat(np.asarray(senders, dtype=np.int64), lens)
+        xs = self._graph.holder_points(holders, o)  # r's evaluation point in each owner's group
+        if self._graph.complete:  # points are holder id + 1: columns in cohort order
+            cols, width = np.searchsorted(np.asarray(self._graph.cohort, dtype=np.int64), holders), self._graph.n
+        else:  # points are offsets 1..k+1 in the owner's group
+            cols, width = xs - 1, self._graph.k + 1
+        return _ShareTable.build(o, xs, holders, cols, width, ys, sorted(wanted))
 
-        The t shares at the lowest points are used (offsets in a sparse graph: few gaps, so binomial
-        coefficients); other point sets get batched Lagrange coefficients, once per set. ``None`` marks a
-        secret whose shares are inconsistent (or too few): the caller names the client.
+    def _reconstruct(self, table: _ShareTable) -> dict[int, bytes | None]:
+        """Every owner's secret from its t shares at the lowest points, one batched call per point set.
+
+        ``None`` marks a secret whose shares are inconsistent (the caller's check names the liars).
         """
-        pts = {key: sorted(sh)[: self._t] for key, sh in shares.items() if len(sh) >= self._t}
-        out: dict[tuple[str, int], bytes | None] = dict.fromkeys(shares)
-        sparse = {}
-        for key, p in pts.items():
-            xs = tuple(x for x, _ in p)
-            if not shamir.dense_points(xs):  # e.g. complete graph over scattered ids
-                sparse[key] = xs
-                continue
-            try:  # offsets 1..k+1: binomial coefficients, no inversion per share
-                out[key] = shamir.combine_points(p)
-            except ValueError:
-                out[key] = None
-        sets = sorted(set(sparse.values()))
-        coeffs = dict(zip(sets, shamir.lagrange_batch(sets), strict=True))
-        for key, xs in sparse.items():
-            try:
-                out[key] = shamir.combine_with(coeffs[xs], [y for _, y in pts[key]])
-            except ValueError:
-                out[key] = None
+        t, owners = self._t, table.owners
+        sel = table.lowest(t)  # (owners, t) indices into the table's shares
+        ys = list(map(table.ys.__getitem__, sel.ravel().tolist()))
+        sets, which = np.unique(table.x[sel], axis=0, return_inverse=True)
+        order = np.argsort(which.ravel(), kind="stable")
+        cuts = np.searchsorted(which.ravel()[order], np.arange(len(sets) + 1)).tolist()
+        order_l = order.tolist()
+        out: dict[int, bytes | None] = {}
+        for j, xs in enumerate(sets.tolist()):  # one batched call per point set
+            rows = order_l[cuts[j] : cuts[j + 1]]
+            got = shamir.combine_many(tuple(xs), [ys[i * t : (i + 1) * t] for i in rows])
+            out.update(zip([owners[i] for i in rows], got, strict=True))
         return out
 
     @property
@@ -465,52 +482,54 @@ class SecAggServer:
         return secret
 
     def _close_unmask(self) -> None:
-        u5 = set(self._responses)
         u3 = set(self._u3)
         needs_s = self._needs_s(u3)
-        self._require(_state.UNMASK, u5, [*u3, *needs_s])
-        b_sh: dict[int, list[tuple[int, int]]] = {u: [] for u in u3}
-        s_sh: dict[int, list[tuple[int, int]]] = {w: [] for w in needs_s}
-        who: dict[tuple[str, int], dict[int, int]] = {}  # (kind, owner) -> evaluation point -> sender
-        xs_of = self._graph.holder_xs  # r's evaluation point in each owner's group (r answered for them)
-        for r in sorted(u5):  # every share that came back: spares let the server drop a wrong one
-            resp = self._responses[r]
-            ys_b, ys_s = self._decoded[r]
-            for v, x, y in zip(resp.alive, xs_of(r, resp.alive), ys_b, strict=True):
-                b_sh[v].append((x, y))
-                who.setdefault(("b", v), {})[x] = r
-            for v, x, y in zip(resp.dropped, xs_of(r, resp.dropped), ys_s, strict=True):
-                if v in s_sh:
-                    s_sh[v].append((x, y))
-                    who.setdefault(("s", v), {})[x] = r
+        b_tab, s_tab = self._share_table(0, u3), self._share_table(1, set(needs_s))
+        # Every share-holder that answered returns its share of each owner in its group: the counts are
+        # the answered members of each owner's group.
+        worst = min(b_tab.least(), s_tab.least()) if needs_s else b_tab.least()
+        if worst < self._t:
+            raise AbortError(_state.UNMASK, needed=self._t, answered=worst)
         total = self._acc  # the accumulator is not needed afterwards: unmask in place
         exp = prg.MaskExpander(self._size, self._dtype)
-        secrets = self._reconstruct({**{("b", u): b_sh[u] for u in u3}, **{("s", w): s_sh[w] for w in needs_s}})
-        for u in sorted(u3):
-            b, opens = secrets[("b", u)], self._opens_commitment(u)
-            if b is None or not opens(b):  # fast path failed its check: find t good shares, name the liars
-                b = self._recover(u, "self-mask seed", b_sh[u], opens, who.get(("b", u), {}))
+        for b in self._secrets(b_tab, "self-mask seed", self._opens_commitment).values():
             exp.add(total, b, -1)
-        for w in needs_s:
-            s_sk, opens = secrets[("s", w)], self._opens_mask_key(w)
-            if s_sk is None or not opens(s_sk):
-                s_sk = self._recover(w, "mask key", s_sh[w], opens, who.get(("s", w), {}))
-            sk = kex.private_from_bytes(s_sk)
-            for v in sorted(self._graph.neighbours(w) & u3):
-                seed = kex.agree(
-                    sk,
-                    self._adverts[v].s_pk,
-                    label=PAIR_MASK_LABEL,
-                    context=pair_context(self._session, self._round, v, w),
-                )
-                # v added +PRG if v < w, -PRG otherwise: remove it.
-                exp.add(total, seed, -1 if v < w else +1)
+        for w, s_sk in self._secrets(s_tab, "mask key", self._opens_mask_key).items():
+            for seed, sign_ in self._pair_seeds(w, s_sk, u3):
+                exp.add(total, seed, sign_)
         result = total.astype(np.uint64)
         if self._bits < 64:
             result &= np.uint64(self._modulus - 1)
         self._result = result
         self._done = True
         self._i = len(self._phases) - 1
+
+    def _secrets(
+        self, table: _ShareTable, what: str, check: Callable[[int], Callable[[bytes], bool]]
+    ) -> dict[int, bytes]:
+        """Each owner's secret, checked (commitment / public key); the slow path names liars or aborts."""
+        fast = self._reconstruct(table) if table.owners else {}
+        out: dict[int, bytes] = {}
+        for u in table.owners:
+            secret, opens = fast[u], check(u)
+            if secret is None or not opens(secret):  # fast path failed its check: find t good shares
+                secret = self._recover(u, what, table.shares(u), opens, table.senders(u))
+            out[u] = secret
+        return out
+
+    def _pair_seeds(self, w: int, s_sk: bytes, survivors: set[int]) -> list[tuple[bytes, int]]:
+        """(seed, sign) removing each mask the dropped ``w`` shared with a surviving neighbour.
+
+        A survivor v added +PRG(s_{v,w}) if v < w, -PRG otherwise: the server applies the opposite.
+        """
+        peers = sorted(self._graph.neighbours(w) & survivors)
+        seeds = kex.agree_many(
+            kex.private_from_bytes(s_sk),
+            [self._s_pub[v] for v in peers],
+            label=PAIR_MASK_LABEL,
+            contexts=pair_contexts(self._session, self._round, w, peers),
+        )
+        return [(seed, -1 if v < w else +1) for seed, v in zip(seeds, peers, strict=True)]
 
 
 def _opens_key(secret: bytes, public: bytes) -> bool:
@@ -546,3 +565,55 @@ def _reconstruct(
             if ok(secret):
                 return secret, {shares[i][0] for i in out if shamir.interpolate(used, shares[i][0]) != shares[i][1]}
     return None, set()
+
+
+@dataclass(frozen=True, slots=True)
+class _ShareTable:
+    """The shares of one kind that came back, indexed by (owner, column in point order).
+
+    ``at[i, c]`` is the index (into ``x``, ``sender``, ``ys``) of the share of ``owners[i]`` at the c-th
+    possible point, or -1: built and searched with vectorised numpy, not a Python append per share, so
+    the unmask step's cost stays with the masks.
+    """
+
+    owners: list[int]  # sorted
+    at: NDArray[np.int32]
+    x: NDArray[np.int64]
+    sender: NDArray[np.int64]
+    ys: list[int]
+
+    @classmethod
+    def build(
+        cls, owner: NDArray[np.int64], x: NDArray[np.int64], sender: NDArray[np.int64], col: NDArray[np.int64],
+        width: int, ys: list[int], owners: list[int],
+    ) -> _ShareTable:
+        """``owners``: the owners wanted (sorted); shares of others are left out."""
+        want = np.asarray(owners, dtype=np.int64)
+        row = np.searchsorted(want, owner)
+        keep = row < len(want)
+        keep[keep] = want[row[keep]] == owner[keep]
+        at = np.full((len(want), width), -1, dtype=np.int32)
+        at[row[keep], col[keep]] = np.flatnonzero(keep)
+        return cls(owners, at, x, sender, ys)
+
+    def least(self) -> int:
+        """The fewest shares any wanted owner has (0 if one has none)."""
+        return int((self.at >= 0).sum(axis=1).min()) if self.owners else 0
+
+    def lowest(self, t: int) -> NDArray[np.int32]:
+        """(owners, t) indices of each owner's t shares at the lowest points (each owner has >= t)."""
+        have = self.at >= 0
+        pick = have & (np.cumsum(have, axis=1) <= t)
+        return self.at[pick].reshape(len(self.owners), t)
+
+    def _row(self, owner: int) -> list[int]:
+        row = self.at[bisect.bisect_left(self.owners, owner)]
+        return row[row >= 0].tolist()
+
+    def shares(self, owner: int) -> list[tuple[int, int]]:
+        """All shares of ``owner`` as (point, value), lowest point first."""
+        return [(int(self.x[i]), self.ys[i]) for i in self._row(owner)]
+
+    def senders(self, owner: int) -> dict[int, int]:
+        """Evaluation point -> the client that sent that share (to name a liar)."""
+        return {int(self.x[i]): int(self.sender[i]) for i in self._row(owner)}

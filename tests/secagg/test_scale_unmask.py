@@ -1,0 +1,179 @@
+"""The server's unmask step at scale (issue 13): batched reconstruction, keys parsed once, exact mask work.
+
+A tiny phase loop over the secagg machines (no fl import): clients in ``drop`` share their keys and then
+vanish, the costliest case for the server.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from secagg._hazmat import kex, prg, shamir
+from secagg.machine import Message
+from secagg.masking import _common
+from secagg.masking.client import SecAggClient
+from secagg.masking.graph import GraphSpec
+from secagg.masking.messages import MaskedInput
+from secagg.masking.server import SecAggServer
+
+BITS = 26
+
+
+def _round(
+    n: int, d: int, drop: Sequence[int], *, k: int | None = 6, session: bytes = b"unmask", seed: int = 0
+) -> tuple[SecAggServer, dict[int, np.ndarray]]:
+    """Run one round up to the server's unmask ``end_phase`` (all unmask responses received)."""
+    spec = GraphSpec(complete=k is None, neighbours=k)
+    rng = np.random.default_rng(seed)
+    values = {c: rng.integers(0, 1 << 16, size=d, dtype=np.uint64) for c in range(n)}
+    kw: dict[str, Any] = dict(session=session, round=0, modulus=1 << BITS, size=d, threshold=0.5, graph=spec)
+    clients = {c: SecAggClient(c, values[c], min_cohort=n, **kw) for c in range(n)}
+    srv = SecAggServer(list(range(n)), **kw)
+    inbox: list[Message] = [m for c in clients.values() for m in c.start()]
+    while True:
+        for m in inbox:
+            srv.receive(m)
+        if srv.phase == "unmask":
+            return srv, values
+        inbox = [
+            r
+            for m in srv.end_phase()
+            for r in clients[m.recipient].receive(m)
+            if not (isinstance(r, MaskedInput) and r.sender in drop)
+        ]
+
+
+def _expected(srv: SecAggServer, values: dict[int, np.ndarray], d: int) -> np.ndarray:
+    return sum((values[c] for c in srv.included), np.zeros(d, dtype=np.uint64)) % np.uint64(1 << BITS)
+
+
+@pytest.mark.parametrize("k", [6, None])
+def test_unmask_with_dropouts_sums_exactly(k: int | None) -> None:
+    n, d = 24, 50
+    srv, values = _round(n, d, drop=[1, 2, 9, 17], k=k)
+    srv.end_phase()
+    assert srv.done and set(srv.included) == set(range(n)) - {1, 2, 9, 17}
+    assert srv.result is not None and np.array_equal(srv.result, _expected(srv, values, d))
+
+
+def test_unmask_parses_no_key_and_agrees_once_per_dropped_pair(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The unmask step does exactly one X25519 per (dropped, surviving neighbour) pair, with keys parsed
+    when they were advertised, and expands exactly the masks it must remove. Fails on the old server,
+    which parsed the peer's public key again for every pair (kex.agree)."""
+    n, d, drop = 30, 40, [3, 4, 20]
+    srv, values = _round(n, d, drop=drop, k=8)
+    parsed, agreed, expanded = [0], [0], [0]
+    parse, many, words = kex.X25519PublicKey.from_public_bytes, kex.agree_many, prg.MaskExpander.words
+
+    def count_parse(data: bytes) -> Any:
+        parsed[0] += 1
+        return parse(data)
+
+    def count_many(private: Any, peers: Sequence[Any], **kw: Any) -> list[bytes]:
+        agreed[0] += len(peers)
+        return many(private, peers, **kw)
+
+    def count_words(self: prg.MaskExpander, seed: bytes) -> Any:
+        expanded[0] += 1
+        return words(self, seed)
+
+    monkeypatch.setattr(kex.X25519PublicKey, "from_public_bytes", staticmethod(count_parse))
+    monkeypatch.setattr(kex, "agree_many", count_many)
+    monkeypatch.setattr(prg.MaskExpander, "words", count_words)
+    srv.end_phase()
+    survivors = set(srv.included)
+    pairs = sum(len(srv.graph.neighbours(w) & survivors) for w in drop)
+    assert parsed[0] == 0
+    assert agreed[0] == pairs
+    assert expanded[0] == len(survivors) + pairs
+    assert srv.result is not None and np.array_equal(srv.result, _expected(srv, values, d))
+
+
+@settings(max_examples=40, deadline=None)
+@given(top=st.integers(2, 80), data=st.data())
+def test_combine_many_equals_one_at_a_time(top: int, data: st.DataObject) -> None:
+    xs = tuple(sorted(data.draw(st.sets(st.integers(1, top), min_size=1, max_size=top)) | {top}))
+    secrets = [bytes([i + 1]) * 32 for i in range(3)]
+    rows = [shamir.split(s, xs, threshold=len(xs), random_bytes=os.urandom) for s in secrets]
+    assert shamir.combine_many(xs, rows) == secrets
+    assert shamir.combine_many(xs, rows) == [shamir.combine(list(zip(xs, r, strict=True)), threshold=len(xs))
+                                            for r in rows]
+
+
+def test_combine_many_marks_inconsistent_rows_and_refuses_unsorted_points() -> None:
+    xs = (1, 2, 3, 5)
+    good = shamir.split(b"s" * 32, xs, threshold=4, random_bytes=os.urandom)
+    bad = [good[0] + 1, *good[1:]]
+    assert shamir.combine_many(xs, [good, bad]) == [b"s" * 32, None]
+    with pytest.raises(ValueError, match="sorted"):
+        shamir.combine_many((2, 1), [good[:2]])
+    with pytest.raises(ValueError, match="row"):
+        shamir.combine_many(xs, [good[:3]])
+
+
+def test_agree_many_and_pair_contexts_give_the_same_bytes_as_one_at_a_time() -> None:
+    me = kex.generate_private(os.urandom)
+    peers = [kex.public_bytes(kex.generate_private(os.urandom)) for _ in range(5)]
+    ids = [0, 3, 7, 11, 40]
+    ctxs = _common.pair_contexts(b"sess", 4, 7, ids)
+    assert ctxs == [_common.pair_context(b"sess", 4, 7, v) for v in ids]
+    got = kex.agree_many(me, [kex.parse_public(p) for p in peers], label=b"L", contexts=ctxs)
+    assert got == [kex.agree(me, p, label=b"L", context=c) for p, c in zip(peers, ctxs, strict=True)]
+    with pytest.raises(ValueError, match="contexts"):
+        kex.agree_many(me, [kex.parse_public(peers[0])], label=b"L", contexts=[])
+    with pytest.raises(ValueError, match="label"):
+        kex.agree_many(me, [], label=b"", contexts=[])
+
+
+@pytest.mark.parametrize("k", [4, None])
+def test_holder_points_equal_share_x(k: int | None) -> None:
+    spec = GraphSpec(complete=k is None, neighbours=k)
+    gr = spec.build([2, 5, 9, 10, 14, 30, 31, 40], threshold=0.5, session=b"pts", round=1)
+    pairs = [(v, u) for u in gr.cohort for v in sorted(gr.group(u))]
+    holders = np.array([v for v, _ in pairs], dtype=np.int64)
+    owners = np.array([u for _, u in pairs], dtype=np.int64)
+    assert gr.holder_points(holders, owners).tolist() == [gr.share_x(u, v) for v, u in pairs]
+
+
+def test_a_wrong_share_is_still_named_with_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The slow path works from the share table: one survivor lies about another's b share, the server
+    names it and still sums exactly (spare shares)."""
+    n, d = 16, 20
+    srv, values = _round(n, d, drop=[5], k=None)
+    liar, victim = 3, 8
+    alive = srv._responses[liar].alive
+    ys_b, ys_s = srv._decoded[liar]
+    i = alive.index(victim)
+    srv._decoded[liar] = ((*ys_b[:i], (ys_b[i] + 1) % shamir.PRIME, *ys_b[i + 1 :]), ys_s)
+    srv.end_phase()
+    assert srv.bad_shares == {liar: frozenset({victim})}
+    assert srv.result is not None and np.array_equal(srv.result, _expected(srv, values, d))
+
+
+
+def _stream(seed: int) -> Any:
+    """A deterministic byte source (test seam): the same draws for the same seed."""
+    rng = np.random.default_rng(seed)
+    return lambda n: rng.bytes(n)
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=st.integers(1, 30), extra=st.integers(0, 20), big=st.booleans(), seed=st.integers(0, 2**32))
+def test_split_many_equals_one_split_per_secret(t: int, extra: int, big: bool, seed: int) -> None:
+    """Same shares and the same randomness draws as sequential ``split`` calls (the golden transcript
+    depends on it), for small points (packed lanes) and large ones (plain path)."""
+    rng = np.random.default_rng(seed)
+    top = 2**40 if big else 200
+    xs = [int(x) for x in rng.choice(np.arange(1, 2000), size=t + extra, replace=False) * (top // 200)]
+    secrets = [bytes(rng.integers(0, 256, 32, dtype=np.uint8)) for _ in range(2)]
+    one, many = _stream(seed), _stream(seed)
+    want = [shamir.split(s, xs, threshold=t, random_bytes=one) for s in secrets]
+    assert shamir.split_many(secrets, xs, threshold=t, random_bytes=many) == want
+    assert one(8) == many(8)  # the same number of bytes was drawn
