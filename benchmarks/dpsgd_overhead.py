@@ -129,10 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="few steps, one repeat (smoke run)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     ap.add_argument("--json", type=Path, help="write {'rows': [...]} here")
+    ap.add_argument("--steps", type=int, help="steps per timed run (default: 40; --quick: 5)")
+    ap.add_argument("--repeats", type=int, help="timed runs per mode, best kept (default: 7; --quick: 1)")
     ap.add_argument("--models", default=",".join(m for m, _ in MODELS), help="subset (default: %(default)s)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps, repeats = (5, 1) if args.quick else (40, 7)
+    steps, repeats = args.steps or steps, args.repeats or repeats
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(steps * BATCH, 64, generator=gen)
     y = torch.randint(0, 10, (steps * BATCH,), generator=gen)
