@@ -12,7 +12,9 @@ import pytest
 from fl.training.loop import train
 
 EXAMPLES = sorted((Path(__file__).parent.parent / "examples").glob("*.py"))
-LIBRARY_EXAMPLES = {"lora_adapters"}  # drive the library directly (no TrainConfig); tested below
+# tested below: lora_adapters drives the library directly (no TrainConfig); one DP-SGD round of digits_cnn
+# is far from its accuracy (DP needs its 15 rounds), so its own tests check one round and the full bar
+OWN_TESTS = {"lora_adapters", "digits_cnn"}
 
 
 def _load(path: Path) -> Any:
@@ -23,7 +25,7 @@ def _load(path: Path) -> Any:
     return module
 
 
-@pytest.mark.parametrize("path", [p for p in EXAMPLES if p.stem not in LIBRARY_EXAMPLES], ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", [p for p in EXAMPLES if p.stem not in OWN_TESTS], ids=lambda p: p.stem)
 def test_example_config_trains(path: Path) -> None:
     module = _load(path)
     # an example may bring its own rows (``dataset``, e.g. digits as images scaled by their public range)
