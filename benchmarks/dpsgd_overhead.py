@@ -1,8 +1,10 @@
 """DP-SGD overhead: plain PyTorch vs Opacus (hooks, ghost clipping) vs ours, on the same work.
 
 Each mode trains the same model on the same data for the same number of steps of (expected) batch size
-256: the MLP 64-256-256-10 and a logistic regression 64-10. ``ours`` is :func:`dp.sgd.dp_sgd` in its
-``auto`` mode (the direct closed-form per-example clipping for these Linear-only models), including
+256: the MLP 64-256-256-10, a logistic regression 64-10, the same MLP with LayerNorm after each hidden
+layer, and the digits CNN of :func:`fl.training.models.build_cnn` (8x8 images fed as 64-value rows;
+conv 1->16, conv 16->32, linear 128->64->10). ``ours`` is :func:`dp.sgd.dp_sgd` in its ``auto`` mode
+(the direct closed-form per-example clipping; for the CNN, unfolded convolutions), including
 its CSPRNG Poisson sampling and CSPRNG noise; the Opacus modes use ``PrivacyEngine.make_private`` on
 fixed batches with Opacus's own noise. Prints samples/s and the ratio of time per sample vs plain.
 
@@ -24,6 +26,7 @@ from torch import nn
 
 from dp.rng import SecureRandom
 from dp.sgd import dp_sgd
+from fl.training.models import build_cnn, build_mlp_ln
 
 BATCH = 256
 MODES = ("plain", "opacus_hooks", "opacus_ghost", "ours")
@@ -33,7 +36,19 @@ def build(model: str) -> nn.Module:
     torch.manual_seed(0)
     if model == "mlp":
         return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    if model == "mlp_ln":
+        return build_mlp_ln(64, 10, hidden=256)
+    if model == "cnn":
+        return build_cnn(64, 10, hidden=64)
     return nn.Sequential(nn.Linear(64, 10))
+
+
+MODELS = (
+    ("mlp", "mlp 64-256-256-10"),
+    ("logreg", "logreg 64-10"),
+    ("mlp_ln", "mlp+layernorm 256"),
+    ("cnn", "cnn digits 8x8"),
+)
 
 
 def timed(fn: Callable[[], int], repeats: int) -> float:
@@ -114,16 +129,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="few steps, one repeat (smoke run)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
     ap.add_argument("--json", type=Path, help="write {'rows': [...]} here")
+    ap.add_argument("--steps", type=int, help="steps per timed run (default: 40; --quick: 5)")
+    ap.add_argument("--repeats", type=int, help="timed runs per mode, best kept (default: 7; --quick: 1)")
+    ap.add_argument("--models", default=",".join(m for m, _ in MODELS), help="subset (default: %(default)s)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     steps, repeats = (5, 1) if args.quick else (40, 7)
+    steps, repeats = args.steps or steps, args.repeats or repeats
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(steps * BATCH, 64, generator=gen)
     y = torch.randint(0, 10, (steps * BATCH,), generator=gen)
     rows: list[dict[str, Any]] = []
     print(f"DP-SGD overhead, batch {BATCH}, {steps} steps, best of {repeats}, {args.threads} thread(s)")
     print(f"{'model':<22} {'mode':<14} {'samples/s':>12} {'x plain':>9}")
-    for model_name, label in (("mlp", "mlp 64-256-256-10"), ("logreg", "logreg 64-10")):
+    chosen = args.models.split(",")
+    for model_name, label in (m for m in MODELS if m[0] in chosen):
         fns: dict[str, Callable[[], int]] = {}
         for mode in MODES:
             if mode == "plain":

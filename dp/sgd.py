@@ -9,14 +9,20 @@ batch still takes a step with pure noise.
 
 The clipped sum is computed by one of three per-sample-gradient modes, all giving the same sum:
 
-- ``"direct"``: for models whose only parametrised modules are ``nn.Linear`` applied to 2-D inputs
-  (logistic regression, MLPs). A Linear layer's per-example gradient is the outer product of the
-  output gradient ``g_i`` and the input ``a_i``, so its squared norm is ``|g_i|^2 (|a_i|^2 + 1)`` (bias)
-  and the clipped sum is ``(c * G)^T A`` -- one forward, one backward to the layer outputs, and a matmul
-  per layer, with no per-example gradient ever materialised. About 2x plain PyTorch on the MLP
-  64-256-256-10 (see ``benchmarks/dpsgd_overhead.py``).
+- ``"direct"``: for models whose parametrised modules are ``nn.Linear``, ``nn.Conv2d`` (zero padding),
+  ``nn.LayerNorm``, ``nn.GroupNorm`` and ``nn.Embedding``, with known per-example modules between them
+  (activations, pooling, dropout, flatten). One forward, one backward to the layer *outputs* ``g``, then
+  per layer closed forms from the inputs ``a``, with no second backward: a Linear layer on 2-D inputs
+  has the rank-one gradient ``g_i a_i^T`` (squared norm ``|g_i|^2 (|a_i|^2 + 1)``), on (B, T, d) inputs
+  and for Conv2d (``a`` unfolded to patches) a sum over positions whose norm is either materialised
+  (B x p x d) or taken by the ghost-norm identity ``sum_{t,s} (g_t.g_s)(a_t.a_s)`` (Li et al. 2022;
+  the cheaper of the two per layer, as in Bu et al.'s mixed ghost clipping); LayerNorm/GroupNorm
+  gradients are sums of ``g * xhat`` and ``g``; Embedding adds ``g`` into rows (padding row excluded, as
+  torch does). The clipped sum is then one weighted matmul per layer. About 2x plain PyTorch on the MLP
+  64-256-256-10 (see ``benchmarks/dpsgd_overhead.py``). Frozen parameters are left out of the norms.
 - ``"ghost"``: Opacus's ghost clipping (``GradSampleModuleFastGradientClipping``, two backward passes).
-- ``"opacus"``: Opacus's grad-sample hooks (materialises per-example gradients; slowest, most general).
+- ``"opacus"``: Opacus's grad-sample hooks (materialises per-example gradients; slowest, most general;
+  note that Opacus 1.6 gives an Embedding's ``padding_idx`` row a gradient, which torch never does).
 - ``"auto"``: ``"direct"`` when the model allows it, else ``"ghost"``.
 
 In every mode the *noise* is ours (CSPRNG), not Opacus's ``torch.normal`` (whose ``secure_mode`` needs
@@ -64,25 +70,53 @@ _PARAMLESS_OK = (
     nn.Softplus,
     nn.Identity,
     nn.Flatten,
+    nn.Unflatten,
+    nn.Dropout,
+    nn.Dropout1d,
+    nn.Dropout2d,
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool1d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
     nn.Sequential,
     nn.ModuleList,
 )
+"""Modules without parameters that act on each example separately (they never mix the batch)."""
+
+_DIRECT_LAYERS = (nn.Linear, nn.Conv2d, nn.LayerNorm, nn.GroupNorm, nn.Embedding)
+"""Parametrised modules whose per-example gradient norms the direct mode computes in closed form."""
+
+
+def _direct_layer_ok(m: nn.Module) -> bool:
+    """True for a layer of :data:`_DIRECT_LAYERS` in a configuration the closed forms cover."""
+    if isinstance(m, nn.Conv2d):
+        return m.padding_mode == "zeros" and not isinstance(m.padding, str)
+    if isinstance(m, nn.Embedding):
+        return m.max_norm is None and not m.scale_grad_by_freq and not m.sparse
+    return isinstance(m, _DIRECT_LAYERS)
 
 
 def supports_direct(model: nn.Module) -> bool:
-    """True if every module with parameters is an ``nn.Linear`` and the rest are known element-wise maps.
+    """True if every module with parameters is one the direct mode covers (``nn.Linear``, ``nn.Conv2d``
+    with zero padding, ``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.Embedding`` without ``max_norm``/
+    ``scale_grad_by_freq``/``sparse``) and every other sub-module is a known per-example map.
 
-    (Element-wise modules never mix examples, so per-example gradients stay rank-one per Linear layer.
-    The check that each Linear runs once per forward on 2-D inputs happens at run time.)
+    (Such modules never mix examples, so each example's gradient follows from its own activations and
+    output gradients. That each layer runs once per forward is checked at run time.)
     """
     for m in model.modules():
-        if isinstance(m, nn.Linear):
+        if isinstance(m, _DIRECT_LAYERS):
+            if not _direct_layer_ok(m):
+                return False
             continue
         if any(True for _ in m.parameters(recurse=False)) or any(True for _ in m.buffers(recurse=False)):
             return False
         if m is not model and not isinstance(m, _PARAMLESS_OK):
             return False
-    return any(isinstance(m, nn.Linear) for m in model.modules())
+    return any(p.requires_grad for p in model.parameters())
 
 
 def resolve_mode(model: nn.Module, mode: PerSampleMode) -> Literal["direct", "opacus", "ghost"]:
@@ -91,8 +125,9 @@ def resolve_mode(model: nn.Module, mode: PerSampleMode) -> Literal["direct", "op
         return "direct" if supports_direct(model) else "ghost"
     if mode == "direct" and not supports_direct(model):
         raise ValueError(
-            "mode='direct' needs a model whose parametrised modules are all nn.Linear (with element-wise "
-            "activations between them); use mode='ghost' or mode='opacus' for this model"
+            "mode='direct' needs a model whose parametrised modules are all nn.Linear, nn.Conv2d (zero "
+            "padding), nn.LayerNorm, nn.GroupNorm or nn.Embedding, with known per-example modules between "
+            "them; use mode='ghost' or mode='opacus' for this model"
         )
     if mode not in ("direct", "opacus", "ghost"):
         raise ValueError(f"unknown DP-SGD mode {mode!r}; choose auto, direct, opacus or ghost")
@@ -100,53 +135,233 @@ def resolve_mode(model: nn.Module, mode: PerSampleMode) -> Literal["direct", "op
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Finish = Callable[[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]
+"""Given the per-example clipping coefficients, a layer's clipped-sum gradient for each trainable parameter."""
 
 
 def _per_example_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
 
 
+def _trainable(p: torch.Tensor | None) -> bool:
+    return p is not None and p.requires_grad
+
+
+def _outer_norms(g: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Squared Frobenius norms of the per-example ``sum_t g[b,t] a[b,t]^T`` (g: B,T,p; a: B,T,d).
+
+    Either materialises the per-example products (B x p x d, returned for reuse) or uses the ghost-norm
+    identity ``|sum_t g_t a_t^T|^2 = sum_{t,s} (g_t.g_s)(a_t.a_s)`` (Li et al. 2022), whichever costs less.
+    """
+    t, p, d = g.shape[1], g.shape[2], a.shape[2]
+    if t * (p + d) < p * d:
+        return ((g @ g.transpose(1, 2)) * (a @ a.transpose(1, 2))).sum((1, 2)), None
+    pw = torch.bmm(g.transpose(1, 2), a)
+    return (pw * pw).sum((1, 2)), pw
+
+
+def _weighted_outer(
+    g: torch.Tensor, a: torch.Tensor, pw: torch.Tensor | None, coef: torch.Tensor
+) -> torch.Tensor:
+    """``sum_b coef[b] sum_t g[b,t] a[b,t]^T`` (p x d), reusing materialised products when present."""
+    if pw is not None:
+        return torch.einsum("b,bpd->pd", coef, pw)
+    gs = g * coef[:, None, None]
+    return gs.reshape(-1, g.shape[2]).t() @ a.reshape(-1, a.shape[2])
+
+
+def _linear(mod: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Finish]:
+    """``nn.Linear``: rank one per example on 2-D inputs; on (B, ..., d) inputs a sum over positions."""
+    w_on, b_on = _trainable(mod.weight), _trainable(mod.bias)
+    if a.dim() == 2:
+        g2 = (g * g).sum(1)
+        norms2 = g2 * ((a * a).sum(1) * w_on + b_on)
+
+        def finish2(coef: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            gs = g * coef[:, None]
+            out = [(mod.weight, gs.t() @ a)] if w_on else []
+            return out + ([(mod.bias, gs.sum(0))] if b_on else [])
+
+        return norms2, finish2
+    g3, a3 = g.reshape(g.shape[0], -1, g.shape[-1]), a.reshape(a.shape[0], -1, a.shape[-1])
+    norms2 = torch.zeros(g.shape[0], dtype=g.dtype)
+    pw = None
+    if w_on:
+        wn, pw = _outer_norms(g3, a3)
+        norms2 += wn
+    gb = g3.sum(1)
+    if b_on:
+        norms2 += (gb * gb).sum(1)
+
+    def finish(coef: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out = [(mod.weight, _weighted_outer(g3, a3, pw, coef))] if w_on else []
+        return out + ([(mod.bias, coef @ gb)] if b_on else [])
+
+    return norms2, finish
+
+
+def _conv2d(mod: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Finish]:
+    """``nn.Conv2d`` via unfold: per group, the weight gradient is ``sum_l g_l u_l^T`` over positions."""
+    if a.dim() != 4:
+        raise ValueError("mode='direct' needs batched 4-D inputs to nn.Conv2d; use mode='ghost'")
+    b, grp = a.shape[0], mod.groups
+    u = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)  # type: ignore[arg-type]
+    go = g.reshape(b, g.shape[1], -1)  # B, O, L
+    w_on, b_on = _trainable(mod.weight), _trainable(mod.bias)
+    # groups become extra batch rows: (B*G, L, O/G) and (B*G, L, C/G*k*k)
+    gg = go.reshape(b, grp, -1, go.shape[2]).transpose(2, 3).reshape(b * grp, go.shape[2], -1)
+    uu = u.reshape(b, grp, -1, u.shape[2]).transpose(2, 3).reshape(b * grp, u.shape[2], -1)
+    norms2 = torch.zeros(b, dtype=g.dtype)
+    pw = None
+    if w_on:
+        wn, pw = _outer_norms(gg, uu)
+        norms2 += wn.view(b, grp).sum(1)
+    gb = go.sum(2)
+    if b_on:
+        norms2 += (gb * gb).sum(1)
+
+    def finish(coef: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if w_on:
+            if pw is not None:
+                w = torch.einsum("b,bgpd->gpd", coef, pw.view(b, grp, *pw.shape[1:]))
+            else:
+                gs = (gg * coef.repeat_interleave(grp)[:, None, None]).view(b, grp, gg.shape[1], -1)
+                w = torch.einsum("bglp,bgld->gpd", gs, uu.view(b, grp, uu.shape[1], -1))
+            out.append((mod.weight, w.reshape(mod.weight.shape)))
+        if b_on:
+            assert mod.bias is not None
+            out.append((mod.bias, coef @ gb))
+        return out
+
+    return norms2, finish
+
+
+def _affine_norm(
+    weight: torch.Tensor | None, bias: torch.Tensor | None, xhat: torch.Tensor, g: torch.Tensor, keep: int
+) -> tuple[torch.Tensor, Finish]:
+    """Element-wise affine ``y = xhat * weight + bias`` whose parameters span dims ``keep`` onwards
+    (LayerNorm) or dim 1 (GroupNorm, ``keep = -1``): per-example gradients are sums over the other dims."""
+    # LayerNorm: the weight covers the last dims, sum over dims 1 .. keep-1; GroupNorm: per channel (dim 1)
+    dims = tuple(range(1, keep)) if keep >= 0 else tuple(range(2, g.dim()))
+    gw = (g * xhat).sum(dims) if dims else g * xhat
+    gb = g.sum(dims) if dims else g
+    b = g.shape[0]
+    w_on, b_on = _trainable(weight), _trainable(bias)
+    norms2 = torch.zeros(b, dtype=g.dtype)
+    if w_on:
+        norms2 += (gw * gw).reshape(b, -1).sum(1)
+    if b_on:
+        norms2 += (gb * gb).reshape(b, -1).sum(1)
+
+    def finish(coef: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        out: list[tuple[torch.Tensor, torch.Tensor]] = []
+        if w_on:
+            assert weight is not None
+            out.append((weight, torch.tensordot(coef, gw, dims=1).reshape(weight.shape)))
+        if b_on:
+            assert bias is not None
+            out.append((bias, torch.tensordot(coef, gb, dims=1).reshape(bias.shape)))
+        return out
+
+    return norms2, finish
+
+
+def _layer_norm(mod: nn.LayerNorm, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Finish]:
+    k = len(mod.normalized_shape)
+    dims = tuple(range(a.dim() - k, a.dim()))
+    var, mean = torch.var_mean(a, dim=dims, keepdim=True, correction=0)
+    xhat = (a - mean) * torch.rsqrt(var + mod.eps)
+    return _affine_norm(mod.weight, mod.bias, xhat, g, keep=a.dim() - k)
+
+
+def _group_norm(mod: nn.GroupNorm, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Finish]:
+    r = a.reshape(a.shape[0], mod.num_groups, -1)
+    var, mean = torch.var_mean(r, dim=2, keepdim=True, correction=0)
+    xhat = ((r - mean) * torch.rsqrt(var + mod.eps)).reshape(a.shape)
+    return _affine_norm(mod.weight, mod.bias, xhat, g, keep=-1)
+
+
+def _embedding(mod: nn.Embedding, idx: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Finish]:
+    """``nn.Embedding``: an example's gradient adds its positions' output gradients into their rows."""
+    b, dim, vocab = idx.shape[0], g.shape[-1], mod.num_embeddings
+    flat = idx.reshape(b, -1)
+    gf = g.reshape(b, -1, dim)
+    if mod.padding_idx is not None:  # torch never updates the padding row
+        gf = gf * (flat != mod.padding_idx).unsqueeze(-1).to(gf.dtype)
+    key = (torch.arange(b)[:, None] * vocab + flat).reshape(-1)
+    rows, inv = torch.unique(key, return_inverse=True)
+    summed = torch.zeros(rows.shape[0], dim, dtype=g.dtype).index_add_(0, inv, gf.reshape(-1, dim))
+    norms2 = torch.zeros(b, dtype=g.dtype).index_add_(0, rows // vocab, (summed * summed).sum(1))
+
+    def finish(coef: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        gs = (gf * coef[:, None, None]).reshape(-1, dim)
+        return [(mod.weight, torch.zeros_like(mod.weight).index_add_(0, flat.reshape(-1), gs))]
+
+    return norms2, finish
+
+
+def _layer_terms(mod: nn.Module, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Finish]:
+    """Per-example squared gradient norms of ``mod``'s trainable parameters and their clipped sum."""
+    if isinstance(mod, nn.Linear):
+        return _linear(mod, a, g)
+    if isinstance(mod, nn.Conv2d):
+        return _conv2d(mod, a, g)
+    if isinstance(mod, nn.LayerNorm):
+        return _layer_norm(mod, a, g)
+    if isinstance(mod, nn.GroupNorm):
+        return _group_norm(mod, a, g)
+    assert isinstance(mod, nn.Embedding)
+    return _embedding(mod, a, g)
+
+
+Record = tuple[nn.Module, torch.Tensor, torch.Tensor]
+
+
 class _DirectClipper:
-    """Closed-form per-example clipping for Linear-only models (see the module docstring).
+    """Closed-form per-example clipping (see the module docstring): one forward, one backward to the
+    outputs of the parametrised layers, then per layer the norms and the clipped sum from activations.
 
     A flat ``nn.Sequential`` is run layer by layer (no hooks: least overhead); other models are run
-    with forward hooks on their Linear layers.
+    with forward hooks on their parametrised layers.
     """
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        self.layers = [
+            m for m in model.modules()
+            if isinstance(m, _DIRECT_LAYERS) and any(p.requires_grad for p in m.parameters(recurse=False))
+        ]
+        self.linears = [m for m in self.layers if isinstance(m, nn.Linear)]
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.flat = isinstance(model, nn.Sequential) and all(
-            isinstance(m, nn.Linear) or not isinstance(m, nn.Sequential | nn.ModuleList) for m in model.children()
+            not isinstance(m, nn.Sequential | nn.ModuleList) for m in model.children()
         )
-        self.single = self.flat and [type(m) for m in model.children()] == [nn.Linear]
-        self._acts: list[tuple[nn.Linear, torch.Tensor, torch.Tensor]] = []
-        self._handles = [] if self.flat else [lin.register_forward_hook(self._hook) for lin in self.linears]
+        self.single = self.flat and [type(m) for m in model.children()] == [nn.Linear] and self.layers
+        self._acts: list[Record] = []
+        self._handles = [] if self.flat else [m.register_forward_hook(self._hook) for m in self.layers]
 
     def _hook(self, mod: nn.Module, inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        assert isinstance(mod, nn.Linear)
         self._acts.append((mod, inp[0], out))
 
     def close(self) -> None:
         for h in self._handles:
             h.remove()
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[tuple[nn.Linear, torch.Tensor, torch.Tensor]]]:
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[Record]]:
         if not self.flat:
             self._acts = []
             out = self.model(x)
-            acts, self._acts = self._acts, []
-            return out, acts
-        acts = []
+            recorded, self._acts = self._acts, []
+            return out, recorded
+        layers = set(map(id, self.layers))
+        acts: list[Record] = []
         h = x
         for m in self.model.children():
-            if isinstance(m, nn.Linear):
-                o = F.linear(h, m.weight, m.bias)
+            o = F.linear(h, m.weight, m.bias) if isinstance(m, nn.Linear) else m(h)
+            if id(m) in layers:
                 acts.append((m, h, o))
-                h = o
-            else:
-                h = m(h)
+            h = o
         return h, acts
 
     def _linear_ce(
@@ -159,12 +374,9 @@ class _DirectClipper:
             loss = -float(logp.gather(1, y[:, None]).sum())
             g = logp.exp_()
             g[torch.arange(x.shape[0]), y] -= 1.0
-            a2 = (x * x).sum(1)
-            norms = ((g * g).sum(1) * (a2 + 1.0 if lin.bias is not None else a2)).sqrt_()
-            g *= (max_grad_norm / (norms + 1e-6)).clamp_(max=1.0)[:, None]
-            grads = {id(lin.weight): g.t() @ x}
-            if lin.bias is not None:
-                grads[id(lin.bias)] = g.sum(0)
+            norms2, finish = _linear(lin, x, g)
+            norms = norms2.sqrt_()
+            grads = {id(p): t for p, t in finish((max_grad_norm / (norms + 1e-6)).clamp_(max=1.0))}
         return [grads.get(id(p), torch.zeros_like(p)) for p in self.params], loss, norms
 
     def __call__(
@@ -174,27 +386,19 @@ class _DirectClipper:
             return self._linear_ce(self.linears[0], x, y, max_grad_norm)
         logits, acts = self._forward(x)
         losses = loss_fn(logits, y)
-        if len(acts) != len(self.linears) or len({id(m) for m, _, _ in acts}) != len(acts):
-            raise ValueError("mode='direct' needs each nn.Linear to run exactly once per forward pass")
-        for _, a, _ in acts:
-            if a.dim() != 2:
-                raise ValueError("mode='direct' needs 2-D inputs to every nn.Linear; use mode='ghost'")
-        outs = [o for _, _, o in acts]
-        gouts = torch.autograd.grad(losses.sum(), outs)
-        norms2 = torch.zeros(x.shape[0], dtype=x.dtype)
-        for (mod, a, _), g in zip(acts, gouts, strict=True):
-            g2 = (g * g).sum(1)
-            a2 = (a * a).sum(1)
-            norms2 += g2 * (a2 + 1.0) if mod.bias is not None else g2 * a2
-        norms = norms2.sqrt().detach()
-        coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
-        grads: dict[int, torch.Tensor] = {}
-        for (mod, a, _), g in zip(acts, gouts, strict=True):
-            gs = g * coef[:, None]
-            if mod.weight.requires_grad:
-                grads[id(mod.weight)] = gs.t() @ a.detach()
-            if mod.bias is not None and mod.bias.requires_grad:
-                grads[id(mod.bias)] = gs.sum(0)
+        if len(acts) != len(self.layers) or len({id(m) for m, _, _ in acts}) != len(acts):
+            raise ValueError("mode='direct' needs each parametrised layer to run exactly once per forward pass")
+        gouts = torch.autograd.grad(losses.sum(), [o for _, _, o in acts])
+        with torch.no_grad():
+            norms2 = torch.zeros(x.shape[0], dtype=logits.dtype)
+            finishers = []
+            for (mod, a, _), g in zip(acts, gouts, strict=True):
+                n2, fin = _layer_terms(mod, a.detach(), g)
+                norms2 += n2
+                finishers.append(fin)
+            norms = norms2.sqrt()
+            coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+            grads = {id(p): t for fin in finishers for p, t in fin(coef)}
         out = [grads.get(id(p), torch.zeros_like(p)) for p in self.params]
         return out, float(losses.detach().sum()), norms
 

@@ -8,13 +8,21 @@ the last byte zero-padded). Decoding checks every length against what is left an
 bytes and non-canonical padding; any bad input raises :class:`~secagg.errors.CodecError` and nothing
 else. Masked inputs travel packed to the ring width (e.g. 26 bits for 16-bit inputs of 1024 clients),
 not rounded up to 32/64-bit words (version 2; version 1 sent whole words).
+
+Large arrays (a client update of more than ``MAX_ITEMS`` = 2^24 values, e.g. language-model adapters)
+never cross in one piece: :func:`dumps_stream` yields a *stream head* frame (the message with its array
+field empty, the total count and the number of chunks) followed by *chunk* frames of at most
+``MAX_ITEMS`` values each, and :class:`StreamDecoder` (sans-IO: feed frames, get messages) writes each
+chunk into one pre-allocated array, so the receiver holds one copy of the array plus one frame, and the
+sender one frame at a time. :func:`encode_frames` / :func:`decode_frames` do this for a list of messages
+(what a transport sends per phase). Small messages stay single frames, byte-identical to :func:`dumps`.
 """
 
 from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import fields
 from typing import Any, Final
 
@@ -35,14 +43,36 @@ from secagg.masking.messages import (
 )
 from secagg.plain import PlainInput
 
-__all__ = ["MAGIC", "VERSION", "dumps", "loads", "pack_bits", "pack_record", "unpack_bits", "unpack_record"]
+__all__ = [
+    "MAGIC",
+    "MAX_ITEMS",
+    "MAX_STREAM_ITEMS",
+    "VERSION",
+    "StreamDecoder",
+    "decode_frames",
+    "dumps",
+    "dumps_stream",
+    "encode_frames",
+    "loads",
+    "pack_bits",
+    "pack_record",
+    "unpack_bits",
+    "unpack_record",
+]
 
 MAGIC: Final = b"PAGW"
 VERSION: Final = 2
 """2: masked inputs packed to the ring width; self-mask commitments in AdvertiseKeys/KeyDirectory; signatures on
 ShareKeys, MaskedInput, UnmaskResponse."""
 MAX_ITEMS: Final = 1 << 24
-"""Upper bound on list lengths and array sizes a decoder accepts (a guard against absurd allocations)."""
+"""Upper bound on list lengths and array sizes in one frame (a guard against absurd allocations); larger
+arrays travel as a stream of chunks (:func:`dumps_stream`)."""
+MAX_STREAM_ITEMS: Final = 1 << 31
+"""Default upper bound on a streamed array's total length a :class:`StreamDecoder` pre-allocates."""
+_STREAM_HEAD: Final = 11
+_STREAM_CHUNK: Final = 12
+_PACK_SLICE: Final = 1 << 20
+"""Values packed per call inside a chunk (a multiple of 8, so slices concatenate byte-exactly)."""
 
 _TYPES: Final[dict[int, type]] = {
     1: AdvertiseKeys,
@@ -104,6 +134,13 @@ def dumps(msg: Message) -> bytes:
     tag = _TAGS.get(type(msg))
     if tag is None:
         raise CodecError(f"no wire encoding for {type(msg).__name__}")
+    big = _array_field(type(msg))
+    if big is not None and np.asarray(getattr(msg, big)).size > MAX_ITEMS:
+        raise CodecError(
+            f"{type(msg).__name__}.{big} has {np.asarray(getattr(msg, big)).size} values, more than one frame "
+            f"carries ({MAX_ITEMS}); send it with secagg.wire.dumps_stream (or encode_frames) and decode "
+            "with StreamDecoder (or decode_frames)"
+        )
     out = [MAGIC, bytes((VERSION, tag))]
     try:
         for name, kind in _SCHEMA[type(msg)]:
@@ -141,7 +178,8 @@ def _encode(out: list[bytes], kind: str, v: Any) -> None:
         if code is None:
             raise TypeError(f"no wire encoding for arrays of {arr.dtype}")
         width = max(1, int(arr.max()).bit_length()) if arr.size else 1
-        out += [bytes((code,)), _U64.pack(arr.size), bytes((width,)), pack_bits(arr, width)]
+        out += [bytes((code,)), _U64.pack(arr.size), bytes((width,))]
+        out += [pack_bits(arr[i : i + _PACK_SLICE], width) for i in range(0, max(arr.size, 1), _PACK_SLICE)]
     else:
         arr = np.asarray(v)
         if arr.ndim != 1:
@@ -195,7 +233,10 @@ class _Reader:
         if dt is None:
             raise CodecError(f"unknown array dtype code {code}")
         n = int(_U64.unpack(self.take(8))[0])
-        if n > MAX_ITEMS or n * dt.itemsize > len(self.data) - self.pos:
+        if n > MAX_ITEMS:
+            raise CodecError(f"declared array length {n} exceeds the {MAX_ITEMS}-value frame limit "
+                             "(larger arrays travel as a stream: dumps_stream / StreamDecoder)")
+        if n * dt.itemsize > len(self.data) - self.pos:
             raise CodecError(f"declared array length {n} exceeds the message")
         return np.frombuffer(self.take(n * dt.itemsize), dtype=dt).astype(dt.newbyteorder("="))
 
@@ -210,7 +251,10 @@ class _Reader:
         if not 1 <= width <= 8 * dt.itemsize:
             raise CodecError(f"packed width {width} does not fit {dt}")
         nbytes = (n * width + 7) // 8
-        if n > MAX_ITEMS or nbytes > len(self.data) - self.pos:
+        if n > MAX_ITEMS:
+            raise CodecError(f"declared array length {n} exceeds the {MAX_ITEMS}-value frame limit "
+                             "(larger arrays travel as a stream: dumps_stream / StreamDecoder)")
+        if nbytes > len(self.data) - self.pos:
             raise CodecError(f"declared array length {n} exceeds the message")
         raw = self.take(nbytes)
         spare = nbytes * 8 - n * width
@@ -316,3 +360,169 @@ def unpack_record(data: bytes, magic: bytes, version: int, kinds: Sequence[str])
     if r.pos != len(r.data):
         raise CodecError(f"{len(r.data) - r.pos} trailing byte(s) after the record")
     return values
+
+
+# ---- streams of frames for large arrays ------------------------------------------------------------
+def _array_field(cls: type) -> str | None:
+    """The one array field of a message type (``y`` or ``value``), if it has one."""
+    names = [name for name, kind in _SCHEMA[cls] if kind in ("array", "packed")]
+    return names[0] if names else None
+
+
+def dumps_stream(msg: Message, *, max_items: int = MAX_ITEMS) -> Iterator[bytes]:
+    """Encode ``msg`` as frames, none carrying more than ``max_items`` array values.
+
+    A message whose array fits is one frame, equal to ``dumps(msg)``. Otherwise: a head frame
+    ``MAGIC | VERSION | 11 | inner tag u8 | total u64 | chunks u32 | dtype code u8 | the message's fields
+    with the array empty``, then ``chunks`` frames ``MAGIC | VERSION | 12 | index u32 | that slice`` (in
+    the field's own kind). Frames are produced lazily: the sender holds one at a time.
+    """
+    if not 1 <= max_items <= MAX_ITEMS:
+        raise CodecError(f"max_items must be in [1, {MAX_ITEMS}], got {max_items}")
+    tag = _TAGS.get(type(msg))
+    if tag is None:
+        raise CodecError(f"no wire encoding for {type(msg).__name__}")
+    big = _array_field(type(msg))
+    arr = np.asarray(getattr(msg, big)) if big is not None else None
+    if arr is None or arr.size <= max_items:
+        yield dumps(msg)
+        return
+    if arr.ndim != 1:
+        raise CodecError(f"arrays on the wire are 1-D, got shape {arr.shape}")
+    code = _DTYPE_CODES.get(arr.dtype.newbyteorder("<"))
+    if code is None:
+        raise CodecError(f"no wire encoding for arrays of {arr.dtype}")
+    chunks = -(-arr.size // max_items)
+    head = dumps(_with_field(msg, big, arr[:0]))  # type: ignore[arg-type]
+    yield b"".join([MAGIC, bytes((VERSION, _STREAM_HEAD, tag)), _U64.pack(arr.size), _U32.pack(chunks),
+                    bytes((code,)), head[len(MAGIC) + 2 :]])
+    kind = dict(_SCHEMA[type(msg)])[big]  # type: ignore[index]
+    for i in range(chunks):
+        out = [MAGIC, bytes((VERSION, _STREAM_CHUNK)), _U32.pack(i)]
+        try:
+            _encode(out, kind, arr[i * max_items : (i + 1) * max_items])
+        except (TypeError, ValueError, OverflowError, struct.error) as exc:
+            raise CodecError(f"cannot encode {type(msg).__name__}: {exc}") from exc
+        yield b"".join(out)
+
+
+def _with_field(msg: Message, name: str, value: Any) -> Message:
+    values = {f.name: getattr(msg, f.name) for f in fields(msg)}  # type: ignore[arg-type]
+    values[name] = value
+    out: Message = type(msg)(**values)
+    return out
+
+
+class StreamDecoder:
+    """Sans-IO receiver of :func:`dumps_stream` frames: ``feed(frame)`` returns the decoded message once
+    it is whole (``None`` while a stream is open). Chunks must come in order; the array is allocated
+    once, at its declared size, which must not exceed ``max_total`` (the receiver's own limit, e.g. the
+    model size it expects). Any bad frame raises :class:`~secagg.errors.CodecError` and resets the stream.
+    """
+
+    def __init__(self, *, max_total: int = MAX_STREAM_ITEMS) -> None:
+        self.max_total = max_total
+        self._head: Message | None = None
+        self._field = ""
+        self._kind = ""
+        self._buf: np.ndarray[Any, Any] | None = None
+        self._filled = 0
+        self._next = 0
+        self._chunks = 0
+
+    @property
+    def open(self) -> bool:
+        """True while a stream has started and not all of its chunks have arrived."""
+        return self._head is not None
+
+    def feed(self, frame: bytes) -> Message | None:
+        """Take one frame; the message it completes, or ``None``."""
+        try:
+            return self._feed(frame)
+        except CodecError:
+            self._reset()
+            raise
+
+    def _feed(self, frame: bytes) -> Message | None:
+        if not isinstance(frame, (bytes, bytearray, memoryview)):
+            raise CodecError(f"expected bytes, got {type(frame).__name__}")
+        data = bytes(frame) if not isinstance(frame, bytes) else frame
+        if len(data) < 6 or data[:4] != MAGIC or data[4] != VERSION:
+            return loads(data)  # raises the precise error
+        kind = data[5]
+        if kind == _STREAM_HEAD:
+            self._on_head(data)
+            return None
+        if kind == _STREAM_CHUNK:
+            return self._on_chunk(data)
+        if self._head is not None:
+            raise CodecError(f"a message arrived while a stream had {self._chunks - self._next} chunk(s) to go")
+        return loads(data)
+
+    def _on_head(self, data: bytes) -> None:
+        if self._head is not None:
+            raise CodecError("a new stream started before the previous one was complete")
+        r = _Reader(data)
+        r.take(6)
+        tag = r.take(1)[0]
+        total, chunks = int(_U64.unpack(r.take(8))[0]), int(_U32.unpack(r.take(4))[0])
+        dt = _DTYPES.get(r.take(1)[0])
+        cls = _TYPES.get(tag)
+        big = _array_field(cls) if cls is not None else None
+        if cls is None or big is None or dt is None:
+            raise CodecError("stream head names no message type with an array")
+        if not 1 <= total <= self.max_total:
+            raise CodecError(f"streamed array of {total} values is outside [1, {self.max_total}] "
+                             "(raise StreamDecoder(max_total=...) if this size is expected)")
+        if not -(-total // MAX_ITEMS) <= chunks <= total:
+            raise CodecError(f"{chunks} chunks cannot carry {total} values within the frame limit")
+        head = loads(MAGIC + bytes((VERSION, tag)) + data[r.pos :])
+        if np.asarray(getattr(head, big)).size != 0:
+            raise CodecError("a stream head carries its array in the chunks, not in the head")
+        self._head, self._field, self._kind = head, big, dict(_SCHEMA[cls])[big]
+        self._buf = np.empty(total, dtype=dt.newbyteorder("="))
+        self._filled, self._next, self._chunks = 0, 0, chunks
+        return None
+
+    def _on_chunk(self, data: bytes) -> Message | None:
+        if self._head is None or self._buf is None:
+            raise CodecError("a stream chunk arrived without a stream head")
+        r = _Reader(data)
+        r.take(6)
+        index = int(_U32.unpack(r.take(4))[0])
+        if index != self._next:
+            raise CodecError(f"stream chunk {index} arrived, expected chunk {self._next}")
+        part = r.read(self._kind)
+        if r.pos != len(r.data):
+            raise CodecError(f"{len(r.data) - r.pos} trailing byte(s) after stream chunk {index}")
+        if part.dtype != self._buf.dtype:
+            raise CodecError(f"stream chunk {index} has {part.dtype} values, the stream declared {self._buf.dtype}")
+        end = self._filled + part.size
+        last = index == self._chunks - 1
+        if part.size == 0 or end > self._buf.size or (last and end != self._buf.size):
+            raise CodecError(f"stream chunk {index} does not fit the declared {self._buf.size} values")
+        self._buf[self._filled : end] = part
+        self._filled, self._next = end, index + 1
+        if not last:
+            return None
+        msg = _with_field(self._head, self._field, self._buf)
+        self._reset()
+        return msg
+
+    def _reset(self) -> None:
+        self._head, self._buf = None, None
+        self._filled = self._next = self._chunks = 0
+
+
+def encode_frames(msgs: Iterable[Message], *, max_items: int = MAX_ITEMS) -> list[bytes]:
+    """Every message's frames, in order (what a transport sends for one phase)."""
+    return [frame for m in msgs for frame in dumps_stream(m, max_items=max_items)]
+
+
+def decode_frames(frames: Iterable[bytes], *, max_total: int = MAX_STREAM_ITEMS) -> list[Message]:
+    """The messages of :func:`encode_frames`'s frames; ``CodecError`` if a stream is left incomplete."""
+    dec = StreamDecoder(max_total=max_total)
+    out = [m for f in frames if (m := dec.feed(f)) is not None]
+    if dec.open:
+        raise CodecError("the frames end in the middle of a stream")
+    return out

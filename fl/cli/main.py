@@ -64,7 +64,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
     add_data_arguments(g)
     g = p.add_argument_group("model and training")
-    g.add_argument("--model", default=d.model, help="logreg | mlp (default: %(default)s)")
+    g.add_argument("--model", default=d.model, help="logreg | mlp | mlp-ln | cnn (default: %(default)s)")
     g.add_argument("--hidden", type=int, default=d.hidden, help="mlp hidden width (default: %(default)s)")
     g.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (default: %(default)s)")
     g.add_argument("--local-epochs", type=int, default=d.local_epochs,

@@ -27,9 +27,10 @@ __all__ = ["DpSgdTrainer"]
 class DpSgdTrainer:
     """DP-SGD on one client; ``noise_multiplier`` may be one value or per client (``cid -> z``).
 
-    ``mode``: per-sample-gradient mode (``auto`` picks direct for Linear-only models, else Opacus ghost
-    clipping). ``seeded_noise_for_testing`` is the named test seam: noise and batch sampling then come
-    from ``SecureRandom.for_testing`` keyed by the loop's per-client seed, so runs repeat exactly.
+    ``mode``: per-sample-gradient mode (``auto`` picks direct for models of Linear, Conv2d, LayerNorm,
+    GroupNorm and Embedding layers, else Opacus ghost clipping). ``seeded_noise_for_testing`` is the named
+    test seam: noise and batch sampling then come from ``SecureRandom.for_testing`` keyed by the loop's
+    per-client seed, so runs repeat exactly.
     Never set it in production (whoever knows the seed can remove the noise).
     """
 

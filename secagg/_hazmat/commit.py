@@ -19,7 +19,7 @@ __all__ = ["COMMIT_BYTES", "commit", "digest", "matches"]
 COMMIT_BYTES = 32
 
 
-def digest(label: bytes, parts: Iterable[bytes]) -> bytes:
+def digest(label: bytes, parts: Iterable[bytes | memoryview]) -> bytes:
     """SHA-256 over ``len(label) | label | (len(part) | part)*``; ``label`` must be non-empty."""
     if not label:
         raise ValueError("a digest needs a non-empty domain-separation label")

@@ -47,34 +47,50 @@ def _zeros(nbytes: int) -> bytes:
 
 
 class MaskExpander:
-    """Adds or subtracts many masks of one length into an accumulator, reusing its buffers (fast path)."""
+    """Adds or subtracts many masks of one length into an accumulator, reusing its buffers (fast path).
 
-    __slots__ = ("_buf", "_dtype", "_n", "_zeros")
+    Masks are expanded in blocks of at most ``BLOCK_WORDS`` words (the CTR keystream continues across
+    blocks, so the mask is the same as one-shot expansion), so expanding a mask of ``n`` words takes
+    O(min(n, BLOCK_WORDS)) extra memory, not a second copy of the accumulator (large updates: d = 1e8).
+    """
+
+    __slots__ = ("_block", "_buf", "_dtype", "_n", "_zeros")
+
+    BLOCK_WORDS = 1 << 20
 
     def __init__(self, n: int, dtype: type[np.unsignedinteger] | np.dtype) -> None:
         self._dtype = np.dtype(dtype)
         if self._dtype.kind != "u" or self._dtype.itemsize not in (4, 8):
             raise ValueError(f"masks are uint32 or uint64 words, got {self._dtype}")
         self._n = n
-        nbytes = n * self._dtype.itemsize
+        self._block = min(n, self.BLOCK_WORDS)
+        nbytes = self._block * self._dtype.itemsize
         self._zeros = _zeros(nbytes)
         self._buf = bytearray(nbytes + 16)
 
     def words(self, seed: bytes) -> NDArray[np.unsignedinteger]:
-        """The mask of ``seed`` as a view of the internal buffer (valid until the next call)."""
-        if len(seed) != SEED_BYTES:
-            raise ValueError(f"a mask seed has {SEED_BYTES} bytes, got {len(seed)}")
-        enc = Cipher(algorithms.AES(seed), _CTR0).encryptor()
-        enc.update_into(self._zeros, self._buf)
-        return np.frombuffer(self._buf, dtype=self._dtype.newbyteorder("<"), count=self._n)
+        """The whole mask of ``seed`` (a fresh array of ``n`` words)."""
+        acc = np.zeros(self._n, dtype=self._dtype)
+        self.add(acc, seed)
+        return acc
 
     def add(self, acc: NDArray[np.unsignedinteger], seed: bytes, sign: int = 1) -> None:
         """``acc += sign * PRG(seed)`` with natural wrap-around in the word size."""
-        w = self.words(seed)
-        if sign >= 0:
-            np.add(acc, w, out=acc, casting="unsafe")
-        else:
-            np.subtract(acc, w, out=acc, casting="unsafe")
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"a mask seed has {SEED_BYTES} bytes, got {len(seed)}")
+        if acc.shape != (self._n,):
+            raise ValueError(f"accumulator has shape {acc.shape}, masks have ({self._n},)")
+        enc = Cipher(algorithms.AES(seed), _CTR0).encryptor()
+        le = self._dtype.newbyteorder("<")
+        op = np.add if sign >= 0 else np.subtract
+        for start in range(0, self._n, self._block):
+            k = min(self._block, self._n - start)
+            nbytes = k * self._dtype.itemsize
+            zeros = self._zeros if k == self._block else memoryview(self._zeros)[:nbytes]
+            enc.update_into(zeros, self._buf)
+            w = np.frombuffer(self._buf, dtype=le, count=k)
+            part = acc[start : start + k]
+            op(part, w, out=part, casting="unsafe")
 
 
 class BlockPrf:

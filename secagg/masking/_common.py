@@ -62,11 +62,12 @@ def message_payload(session: bytes, round: int, msg: ShareKeys | MaskedInput | U
     phase, round, session or sender; the digest covers every content field.
     """
     if isinstance(msg, ShareKeys):
-        parts: list[bytes] = [_ids(msg.recipients), *msg.ciphertexts]
+        parts: list[bytes | memoryview] = [_ids(msg.recipients), *msg.ciphertexts]
     elif isinstance(msg, MaskedInput):
         y = np.asarray(msg.y)
         size = y.dtype.itemsize
-        parts = [bytes((size,)), np.ascontiguousarray(y, dtype=y.dtype.newbyteorder("<")).tobytes()]
+        # a byte view, not a copy: y may hold 1e8 words
+        parts = [bytes((size,)), np.ascontiguousarray(y, dtype=y.dtype.newbyteorder("<")).data.cast("B")]
     else:
         parts = [_ids(msg.alive), *msg.b_shares, _ids(msg.dropped), *msg.s_shares]
     label = message_label(msg)

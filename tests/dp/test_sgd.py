@@ -123,3 +123,125 @@ def test_bad_arguments_are_named() -> None:
         dp_sgd(m, x, y, noise_multiplier=-1.0, max_grad_norm=1.0, batch_size=2)
     with pytest.raises(ValueError, match="labels"):
         dp_sgd(m, x, y[:3], noise_multiplier=1.0, max_grad_norm=1.0, batch_size=2)
+
+
+class TinyCnn(nn.Module):
+    """Conv2d (grouped and plain), GroupNorm, LayerNorm and Linear: the non-Linear layers of the direct mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.gn = nn.GroupNorm(2, 4)
+        self.c2 = nn.Conv2d(4, 6, 3, stride=2, groups=2)
+        self.ln = nn.LayerNorm(6 * 3 * 3)
+        self.fc = nn.Linear(6 * 3 * 3, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.gn(self.c1(x)))
+        return self.fc(self.ln(torch.relu(self.c2(h)).flatten(1)))
+
+
+class TinyText(nn.Module):
+    """Embedding -> LayerNorm -> Linear on (B, T, D) -> mean over positions -> Linear."""
+
+    def __init__(self, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(11, 8, padding_idx=padding_idx)
+        self.ln = nn.LayerNorm(8)
+        self.proj = nn.Linear(8, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.tanh(self.proj(self.ln(self.emb(x)))).mean(1))
+
+
+def cnn_seq() -> nn.Module:
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 8, 8)), nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.Flatten(),
+        nn.Linear(16 * 4 * 4, 32), nn.LayerNorm(32), nn.ReLU(), nn.Linear(32, 3),
+    )
+
+
+def _inputs(model: nn.Module, n: int, gen: torch.Generator) -> torch.Tensor:
+    if isinstance(model, TinyText):
+        x = torch.randint(0, 11, (n, 7), generator=gen)
+        x[:, -2:] = 0  # padding positions (when the model has padding_idx=0)
+        x[0] = 5  # one example repeats a token: its rows add up before the norm
+        return x
+    shape = (n, 2, 7, 7) if isinstance(model, TinyCnn) else (n, 64)
+    return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("make", [TinyCnn, TinyText, cnn_seq], ids=["cnn", "text", "cnn_seq"])
+@pytest.mark.parametrize("clip", [0.05, 1e6])
+def test_direct_conv_norm_embedding_match_opacus(make, clip: float) -> None:  # type: ignore[no-untyped-def]
+    """Our closed-form per-example clipped sums equal Opacus's materialised per-sample gradients (float64,
+    to 1e-5) and its ghost clipping, for Conv2d (groups, stride, padding), GroupNorm, LayerNorm, Embedding."""
+    torch.manual_seed(0)
+    model = make().double()
+    assert supports_direct(model) and resolve_mode(model, "auto") == "direct"
+    # non-trivial affine parameters, so a wrong weight/bias term would show
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm | nn.GroupNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    gen = torch.Generator().manual_seed(2)
+    x = _inputs(model, 32, gen)
+    y = torch.randint(0, 3, (32,), generator=gen)
+    ref, ref_norms = clipped_grad_sum(model, x, y, max_grad_norm=clip, mode="opacus")
+    got, norms = clipped_grad_sum(model, x, y, max_grad_norm=clip, mode="direct")
+    assert torch.allclose(ref_norms, norms, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ref, got, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    ghost, _ = clipped_grad_sum(model, x, y, max_grad_norm=clip, mode="ghost")
+    for a, b in zip(ghost, got, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(len(m._forward_hooks) for m in model.modules())
+
+
+def test_direct_on_frozen_layers_counts_only_trainable_parameters() -> None:
+    """LoRA-style: a frozen base layer contributes nothing to the norms and gets no gradient."""
+    model = cnn_seq().double()
+    assert isinstance(model, nn.Sequential)
+    for p in model[1].parameters():
+        p.requires_grad_(False)
+    model[8].bias.requires_grad_(False)
+    gen = torch.Generator().manual_seed(3)
+    x, y = _inputs(model, 16, gen), torch.randint(0, 3, (16,), generator=gen)
+    ref, ref_norms = clipped_grad_sum(model, x, y, max_grad_norm=0.1, mode="opacus")
+    got, norms = clipped_grad_sum(model, x, y, max_grad_norm=0.1, mode="direct")
+    assert len(got) == len([p for p in model.parameters() if p.requires_grad])
+    assert torch.allclose(ref_norms, norms, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ref, got, strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_unsupported_layers_fall_back_to_opacus() -> None:
+    bn = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(2 * 36, 2))
+    circ = nn.Sequential(nn.Conv2d(1, 2, 3, padding=1, padding_mode="circular"), nn.Flatten(), nn.Linear(128, 2))
+    assert resolve_mode(bn, "auto") == "ghost"
+    assert resolve_mode(circ, "auto") == "ghost"
+    with pytest.raises(ValueError, match="mode='ghost'"):
+        resolve_mode(bn, "direct")
+
+
+def test_direct_embedding_padding_row_matches_torch() -> None:
+    """torch never updates an Embedding's padding row; the direct mode agrees with torch's own gradient
+    (unclipped: the per-example sum is the batch gradient). Opacus 1.6's hooks do not: they give the
+    padding row a gradient, which is why the Opacus cross-check above uses no padding_idx."""
+    torch.manual_seed(0)
+    model = TinyText(padding_idx=0).double()
+    gen = torch.Generator().manual_seed(2)
+    x, y = _inputs(model, 32, gen), torch.randint(0, 3, (32,), generator=gen)
+    nn.functional.cross_entropy(model(x), y, reduction="sum").backward()
+    plain = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    model.zero_grad(set_to_none=True)
+    got, _ = clipped_grad_sum(model, x, y, max_grad_norm=1e9, mode="direct")
+    for a, b in zip(plain, got, strict=True):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-9)
+    assert float(got[0][0].abs().max()) == 0.0
+    small, norms = clipped_grad_sum(model, x, y, max_grad_norm=0.05, mode="direct")
+    assert float(small[0][0].abs().max()) == 0.0 and bool((norms > 0.05).all())

@@ -1,0 +1,268 @@
+"""Large updates through SecAgg+: d = 1e8 float32 values per client, in memory and over the wire codec.
+
+Each client holds a float32 update of ``d`` values (language-model adapters), quantizes it in blocks
+into one ring array (``secagg.ring.Quantizer``, 16-bit values), and runs a SecAgg+ round with ``n``
+clients. Two transports:
+
+- ``memory``: every party in this process, messages handed over as objects; the server folds each
+  masked input into its running sum as it arrives.
+- ``wire``: each client in its own process; every message crosses a pipe as ``secagg.wire`` frames
+  (:func:`secagg.wire.dumps_stream`: no frame holds more than 2^24 values, the limit of one Flower
+  message array; the receiver's :class:`secagg.wire.StreamDecoder` fills one pre-allocated array).
+
+It checks that the unmasked sum equals the sum of the clients' ring encodings exactly, and reports the
+peak resident memory of each client process (``resource.getrusage``; wire mode) or of the whole process
+(memory mode), against the bound 3 x d x 4 bytes per client. The clients' updates and rounding noise are
+seeded (``numpy`` generators) so the expected sum can be recomputed: a benchmark seam, not how a client
+draws rounding noise in production (there it comes from a CSPRNG).
+
+    python benchmarks/large_update.py [--d 100000000] [--n 5] [--transport wire|memory|both] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import multiprocessing as mp
+import resource
+import time
+from collections.abc import Callable, Iterable
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from secagg import wire
+from secagg.machine import Message
+from secagg.masking.client import SecAggClient
+from secagg.masking.graph import GraphSpec
+from secagg.masking.server import SecAggServer
+from secagg.ring import Quantizer
+
+log = logging.getLogger("large_update")
+BLOCK = 1 << 20  # values quantized (and regenerated for the check) per block
+SESSION = b"large-update-bench"
+BOUND = 1.0
+
+
+def quantizer(n: int) -> Quantizer:
+    return Quantizer(bound=BOUND, value_bits=16, cohort=n)
+
+
+def update_block(cid: int, start: int, stop: int) -> NDArray[np.float32]:
+    """Client ``cid``'s update values ``start:stop`` (seeded per block so any block can be regenerated)."""
+    gen = np.random.default_rng([cid, start])
+    return np.clip(gen.standard_normal(stop - start, dtype=np.float32) * 0.2, -BOUND, BOUND)
+
+
+def encode_into(q: Quantizer, x: NDArray[np.float32], out: NDArray[np.uint32], cid: int) -> None:
+    """Quantize ``x`` block by block into ``out`` (ring words): O(block) temporaries, not O(d)."""
+    for start in range(0, x.size, BLOCK):
+        stop = min(x.size, start + BLOCK)
+        noise = np.random.default_rng([cid, start, 1]).random
+        out[start:stop] = q.encode(x[start:stop], noise)
+
+
+def client_value(cid: int, d: int, n: int) -> NDArray[np.uint32]:
+    """The client's float32 update (d x 4 bytes) and its ring encoding; the float copy is dropped after."""
+    x = np.empty(d, dtype=np.float32)
+    for start in range(0, d, BLOCK):
+        x[start : start + BLOCK] = update_block(cid, start, min(d, start + BLOCK))
+    ring = np.empty(d, dtype=np.uint32)
+    encode_into(quantizer(n), x, ring, cid)
+    del x
+    return ring
+
+
+def make_client(cid: int, d: int, n: int) -> SecAggClient:
+    q = quantizer(n)
+    return SecAggClient(
+        cid, client_value(cid, d, n), session=SESSION, round=0, modulus=q.modulus, size=d, threshold=None,
+        min_cohort=n, graph=GraphSpec(complete=False, dropout=0.0, corrupt=0.2),
+    )
+
+
+def make_server(cids: list[int], d: int, n: int) -> SecAggServer:
+    q = quantizer(n)
+    return SecAggServer(cids, session=SESSION, round=0, modulus=q.modulus, size=d, threshold=None,
+                        graph=GraphSpec(complete=False, dropout=0.0, corrupt=0.2))
+
+
+def expected_sum(cids: list[int], d: int, n: int, modulus: int) -> Callable[[int, int], NDArray[np.uint64]]:
+    """Block ``start:stop`` of the exact ring sum of every client's encoding."""
+    q = quantizer(n)
+
+    def block(start: int, stop: int) -> NDArray[np.uint64]:
+        total = np.zeros(stop - start, dtype=np.uint64)
+        for cid in cids:
+            noise = np.random.default_rng([cid, start, 1]).random
+            total += q.encode(update_block(cid, start, stop), noise)
+        return total & np.uint64(modulus - 1)
+
+    return block
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (Linux reports KiB)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+# ---- the phase loop, over either transport ------------------------------------------------------
+def run_round(server: SecAggServer, deliver: Callable[[int, list[Message]], Iterable[Message]],
+              starts: Callable[[], Iterable[Message]]) -> None:
+    """Drive one round: every server message goes to its client; every reply is folded in at once."""
+    for msg in starts():
+        server.receive(msg)
+    outbox = list(server.start()) or server.end_phase()
+    while not server.done:
+        by_client: dict[int, list[Message]] = {}
+        for m in outbox:
+            by_client.setdefault(m.recipient, []).append(m)
+        outbox = []
+        for cid in sorted(by_client):
+            for reply in deliver(cid, by_client.pop(cid)):
+                outbox += server.receive(reply)
+        if not outbox and not server.done:
+            outbox = server.end_phase()
+
+
+def run_memory(d: int, n: int) -> dict[str, Any]:
+    cids = list(range(n))
+    base = peak_rss()
+    t0 = time.perf_counter()
+    clients = {c: make_client(c, d, n) for c in cids}
+    server = make_server(cids, d, n)
+
+    def deliver(cid: int, msgs: list[Message]) -> Iterable[Message]:
+        for m in msgs:
+            yield from clients[cid].receive(m)
+
+    run_round(server, deliver, lambda: [m for c in cids for m in clients[c].start()])
+    secs = time.perf_counter() - t0
+    return {"transport": "memory", "seconds": round(secs, 1), "process_peak_rss": peak_rss(), "base_rss": base,
+            **check(server, cids, d, n)}
+
+
+def _client_process(cid: int, d: int, n: int, conn: Connection) -> None:
+    """A client in its own process: frames in, frames out, one frame at a time."""
+    base = peak_rss()
+    machine = make_client(cid, d, n)
+    dec = wire.StreamDecoder(max_total=d)
+    sent = 0
+
+    def send(msgs: Iterable[Message]) -> None:
+        nonlocal sent
+        for m in msgs:
+            for frame in wire.dumps_stream(m):
+                sent += len(frame)
+                conn.send_bytes(frame)
+        conn.send_bytes(b"")  # end of this batch
+
+    send(machine.start())
+    while True:
+        frame = conn.recv_bytes()
+        if frame == b"STOP":
+            break
+        replies: list[Message] = []
+        while frame:
+            msg = dec.feed(frame)
+            if msg is not None:
+                replies += machine.receive(msg)
+            frame = conn.recv_bytes()
+        send(replies)
+        del replies
+    conn.send(json.dumps({"peak_rss": peak_rss(), "base_rss": base, "bytes_sent": sent}))
+
+
+def run_wire(d: int, n: int) -> dict[str, Any]:
+    cids = list(range(n))
+    ctx = mp.get_context("fork")
+    pipes: dict[int, Connection] = {}
+    procs: list[Any] = []
+    t0 = time.perf_counter()
+    for c in cids:  # forked before any large array exists
+        mine, theirs = ctx.Pipe()
+        p = ctx.Process(target=_client_process, args=(c, d, n, theirs), daemon=True)
+        p.start()
+        pipes[c] = mine
+        procs.append(p)
+    server = make_server(cids, d, n)
+    dec = wire.StreamDecoder(max_total=d)
+    received = 0
+
+    def collect(cid: int) -> Iterable[Message]:
+        nonlocal received
+        while frame := pipes[cid].recv_bytes():
+            received += len(frame)
+            msg = dec.feed(frame)
+            if msg is not None:
+                yield msg
+
+    def deliver(cid: int, msgs: list[Message]) -> Iterable[Message]:
+        for m in msgs:
+            for frame in wire.dumps_stream(m):
+                pipes[cid].send_bytes(frame)
+        pipes[cid].send_bytes(b"")
+        yield from collect(cid)
+
+    run_round(server, deliver, lambda: [m for c in cids for m in collect(c)])
+    secs = time.perf_counter() - t0
+    stats = []
+    for c in cids:
+        pipes[c].send_bytes(b"STOP")
+        stats.append(json.loads(pipes[c].recv()))
+    for p in procs:
+        p.join(timeout=60)
+    return {"transport": "wire", "seconds": round(secs, 1), "client_peak_rss": [s["peak_rss"] for s in stats],
+            "client_base_rss": [s["base_rss"] for s in stats],
+            "server_peak_rss": peak_rss(), "bytes_from_clients": received,
+            "frames_limit_values": wire.MAX_ITEMS, **check(server, cids, d, n)}
+
+
+def check(server: SecAggServer, cids: list[int], d: int, n: int) -> dict[str, Any]:
+    """Exactness: the unmasked sum equals the ring sum of the encodings, block by block."""
+    assert server.done and server.result is not None
+    total = server.result
+    modulus = quantizer(n).modulus
+    block = expected_sum(cids, d, n, modulus)
+    exact = all(
+        np.array_equal(np.asarray(total[s : min(d, s + BLOCK)], dtype=np.uint64), block(s, min(d, s + BLOCK)))
+        for s in range(0, d, BLOCK)
+    )
+    return {"exact": bool(exact), "included": list(server.included)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--d", type=float, default=1e8, help="values per client (default: %(default)g)")
+    ap.add_argument("--n", type=int, default=5, help="clients (default: %(default)s)")
+    ap.add_argument("--transport", choices=("wire", "memory", "both"), default="both")
+    ap.add_argument("--json", type=Path, help="write the rows here")
+    args = ap.parse_args(argv)
+    d, n = int(args.d), args.n
+    bound = 3 * d * 4
+    rows = []
+    for transport in ("memory", "wire") if args.transport == "both" else (args.transport,):
+        row = run_wire(d, n) if transport == "wire" else run_memory(d, n)
+        rows.append(row)
+        print(f"{transport}: d={d:,} n={n} exact={row['exact']} in {row['seconds']} s")
+        if transport == "wire":
+            for c, (rss, base) in enumerate(zip(row["client_peak_rss"], row["client_base_rss"], strict=True)):
+                print(f"  client {c} peak RSS {rss / 2**20:,.0f} MiB = {rss / bound:.2f} x (3 d 4 bytes); "
+                      f"{(rss - base) / 2**20:,.0f} MiB above the {base / 2**20:,.0f} MiB interpreter")
+            print(f"  server peak RSS {row['server_peak_rss'] / 2**20:,.0f} MiB; "
+                  f"{row['bytes_from_clients'] / 2**20:,.0f} MiB received in frames of <= 2^24 values")
+        else:
+            per = (row["process_peak_rss"] - row["base_rss"]) / (n + 1)
+            print(f"  process peak RSS {row['process_peak_rss'] / 2**20:,.0f} MiB for {n} clients + server: "
+                  f"{per / bound:.2f} x (3 d 4 bytes) per party")
+    if args.json is not None:
+        args.json.write_text(json.dumps({"d": d, "n": n, "rows": rows}, indent=2))
+    return 0 if all(r["exact"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
