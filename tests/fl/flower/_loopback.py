@@ -25,6 +25,7 @@ class LoopbackGrid(Grid):
     def __init__(self, app: ClientApp, n: int, tmp: Path, *, node_config: dict[str, Any] | None = None,
                  run_id: int = 7) -> None:
         self.app = app
+        self.run_id = run_id
         self.contexts: dict[int, Context] = {}
         for i in range(n):
             nid = 101 + i
@@ -43,7 +44,9 @@ class LoopbackGrid(Grid):
 
     @property
     def run(self) -> Any:
-        raise NotImplementedError
+        from types import SimpleNamespace
+
+        return SimpleNamespace(run_id=self.run_id)
 
     def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
                        ttl: float | None = None) -> Message:
