@@ -11,15 +11,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fl.runners.local import DropoutSchedule, run_secure_sum
-from fl.spec import ValueSpec
-from fl.sums.secagg import SecAggPlus
 from secagg._hazmat import shamir
 from secagg.machine import SERVER
 from secagg.masking import graph as g
 from secagg.masking.client import SecAggClient
 from secagg.masking.graph import GraphSpec
 from secagg.masking.messages import AdvertiseKeys, KeyDirectory, ShareKeys
+from secagg.memory import DropoutSchedule
+from tests.secagg.rounds import Masked, plus
 
 
 @settings(max_examples=40, deadline=None)
@@ -56,21 +55,20 @@ def test_batched_reconstruction_recovers_secrets() -> None:
         shamir.combine_with(coeffs[0], [shares[0][0] + 1, *shares[0][1:]])
 
 
-def _spec(n: int, d: int) -> ValueSpec:
-    return ValueSpec(size=d, cohort=n, domain="ring", modulus=1 << 26, value_bits=16)
+def _sum(d: int, graph: GraphSpec) -> Masked:
+    """SecAggPlus's defaults over Z_2^26 (room for 300 16-bit values), threshold from the graph."""
+    return Masked(1 << 26, d, threshold=None, graph=graph)
 
 
 def test_default_parameters_sum_exactly_with_dropouts_at_every_phase() -> None:
     n, d = 300, 64
-    ssum = SecAggPlus()
-    spec = _spec(n, d)
-    ssum.bind(spec)
-    k, t = ssum._graph().parameters(n, None)
+    ssum = _sum(d, plus())
+    k, t = ssum.graph.parameters(n, None)
     assert k < n - 1 and 2 <= t <= k + 1  # sparse by default
     rng = np.random.default_rng(5)
     values = {c: rng.integers(0, 1 << 16, size=d, dtype=np.uint64) for c in range(n)}
     drops = DropoutSchedule.random(list(range(n)), 0.05, rng, phases=4)
-    out = run_secure_sum(ssum, values, spec=spec, session=b"scale-test", dropouts=drops, reorder=rng)
+    out = ssum.run(values, session=b"scale-test", dropouts=drops, reorder=rng)
     want = sum((values[c] for c in out.included), np.zeros(d, dtype=np.uint64)) % np.uint64(1 << 26)
     assert np.array_equal(out.total, want)
     assert len(out.included) >= n - len(drops.drops)
@@ -83,12 +81,11 @@ def test_in_memory_round_streams_masked_inputs() -> None:
     streaming round needs a few d-vectors. Fails on the batching runner.
     """
     n, d = 40, 20_000
-    ssum = SecAggPlus(neighbours=4)
-    spec = _spec(n, d)
+    ssum = _sum(d, plus(4))
     values = {c: np.full(d, c, dtype=np.uint64) for c in range(n)}
     tracemalloc.start()
     try:
-        out = run_secure_sum(ssum, values, spec=spec, session=b"stream", round=0)
+        out = ssum.run(values, session=b"stream", round=0)
         _, peak = tracemalloc.get_traced_memory()
     finally:
         tracemalloc.stop()

@@ -9,11 +9,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fl.layers.clip import Quantize
-from fl.pipeline import Pipeline
-from fl.runners.local import DropoutSchedule, run_secure_sum
-from fl.spec import CompositionError, ValueSpec
-from fl.sums.secagg import SecAgg, SecAggPlus
 from secagg import wire
 from secagg.errors import OverflowRiskError, ProtocolError
 from secagg.machine import SERVER, Message
@@ -30,6 +25,8 @@ from secagg.masking.messages import (
     UnmaskResponse,
 )
 from secagg.masking.server import SecAggServer
+from secagg.memory import DropoutSchedule
+from tests.secagg.rounds import Masked, plus
 
 S = b"session-A"
 MOD = 1 << 20
@@ -185,10 +182,10 @@ def test_tampered_share_ciphertext_is_refused() -> None:
 def test_dropping_during_key_sharing_does_not_abort_the_round() -> None:
     """Peer flaw: a client dropping during key sharing aborts Flower's whole round."""
     n, d = 8, 32
-    spec = ValueSpec(size=d, cohort=n, domain="ring", modulus=1 << 24, value_bits=20)
     values = {c: np.full(d, c, dtype=np.uint64) for c in range(n)}
-    for ssum in (SecAgg(threshold=0.6), SecAggPlus(threshold=0.6, neighbours=4)):
-        out = run_secure_sum(ssum, values, spec=spec, session=S, dropouts=DropoutSchedule({3: "share", 5: "share"}))
+    for graph in (GraphSpec(complete=True), plus(4)):
+        ssum = Masked(1 << 24, d, threshold=0.6, graph=graph)
+        out = ssum.run(values, session=S, dropouts=DropoutSchedule({3: "share", 5: "share"}))
         assert out.included == (0, 1, 2, 4, 6, 7)
         assert np.all(out.total == sum(out.included))
 
@@ -248,31 +245,8 @@ def test_consistency_check_stops_a_server_lying_about_survivors() -> None:
     assert all(r.clients[m.recipient].receive(m) for m in unmask)
 
 
-def test_overflow_check_uses_the_cohort_and_the_sum_never_wraps() -> None:
-    """Peer flaw: the overflow check tested the wrong quantity; the sum wrapped at 1024 clients."""
-    n, d = 1500, 4
-    # A ring sized for one client's value cannot hold the cohort's sum: refused before any data flows.
-    with pytest.raises(CompositionError, match="wrap"):
-        SecAgg().bind(ValueSpec(size=d, cohort=n, domain="ring", modulus=1 << 16, value_bits=16))
-    with pytest.raises(CompositionError, match="Quantize"):
-        SecAgg().bind(ValueSpec(size=d, cohort=n))
-    # Quantize sizes the ring for the cohort: 1500 clients all at the bound sum exactly.
-    bound = Pipeline([Quantize(bits=8, bound=1.0)], sum=SecAgg()).bind(ValueSpec(size=d, cohort=n))
-    q = Quantize(bits=8, bound=1.0).quantizer(bound.specs[0])
-    enc = q.encode(np.ones(d), lambda k: np.zeros(k))
-    total = np.zeros(d, dtype=np.uint64)
-    for _ in range(n):
-        total = (total + enc) & np.uint64(q.modulus - 1)
-    assert np.allclose(q.decode(total, n), n * 1.0, atol=q.max_error(n))
-
-
-def test_inputs_outside_the_range_raise_instead_of_clipping() -> None:
-    """Peer flaw: inputs silently clipped to +-8. Ours: Quantize raises; the client refuses out-of-ring values."""
-    bound = Pipeline([Quantize(bits=16, bound=8.0)], sum=SecAgg()).bind(ValueSpec(size=3, cohort=4))
-    from dp.rng import SecureRandom
-
-    with pytest.raises(OverflowRiskError, match="exceeds the quantization bound"):
-        bound.encode(np.array([0.0, 9.0, 1.0]), SecureRandom.for_testing(1))
+def test_clients_refuse_values_outside_the_ring() -> None:
+    """Peer flaw: inputs silently clipped to +-8. Ours: the client refuses out-of-ring values (and floats)."""
     with pytest.raises(OverflowRiskError):
         SecAggClient(
             0, np.array([0, MOD, 1], dtype=np.uint64), session=S, round=1, modulus=MOD, size=3, threshold=2,
@@ -302,13 +276,12 @@ def test_uploads_are_uint32_when_the_ring_fits() -> None:
 
 def test_server_never_asks_for_both_kinds_even_with_every_dropout_pattern() -> None:
     n = 6
-    spec = ValueSpec(size=4, cohort=n, domain="ring", modulus=1 << 24, value_bits=20)
     values = {c: np.full(4, c, dtype=np.uint64) for c in range(n)}
     for pattern in range(4**2):
         drops = {0: pattern % 4, 1: pattern // 4}
-        ssum = SecAgg(threshold=3)
+        ssum = Masked(1 << 24, 4, threshold=3, graph=GraphSpec(complete=True))
         try:
-            out = run_secure_sum(ssum, values, spec=spec, session=S, dropouts=DropoutSchedule(drops))
+            out = ssum.run(values, session=S, dropouts=DropoutSchedule(drops))
         except Exception as exc:  # only clean aborts are acceptable
             assert type(exc).__name__ == "AbortError"
             continue

@@ -65,6 +65,7 @@ from fl.runners.flower.policy import POLICY_FILE_KEY, NodePolicy, PolicyError, s
 from fl.runners.flower.state import make_state_key
 from fl.spec import SecureSum, TrainResult, ValueSpec
 from secagg import wire
+from secagg.drive import PhaseStats, drive
 from secagg.errors import AbortError, CodecError, ProtocolError
 from secagg.machine import SERVER, ClientMachine, ServerMachine
 from secagg.machine import Message as ProtocolMessage
@@ -501,25 +502,81 @@ class _RoundResult:
     rejected: list[int]
 
 
-def _run_round(
-    tr: _Transport,
-    ssum: SecureSum,
-    spec: ValueSpec,
-    *,
-    round: int,
-    planned: Sequence[int],
-    session: bytes,
-    start_fields: Mapping[str, Any],
-) -> _RoundResult:
-    """Drive one round of our server machine over Flower, as :func:`fl.runners.local.run_secure_sum` does.
+class _PhaseLink:
+    """:class:`secagg.drive.Transport` over Flower for one round: one ``Grid`` exchange per call.
 
-    Phase 0 asks every sampled client to train (or draw its vector) and start its machine; the server
-    machine is then built over the clients that answered with an update (a client that rejected its own
-    update is left out, as in memory; one that did not answer in time has dropped).
+    It groups the outbox by client, numbers each client's protocol steps (binding its sealed state),
+    turns the phase's deadline into the exchange timeout, and checks every reply before it reaches the
+    server: a message must come from the client that sent the reply and go to the server or a member.
+    A bad reply counts as no reply: its client is dropped, as at a missed deadline.
     """
-    phases = ssum.server(list(planned), spec=spec, session=session, round=round).phases
+
+    def __init__(self, tr: _Transport, *, round: int, session: bytes, final_phase: str,
+                 planned: Sequence[int], members: Sequence[int]) -> None:
+        self.tr, self.round, self.session, self.final_phase = tr, round, session, final_phase
+        self.planned = frozenset(planned)
+        self.members = frozenset(members)
+        self.alive = set(members)
+        self.steps: dict[int, int] = {}  # protocol steps sent to each client this round
+        self.sent = 0
+
+    def exchange(
+        self, phase: str, outbox: Sequence[ProtocolMessage], *, deadline: float | None
+    ) -> list[ProtocolMessage]:
+        batch: dict[int, list[ProtocolMessage]] = {}
+        for m in outbox:
+            if m.recipient in self.alive:
+                batch.setdefault(m.recipient, []).append(m)
+            elif m.recipient != SERVER and m.recipient not in self.planned:
+                raise ProtocolError(f"message for unknown party {m.recipient}: the Flower runner hosts no extra roles")
+        if not batch:
+            return []
+        for cid in batch:
+            self.steps[cid] = self.steps.get(cid, 0) + 1
+        final = phase == self.final_phase
+        payloads = {
+            cid: {"round": self.round, "session": self.session, "final": final, "step": self.steps[cid],
+                  **_outgoing(ms)}
+            for cid, ms in batch.items()
+        }
+        self.sent += sum(len(ms) for ms in batch.values())
+        timeout = self.tr.job.phase_timeout if deadline is None else max(0.0, deadline - time.monotonic())
+        replies, _failed = self.tr.exchange(self.round, phase, payloads, kind=_STEP, timeout=timeout)
+        dropped = set(batch) - set(replies)
+        if dropped:
+            log.warning("round %d, phase %s: client(s) %s dropped", self.round, phase, sorted(dropped))
+        self.alive -= dropped
+        return self.checked(replies)
+
+    def checked(self, replies: Mapping[int, Any]) -> list[ProtocolMessage]:
+        """The protocol messages in ``replies`` of live clients, each checked against its reply's sender."""
+        out: list[ProtocolMessage] = []
+        for cid, rec in sorted(replies.items()):
+            if cid not in self.alive:
+                continue
+            try:
+                msgs = _decode(rec)
+                for m in msgs:
+                    if m.sender != cid:
+                        raise ProtocolError(f"client {cid} sent a message claiming to be from {m.sender}")
+                    if m.recipient != SERVER and m.recipient not in self.members:
+                        raise ProtocolError(f"client {cid} sent a message for {m.recipient}, not in this round")
+            except (BadReplyError, CodecError, ProtocolError, KeyError, TypeError, ValueError) as exc:
+                self.refuse(cid, exc)
+                continue
+            out += msgs
+        return out
+
+    def refuse(self, cid: int, exc: Exception) -> None:
+        log.warning("round %d: dropping client %d, its reply was refused: %s", self.round, cid, exc)
+        self.alive.discard(cid)
+
+
+def _open_round(tr: _Transport, phase: str, *, round: int, planned: Sequence[int], session: bytes,
+                start_fields: Mapping[str, Any]) -> tuple[dict[int, Any], dict[int, TrainResult], list[int]]:
+    """Phase 0: ask every sampled client to train (or draw its vector) and start its machine."""
     payloads = {cid: {**start_fields, "round": round, "session": session} for cid in planned}
-    replies, failed = tr.exchange(round, phases[0], payloads, kind=_START, timeout=tr.job.start_timeout)
+    replies, failed = tr.exchange(round, phase, payloads, kind=_START, timeout=tr.job.start_timeout)
     results: dict[int, TrainResult] = {}
     rejected: list[int] = []
     for cid, rec in replies.items():
@@ -531,80 +588,57 @@ def _run_round(
             elif "params" in start_fields:
                 raise BadReplyError("a training reply without its training result")
         except BadReplyError as exc:
-            log.warning("round %d: dropping client %d, its %s reply was refused: %s", round, cid, phases[0], exc)
+            log.warning("round %d: dropping client %d, its %s reply was refused: %s", round, cid, phase, exc)
             failed.add(cid)
-    alive = set(replies) - set(rejected) - failed
-    if not alive:
+    opened = {cid: rec for cid, rec in replies.items() if cid not in failed and cid not in rejected}
+    return opened, results, rejected
+
+
+def _run_round(
+    tr: _Transport,
+    ssum: SecureSum,
+    spec: ValueSpec,
+    *,
+    round: int,
+    planned: Sequence[int],
+    session: bytes,
+    start_fields: Mapping[str, Any],
+) -> _RoundResult:
+    """Drive one round of our server machine over Flower with :func:`secagg.drive.drive`.
+
+    Phase 0 asks every sampled client to train (or draw its vector) and start its machine; the server
+    machine is then built over the clients that answered with an update (a client that rejected its own
+    update is left out, as in memory; one that did not answer in time has dropped).
+    """
+    phases = ssum.server(list(planned), spec=spec, session=session, round=round).phases
+    opened, results, rejected = _open_round(tr, phases[0], round=round, planned=planned, session=session,
+                                            start_fields=start_fields)
+    if not opened:
         if rejected and not (set(planned) - set(rejected)):
             raise _NoUpdatesError("no client update this round")
         raise AbortError(phases[0], needed=1, answered=0)
-    members = sorted(alive)
+    members = sorted(opened)
+    start_log = len(tr.log)
     t0 = time.perf_counter()
     server: ServerMachine = ssum.server(members, spec=spec, session=session, round=round)
-    to_parties: list[ProtocolMessage] = list(server.start())
-    server_s = time.perf_counter() - t0
-    count = 0
+    build_s = time.perf_counter() - t0
+    link = _PhaseLink(tr, round=round, session=session, final_phase=phases[-1], planned=planned, members=members)
+    opening = link.checked(opened)
+    outcome = drive(server, link, opening=opening, phase_timeout=tr.job.phase_timeout,
+                    on_refused=lambda m, exc: link.refuse(m.sender, exc))
+    _add_server_time(tr.log[start_log - 1:], outcome.phases, build_s)
+    count = len(opening) + outcome.received + link.sent
+    return _RoundResult(outcome.total, outcome.included, count, results, rejected)
 
-    def grouped(msgs: Iterable[ProtocolMessage]) -> dict[int, list[ProtocolMessage]]:
-        out: dict[int, list[ProtocolMessage]] = {}
-        for m in msgs:
-            if m.recipient in alive:
-                out.setdefault(m.recipient, []).append(m)
-            elif m.recipient != SERVER and m.recipient not in planned:
-                raise ProtocolError(f"message for unknown party {m.recipient}: the Flower runner hosts no extra roles")
-        return out
 
-    to_server = [(cid, rec) for cid, rec in replies.items() if cid in alive]
-    steps: dict[int, int] = {}  # protocol steps sent to each client this round (binds its sealed state)
-    guard = 0
-    while not server.done:
-        guard += 1
-        if guard > 10 * (len(phases) + 2):
-            raise RuntimeError(f"protocol did not finish after {guard} steps (stuck in {server.phase!r})")
-        t1 = time.perf_counter()
-        for cid, rec in sorted(to_server, key=lambda x: x[0]):
-            try:
-                for m in _decode(rec):
-                    count += 1
-                    if m.sender != cid:
-                        raise ProtocolError(f"client {cid} sent a message claiming to be from {m.sender}")
-                    if m.recipient == SERVER:
-                        to_parties += server.receive(m)
-                    elif m.recipient in members:
-                        to_parties.append(m)  # client-to-client traffic is relayed with the next phase
-                    else:
-                        raise ProtocolError(f"client {cid} sent a message for {m.recipient}, not in this round")
-            except (BadReplyError, CodecError, ProtocolError, KeyError, TypeError, ValueError) as exc:
-                # A bad reply counts as no reply: the client is dropped, as at a missed deadline.
-                log.warning("round %d: dropping client %d, its reply was refused: %s", round, cid, exc)
-                alive.discard(cid)
-        to_server = []
-        if not any(m.recipient in alive for m in to_parties):
-            to_parties += server.end_phase()  # AbortError below the threshold
-        server_s += time.perf_counter() - t1
-        if tr.log:
-            tr.log[-1].server_s += server_s
-        server_s = 0.0
-        batch = grouped(to_parties)
-        to_parties = []
-        if not batch:
-            continue
-        final = server.phase == phases[-1]
-        for cid in batch:
-            steps[cid] = steps.get(cid, 0) + 1
-        payloads = {
-            cid: {"round": round, "session": session, "final": final, "step": steps[cid], **_outgoing(ms)}
-            for cid, ms in batch.items()
-        }
-        count += sum(len(ms) for ms in batch.values())
-        replies, failed = tr.exchange(round, server.phase, payloads, kind=_STEP, timeout=tr.job.phase_timeout)
-        dropped = set(batch) - set(replies)
-        if dropped:
-            log.warning("round %d, phase %s: client(s) %s dropped", round, server.phase, sorted(dropped))
-        alive -= dropped
-        to_server = [(cid, rec) for cid, rec in replies.items() if cid in alive]
-    assert server.result is not None
-    return _RoundResult(server.result, tuple(server.included), count, results, rejected)
+def _add_server_time(entries: Sequence[_Exchange], phases: Sequence[PhaseStats], build_s: float) -> None:
+    """Attribute the server's compute time in each phase to that phase's last exchange of the round."""
+    if not entries:
+        return
+    entries[0].server_s += build_s
+    for p in phases:
+        mine = [e for e in entries if e.phase == p.phase]
+        (mine or list(entries))[-1].server_s += p.server_s
 
 
 def _rec(content: RecordDict, key: str = _RECORD) -> Any:
