@@ -31,7 +31,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
@@ -256,7 +256,7 @@ def _start(msg: Message, context: Context, call_next: ClientAppCallable, rec: An
 
     terms = SecureTerms.from_record(rec)
     policy = NodePolicy.from_node_config(context.node_config)
-    policy.check(terms.job_terms())
+    policy.check(_worst_case(terms, policy))
     rnd, cid, session = _int(rec, "round"), _int(rec, "cid"), _session(rec)
     if not 0 <= cid < terms.cohort:
         raise ProtocolError(f"client id {cid} outside the round's cohort 0..{terms.cohort - 1}")
@@ -284,6 +284,19 @@ def _start(msg: Message, context: Context, call_next: ClientAppCallable, rec: An
     _state.clear(context)
     _state.store(context, machine, session=session, round=rnd, step=0)
     return _reply(msg, out)
+
+
+def _worst_case(terms: SecureTerms, policy: NodePolicy) -> JobTerms:
+    """The job's terms with the noise this node's update can end up with in the worst round it accepts.
+
+    Distributed noise is split across the CLAIMED cohort; if only this node's floor of members takes part
+    (:func:`_min_cohort`), the sum carries ``z * sqrt(floor / cohort)``. A server inflating the cohort to
+    thin each share therefore meets the node's ``min_noise_multiplier`` with the thinned value.
+    """
+    job = terms.job_terms()
+    if job.own_noise is None:
+        return job
+    return replace(job, own_noise=job.own_noise * math.sqrt(_min_cohort(terms, policy) / terms.cohort))
 
 
 def _min_cohort(terms: SecureTerms, policy: NodePolicy) -> int:

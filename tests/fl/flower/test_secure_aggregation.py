@@ -248,3 +248,30 @@ def test_legacy_default_workflow_with_secure_aggregation_as_fit_step(tmp_path: P
     DefaultWorkflow(fit_workflow=sa)(grid, legacy)
     glob = np.concatenate([a.ravel() for a in init])
     np.testing.assert_allclose(sa.history[0].mean_update, _plain_mean([101, 102, 103], 1, glob), atol=1e-6)
+
+
+def test_a_server_inflating_the_cohort_to_thin_the_noise_is_refused(tmp_path: Path, monkeypatch: Any) -> None:
+    """Distributed noise is split across the claimed cohort: claiming 10 clients for 3 would make each add a
+    tenth of the variance. Each node's floor (t of the claimed cohort under its policy) refuses a round with
+    fewer members, so no sum is released."""
+    grid = LoopbackGrid(_app(), 3, tmp_path)
+    sa = SecureAggregation(threshold=0.7, clip=1.0, noise_multiplier=1.0, placement="clients", poll_interval=0.0,
+                           phase_timeout=0.2)
+    real = SecureTerms.with_cohort
+    monkeypatch.setattr(SecureTerms, "with_cohort", lambda self, n: real(self, 10))
+    replies = sa.wrap(grid).send_and_receive(FedAvg().configure_train(1, _initial(), ConfigRecord(), grid))
+    assert list(replies) == [] and sa.history == []
+    monkeypatch.setattr(SecureTerms, "with_cohort", real)
+    sa.wrap(grid).send_and_receive(FedAvg().configure_train(2, _initial(), ConfigRecord(), grid))
+    assert sa.history[0].included == (101, 102, 103)  # the honest claim runs
+
+
+def test_a_node_checks_its_noise_floor_against_the_worst_round_it_accepts(tmp_path: Path) -> None:
+    """min_noise_multiplier 0.9, distributed z = 1.2: an honest cohort of 3 (floor 2: 1.2 * sqrt(2/3) = 0.98)
+    runs; a claimed cohort of 6 for the same nodes (floor 3: 1.2 * sqrt(3/6) = 0.85) is refused."""
+    policy = NodePolicy(min_noise_multiplier=0.9).save(tmp_path / "p.json")
+    grid = LoopbackGrid(_app(), 3, tmp_path, node_config={"policy-file": str(policy)})
+    terms = SecureTerms(cohort=3, clip=1.0, noise_multiplier=1.2, placement="clients")
+    assert not _run_mod(grid, _start_message(terms, rnd=1)).has_error()
+    thinned = _run_mod(grid, _start_message(terms.with_cohort(6), rnd=2))
+    assert thinned.has_error() and "noise multiplier 0.848528 is below this node's minimum 0.9" in thinned.error.reason
