@@ -262,15 +262,25 @@ def _start(msg: Message, context: Context, call_next: ClientAppCallable, rec: An
         raise ProtocolError(f"client id {cid} outside the round's cohort 0..{terms.cohort - 1}")
     _state.state_key(context)  # fail before training when this node cannot keep the round's state
     _claim_round(context, rnd)
-    glob = flatten(_only_arrays(msg.content, "train message"))
+    sent = _only_arrays(msg.content, "train message")
+    glob, sent_keys = flatten(sent), list(sent)  # before the ClientApp runs: it may consume its input
     reply = call_next(_without_record(msg), context)
     if reply.has_error():
         return reply
-    delta = flatten(_only_arrays(reply.content, "ClientApp's reply")) - glob
+    trained = _only_arrays(reply.content, "ClientApp's reply")
+    new = flatten(trained)
+    if list(trained) != sent_keys or new.size != glob.size:
+        raise ProtocolError(f"the ClientApp replied with {new.size} values in arrays {list(trained)}, the global "
+                            f"model has {glob.size} in {sent_keys}: reply with the arrays it was sent, trained")
+    delta = new - glob
     if terms.dp:
         x = delta
     else:
-        w = min(_weight(reply.content), terms.max_weight) / terms.max_weight
+        n = _weight(reply.content)
+        if n > terms.max_weight:
+            log.warning("num-examples %g exceeds max_weight %g: this update is weighted as %g examples",
+                        n, terms.max_weight, terms.max_weight)
+        w = min(n, terms.max_weight) / terms.max_weight
         x = np.concatenate([[w], w * delta])
     bound = terms.pipeline(delta.size, min_cohort=_min_cohort(terms, policy))
     try:

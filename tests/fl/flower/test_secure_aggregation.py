@@ -275,3 +275,16 @@ def test_a_node_checks_its_noise_floor_against_the_worst_round_it_accepts(tmp_pa
     assert not _run_mod(grid, _start_message(terms, rnd=1)).has_error()
     thinned = _run_mod(grid, _start_message(terms.with_cohort(6), rnd=2))
     assert thinned.has_error() and "noise multiplier 0.848528 is below this node's minimum 0.9" in thinned.error.reason
+
+
+def test_a_clientapp_replying_with_other_arrays_gets_a_clear_error(tmp_path: Path) -> None:
+    app = ClientApp(mods=[privagg_mod])
+
+    @app.train()
+    def _wrong(msg: Message, context: Context) -> Message:
+        metrics = MetricRecord({"num-examples": 5})
+        return Message(RecordDict({"arrays": ArrayRecord([np.zeros(3)]), "metrics": metrics}), reply_to=msg)
+
+    grid = LoopbackGrid(app, 1, tmp_path)
+    reply = _run_mod(grid, _start_message(SecureTerms(cohort=3)))
+    assert reply.has_error() and "3 values in arrays ['0'], the global model has 16" in reply.error.reason
