@@ -73,7 +73,9 @@ class SecureTerms:
 
     ``protocol``: ``secagg+`` or ``secagg``; ``threshold``: t as a fraction of each share group;
     ``cohort``: clients planned for the round (sizes the ring and is each client's floor on the cohort);
-    ``bits``: width of one client's quantized value. Without DP (``clip is None``) each client sends
+    ``bits``: width of one client's quantized value (40: a step of ``clipping_range / 2^39``, fine enough
+    for a client whose weight ``w`` is small; the ring adds ``ceil(log2 cohort)`` bits, at most 63).
+    Without DP (``clip is None``) each client sends
     ``[w, w * (trained - global)]`` with ``w = min(num-examples, max_weight) / max_weight``, every
     coordinate of the update within ``[-clipping_range, clipping_range]`` (else the node refuses with an
     error naming the fix; nothing is clipped silently). With DP: the update is clipped to L2 norm ``clip``
@@ -85,7 +87,7 @@ class SecureTerms:
     protocol: str = "secagg+"
     threshold: float = 0.7
     cohort: int = 2
-    bits: int = 32
+    bits: int = 40
     clipping_range: float = 8.0
     max_weight: float = 1000.0
     clip: float | None = None

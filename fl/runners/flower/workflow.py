@@ -169,7 +169,7 @@ class SecureAggregation:
     ``weight_key``: the strategy's weight metric (FedAvg's ``weighted_by_key``).
     """
 
-    def __init__(self, *, protocol: str = "secagg+", threshold: float = 0.7, bits: int = 32,
+    def __init__(self, *, protocol: str = "secagg+", threshold: float = 0.7, bits: int = 40,
                  clipping_range: float = 8.0, max_weight: float = 1000.0, clip: float | None = None,
                  noise_multiplier: float | None = None, placement: str = "server", epsilon: float | None = None,
                  delta: float = 1e-5, start_timeout: float = 300.0, phase_timeout: float = 60.0,

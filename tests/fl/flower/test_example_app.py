@@ -114,7 +114,10 @@ def test_example_app_under_flwr_run_sums_exactly(app_cluster: tuple[LocalCluster
     assert "https://127.0.0.1" in (c.logs / "superlink.log").read_text()  # TLS
     cfg = {"local-epochs": 1, "learning-rate": 0.1}
     glob = np.asarray(result["initial"])
-    bits, bound = 32, 8.0  # SecureAggregation's defaults: 32-bit values within +-clipping_range
+    from fl.runners.flower.workflow import SecureAggregation
+
+    defaults = SecureAggregation().terms  # the example uses the default quantization: bits within +-clipping_range
+    bits, bound = defaults.bits, defaults.clipping_range
     step = bound / ((1 << (bits - 1)) - 1)
     for r in result["rounds"]:
         assert len(r["included"]) == 3 and sorted(r["included"]) == sorted(r["planned"])

@@ -62,9 +62,10 @@ def _initial() -> ArrayRecord:
     return ArrayRecord([rng.normal(size=s).astype(np.float32) for s in SHAPES.values()])
 
 
-def _plain_mean(nodes: list[int], rnd: int, glob: np.ndarray) -> np.ndarray:
+def _plain_mean(nodes: list[int], rnd: int, glob: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """The weighted mean of the nodes' updates as their ClientApps reply them (rounded to the model's dtype)."""
     w = np.array([_examples(n) for n in nodes], dtype=np.float64)
-    ups = np.stack([_update(n, rnd, glob.size) for n in nodes])
+    ups = np.stack([(glob + _update(n, rnd, glob.size)).astype(dtype).astype(np.float64) - glob for n in nodes])
     return (w[:, None] * ups).sum(0) / w.sum()
 
 
@@ -247,7 +248,8 @@ def test_legacy_default_workflow_with_secure_aggregation_as_fit_step(tmp_path: P
     legacy = LegacyContext(context=ctx, config=ServerConfig(num_rounds=1), strategy=strategy)
     DefaultWorkflow(fit_workflow=sa)(grid, legacy)
     glob = np.concatenate([a.ravel() for a in init])
-    np.testing.assert_allclose(sa.history[0].mean_update, _plain_mean([101, 102, 103], 1, glob), atol=1e-6)
+    np.testing.assert_allclose(sa.history[0].mean_update, _plain_mean([101, 102, 103], 1, glob, np.float64),
+                               atol=1e-6)
 
 
 def test_a_server_inflating_the_cohort_to_thin_the_noise_is_refused(tmp_path: Path, monkeypatch: Any) -> None:
