@@ -10,6 +10,8 @@ d = 1e3, 1 round):
   replies with Flower's ``Grid.send_and_receive`` (3 s polls) or with 50 ms pulls, and on SuperNodes
   started the way ``privagg flower supernode`` starts them (0.1 s idle poll instead of 3 s, and each
   ClientApp forked from a warm process instead of a fresh interpreter per message);
+* ``privagg mod+workflow, FedAvg app`` -- :mod:`fl.runners.flower.mod` / :mod:`fl.runners.flower.workflow`
+  in a user's own Flower app (Message API FedAvg, clients return a d-float vector), on both kinds of node;
 * ``in-memory secagg+`` -- :func:`fl.runners.local.run_secure_sum` on the same vectors: the protocol's
   own compute.
 
@@ -84,9 +86,54 @@ def main(grid: Grid, context: Context) -> None:
 '''
 
 
-def _peer_app(directory: Path, *, size: int, clients: int, rounds: int, out: Path) -> Path:
+MOD_APP = '''"""privagg_mod + SecureAggregation in a Flower app (Message API FedAvg) on a d-float vector."""
+import json, os, time
+import numpy as np
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvg
+
+from fl.runners.flower.mod import privagg_mod
+from fl.runners.flower.workflow import SecureAggregation
+
+client_app = ClientApp(mods=[privagg_mod])
+
+
+@client_app.train()
+def train(msg: Message, context: Context) -> Message:
+    glob = msg.content["arrays"].to_numpy_ndarrays()[0]
+    arrays = ArrayRecord([glob + np.float32(0.001)])
+    return Message(RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def main(grid: Grid, context: Context) -> None:
+    size, n, rounds = (int(context.run_config[k]) for k in ("size", "clients", "rounds"))
+    t0 = time.time()
+    while len(list(grid.get_node_ids())) < n and time.time() - t0 < 120:
+        time.sleep(0.2)
+    sa = SecureAggregation(protocol="secagg+", threshold=0.7, start_timeout=120, phase_timeout=120)
+    strategy = FedAvg(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=n, min_available_nodes=n)
+    t1 = time.time()
+    strategy.start(grid=sa.wrap(grid), initial_arrays=ArrayRecord([np.zeros(size, dtype=np.float32)]),
+                   num_rounds=rounds)
+    seconds = time.time() - t1
+    assert len(sa.history) == rounds and all(len(h.included) == n for h in sa.history)
+    assert np.allclose(sa.history[-1].mean_update, 0.001, atol=1e-6)
+    out = context.run_config["out"]
+    with open(out + ".tmp", "w") as fh:
+        json.dump({"seconds": seconds, "rounds": rounds}, fh)
+    os.replace(out + ".tmp", out)
+'''
+
+
+def _peer_app(directory: Path, *, size: int, clients: int, rounds: int, out: Path, code: str = PEER_APP) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "peer_secaggplus.py").write_text(PEER_APP)
+    (directory / "peer_secaggplus.py").write_text(code)
     (directory / "pyproject.toml").write_text("\n".join([
         "[build-system]", 'requires = ["hatchling"]', 'build-backend = "hatchling.build"', "",
         "[project]", 'name = "peer-secaggplus"', 'version = "1.0.0"', 'description = "benchmark peer"',
@@ -177,6 +224,17 @@ def main(argv: list[str] | None = None) -> int:
         return {"name": f"flower SecAgg+ workflow ({label} SuperNodes)",
                 "seconds_per_round": res["seconds"] / rounds, "total_s": time.perf_counter() - t0}
 
+    def mod_row(cluster: Any, label: str) -> dict[str, Any]:
+        """privagg_mod + SecureAggregation.wrap under Flower's Message API FedAvg (a user's own app)."""
+        out = work / f"mod-{label}.json"
+        app = _peer_app(work / f"mod-app-{label}", size=size, clients=args.clients, rounds=rounds, out=out,
+                        code=MOD_APP)
+        t0 = time.perf_counter()
+        cluster.submit_app(app)
+        res = _wait_file(out, 900, [cluster.superlink])
+        return {"name": f"privagg mod+workflow, FedAvg app ({label})", "seconds_per_round": res["seconds"] / rounds,
+                "total_s": time.perf_counter() - t0}
+
     # This benchmark also runs Flower's own SecAgg+ app on the same nodes: their policy trusts any app.
     bench_policy = NodePolicy(allow_any_app=True)
     with LocalCluster(work / "stock", args.clients, tls=True, policy=bench_policy) as cluster:
@@ -186,9 +244,11 @@ def main(argv: list[str] | None = None) -> int:
                           label="privagg secagg+ (stock, Grid.send_and_receive)"))
         rows.append(_ours(cluster, work, size=size, rounds=rounds, poll=0.05,
                           label="privagg secagg+ (stock SuperNodes, 50 ms pulls)"))
+        rows.append(mod_row(cluster, "stock"))
     with LocalCluster(work / "tuned", args.clients, tls=True, fleet_poll=0.1, policy=bench_policy) as cluster:
         rows.append(_ours(cluster, work, size=size, rounds=rounds, poll=0.05,
                           label="privagg secagg+ (privagg SuperNodes)"))
+        rows.append(mod_row(cluster, "privagg SuperNodes"))
         if not args.no_peer:
             rows.append(peer_row(cluster, "privagg"))
     peer = next((r["seconds_per_round"] for r in rows if r["name"].startswith("flower")), None)

@@ -4,7 +4,8 @@
 ``supernode`` start Flower's processes (TLS unless ``--insecure``, which outside loopback also needs
 ``--insecure-i-know``); the SuperLink lets only registered SuperNodes join (``register`` makes a site's
 key pair and registers its public key); ``policy`` writes a node policy file (what a SuperNode accepts
-from a job, :class:`fl.runners.flower.NodePolicy`); ``run`` submits a training (the ``privagg train``
+from a job, :class:`fl.runners.flower.NodePolicy`); ``supernode --data CSV --name SITE`` gives a node its own
+data (:mod:`fl.runners.flower.site`); ``run`` submits a training (the ``privagg train``
 flags) or a secure-sum job and follows it; ``local`` starts a SuperLink and N SuperNodes on this host,
 runs a job and stops them. Flower's configuration lives in ``--home``
 (``FLWR_HOME``, default ``out/flower/home``), never in ``~/.flwr``; telemetry, update checks and runtime
@@ -119,6 +120,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         ">= 2 clients, no seeded randomness, only the installed privagg app")
     p.add_argument("--auth-key", type=Path, metavar="KEY",
                    help="this site's private key registered with the SuperLink (`privagg flower register`)")
+    p.add_argument("--data", type=Path, metavar="CSV",
+                   help="this site's own data (a CSV with a header); the node never loads the bundled set, and a run "
+                        "whose sites' columns differ is refused at its start")
+    p.add_argument("--name", metavar="SITE", help="this site's name (default: the CSV's file name without .csv)")
     _tls_args(p, server=False)
 
     for name, helptext in (("run", "submit a job to a running SuperLink and follow it"),
@@ -245,13 +250,21 @@ def _supernode(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str
         policy = args.policy.resolve()
     if args.auth_key is not None and not args.auth_key.is_file():
         raise FileNotFoundError(f"--auth-key {args.auth_key} does not exist; make it with `privagg flower register`")
+    data = None
+    if args.data is not None:
+        from fl.runners.flower.site import read_header
+
+        read_header(args.data)  # refuse at node start, not at the first job, a file that is not a CSV with a header
+        data = args.data.resolve()
+    elif args.name is not None:
+        raise ValueError("--name names the site of --data CSV; give --data too")
     certs = fw.CertPaths.in_dir(args.certs) if getattr(args, "certs", None) else None
     ca = None if args.insecure else (args.ca if args.ca else None)
     cmd_line = fw.supernode_command(superlink=args.superlink, partition=(i, n), state_key=key.resolve(),
                                     port=args.port, host=args.host, certs=certs, ca=ca,
                                     fleet_poll=0.0 if args.stock else args.fleet_poll, policy=policy,
                                     auth_key=args.auth_key.resolve() if args.auth_key else None,
-                                    allow_insecure_remote=args.insecure_i_know)
+                                    allow_insecure_remote=args.insecure_i_know, data=data, site=args.name)
     return _exec(cmd_line, env)
 
 

@@ -346,9 +346,29 @@ def _hello(msg: Message, context: Context) -> Message:
     """Tell the server which partition (client id) this SuperNode owns, once the job meets its policy."""
     _state_key(context)  # fail at join time, not mid-round, when the node cannot keep state
     cid = _partition(context)
-    _refuse_weaker(context, _job(context), cid)
+    job = _job(context)
+    own = _own_data(context, job)  # first: the policy check of a train job builds (loads) its data set
+    _refuse_weaker(context, job, cid)
     n = context.node_config.get("num-partitions", -1)
-    return _reply(msg, {"cid": cid, "num": int(n) if isinstance(n, int) else -1})
+    return _reply(msg, {"cid": cid, "num": int(n) if isinstance(n, int) else -1, **own})
+
+
+def _own_data(context: Context, job: FlowerJob) -> dict[str, Any]:
+    """This node's site and columns for the hello (:mod:`fl.runners.flower.site`); never the bundled set."""
+    from fl.runners.flower import site
+
+    try:
+        fields = site.hello_fields(context.node_config)
+    except ValueError as exc:
+        raise PolicyError(f"this node's own data is unusable: {exc}") from exc
+    if fields and job.task == "train":
+        raise PolicyError(
+            f"this SuperNode holds site {fields['site']!r}'s own data and never loads the data set the job names "
+            f"({job.config.get('dataset', 'breast_cancer')!r}); the privagg ClientApp cannot train on a node's own "
+            "CSV yet: use your own ClientApp with privagg_mod (examples/flower_app reads data-path), or start "
+            "the node without --data"
+        )
+    return fields
 
 
 @client_app.train("privagg_start")
@@ -745,6 +765,7 @@ def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
     ]
     replies = _send_and_receive(grid, msgs, timeout=job.join_timeout, poll=job.poll_interval or 0.2)
     mapping: dict[int, int] = {}
+    hellos: dict[int, Any] = {}
     for r in replies:
         if r.has_error():
             log.error("SuperNode %s refused the job: %s", r.metadata.src_node_id, r.error.reason)
@@ -762,6 +783,10 @@ def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
         if not 0 <= cid < want:
             raise RuntimeError(f"a SuperNode owns partition {cid}, outside 0..{want - 1}; check --partition I/{want}")
         mapping[cid] = r.metadata.src_node_id
+        hellos[r.metadata.src_node_id] = dict(_reply_record(r))
+    from fl.runners.flower.site import check_sites
+
+    check_sites(hellos)  # the sites' columns must agree before any round (SiteMismatchError names them)
     if len(mapping) < want:
         missing = sorted(set(range(want)) - set(mapping))
         raise RuntimeError(f"no SuperNode answered for partition(s) {missing} within {job.join_timeout:g}s")
@@ -1040,6 +1065,7 @@ def supernode_command(
     *, superlink: str, partition: tuple[int, int], state_key: Path, port: int = DEFAULT_SUPERNODE_PORT,
     host: str = "127.0.0.1", certs: CertPaths | None = None, ca: Path | None = None, fleet_poll: float = 0.0,
     policy: Path | None = None, auth_key: Path | None = None, allow_insecure_remote: bool = False,
+    data: Path | None = None, site: str | None = None,
 ) -> list[str]:
     """``flower-supernode`` for client ``partition = (i, n)``.
 
@@ -1050,6 +1076,7 @@ def supernode_command(
     warm process); ``fleet_poll = 0`` keeps Flower's stock loop.
     ``policy``: this node's policy file (:class:`NodePolicy`; the safe defaults without one).
     ``auth_key``: this node's private key for SuperNode authentication (``privagg flower register``).
+    ``data``/``site``: this node's own CSV and site name (:mod:`fl.runners.flower.site`).
     Without TLS, a SuperLink or Runtime API address outside loopback is refused unless
     ``allow_insecure_remote``.
     """
@@ -1059,6 +1086,8 @@ def supernode_command(
     node_config = f'partition-id={i} num-partitions={n} {_STATE_KEY_FILE}="{state_key}"'
     if policy is not None:
         node_config += f' {POLICY_FILE_KEY}="{policy}"'
+    if data is not None:
+        node_config += f' data-path="{data}" site-name="{site or data.stem}"'
     head = [sys.executable, "-m", "fl.runners.flower", "supernode", str(max(0.0, fleet_poll))]
     cmd = [*head, "--superlink", superlink, "--host", host, "--port", str(port), "--node-config", node_config]
     if auth_key is not None:
@@ -1134,7 +1163,8 @@ class LocalCluster:
 
     def __init__(self, workdir: Path, n: int, *, tls: bool = True, host: str = "127.0.0.1",
                  port: int | None = None, node_ports: Sequence[int] | None = None, task_poll: float = 0.1,
-                 fleet_poll: float = 0.0, policy: NodePolicy | None = None, supernode_auth: bool = False) -> None:
+                 fleet_poll: float = 0.0, policy: NodePolicy | None = None, supernode_auth: bool = False,
+                 sites: Sequence[tuple[str, Path]] | None = None) -> None:
         if supernode_auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
         self.workdir = workdir
@@ -1145,6 +1175,7 @@ class LocalCluster:
         self.node_ports = list(node_ports) if node_ports is not None else [_free_port(host) for _ in range(n)]
         if len(self.node_ports) != n:
             raise ValueError(f"need {n} SuperNode ports, got {len(self.node_ports)}")
+        self.sites = list(sites) if sites is not None else None  # (site name, CSV) of node i
         self.home = workdir / "flwr-home"
         self.env = flower_env(self.home, task_poll=task_poll)
         self.fleet_poll = fleet_poll
@@ -1196,7 +1227,8 @@ class LocalCluster:
                 register_node(self.env, public, name=f"node{i}")
         cmd = supernode_command(superlink=self.address, partition=(i, max(self.n, i + 1)), state_key=key,
                                 port=self.node_ports[i], host=self.host, certs=self.certs, fleet_poll=self.fleet_poll,
-                                policy=policy, auth_key=auth_key)
+                                policy=policy, auth_key=auth_key, site=self.sites[i][0] if self.sites else None,
+                                data=self.sites[i][1] if self.sites else None)
         self.nodes[i] = self._spawn(f"supernode{i}", cmd)
         return self.nodes[i]
 

@@ -1,0 +1,377 @@
+"""``SecureAggregation``: privagg's SecAgg / SecAgg+ (optionally with client-level DP) for a Flower ServerApp.
+
+The server half of :func:`fl.runners.flower.mod.privagg_mod`. One object, two ways in, as a Flower user
+composes Flower's own ``SecAggPlusWorkflow``:
+
+* Message API strategies (``flwr.serverapp.strategy.FedAvg`` & co.)::
+
+      sa = SecureAggregation(protocol="secagg+", threshold=0.7)
+      result = FedAvg().start(grid=sa.wrap(grid), initial_arrays=arrays, num_rounds=3)
+
+  :meth:`SecureAggregation.wrap` returns a Grid whose ``send_and_receive`` of the strategy's train
+  messages runs one secure round and answers with ONE reply: the new global model (``global +`` the
+  weighted mean update) with ``num-examples`` the round's total weight, so the strategy's weighted
+  average is exactly that model. Everything else (evaluate, queries) passes through unchanged.
+* Legacy strategies (``flwr.server.strategy.FedAvg``) in ``DefaultWorkflow`` with a ``LegacyContext``,
+  exactly where ``SecAggPlusWorkflow`` goes: ``DefaultWorkflow(fit_workflow=SecureAggregation(...))``.
+
+The phases are driven by :func:`secagg.drive.drive` over :class:`FlowerTransport` (one Flower exchange per
+delivery, the phase deadline as the dropout rule; a SuperNode that errs, sends garbage or speaks for
+someone else is dropped). Only the sum is ever decoded; the server never sees one client's update.
+
+Client-level DP (``clip=S, noise_multiplier=z``): each update is clipped to L2 norm ``S``; Gaussian noise
+``z * S`` is added to the sum by the server (``placement="server"``) or split across the planned clients
+(``"clients"``, so the server never sees a noiseless sum). Every round is accounted by
+:class:`fl.privacy.accounting.DpFedAvgAccounting` (PLD) and written to :attr:`SecureAggregation.ledger`;
+a round that would exceed ``epsilon`` is not run. Flower's strategy samples clients with Python's
+``random`` (not a CSPRNG, and the server knows the sample), so no amplification by sampling is claimed:
+each round is charged as if every client took part.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.serverapp import Grid
+from numpy.typing import NDArray
+
+from fl.privacy.ledger import Ledger
+from fl.runners.flower.mod import RECORD, SecureTerms, _only_arrays, flatten, unflatten
+from fl.spec import RoundInfo
+from secagg import wire
+from secagg.errors import CodecError, ProtocolError
+from secagg.machine import Message as ProtocolMessage
+
+__all__ = ["FlowerTransport", "RoundOutcome", "SecureAggregation", "SecureGrid"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """One secure round: the new global model, its total weight, and who is in the sum (Flower node ids)."""
+
+    arrays: ArrayRecord
+    weight: float
+    included: tuple[int, ...]
+    planned: tuple[int, ...]
+    mean_update: NDArray[np.float64]
+    privacy: Mapping[str, Any] = field(default_factory=dict)
+
+
+class FlowerTransport:
+    """:class:`secagg.drive.Transport` over a Flower ``Grid``: one push and pull loop per delivery.
+
+    ``nodes``: protocol client id -> Flower node id. Each client's messages of one delivery travel in one
+    train message (step numbered per client, binding its sealed state); replies are yielded as they
+    arrive. A reply that is an error, malformed, or holds a message whose sender is not the client that
+    replied drops that client for the round (logged), as does silence until the deadline.
+    """
+
+    def __init__(self, grid: Grid, nodes: Mapping[int, int], *, session: bytes, round: int, last_phase: str,
+                 poll_interval: float = 0.05, group_id: str = "") -> None:
+        self.grid = grid
+        self.nodes = dict(nodes)
+        self.session = session
+        self.round = round
+        self.last_phase = last_phase
+        self.poll = poll_interval
+        self.group_id = group_id
+        self.alive = set(self.nodes)
+        self.steps: dict[int, int] = {}
+
+    def push_and_collect(self, msgs: Sequence[Message], *, deadline: float | None) -> Iterator[Message]:
+        """Push ``msgs``; yield replies as they arrive until all answered or ``deadline`` (monotonic)."""
+        ids = {i for i in self.grid.push_messages(msgs) if i}
+        while ids:
+            for reply in self.grid.pull_messages(ids):
+                ids.discard(reply.metadata.reply_to_message_id)
+                yield reply
+            if not ids or (deadline is not None and time.monotonic() >= deadline):
+                return
+            time.sleep(self.poll)
+
+    def decode(self, cid: int, reply: Message) -> list[ProtocolMessage]:
+        """The protocol messages of ``cid``'s reply; ``ProtocolError`` for an error or anything malformed."""
+        if reply.has_error():
+            raise ProtocolError(f"error reply: {reply.error.reason}")
+        rec = reply.content.get(RECORD) if hasattr(reply.content, "get") else None
+        if not isinstance(rec, ConfigRecord):
+            raise ProtocolError(f"no {RECORD!r} ConfigRecord in the reply")
+        raw = rec.get("msgs", [])
+        if not isinstance(raw, list) or not all(isinstance(b, bytes) for b in raw):
+            raise ProtocolError("'msgs' must be a list of byte strings")
+        out = [wire.loads(bytes(b)) for b in raw]  # type: ignore[arg-type]
+        for m in out:
+            if m.sender != cid:
+                raise ProtocolError(f"client {cid} sent a message claiming to be from {m.sender}")
+        return out
+
+    def collect(self, msgs: Sequence[Message], *, deadline: float | None) -> Iterator[ProtocolMessage]:
+        """Push, then yield every authenticated protocol message of the replies; drop who fails or is silent."""
+        by_node = {n: c for c, n in self.nodes.items()}
+        waiting = {by_node[m.metadata.dst_node_id] for m in msgs}
+        for reply in self.push_and_collect(msgs, deadline=deadline):
+            cid = by_node.get(reply.metadata.src_node_id)
+            if cid is None or cid not in waiting:
+                continue
+            waiting.discard(cid)
+            try:
+                got = self.decode(cid, reply)
+            except (ProtocolError, CodecError, KeyError, TypeError, ValueError) as exc:
+                log.warning("round %d: dropping client %d, its reply was refused: %s", self.round, cid, exc)
+                self.alive.discard(cid)
+                continue
+            yield from got
+        if waiting:
+            log.warning("round %d: client(s) %s did not answer in time (dropped)", self.round, sorted(waiting))
+            self.alive -= waiting
+
+    def exchange(self, phase: str, outbox: Sequence[ProtocolMessage], *,
+                 deadline: float | None) -> Iterable[ProtocolMessage]:
+        """Deliver one phase's messages to the live clients, one Flower message each; yield their replies."""
+        batch: dict[int, list[ProtocolMessage]] = {}
+        for m in outbox:
+            if m.recipient in self.alive:
+                batch.setdefault(m.recipient, []).append(m)
+        msgs = []
+        for cid, ms in sorted(batch.items()):
+            self.steps[cid] = self.steps.get(cid, 0) + 1
+            rec = ConfigRecord({"stage": "step", "session": self.session, "round": self.round,
+                                "step": self.steps[cid], "final": phase == self.last_phase,
+                                "msgs": [wire.dumps(m) for m in ms]})
+            msgs.append(Message(RecordDict({RECORD: rec}), dst_node_id=self.nodes[cid],
+                                message_type=MessageType.TRAIN, group_id=self.group_id, ttl=_ttl(deadline)))
+        return self.collect(msgs, deadline=deadline)
+
+
+def _ttl(deadline: float | None) -> float:
+    left = 3600.0 if deadline is None else max(1.0, deadline - time.monotonic())
+    return left + 60.0
+
+
+class SecureAggregation:
+    """privagg's secure aggregation as a Flower server workflow (see the module doc).
+
+    ``protocol``, ``threshold``, ``bits``, ``clipping_range``, ``max_weight``, ``clip``,
+    ``noise_multiplier``, ``placement``: the round's :class:`~fl.runners.flower.mod.SecureTerms` (the
+    cohort is the number of nodes the strategy sampled). ``epsilon``/``delta``: the client-level DP
+    budget (with ``clip`` and ``noise_multiplier``). ``start_timeout``: seconds for the first phase (local
+    training); ``phase_timeout``: every later phase (a node that misses it has dropped).
+    ``weight_key``: the strategy's weight metric (FedAvg's ``weighted_by_key``).
+    """
+
+    def __init__(self, *, protocol: str = "secagg+", threshold: float = 0.7, bits: int = 40,
+                 clipping_range: float = 8.0, max_weight: float = 1000.0, clip: float | None = None,
+                 noise_multiplier: float | None = None, placement: str = "server", epsilon: float | None = None,
+                 delta: float = 1e-5, start_timeout: float = 300.0, phase_timeout: float = 60.0,
+                 poll_interval: float = 0.05, weight_key: str = "num-examples") -> None:
+        self.terms = SecureTerms(protocol=protocol, threshold=threshold, cohort=2, bits=bits,
+                                 clipping_range=clipping_range, max_weight=max_weight, clip=clip,
+                                 noise_multiplier=noise_multiplier, placement=placement, epsilon=epsilon)
+        if epsilon is not None and noise_multiplier is None:
+            raise ValueError("epsilon needs DP noise: give clip=... and noise_multiplier=...")
+        self.delta = delta
+        self.start_timeout = start_timeout
+        self.phase_timeout = phase_timeout
+        self.poll_interval = poll_interval
+        self.weight_key = weight_key
+        self.ledger = Ledger()
+        self.accounting: Any = None
+        self.rounds = 0
+        self.history: list[RoundOutcome] = []
+
+    # ------------------------------------------------------------------------------------ the round
+    def aggregate(self, grid: Grid, instructions: Sequence[Message], *, round: int | None = None) -> RoundOutcome:
+        """One secure round over the strategy's train ``instructions`` (one per sampled node)."""
+        from secagg.drive import drive
+
+        if round is None:
+            round = self.rounds + 1
+        if round <= self.rounds:
+            raise ValueError(f"round {round} after round {self.rounds}: nodes accept each round number once")
+        self.rounds = round
+        nodes = dict(enumerate(sorted({m.metadata.dst_node_id for m in instructions})))
+        terms = self.terms.with_cohort(len(nodes))
+        glob_record = _only_arrays(instructions[0].content, "strategy's train message")
+        glob = flatten(glob_record)
+        bound = terms.pipeline(glob.size)
+        info = self._info(round, tuple(nodes), tuple(nodes))
+        self._check_budget(terms, bound, info)
+        session = os.urandom(16)
+        phases = bound.pipeline.sum.server(list(nodes), spec=bound.sum_spec, session=session, round=round).phases
+        tr = FlowerTransport(grid, nodes, session=session, round=round, last_phase=phases[-1],
+                             poll_interval=self.poll_interval, group_id=str(round))
+        start = self._start_messages(instructions, nodes, terms, session, round)
+        opening = list(tr.collect(start, deadline=time.monotonic() + self.start_timeout))
+        members = sorted(tr.alive)
+        if len(members) < 2:
+            raise ProtocolError(f"round {round}: {len(members)} of {len(nodes)} nodes started; no secure sum")
+        server = bound.pipeline.sum.server(members, spec=bound.sum_spec, session=session, round=round)
+        outcome = drive(server, tr, opening=opening, phase_timeout=self.phase_timeout)
+        return self._finish(round, nodes, terms, bound, glob, glob_record, outcome)
+
+    def _info(self, round: int, planned: tuple[int, ...], included: tuple[int, ...]) -> RoundInfo:
+        """Public facts of the round; no amplification by sampling is claimed (Flower samples with ``random``)."""
+        return RoundInfo(round=round, planned=planned, included=included, population=len(planned), sample_rate=1.0)
+
+    def _check_budget(self, terms: SecureTerms, bound: Any, info: RoundInfo) -> None:
+        if terms.noise_multiplier is None:
+            return
+        if self.accounting is None:
+            self.accounting = _accounting(terms, bound, self.delta)
+        ok, why = self.accounting.can_run(info)
+        if not ok:
+            raise BudgetExhaustedError(why)
+
+    def _start_messages(self, instructions: Sequence[Message], nodes: Mapping[int, int], terms: SecureTerms,
+                        session: bytes, round: int) -> list[Message]:
+        cid_of = {n: c for c, n in nodes.items()}
+        out = []
+        for ins in instructions:
+            content = RecordDict(dict(ins.content.items()))
+            cid = cid_of[ins.metadata.dst_node_id]
+            content[RECORD] = ConfigRecord({**terms.to_record(), "stage": "start", "session": session,
+                                            "round": round, "cid": cid})
+            out.append(Message(content, dst_node_id=ins.metadata.dst_node_id, message_type=ins.metadata.message_type,
+                               group_id=str(round), ttl=self.start_timeout + 60.0))
+        return out
+
+    def _finish(self, round: int, nodes: Mapping[int, int], terms: SecureTerms, bound: Any,
+                glob: NDArray[np.float64], like: ArrayRecord, outcome: Any) -> RoundOutcome:
+        """Decode the sum, average it, apply it to the global model, account and record the round."""
+        from dp.rng import SecureRandom
+
+        info = self._info(round, tuple(nodes), tuple(outcome.included))
+        total = bound.decode(outcome.total, info, SecureRandom())
+        if terms.dp:
+            weight = float(info.n_included)
+            mean = total / weight
+        else:
+            w = float(total[0])
+            if not w > 0:
+                raise ProtocolError(f"round {round}: the included clients' total weight is {w}, nothing to average")
+            weight, mean = w * terms.max_weight, total[1:] / w
+        privacy: dict[str, Any] = {}
+        if self.accounting is not None:
+            privacy = self.accounting.record(info, {})
+        self.ledger.record(round, bound.guarantees(info), **privacy)
+        included = tuple(nodes[c] for c in outcome.included)
+        result = RoundOutcome(unflatten(glob + mean, like), weight, included, tuple(nodes.values()), mean, privacy)
+        self.history.append(result)
+        log.info("round %d: secure sum of %d/%d nodes (%s)", round, len(included), len(nodes), terms.protocol)
+        return result
+
+    def report(self) -> dict[str, Any]:
+        """The ledger and, with DP, the accountant's report (epsilon per observer, events as JSON)."""
+        out: dict[str, Any] = {"ledger": self.ledger.as_list(), "rounds": self.rounds}
+        if self.accounting is not None:
+            out["privacy"] = self.accounting.report()
+        return out
+
+    # ------------------------------------------------------------------------------------ the fronts
+    def wrap(self, grid: Grid) -> SecureGrid:
+        """A Grid for Message API strategies: their train round goes through secure aggregation."""
+        return SecureGrid(grid, self)
+
+    def __call__(self, grid: Grid, context: Context) -> None:
+        """``DefaultWorkflow(fit_workflow=SecureAggregation(...))`` with a ``LegacyContext`` and legacy strategy."""
+        _legacy_fit_round(self, grid, context)
+
+
+class BudgetExhaustedError(RuntimeError):
+    """The next round would spend more client-level epsilon than the budget."""
+
+
+def _accounting(terms: SecureTerms, bound: Any, delta: float) -> Any:
+    from fl.layers.noise import GaussianNoise
+    from fl.privacy.accounting import DpFedAvgAccounting, SurvivorFloor
+
+    noise = next(layer for layer in bound.pipeline.layers if isinstance(layer, GaussianNoise))
+    graph = bound.pipeline.sum._graph()
+    return DpFedAvgAccounting(noise=noise, clip=float(terms.clip or 0.0), size=bound.specs[0].size, delta=delta,
+                              epsilon=terms.epsilon, floor=SurvivorFloor(threshold=terms.threshold, graph=graph))
+
+
+class SecureGrid(Grid):
+    """A Flower ``Grid`` that routes a strategy's train round through :class:`SecureAggregation`.
+
+    ``send_and_receive`` of train messages returns one reply (the new global model, weighted by the
+    round's total weight); every other call goes to the wrapped grid unchanged.
+    """
+
+    def __init__(self, grid: Grid, aggregation: SecureAggregation) -> None:
+        self.grid = grid
+        self.aggregation = aggregation
+
+    def set_run(self, run: Any) -> None:
+        self.grid.set_run(run)
+
+    @property
+    def run(self) -> Any:
+        return self.grid.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.grid.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self.grid.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        msgs = list(messages)
+        if not msgs or any(m.metadata.message_type.split(".")[0] != MessageType.TRAIN for m in msgs):
+            return self.grid.send_and_receive(msgs, timeout=timeout)
+        from secagg.errors import AbortError
+
+        try:
+            out = self.aggregation.aggregate(self.grid, msgs)
+        except (AbortError, ProtocolError) as exc:
+            log.error("secure aggregation round failed: %s", exc)
+            return []
+        key = next(iter(msgs[0].content.array_records))
+        metrics = MetricRecord({self.aggregation.weight_key: out.weight})
+        return [Message(RecordDict({key: out.arrays, "metrics": metrics}), reply_to=msgs[0])]
+
+
+def _legacy_fit_round(sa: SecureAggregation, grid: Grid, context: Any) -> None:
+    """The fit step of ``DefaultWorkflow`` (as ``SecAggPlusWorkflow`` does it): configure, secure round, aggregate."""
+    import flwr.compat.common.recorddict_compat as compat
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+    from flwr.server.workflow.constant import Key as WorkflowKey
+
+    if not isinstance(context, LegacyContext):
+        raise TypeError(f"SecureAggregation as a fit workflow needs a LegacyContext, got {type(context).__name__}")
+    rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])  # type: ignore[arg-type]
+    params = compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
+    sampled = context.strategy.configure_fit(rnd, params, context.client_manager)
+    if not sampled:
+        log.info("configure_fit: no clients selected, cancel")
+        return
+    proxies = {proxy.node_id: proxy for proxy, _ in sampled}
+    instructions = [Message(compat.fitins_to_recorddict(fitins, True), dst_node_id=proxy.node_id,
+                            message_type=MessageType.TRAIN, group_id=str(rnd)) for proxy, fitins in sampled]
+    out = sa.aggregate(grid, instructions, round=rnd)
+    arrays = out.arrays.to_numpy_ndarrays()
+    fitres = FitRes(status=Status(Code.OK, ""), parameters=ndarrays_to_parameters(arrays),
+                    num_examples=max(1, round(out.weight)), metrics={})
+    aggregated, metrics = context.strategy.aggregate_fit(rnd, [(proxies[out.included[0]], fitres)], [])
+    if aggregated is not None:
+        context.state.array_records[MAIN_PARAMS_RECORD] = compat.parameters_to_arrayrecord(aggregated, True)
+        context.history.add_metrics_distributed_fit(server_round=rnd, metrics=metrics)
