@@ -70,7 +70,7 @@ def test_unmask_parses_no_key_and_agrees_once_per_dropped_pair(monkeypatch: pyte
     n, d, drop = 30, 40, [3, 4, 20]
     srv, values = _round(n, d, drop=drop, k=8)
     parsed, agreed, expanded = [0], [0], [0]
-    parse, many, words = kex.X25519PublicKey.from_public_bytes, kex.agree_many, prg.MaskExpander.words
+    parse, many, add = kex.X25519PublicKey.from_public_bytes, kex.agree_many, prg.MaskExpander.add
 
     def count_parse(data: bytes) -> Any:
         parsed[0] += 1
@@ -80,13 +80,13 @@ def test_unmask_parses_no_key_and_agrees_once_per_dropped_pair(monkeypatch: pyte
         agreed[0] += len(peers)
         return many(private, peers, **kw)
 
-    def count_words(self: prg.MaskExpander, seed: bytes) -> Any:
+    def count_add(self: prg.MaskExpander, acc: Any, seed: bytes, sign: int = 1) -> None:
         expanded[0] += 1
-        return words(self, seed)
+        add(self, acc, seed, sign)
 
     monkeypatch.setattr(kex.X25519PublicKey, "from_public_bytes", staticmethod(count_parse))
     monkeypatch.setattr(kex, "agree_many", count_many)
-    monkeypatch.setattr(prg.MaskExpander, "words", count_words)
+    monkeypatch.setattr(prg.MaskExpander, "add", count_add)
     srv.end_phase()
     survivors = set(srv.included)
     pairs = sum(len(srv.graph.neighbours(w) & survivors) for w in drop)
