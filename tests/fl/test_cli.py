@@ -36,7 +36,7 @@ def test_train_writes_report_and_plot(tmp_path: Path, capsys: pytest.CaptureFixt
 def test_bad_input_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["train", "--partition", "weird", "--quiet"]) == 2
     assert "choose iid" in capsys.readouterr().err
-    assert main(["train", "--model", "cnn", "--quiet"]) == 2
+    assert main(["train", "--model", "resnet", "--quiet"]) == 2
     assert "logreg" in capsys.readouterr().err
     assert main(["train", "--privacy", "magic", "--quiet"]) == 2
     assert "unknown privacy stage" in capsys.readouterr().err
