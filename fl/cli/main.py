@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fl.config import PrivacyConfig, TrainConfig
+from fl.config import EarlyStopConfig, PrivacyConfig, TrainConfig
 
 __all__ = ["HelpFormatter", "build_parser", "config_from_args", "main"]
 
@@ -81,6 +81,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=d.dropout,
                    help="simulated probability that a sampled client drops mid-round (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for data split, sampling and init")
+    es = EarlyStopConfig()
+    g.add_argument("--patience", type=int,
+                   help="early stopping: stop after this many rounds without the validation loss falling by more "
+                        "than --min-delta, and keep the best round's model (default: off, run all --rounds). The "
+                        "validation split is --validation-fraction of the server's held-out rows; the final "
+                        "accuracy and the baselines use only the rest")
+    g.add_argument("--min-delta", type=float, default=es.min_delta,
+                   help="early stopping: the smallest fall in validation loss that counts (default: %(default)s)")
+    g.add_argument("--validation-fraction", type=float, default=es.validation_fraction,
+                   help="early stopping: share of the held-out rows used for validation (default: %(default)s)")
     g = p.add_argument_group("privacy")
     g.add_argument("--privacy", default=pd.spec,
                    help="comma-separated stages, e.g. none | secagg+ | clip,noise,secagg+ | dp-sgd | "
@@ -109,6 +119,20 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="TEST SEAM: derive DP noise and rounding from --seed so runs repeat exactly (insecure)")
 
 
+def _early_stopping_from_args(args: argparse.Namespace) -> EarlyStopConfig | None:
+    """``--patience`` turns early stopping on; its two companions alone would be ignored, so they are refused."""
+    es = EarlyStopConfig()
+    if args.patience is None:
+        changed = [f for f, v, d in (("--min-delta", args.min_delta, es.min_delta),
+                                     ("--validation-fraction", args.validation_fraction, es.validation_fraction))
+                   if v != d]
+        if changed:
+            raise ValueError(f"{' and '.join(changed)} would be ignored: early stopping is off; add --patience N")
+        return None
+    return EarlyStopConfig(patience=args.patience, min_delta=args.min_delta,
+                           validation_fraction=args.validation_fraction)
+
+
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     from fl.data.sites import data_config_from_args
 
@@ -126,7 +150,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weighting=args.weighting, server_opt=args.server_opt, server_lr=args.server_lr, dropout=args.dropout,
         test_fraction=args.test_fraction, seed=args.seed,
         insecure_seeded_randomness=args.insecure_seeded_randomness, privacy=privacy,
-        **data_config_from_args(args),
+        early_stopping=_early_stopping_from_args(args), **data_config_from_args(args),
     )
 
 

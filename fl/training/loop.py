@@ -39,6 +39,7 @@ from fl.privacy.ledger import Ledger
 from fl.privacy.plan import build_plan
 from fl.runners.local import DropoutSchedule, SumOutcome, run_secure_sum
 from fl.spec import RandomSource, RoundInfo, TrainResult, ValueSpec
+from fl.training.early_stop import EarlyStopper
 from fl.training.models import build_model, flatten_parameters, get_flat, set_flat
 from fl.training.server_opt import make_server_optimizer
 from fl.training.trainers import PlainTrainer
@@ -571,6 +572,7 @@ def format_round(record: Mapping[str, Any], rounds: int) -> str:
     parts = [f"round {record['round']:>3}/{rounds}", f"clients {record.get('included', 0)}/{record['planned']}"]
     per_client_dp = "worst_client" in record
     for key, label, fmt in (("accuracy", "acc", ".4f"), ("loss", "loss", ".4f"), ("auc", "auc", ".4f"),
+                            ("val_loss", "val loss", ".4f"),
                             ("epsilon", "eps", ".3f"), ("delta", "delta", ".0e"), ("noise_multiplier", "z", ".3f"),
                             ("sample_rate", "q", ".3g"), ("steps", "steps", "d")):
         if per_client_dp and key in ("noise_multiplier", "sample_rate", "steps"):
@@ -631,9 +633,13 @@ def train(
                 raise ValueError("resume needs the checkpoint directory")
             fed.load(checkpoint_dir)
             log.info("resumed from %s at round %d", checkpoint_dir, fed.next_round)
+        stopper = EarlyStopper.attach(fed, config, checkpoint_dir=checkpoint_dir, resume=resume)  # splits test
         base = centralized_baseline(fed.data, config) if baseline else None
-        stopped = _run_rounds(fed, config, progress=progress, checkpoint_dir=checkpoint_dir, on_round=on_round)
+        stopped = _run_rounds(fed, config, progress=progress, checkpoint_dir=checkpoint_dir, on_round=on_round,
+                              stopper=stopper)
         report = fed.report(baseline=base, stopped=stopped)
+        if stopper is not None:
+            stopper.finish(fed, report)  # the best round's model and its numbers
         twin = _nonprivate_twin(config) if (baseline if federated_baseline is None else federated_baseline) else None
         if twin is not None:
             plain = train(twin, baseline=False, dataset=fed.data)
@@ -648,8 +654,9 @@ def _run_rounds(
     progress: bool,
     checkpoint_dir: Path | None,
     on_round: Callable[[dict[str, Any]], None] | None,
+    stopper: EarlyStopper | None = None,
 ) -> str | None:
-    """The round loop of :func:`train`; returns why it stopped early (budget), if it did."""
+    """The round loop of :func:`train`; returns why it stopped early (budget, early stopping), if it did."""
     saved = fed.next_round - 1 if checkpoint_dir is not None else None
     # disable=None: tqdm hides the bar when stderr is not a terminal (CI logs), keeping the round lines
     bar = tqdm(range(fed.next_round, config.rounds + 1), desc="rounds", unit="round",
@@ -664,6 +671,7 @@ def _run_rounds(
                 if progress:
                     tqdm.write(stopped)
                 return stopped
+            halt = stopper.update(fed, record) if stopper is not None else None  # early stopping
             if progress:
                 tqdm.write(format_round(record, config.rounds))
             if on_round is not None:
@@ -671,6 +679,8 @@ def _run_rounds(
             if checkpoint_dir is not None:
                 fed.save(checkpoint_dir)  # atomic: a Ctrl-C here leaves the previous round's file whole
                 saved = r
+            if halt:
+                return halt
     except KeyboardInterrupt:
         bar.close()
         raise TrainingInterrupted(fed.next_round - 1, checkpoint_dir, saved) from None

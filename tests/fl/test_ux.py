@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import json
+import math
 import signal
 from pathlib import Path
 from typing import Any
@@ -298,3 +299,84 @@ def test_default_logreg_lands_near_centralized(tmp_path: Path) -> None:
             report = train(TrainConfig(dataset=f"csv:{path}", target=target, seed=seed))
             gaps.append(100 * (report["baseline"]["centralized_accuracy"] - report["final"]["accuracy"]))
         assert sum(gaps) / len(gaps) <= 1.5, (path.name, gaps)
+
+
+# ---- early stopping on a validation split (fl.training.early_stop) --------------------------------
+def _stop_after_two(**kw: Any) -> TrainConfig:
+    """min_delta so large that only round 1 can improve: with patience 1 the run stops after round 2."""
+    from fl.config import EarlyStopConfig
+
+    return TrainConfig(clients=3, rounds=8, seed=0, early_stopping=EarlyStopConfig(patience=1, min_delta=1e9), **kw)
+
+
+def test_validation_split_is_disjoint_from_the_final_test_set() -> None:
+    from dataclasses import replace
+
+    import numpy as np
+
+    from fl.training.early_stop import split_validation
+
+    data = Federation(SMALL).data
+    tagged = replace(data, x_test=np.arange(len(data.y_test), dtype=np.float32)[:, None])  # row ids as features
+    split = split_validation(tagged, 0.5, seed=0)
+    assert split.x_val is not None and split.y_val is not None
+    val, test = set(split.x_val[:, 0].tolist()), set(split.x_test[:, 0].tolist())
+    assert not val & test and val | test == set(range(len(data.y_test)))
+    assert abs(len(val) - len(test)) <= 2  # stratified halves
+    assert split_validation(split, 0.5, seed=0) is split  # the non-private twin reuses the same split
+
+
+def test_early_stopping_restores_best_round_and_reports_it() -> None:
+    report = train(_stop_after_two(), baseline=True)
+    es, final = report["early_stopping"], report["final"]
+    assert final["rounds_completed"] == 2 and es["stopped_after"] == 2 and es["best_round"] == 1
+    assert final["accuracy"] == report["rounds"][0]["accuracy"]  # round 1's model, on the test split
+    assert all("val_loss" in r for r in report["rounds"])
+    assert es["validation_rows"] + es["test_rows"] == 114  # the 20% held out of 569 rows
+    for key in ("centralized_accuracy", "majority_class_rate"):  # baselines on the same 57 test rows
+        hits = report["baseline"][key] * es["test_rows"]
+        assert hits == pytest.approx(round(hits), abs=1e-6), key
+    assert "early stopping after round 2" in report["stopped"]
+    assert "early stopping after round 2" in "\n".join(summary_lines(report))
+
+
+def test_early_stopping_under_dp_reports_the_epsilon_spent() -> None:
+    """Calibrated for 8 rounds at epsilon 2; stopping after 2 charges exactly two Gaussian rounds."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    cfg = _stop_after_two(privacy=PrivacyConfig(spec="clip,noise", epsilon=2.0), stats_epsilon=0.2)
+    report = train(cfg, baseline=False)
+    z = report["privacy"]["mechanisms"][0]["noise_multiplier"]
+    sigma = z / math.sqrt(2)  # two composed Gaussians (no sampling) = one with z / sqrt(2)
+
+    def delta(eps: float) -> float:  # the exact Gaussian privacy profile (Balle and Wang 2018)
+        return float(norm.cdf(1 / (2 * sigma) - eps * sigma) - math.exp(eps) * norm.cdf(-1 / (2 * sigma) - eps * sigma))
+
+    expected = brentq(lambda e: delta(e) - 1e-5, 1e-6, 50)
+    assert report["final"]["epsilon_training"] == pytest.approx(expected, rel=2e-3)
+    assert report["final"]["epsilon_training"] < 0.9 * (2.0 - 0.2)  # well under the 8-round budget
+
+
+def test_early_stopping_resumes_to_the_same_model(tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from fl.config import EarlyStopConfig
+
+    cfg = TrainConfig(clients=3, rounds=8, seed=0, early_stopping=EarlyStopConfig(patience=4, min_delta=1e9))
+    whole = train(cfg, baseline=False, checkpoint_dir=tmp_path / "a")
+    train(replace(cfg, rounds=3), baseline=False, checkpoint_dir=tmp_path / "b")
+    resumed = train(cfg, baseline=False, checkpoint_dir=tmp_path / "b", resume=True)
+    assert whole["early_stopping"] == resumed["early_stopping"] and whole["early_stopping"]["best_round"] == 1
+    assert resumed["final"]["accuracy"] == whole["final"]["accuracy"] == whole["rounds"][0]["accuracy"]
+
+
+def test_early_stopping_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "r.json"
+    assert main(["train", "--clients", "3", "--rounds", "6", "--quiet", "--no-baselines", "--patience", "1",
+                 "--min-delta", "1e9", "--report", str(path)]) == 0
+    assert json.loads(path.read_text())["early_stopping"]["stopped_after"] == 2
+    assert main(["train", "--min-delta", "0.01", "--quiet"]) == 2
+    assert "add --patience N" in capsys.readouterr().err
+    assert main(["train", "--patience", "0", "--quiet"]) == 2
+    assert "--patience must be a whole number of rounds >= 1" in capsys.readouterr().err
