@@ -39,7 +39,7 @@ def _plot_title(report: Mapping[str, Any]) -> str:
     cfg = report.get("config", {})
     spec = cfg.get("privacy", {}).get("spec", "none")
     head = f"{cfg.get('dataset')} · {cfg.get('clients')} clients · privacy: {spec}"
-    return "\n".join([head, *textwrap.wrap(str(report.get("pipeline")), width=90)])
+    return "\n".join([*textwrap.wrap(head, width=90), *textwrap.wrap(str(report.get("pipeline")), width=90)])
 
 
 def plot_rounds(report: Mapping[str, Any], path: Path, *, title: str | None = None) -> None:
@@ -174,10 +174,19 @@ def finish_epsilon_plot(
         ax.axhline(baselines["centralized_accuracy"], color="tab:gray", ls=":", label="centralized, non-private")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
-    ax.set_title(title)
+    ax.set_title(_wrapped(title), fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=legend_size)
+    # below the axes, never over a curve; bbox_inches="tight" keeps it and a long title in the file
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=legend_size or "small",
+              frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _wrapped(title: str, width: int = 80) -> str:
+    """A title broken into lines of at most ``width`` characters (long CSV paths, long privacy specs)."""
+    import textwrap
+
+    return "\n".join(line for part in title.splitlines() for line in textwrap.wrap(part, width=width) or [""])

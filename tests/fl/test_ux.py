@@ -380,3 +380,77 @@ def test_early_stopping_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert "add --patience N" in capsys.readouterr().err
     assert main(["train", "--patience", "0", "--quiet"]) == 2
     assert "--patience must be a whole number of rounds >= 1" in capsys.readouterr().err
+
+
+# ---- plots and output paths -----------------------------------------------------------------------
+def _captured_figure(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures: list[Any] = []
+    real_close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+    return figures
+
+
+def _assert_legend_off_axes_and_title_short(fig: Any) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)  # pyplot.close detached the figure's canvas
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    ax = fig.axes[0]
+    legend = ax.get_legend().get_window_extent(renderer)
+    for axes in fig.axes:  # the twin epsilon axis shares the box
+        assert not legend.overlaps(axes.get_window_extent(renderer)), "legend drawn over the data"
+    assert all(len(line) <= 90 for line in ax.get_title().splitlines())
+
+
+def test_epsilon_plot_legend_off_the_data_and_title_wrapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fl.cli.sweep import write_plot
+
+    figures = _captured_figure(monkeypatch)
+    long_name = "csv:/data/" + "very_long_folder_name/" * 6 + "loans.csv"
+    result = {"summary": [{"epsilon": e, "mean": 0.8 + e / 100, "std": 0.01} for e in (0.5, 1, 2, 4, 8)],
+              "baselines": {"federated_nonprivate_accuracy": 0.9, "centralized_accuracy": 0.92},
+              "config": {"dataset": long_name, "clients": 5, "privacy": {"spec": "dp-sgd,secagg+", "delta": 1e-5}}}
+    write_plot(result, tmp_path / "sweep.png")
+    assert (tmp_path / "sweep.png").stat().st_size > 0
+    _assert_legend_off_axes_and_title_short(figures[-1])
+    assert "dp-sgd,secagg+" in figures[-1].axes[0].get_title().replace("\n", " ")
+
+
+def test_round_plot_legend_off_the_data_and_title_wrapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from fl.report import plot_rounds
+
+    figures = _captured_figure(monkeypatch)
+    report = {"rounds": [{"round": r, "accuracy": 0.7 + r / 100, "epsilon": r / 5} for r in range(1, 6)],
+              "baseline": {"centralized_accuracy": 0.9, "majority_class_rate": 0.6},
+              "config": {"dataset": "csv:/data/" + "long_folder/" * 10 + "x.csv", "clients": 3,
+                         "privacy": {"spec": "clip,noise,secagg+"}},
+              "pipeline": "clip(l2=1),gaussian(z=1.1),quantize(bits=20),secagg+"}
+    plot_rounds(report, tmp_path / "r.png")
+    _assert_legend_off_axes_and_title_short(figures[-1])
+    assert "privacy: clip,noise,secagg+" in figures[-1].axes[0].get_title().replace("\n", " ")
+
+
+def test_every_command_writes_under_out_by_default() -> None:
+    from fl.cli.main import build_parser
+
+    parser = build_parser()
+    for argv, attrs in ((["sweep"], ("out", "json", "plot")), (["compare"], ("json", "plot")), (["demo"], ("out",))):
+        args = parser.parse_args(argv)
+        for attr in attrs:
+            value = getattr(args, attr)
+            assert value is None or Path(value).parts[0] == "out", (argv, attr, value)
+
+
+def test_readme_links_stay_inside_the_repository() -> None:
+    import re
+
+    text = (ROOT / "README.md").read_text()
+    assert not re.findall(r"https?://", text), "the README must not send users outside the repository"
+    for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text):
+        assert (ROOT / target).exists(), f"README links {target}, which is not in the repository"
