@@ -391,7 +391,12 @@ def _captured_figure(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
 
     figures: list[Any] = []
     real_close = plt.close
-    monkeypatch.setattr(plt, "close", lambda fig=None: (figures.append(fig), real_close(fig)))
+
+    def close(fig: Any = None) -> None:
+        figures.append(fig)
+        real_close(fig)
+
+    monkeypatch.setattr(plt, "close", close)
     return figures
 
 
