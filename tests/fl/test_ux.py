@@ -213,6 +213,18 @@ def test_warning_at_or_below_majority_rate() -> None:
     assert not any("WARNING" in line for line in summary_lines(report))
 
 
+def test_warning_barely_above_majority_on_imbalanced_classes() -> None:
+    """The finance example's numbers: 96.95% looks fine, but always answering "no" gives 96.65%."""
+    report = {"final": {"accuracy": 0.9695, "balanced_accuracy": 0.5592, "auc": 0.9558, "rounds_completed": 15},
+              "baseline": {"centralized_accuracy": 0.972, "majority_class_rate": 0.9665}}
+    warning = [line for line in summary_lines(report) if line.startswith("WARNING")]
+    assert len(warning) == 1 and "only 0.3 points above the majority-class rate 0.9665" in warning[0]
+    assert "balanced accuracy 0.5592" in warning[0] and "AUC 0.9558" in warning[0]
+    report = {"final": {"accuracy": 0.79, "rounds_completed": 20},  # Pima: a real gain over 0.66
+              "baseline": {"majority_class_rate": 0.66}}
+    assert not any("WARNING" in line for line in summary_lines(report))
+
+
 def test_round_line_shows_stable_dp_quantity() -> None:
     """DP-SGD records carry the worst client's z/q/steps; the line shows only the max epsilon."""
     a = {"round": 1, "planned": 3, "included": 3, "accuracy": 0.9, "epsilon": 0.5, "noise_multiplier": 1.1,
