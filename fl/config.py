@@ -50,9 +50,9 @@ class PrivacyConfig:
     neighbours: int | None = None
     corrupt_fraction: float = 0.1
     dropout_fraction: float = 0.1
-    dpsgd_clip: float = 1.0
+    dpsgd_clip: float | None = None  # None: chosen from epsilon (fl.training.dp_sgd.default_batch_and_clip)
     dpsgd_noise_multiplier: float | None = None
-    dpsgd_batch_size: int = 32
+    dpsgd_batch_size: int | None = None  # None: chosen from epsilon, like dpsgd_clip
 
     @property
     def cohort_threshold(self) -> float:

@@ -112,9 +112,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="SecAgg+: assumed fraction of corrupt clients (default: %(default)s)")
     g.add_argument("--dropout-fraction", type=float, default=pd.dropout_fraction,
                    help="SecAgg+: assumed fraction of clients that drop in a round (default: %(default)s)")
-    g.add_argument("--dpsgd-clip", type=float, default=pd.dpsgd_clip, help="DP-SGD per-example clip norm")
+    g.add_argument("--dpsgd-clip", type=float, default=pd.dpsgd_clip,
+                   help="DP-SGD per-example clip norm (default: from --epsilon, sqrt(epsilon)/2 within [0.5, 2]: "
+                        "most per-example gradients clip, less so at larger epsilon; 1.0 without --epsilon)")
     g.add_argument("--dpsgd-noise-multiplier", type=float, help="DP-SGD noise multiplier (else from --epsilon)")
-    g.add_argument("--dpsgd-batch-size", type=int, default=pd.dpsgd_batch_size, help="DP-SGD expected batch size")
+    g.add_argument("--dpsgd-batch-size", type=int, default=pd.dpsgd_batch_size,
+                   help="DP-SGD expected batch size (default: from --epsilon, 8*round(8/sqrt(epsilon)): larger "
+                        "batches at smaller epsilon, e.g. 64 at 1 and 32 at 4, at most the smallest client's rows; "
+                        "32 without --epsilon)")
     g.add_argument("--insecure-seeded-randomness", action="store_true",
                    help="TEST SEAM: derive DP noise and rounding from --seed so runs repeat exactly (insecure)")
 
@@ -183,7 +188,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out: Path = args.out
     config = TrainConfig(
         dataset="breast_cancer", clients=5, partition="dirichlet:0.5", model="logreg", rounds=10, lr=1.0, seed=0,
-        privacy=PrivacyConfig(spec=DEMO_PRIVACY, clip=5.0, epsilon=1.0, delta=1e-5, dpsgd_batch_size=64),
+        privacy=PrivacyConfig(spec=DEMO_PRIVACY, clip=5.0, epsilon=1.0, delta=1e-5, dpsgd_batch_size=64,
+                              dpsgd_clip=1.0),
     )
     print("privagg demo: 5 hospitals share a breast-cancer model (569 patients, label-skewed split).\n"
           "  - each hospital trains with DP-SGD: (1, 1e-5)-DP for every patient of that hospital;\n"
