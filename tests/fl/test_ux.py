@@ -480,3 +480,13 @@ def test_help_documents_the_dpsgd_rule(capsys: pytest.CaptureFixture[str]) -> No
     text = _help(["train", "--help"], capsys)
     assert "8*round(8/sqrt(epsilon))" in text and "sqrt(epsilon)/2 within [0.5, 2]" in text
     assert "--patience" in text and "validation" in text
+
+
+def test_flower_refuses_early_stopping_instead_of_ignoring_it() -> None:
+    from fl.cli.flower import _job
+    from fl.cli.main import build_parser
+
+    argv = ["flower", "run", "--superlink", "127.0.0.1:8000", "--insecure", "--patience", "2"]
+    args = build_parser().parse_args(argv)
+    with pytest.raises(ValueError, match="runs in memory only"):
+        _job(args)
