@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-__all__ = ["DEFAULT_LR", "DP_TOKENS", "PrivacyConfig", "TrainConfig"]
+__all__ = ["DEFAULT_LR", "DP_TOKENS", "EarlyStopConfig", "PrivacyConfig", "TrainConfig"]
 
 # Stages that add DP noise (what --epsilon calibrates).
 DP_TOKENS = ("noise", "dnoise", "dp-sgd")
@@ -52,9 +52,9 @@ class PrivacyConfig:
     neighbours: int | None = None
     corrupt_fraction: float = 0.1
     dropout_fraction: float = 0.1
-    dpsgd_clip: float = 1.0
+    dpsgd_clip: float | None = None  # None: chosen from epsilon (fl.training.dp_sgd.default_batch_and_clip)
     dpsgd_noise_multiplier: float | None = None
-    dpsgd_batch_size: int = 32
+    dpsgd_batch_size: int | None = None  # None: chosen from epsilon, like dpsgd_clip
     # ``aclip`` (fl.layers.adaptive_clip.AdaptiveClip): ``clip`` is the initial norm
     aclip_quantile: float = 0.5
     aclip_lr: float = 0.2
@@ -115,6 +115,32 @@ class PrivacyConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class EarlyStopConfig:
+    """Early stopping on a validation split held by the server (:mod:`fl.training.early_stop`).
+
+    ``validation_fraction`` of the server's held-out rows become the validation split; the rest stay the
+    test set of the final number (never used to stop). After each round the server evaluates the model on
+    the validation split; training stops once the validation loss has not fallen by more than
+    ``min_delta`` for ``patience`` rounds in a row, and the model of the best round is restored.
+    """
+
+    patience: int = 5
+    min_delta: float = 0.0
+    validation_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"--patience must be a whole number of rounds >= 1, got {self.patience!r}")
+        if not (math.isfinite(self.min_delta) and self.min_delta >= 0):
+            raise ValueError(f"--min-delta must be a finite number >= 0 (a loss decrease), got {self.min_delta!r}")
+        if not 0 < self.validation_fraction < 1:
+            raise ValueError(
+                f"--validation-fraction must be in (0, 1) (the share of the server's held-out rows used to decide "
+                f"when to stop; the rest measure the final number), got {self.validation_fraction!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
 class TrainConfig:
     """Everything that determines a run; with the same seed, two runs give the same model."""
 
@@ -152,8 +178,11 @@ class TrainConfig:
     # exactly (tests, resume checks). Never in production: whoever knows the seed can remove the noise.
     insecure_seeded_randomness: bool = False
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    early_stopping: EarlyStopConfig | None = None  # None: run all ``rounds`` (see EarlyStopConfig)
 
     def __post_init__(self) -> None:
+        if isinstance(self.early_stopping, Mapping):  # from as_dict() (checkpoints, Flower jobs)
+            object.__setattr__(self, "early_stopping", EarlyStopConfig(**self.early_stopping))
         if self.lr is None:
             # resolved here so every consumer sees a float; dataclasses.replace(cfg, model=...) keeps the
             # resolved value -- pass lr=None with it to pick the new family's default

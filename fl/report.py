@@ -39,7 +39,7 @@ def _plot_title(report: Mapping[str, Any]) -> str:
     cfg = report.get("config", {})
     spec = cfg.get("privacy", {}).get("spec", "none")
     head = f"{cfg.get('dataset')} · {cfg.get('clients')} clients · privacy: {spec}"
-    return "\n".join([head, *textwrap.wrap(str(report.get("pipeline")), width=90)])
+    return "\n".join([*textwrap.wrap(head, width=90), *textwrap.wrap(str(report.get("pipeline")), width=90)])
 
 
 def plot_rounds(report: Mapping[str, Any], path: Path, *, title: str | None = None) -> None:
@@ -121,11 +121,37 @@ def _baseline_line(report: Mapping[str, Any], acc: float) -> str:
     return "baselines: " + (" | ".join(parts) if parts else "not computed (--no-baselines)")
 
 
+NEAR_MAJORITY = 0.25  # a model that removes less than this share of the majority rule's errors is flagged
+
+
+def _majority_warning(acc: float, majority: float | None, final: Mapping[str, Any]) -> str | None:
+    """A warning when the accuracy is at, below or barely above always answering the most frequent class.
+
+    On imbalanced classes a high accuracy can look fine while the model hardly beats the majority rule
+    (3% defaults: 96.7% for always answering "no"), so beyond "at or below" the run is also flagged when
+    it removes less than ``NEAR_MAJORITY`` of the majority rule's errors: ``(acc - maj) / (1 - maj)``.
+    """
+    if majority is None or math.isnan(acc):
+        return None
+    if acc <= majority + 1e-12:
+        return (f"WARNING: final accuracy {acc:.4f} is at or below the majority-class rate {majority:.4f}: the model "
+                "does no better than always predicting the most frequent class (try more --rounds, another --lr, "
+                "less noise)")
+    if majority < 1 and (acc - majority) / (1 - majority) < NEAR_MAJORITY:
+        extra = "".join(f", {label} {final[key]:.4f}" for key, label in (("balanced_accuracy", "balanced accuracy"),
+                                                                         ("auc", "AUC")) if final.get(key) is not None)
+        return (f"WARNING: final accuracy {acc:.4f} is only {100 * (acc - majority):.1f} points above the "
+                f"majority-class rate {majority:.4f} (always predicting the most frequent class): it removes "
+                f"{(acc - majority) / (1 - majority):.0%} of that rule's errors. Judge this run by AUC and balanced "
+                f"accuracy{extra}, not by accuracy")
+    return None
+
+
 def summary_lines(report: Mapping[str, Any]) -> list[str]:
     """The closing lines printed after a run: final numbers beside the baselines, privacy, per client.
 
-    Warns when the final accuracy is at or below the majority-class rate (the model learned nothing
-    that always answering the most frequent class would not give).
+    Warns when the final accuracy is at, below or barely above the majority-class rate (the model learned
+    little that always answering the most frequent class would not give): :func:`_majority_warning`.
     """
     final = report["final"]
     acc = float(final.get("accuracy", float("nan")))
@@ -134,12 +160,9 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
         if final.get(key) is not None:
             line += f"  {label} {final[key]:.4f}"
     lines = [line, _baseline_line(report, acc)]
-    majority = report.get("baseline", {}).get("majority_class_rate")
-    if majority is not None and acc <= majority + 1e-12:
-        lines.append(
-            f"WARNING: final accuracy {acc:.4f} is at or below the majority-class rate {majority:.4f}: the model does "
-            "no better than always predicting the most frequent class (try more --rounds, another --lr, less noise)"
-        )
+    warning = _majority_warning(acc, report.get("baseline", {}).get("majority_class_rate"), final)
+    if warning:
+        lines.append(warning)
     privacy = _privacy_line(report)
     if privacy:
         lines.append(privacy)
@@ -174,10 +197,19 @@ def finish_epsilon_plot(
         ax.axhline(baselines["centralized_accuracy"], color="tab:gray", ls=":", label="centralized, non-private")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
-    ax.set_title(title)
+    ax.set_title(_wrapped(title), fontsize="medium")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=legend_size)
+    # below the axes, never over a curve; bbox_inches="tight" keeps it and a long title in the file
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=2, fontsize=legend_size or "small",
+              frameon=False)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
+
+
+def _wrapped(title: str, width: int = 80) -> str:
+    """A title broken into lines of at most ``width`` characters (long CSV paths, long privacy specs)."""
+    import textwrap
+
+    return "\n".join(line for part in title.splitlines() for line in textwrap.wrap(part, width=width) or [""])

@@ -164,6 +164,8 @@ def _job(args: argparse.Namespace) -> Any:
     from fl.runners.flower import FlowerJob
 
     config = config_from_args(args)
+    if config.early_stopping is not None:  # the Flower server runs every round: refuse, never ignore
+        raise ValueError("--patience (early stopping) runs in memory only (privagg train); drop it for flower")
     common: dict[str, Any] = dict(
         out=str(args.out.resolve()), join_timeout=args.join_timeout, start_timeout=args.start_timeout,
         phase_timeout=args.phase_timeout, poll_interval=args.poll,

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from fl.config import PrivacyConfig, TrainConfig
+from fl.config import EarlyStopConfig, PrivacyConfig, TrainConfig
 
 __all__ = ["HelpFormatter", "build_parser", "config_from_args", "main"]
 
@@ -83,6 +83,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dropout", type=float, default=d.dropout,
                    help="simulated probability that a sampled client drops mid-round (default: %(default)s)")
     g.add_argument("--seed", type=int, default=d.seed, help="seed for data split, sampling and init")
+    es = EarlyStopConfig()
+    g.add_argument("--patience", type=int,
+                   help="early stopping: stop after this many rounds without the validation loss falling by more "
+                        "than --min-delta, and keep the best round's model (default: off, run all --rounds). The "
+                        "validation split is --validation-fraction of the server's held-out rows; the final "
+                        "accuracy and the baselines use only the rest")
+    g.add_argument("--min-delta", type=float, default=es.min_delta,
+                   help="early stopping: the smallest fall in validation loss that counts (default: %(default)s)")
+    g.add_argument("--validation-fraction", type=float, default=es.validation_fraction,
+                   help="early stopping: share of the held-out rows used for validation (default: %(default)s)")
     g = p.add_argument_group("privacy")
     g.add_argument("--privacy", default=pd.spec,
                    help="comma-separated stages, e.g. none | secagg+ | clip,noise,secagg+ | dp-sgd | "
@@ -109,11 +119,30 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="SecAgg+: assumed fraction of corrupt clients (default: %(default)s)")
     g.add_argument("--dropout-fraction", type=float, default=pd.dropout_fraction,
                    help="SecAgg+: assumed fraction of clients that drop in a round (default: %(default)s)")
-    g.add_argument("--dpsgd-clip", type=float, default=pd.dpsgd_clip, help="DP-SGD per-example clip norm")
+    g.add_argument("--dpsgd-clip", type=float, default=pd.dpsgd_clip,
+                   help="DP-SGD per-example clip norm (default: from --epsilon, sqrt(epsilon)/2 within [0.5, 2]: "
+                        "most per-example gradients clip, less so at larger epsilon; 1.0 without --epsilon)")
     g.add_argument("--dpsgd-noise-multiplier", type=float, help="DP-SGD noise multiplier (else from --epsilon)")
-    g.add_argument("--dpsgd-batch-size", type=int, default=pd.dpsgd_batch_size, help="DP-SGD expected batch size")
+    g.add_argument("--dpsgd-batch-size", type=int, default=pd.dpsgd_batch_size,
+                   help="DP-SGD expected batch size (default: from --epsilon, 8*round(8/sqrt(epsilon)): larger "
+                        "batches at smaller epsilon, e.g. 64 at 1 and 32 at 4, at most the smallest client's rows; "
+                        "32 without --epsilon)")
     g.add_argument("--insecure-seeded-randomness", action="store_true",
                    help="TEST SEAM: derive DP noise and rounding from --seed so runs repeat exactly (insecure)")
+
+
+def _early_stopping_from_args(args: argparse.Namespace) -> EarlyStopConfig | None:
+    """``--patience`` turns early stopping on; its two companions alone would be ignored, so they are refused."""
+    es = EarlyStopConfig()
+    if args.patience is None:
+        changed = [f for f, v, d in (("--min-delta", args.min_delta, es.min_delta),
+                                     ("--validation-fraction", args.validation_fraction, es.validation_fraction))
+                   if v != d]
+        if changed:
+            raise ValueError(f"{' and '.join(changed)} would be ignored: early stopping is off; add --patience N")
+        return None
+    return EarlyStopConfig(patience=args.patience, min_delta=args.min_delta,
+                           validation_fraction=args.validation_fraction)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -134,7 +163,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         weighting=args.weighting, server_opt=args.server_opt, server_lr=args.server_lr, dropout=args.dropout,
         test_fraction=args.test_fraction, seed=args.seed,
         insecure_seeded_randomness=args.insecure_seeded_randomness, privacy=privacy,
-        **data_config_from_args(args),
+        early_stopping=_early_stopping_from_args(args), **data_config_from_args(args),
     )
 
 
@@ -176,7 +205,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     out: Path = args.out
     config = TrainConfig(
         dataset="breast_cancer", clients=5, partition="dirichlet:0.5", model="logreg", rounds=10, lr=1.0, seed=0,
-        privacy=PrivacyConfig(spec=DEMO_PRIVACY, clip=5.0, epsilon=1.0, delta=1e-5, dpsgd_batch_size=64),
+        privacy=PrivacyConfig(spec=DEMO_PRIVACY, clip=5.0, epsilon=1.0, delta=1e-5, dpsgd_batch_size=64,
+                              dpsgd_clip=1.0),
     )
     print("privagg demo: 5 hospitals share a breast-cancer model (569 patients, label-skewed split).\n"
           "  - each hospital trains with DP-SGD: (1, 1e-5)-DP for every patient of that hospital;\n"

@@ -92,6 +92,9 @@ class Dataset:
     site_names: tuple[str, ...] = ()
     guarantees: tuple[Guarantee, ...] = ()
     stats: FederatedStats | None = None
+    # the server's validation split (early stopping: fl.training.early_stop), disjoint from x_test
+    x_val: NDArray[np.float32] | None = None
+    y_val: NDArray[np.int64] | None = None
 
     @property
     def num_features(self) -> int:

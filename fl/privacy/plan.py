@@ -45,7 +45,7 @@ from fl.spec import ClientTrainer, Layer, PrivacyAccounting, RoundInfo, SecureSu
 from fl.sums.paillier import PaillierSum
 from fl.sums.plain import PlainSum, threshold_count
 from fl.sums.secagg import SecAgg, SecAggPlus
-from fl.training.dp_sgd import DpSgdTrainer
+from fl.training.dp_sgd import DpSgdTrainer, default_batch_and_clip
 
 __all__ = [
     "KNOWN_TOKENS", "STAGES", "Calibrator", "PlanContext", "PrivacyPlan", "Stage", "SumFloor", "build_plan",
@@ -310,12 +310,15 @@ def _dp_sgd(
     config: TrainConfig, client_sizes: Mapping[int, int], notes: list[str], calibrate: Calibrator = calibrate_noise
 ) -> tuple[DpSgdTrainer, DpSgdAccounting]:
     pc = config.privacy
-    batch = pc.dpsgd_batch_size
+    rule_batch, rule_clip = default_batch_and_clip(pc.epsilon)  # the same on every node: no client's n_k
+    batch = pc.dpsgd_batch_size if pc.dpsgd_batch_size is not None else rule_batch
+    clip = pc.dpsgd_clip if pc.dpsgd_clip is not None else rule_clip
     if batch < 1:
         raise CompositionError(f"--dpsgd-batch-size must be >= 1, got {batch}")
-    probe = DpSgdTrainer(
-        noise_multiplier=1.0, max_grad_norm=pc.dpsgd_clip, batch_size=batch, epochs=config.local_epochs
-    )
+    if pc.dpsgd_batch_size is None or pc.dpsgd_clip is None:
+        notes.append(f"DP-SGD batch size {batch} and clip norm {clip:g} chosen from epsilon by the documented rule "
+                     f"(fl.training.dp_sgd.default_batch_and_clip); set --dpsgd-batch-size / --dpsgd-clip to override")
+    probe = DpSgdTrainer(noise_multiplier=1.0, max_grad_norm=clip, batch_size=batch, epochs=config.local_epochs)
     if pc.epsilon is not None and pc.dpsgd_noise_multiplier is not None:
         raise CompositionError("give either --epsilon (to calibrate DP-SGD) or --dpsgd-noise-multiplier, not both")
     planned: dict[int, tuple[float, float, int]] = {}
@@ -346,7 +349,7 @@ def _dp_sgd(
             f"(Poisson batches of expected size {batch}, {pc.accountant})"
         )
     trainer = DpSgdTrainer(
-        noise_multiplier=noise, max_grad_norm=pc.dpsgd_clip, batch_size=batch, epochs=config.local_epochs,
+        noise_multiplier=noise, max_grad_norm=clip, batch_size=batch, epochs=config.local_epochs,
         lr=config.client_lr, optimizer=config.optimizer, seeded_noise_for_testing=config.insecure_seeded_randomness,
     )
     accounting = DpSgdAccounting(delta=pc.delta, planned=planned, accountant=pc.accountant, epsilon=pc.epsilon)

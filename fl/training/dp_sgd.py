@@ -20,7 +20,33 @@ from dp.rng import SecureRandom
 from dp.sgd import PerSampleMode, dp_sgd, steps_per_epoch
 from fl.spec import TrainResult
 
-__all__ = ["DpSgdTrainer"]
+__all__ = ["DpSgdTrainer", "default_batch_and_clip"]
+
+
+FIXED_BATCH, FIXED_CLIP = 32, 1.0  # without --epsilon (a given noise multiplier) nothing to choose from
+
+
+def default_batch_and_clip(epsilon: float | None, smallest_client: int | None = None) -> tuple[int, float]:
+    """DP-SGD's expected batch size and per-example clip norm when the user sets neither: from epsilon.
+
+    The rule (after Ponomareva et al. 2023, "How to DP-fy ML", sec. 5.4, and De et al. 2022): larger
+    batches at smaller epsilon -- ``B = 8 * round(8 / sqrt(epsilon))`` (64 at epsilon 1, 32 at 4, 24 at 8),
+    at most ``smallest_client`` rows when given (the plan does not: every node must choose the same
+    batch from public values alone; a client with fewer rows samples at rate 1) -- because the noise on
+    the averaged gradient,
+    ``z * C / B``, falls with the batch while the calibrated ``z`` grows only about as ``sqrt(B)``; and a
+    clip norm that grows with epsilon -- ``C = sqrt(epsilon) / 2`` within ``[0.5, 2]`` (1 at epsilon 4) --
+    small enough that most per-example gradients of a model on standardized features clip (a linear
+    model's start at about ``0.7 * sqrt(features + 1)``): once they all clip, C scales the step and the
+    noise alike, and a smaller C trades progress for less noise, which pays off when epsilon is small.
+    ``epsilon`` is the training budget; ``None`` (a noise multiplier was given) keeps 32 and 1.0.
+    """
+    if epsilon is None:
+        return min(FIXED_BATCH, max(1, smallest_client or FIXED_BATCH)), FIXED_CLIP
+    if not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"--epsilon must be positive and finite to choose the DP-SGD batch and clip, got {epsilon}")
+    batch = max(8, 8 * round(8 / math.sqrt(epsilon)))
+    return max(1, min(batch, smallest_client or batch)), min(2.0, max(0.5, math.sqrt(epsilon) / 2))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -15,6 +15,7 @@ sequence itself (early stopping, callbacks) into :func:`_run_rounds`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import signal
@@ -40,6 +41,7 @@ from fl.privacy.plan import PrivacyPlan
 from fl.runners.local import DropoutSchedule, SumOutcome, run_secure_sum
 from fl.spec import ClientTrainer, RandomSource, RoundInfo, TrainResult
 from fl.training.client import ClientSide, Worker
+from fl.training.early_stop import EarlyStopper
 from fl.training.models import build_model, set_flat
 from fl.training.seeds import derive_seed
 from fl.training.seeds import derive_seed as _seed  # noqa: F401  (the name benchmarks/loop_overhead.py imports)
@@ -171,6 +173,17 @@ class Federation:
     @property
     def data(self) -> Dataset:
         return self.sites.data
+
+    @data.setter
+    def data(self, data: Dataset) -> None:
+        """Replace the run's data set with one that has the same training rows (e.g. the test rows split
+        into validation and test by early stopping); the server side evaluates on its new test rows."""
+        old = self.sites.data
+        if data.x_train.shape != old.x_train.shape or not np.array_equal(data.y_train, old.y_train):
+            raise ValueError("a federation's training rows cannot change; only its held-out rows")
+        self.sites = dataclasses.replace(self.sites, data=data)
+        self.server.sites = self.sites
+        self.server.x_test, self.server.y_test = torch.from_numpy(data.x_test), torch.from_numpy(data.y_test)
 
     @property
     def parts(self) -> tuple[NDArray[np.int64], ...]:
@@ -333,6 +346,7 @@ def format_round(record: Mapping[str, Any], rounds: int) -> str:
     parts = [f"round {record['round']:>3}/{rounds}", f"clients {record.get('included', 0)}/{record['planned']}"]
     per_client_dp = "worst_client" in record
     for key, label, fmt in (("accuracy", "acc", ".4f"), ("loss", "loss", ".4f"), ("auc", "auc", ".4f"),
+                            ("val_loss", "val loss", ".4f"),
                             ("epsilon", "eps", ".3f"), ("delta", "delta", ".0e"), ("noise_multiplier", "z", ".3f"),
                             ("sample_rate", "q", ".3g"), ("steps", "steps", "d"), ("clip", "clip", ".4g"),
                             ("clipped_fraction", "clipped", ".2f")):
@@ -396,9 +410,13 @@ def train(
                 raise ValueError("resume needs the checkpoint directory")
             fed.load(checkpoint_dir)
             log.info("resumed from %s at round %d", checkpoint_dir, fed.next_round)
+        stopper = EarlyStopper.attach(fed, config, checkpoint_dir=checkpoint_dir, resume=resume)  # splits test
         base = centralized_baseline(fed.data, config) if baseline else None
-        stopped = _run_rounds(fed, config, progress=progress, checkpoint_dir=checkpoint_dir, on_round=on_round)
+        stopped = _run_rounds(fed, config, progress=progress, checkpoint_dir=checkpoint_dir, on_round=on_round,
+                              stopper=stopper)
         report = fed.report(baseline=base, stopped=stopped)
+        if stopper is not None:
+            stopper.finish(fed, report)  # the best round's model and its numbers
         if on_finish is not None:
             on_finish(fed, report)
         twin = _nonprivate_twin(config) if (baseline if federated_baseline is None else federated_baseline) else None
@@ -415,8 +433,9 @@ def _run_rounds(
     progress: bool,
     checkpoint_dir: Path | None,
     on_round: Callable[[dict[str, Any]], None] | None,
+    stopper: EarlyStopper | None = None,
 ) -> str | None:
-    """The round loop of :func:`train`; returns why it stopped early (budget), if it did."""
+    """The round loop of :func:`train`; returns why it stopped early (budget, early stopping), if it did."""
     saved = fed.next_round - 1 if checkpoint_dir is not None else None
     # disable=None: tqdm hides the bar when stderr is not a terminal (CI logs), keeping the round lines
     bar = tqdm(range(fed.next_round, config.rounds + 1), desc="rounds", unit="round",
@@ -431,6 +450,7 @@ def _run_rounds(
                 if progress:
                     tqdm.write(stopped)
                 return stopped
+            halt = stopper.update(fed, record) if stopper is not None else None  # early stopping
             if progress:
                 tqdm.write(format_round(record, config.rounds))
             if on_round is not None:
@@ -438,6 +458,8 @@ def _run_rounds(
             if checkpoint_dir is not None:
                 fed.save(checkpoint_dir)  # atomic: a Ctrl-C here leaves the previous round's file whole
                 saved = r
+            if halt:
+                return halt
     except KeyboardInterrupt:
         bar.close()
         raise TrainingInterrupted(fed.next_round - 1, checkpoint_dir, saved) from None
