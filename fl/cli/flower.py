@@ -159,6 +159,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                            help="every local SuperNode's policy (`privagg flower policy`; default: the safe one)")
 
 
+def release_statistics(config: Any) -> dict[str, Any] | None:
+    """The run's preprocessing statistics, released ONCE (one secure, DP when DP is on, sum over the sites)
+    when the job is written; every Flower process then standardizes with this one release instead of
+    computing (and releasing) its own."""
+    from fl.data.sites import load_federated
+
+    stats = load_federated(config).stats
+    return stats.to_json() if stats is not None else None
+
+
 def _job(args: argparse.Namespace) -> Any:
     from fl.cli.main import config_from_args
     from fl.runners.flower import FlowerJob
@@ -171,7 +181,7 @@ def _job(args: argparse.Namespace) -> Any:
         phase_timeout=args.phase_timeout, poll_interval=args.poll,
     )
     if args.task == "train":
-        return FlowerJob(task="train", config=config.as_dict(), **common)
+        return FlowerJob(task="train", config=config.as_dict(), stats=release_statistics(config), **common)
     protocol = config.privacy.tokens()[-1] if config.privacy.tokens() else "plain"
     if protocol not in ("secagg", "secagg+", "plain"):
         raise ValueError(f"--task sum runs secagg, secagg+ or none (plain), not {config.privacy.spec!r}")

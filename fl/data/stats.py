@@ -39,7 +39,7 @@ from dp_accounting import dp_event
 from numpy.typing import NDArray
 from sklearn.preprocessing import OneHotEncoder, StandardScaler
 
-from dp.accounting import calibrate_noise, gaussian_epsilon
+from dp.accounting import calibrate_noise, event_from_json, event_to_json, gaussian_epsilon
 from dp.rng import SecureRandom
 from fl.errors import DataError
 from fl.spec import Guarantee, RandomSource, SecureSum, ValueSpec
@@ -144,6 +144,42 @@ class FederatedStats:
                                   for c, v in zip(self.schema.categorical, cats, strict=True)})
             encoder.fit(dummy.astype(object))
         object.__setattr__(self, "_encoder", encoder)
+
+    def to_json(self) -> dict[str, Any]:
+        """The release as plain JSON (no pickle): what a run ships to its nodes so all use one release."""
+        return {
+            "schema": {"target": self.schema.target, "numeric": list(self.schema.numeric),
+                       "categorical": list(self.schema.categorical)},
+            "mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std],
+            "vocabulary": {c: list(v) for c, v in self.vocabulary.items()}, "rows": int(self.rows),
+            "guarantee": self.guarantee.as_dict(),
+            "event": event_to_json(self.event) if self.event is not None else None,
+            "constant": list(self.constant),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> FederatedStats:
+        """Read :meth:`to_json`'s output back; a malformed release is a :class:`DataError` naming the field."""
+        try:
+            sch = data["schema"]
+            schema = Schema(target=str(sch["target"]), numeric=tuple(str(c) for c in sch["numeric"]),
+                            categorical=tuple(str(c) for c in sch["categorical"]))
+            mean = np.asarray(data["mean"], dtype=np.float64)
+            std = np.asarray(data["std"], dtype=np.float64)
+            if mean.shape != (len(schema.numeric),) or std.shape != mean.shape or not np.all(np.isfinite(mean)) \
+                    or not np.all(std > 0):
+                raise ValueError("mean/std must be finite, one per numeric column, std > 0")
+            vocab = {str(c): tuple(str(v) for v in data["vocabulary"][c]) for c in schema.categorical}
+            g = data["guarantee"]
+            guarantee = Guarantee(layer=str(g["layer"]), property=str(g["property"]), against=str(g["against"]),
+                                  assumptions=tuple(str(a) for a in g.get("assumptions", ())),
+                                  params=dict(g.get("params", {})))
+            event = event_from_json(data["event"]) if data.get("event") is not None else None
+            return cls(schema=schema, mean=mean, std=std, vocabulary=vocab, rows=int(data["rows"]),
+                       guarantee=guarantee, event=event, constant=tuple(str(c) for c in data.get("constant", ())))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DataError(f"malformed preprocessing release ({exc!r}); rerun the job so it carries a fresh one") \
+                from exc
 
     @property
     def feature_names(self) -> tuple[str, ...]:

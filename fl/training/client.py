@@ -20,6 +20,7 @@ from torch import nn
 from dp.accounting import calibrate_noise
 from fl.config import TrainConfig
 from fl.data.sites import Dataset
+from fl.data.stats import FederatedStats
 from fl.errors import NonFiniteUpdateError
 from fl.pipeline import BoundPipeline
 from fl.privacy.plan import Calibrator, PrivacyPlan
@@ -93,13 +94,17 @@ class ClientSide:
         self.trainer: ClientTrainer = run.trainer
 
     @classmethod
-    def for_site(cls, config: TrainConfig, cid: int, *, calibrate: Calibrator = calibrate_noise) -> ClientSide:
+    def for_site(
+        cls, config: TrainConfig, cid: int, *, calibrate: Calibrator = calibrate_noise,
+        stats: FederatedStats | None = None,
+    ) -> ClientSide:
         """Client ``cid``'s side of the run ``config`` describes, rebuilt deterministically (a SuperNode).
 
         Its privacy plan is calibrated for this client only (DP-SGD: one calibration, not one per site);
         ``calibrate``: a memo of :func:`dp.accounting.calibrate_noise` (see :func:`fl.privacy.plan.build_plan`).
+        ``stats``: the run's one preprocessing release (a Flower job carries it), reused, never recomputed.
         """
-        sites = load_sites(config)
+        sites = load_sites(config, stats=stats)
         if not 0 <= cid < sites.population:
             raise ValueError(f"client {cid} is not in this run's {sites.population} clients")
         worker = Worker.for_config(config, sites.data)

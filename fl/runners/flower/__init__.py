@@ -148,6 +148,9 @@ class FlowerJob:
     start_timeout: float = 120.0
     phase_timeout: float = 30.0
     poll_interval: float = 0.05
+    # the preprocessing release (fl.data.stats.FederatedStats.to_json), made ONCE when the job is written:
+    # the ServerApp and every node standardize with it, so the statistics are released (and charged) once
+    stats: Mapping[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -176,6 +179,8 @@ class FlowerJob:
             raise JobError(f"unknown Flower job task {self.task!r}: train or sum")
         if not isinstance(self.config, Mapping):
             raise JobError("the Flower job's config must be an object")
+        if self.stats is not None and not isinstance(self.stats, Mapping):
+            raise JobError("the Flower job's stats must be an object (the preprocessing release)")
 
     @property
     def num_clients(self) -> int:
@@ -235,9 +240,19 @@ def _client_side(context: Context, job: FlowerJob, cid: int) -> Any:
         from fl.training.client import ClientSide
 
         _CLIENT_SIDES.clear()
-        side = ClientSide.for_site(_train_config(job), cid, calibrate=NodeCalibrations(context))
+        side = ClientSide.for_site(_train_config(job), cid, calibrate=NodeCalibrations(context),
+                                   stats=_job_stats(job))
         _CLIENT_SIDES[key] = side
     return side
+
+
+def _job_stats(job: FlowerJob) -> Any:
+    """The job's one preprocessing release (``None``: an older job; each process would then compute its own)."""
+    if job.stats is None:
+        return None
+    from fl.data.stats import FederatedStats
+
+    return FederatedStats.from_json(job.stats)
 
 
 def _guarded(fn: Any) -> Any:
@@ -845,7 +860,7 @@ def _serve(grid: Grid, job: FlowerJob, progress: _Progress) -> dict[str, Any]:
         from fl.training.loop import BudgetExhaustedError, Federation
 
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-        fed = Federation(_train_config(job))
+        fed = Federation(_train_config(job), stats=_job_stats(job))
         if fed.config.dropout > 0:
             log.warning("--dropout simulates dropouts in memory; over Flower, real dropouts are used instead")
     stopped = None
