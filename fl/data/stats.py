@@ -433,7 +433,9 @@ def _moments(
         mean_u = m0 + (mean_u - m0) * PRIOR_MEAN_SPREAD**2 / (PRIOR_MEAN_SPREAD**2 + noise**2)
         keep = PRIOR_VARIANCE_SPREAD**2 / (PRIOR_VARIANCE_SPREAD**2 + noise**2)
         var_u = np.clip(v0 + keep * (var_u - v0), PRIOR_VARIANCE / 16, 0.25)
-    low = var_u < 1e-24
+    # in units of the public range; 1e-12 (a std of a millionth of the range) is far above the rounding
+    # of sum(u^2)/n - mean^2, which left truly constant columns with a tiny std (scaled values ~1e8)
+    low = var_u < 1e-12
     if np.any(low):
         log.info("%d column(s) have (noisy) variance ~0; their scale is set to 1", int(low.sum()))
     std = np.where(low, 1.0, width * np.sqrt(np.where(low, 1.0, var_u)))

@@ -307,10 +307,11 @@ def _dp_fedavg_notes(
 
 
 def _dp_sgd(
-    config: TrainConfig, client_sizes: Mapping[int, int], notes: list[str], calibrate: Calibrator = calibrate_noise
+    config: TrainConfig, client_sizes: Mapping[int, int], notes: list[str], calibrate: Calibrator = calibrate_noise,
+    smallest: int = 1,
 ) -> tuple[DpSgdTrainer, DpSgdAccounting]:
     pc = config.privacy
-    rule_batch, rule_clip = default_batch_and_clip(pc.epsilon)  # the same on every node: no client's n_k
+    rule_batch, rule_clip = default_batch_and_clip(pc.epsilon, smallest)  # the same for every client side
     batch = pc.dpsgd_batch_size if pc.dpsgd_batch_size is not None else rule_batch
     clip = pc.dpsgd_clip if pc.dpsgd_clip is not None else rule_clip
     if batch < 1:
@@ -396,12 +397,14 @@ def _bind_check(pipeline: Pipeline, config: TrainConfig, *, size: int, populatio
 
 def build_plan(
     config: TrainConfig, *, size: int, population: int, client_sizes: Mapping[int, int],
-    calibrate: Calibrator = calibrate_noise,
+    calibrate: Calibrator = calibrate_noise, smallest_client: int | None = None,
 ) -> PrivacyPlan:
     """Build the plan for ``config.privacy``; raises ``CompositionError`` for an unknown or bad spec.
 
     ``calibrate``: :func:`dp.accounting.calibrate_noise` or a memo of it with the same keyword
-    arguments and result (a Flower node keeps one across ClientApp processes)."""
+    arguments and result (a Flower node keeps one across ClientApp processes). ``smallest_client``: the
+    fewest rows any client of the run has (public n_k; default: the smallest in ``client_sizes``), which
+    caps DP-SGD's batch when the rule chooses it, the same for every client side of the run."""
     tokens = config.privacy.tokens()
     sums, noises, dp_sgd = _parse(tokens)
     min_clients = 1  # distributed noise: every sum stops a round below the --threshold of the planned clients
@@ -422,7 +425,8 @@ def build_plan(
             layers.append(layer)
     trainer: ClientTrainer | None = None
     if dp_sgd:
-        trainer, accounting = _dp_sgd(config, client_sizes, notes, calibrate)
+        smallest = smallest_client if smallest_client is not None else min(client_sizes.values(), default=1)
+        trainer, accounting = _dp_sgd(config, client_sizes, notes, calibrate, smallest)
     if sums and not any(isinstance(layer, Quantize) for layer in layers):  # a secure sum sums a ring
         if not any(isinstance(layer, Clip | AdaptiveClip) for layer in layers):
             layers.append(Clip(l2=config.privacy.clip))

@@ -31,9 +31,8 @@ def default_batch_and_clip(epsilon: float | None, smallest_client: int | None = 
 
     The rule (after Ponomareva et al. 2023, "How to DP-fy ML", sec. 5.4, and De et al. 2022): larger
     batches at smaller epsilon -- ``B = 8 * round(8 / sqrt(epsilon))`` (64 at epsilon 1, 32 at 4, 24 at 8),
-    at most ``smallest_client`` rows when given (the plan does not: every node must choose the same
-    batch from public values alone; a client with fewer rows samples at rate 1) -- because the noise on
-    the averaged gradient,
+    at most ``smallest_client`` rows (the run's fewest, public n_k: every client side picks the same
+    batch) -- because the noise on the averaged gradient,
     ``z * C / B``, falls with the batch while the calibrated ``z`` grows only about as ``sqrt(B)``; and a
     clip norm that grows with epsilon -- ``C = sqrt(epsilon) / 2`` within ``[0.5, 2]`` (1 at epsilon 4) --
     small enough that most per-example gradients of a model on standardized features clip (a linear

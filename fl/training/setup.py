@@ -129,6 +129,7 @@ def plan_run(
     plan = build_plan(
         training_budget(config, stats_budget), size=size, population=population,
         client_sizes={only: sizes[only]} if only is not None else sizes, calibrate=calibrate,
+        smallest_client=min(sizes.values(), default=1),
     )
     trainer = plan.trainer or PlainTrainer(
         epochs=config.local_epochs, lr=config.client_lr, batch_size=config.batch_size, optimizer=config.optimizer

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -189,10 +187,7 @@ def test_a_client_evaluates_only_its_own_neighbourhood(monkeypatch: pytest.Monke
         return once(self, x, inverse)
 
     monkeypatch.setattr(g._FeistelPermutation, "_once", counting)
-    t0 = time.perf_counter()
     nb = gr.neighbours(12345)
-    elapsed = time.perf_counter() - t0
     assert len(nb) == k
     assert evaluated[0] <= 8 * (k + 1)  # domain <= 4n: a handful of walk steps per point, far below n
-    if not os.environ.get("CI_SLOW_MACHINE"):
-        assert elapsed < 0.05
+    # (work is counted, not timed: wall-clock bars live in benchmarks/secagg_scale.py)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import tracemalloc
 from typing import Any
 
@@ -132,9 +131,6 @@ def test_a_client_in_a_large_cohort_evaluates_only_its_neighbourhood(monkeypatch
 
     monkeypatch.setattr(g._FeistelPermutation, "_once", counting)
     monkeypatch.setattr(g.NeighbourGraph, "materialise", no_materialise)
-    t0 = time.perf_counter()
     (out,) = client.receive(directory)
-    elapsed = time.perf_counter() - t0
     assert isinstance(out, ShareKeys) and len(out.recipients) == k
-    assert evaluated[0] <= 8 * (k + 1)
-    assert elapsed < 1.0  # k X25519 agreements and Shamir shares; the old full graph took seconds at 10^5
+    assert evaluated[0] <= 8 * (k + 1)  # work counted, not timed (benchmarks/secagg_scale.py times it)
