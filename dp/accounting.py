@@ -375,6 +375,35 @@ def _step(z: float, q: float, sampling: Sampling, population: int | None) -> Gau
     return GaussianStep(z, min(q, 1.0), sampling)
 
 
+def _check_calibration_target(*, epsilon: float, delta: float, steps: int) -> None:
+    """Refuse a calibration target that no noise multiplier could mean: epsilon, delta or steps out of range."""
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+
+
+def _refuse_spent_budget(
+    spent: list[tuple[GaussianStep, int]],
+    *,
+    epsilon: float,
+    delta: float,
+    accountant: AccountantName,
+    pld_interval: float,
+) -> None:
+    """Raise when the steps already ``spent`` alone reach the target epsilon: no further step could fit."""
+    already = Accountant(accountant=accountant, pld_interval=pld_interval)
+    for s, c in spent:
+        already.compose(s, c)
+    if already.epsilon(delta) >= epsilon:
+        raise ValueError(
+            f"the steps already spent use epsilon {already.epsilon(delta):.4g} >= the target {epsilon:g}; "
+            "no further step fits: raise the budget"
+        )
+
+
 def calibrate_noise(
     *,
     epsilon: float,
@@ -395,12 +424,7 @@ def calibrate_noise(
     RDP; fixed cohorts smaller than the population always go to RDP under replace-one neighbours, as the
     ledger does. ``extra`` adds steps already spent (e.g. earlier rounds).
     """
-    if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+    _check_calibration_target(epsilon=epsilon, delta=delta, steps=steps)
     spent = [(s, c) for s, c in extra if c]
     probe = _step(1.0, sample_rate, sampling, population)
     wor = probe.without_replacement or any(s.without_replacement for s, _ in spent)
@@ -418,14 +442,7 @@ def calibrate_noise(
     # Without sampling (and nothing spent) the composition is one Gaussian with mu = sqrt(steps)/z: that
     # z meets the budget exactly, and sampling only amplifies, so it is an upper end of the bracket.
     if spent:
-        already = Accountant(accountant=accountant, pld_interval=pld_interval)
-        for s, c in spent:
-            already.compose(s, c)
-        if already.epsilon(delta) >= epsilon:
-            raise ValueError(
-                f"the steps already spent use epsilon {already.epsilon(delta):.4g} >= the target {epsilon:g}; "
-                "no further step fits: raise the budget"
-            )
+        _refuse_spent_budget(spent, epsilon=epsilon, delta=delta, accountant=accountant, pld_interval=pld_interval)
     hi = math.sqrt(steps) / _gaussian_mu(epsilon, delta)
     if wor:
         hi *= 2.0  # replace-one: twice the sensitivity

@@ -554,6 +554,98 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
     return max(1, math.ceil(n / batch_size))
 
 
+def _check_dp_sgd_args(
+    *, n: int, labels: torch.Tensor, noise_multiplier: float, max_grad_norm: float, batch_size: int
+) -> None:
+    """Refuse DP-SGD arguments that would train wrongly or account wrongly, naming the one to fix."""
+    if n < 1:
+        raise ValueError("DP-SGD needs at least one example")
+    if labels.shape[0] != n:
+        raise ValueError(f"{n} feature rows but {labels.shape[0]} labels")
+    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
+        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+    if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
+        raise ValueError(f"max_grad_norm must be a positive finite number, got {max_grad_norm}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+
+
+class _ChunkedNoise:
+    """DP-SGD's Gaussian noise, drawn for several steps per CSPRNG call (<= 8 MB) and handed out per step.
+
+    Draws happen at the same steps and in the same sizes as one inline buffer would, so the stream of
+    random draws (interleaved with batch sampling) is unchanged.
+    """
+
+    def __init__(self, params: Sequence[torch.Tensor], *, std: float, total: int, rng: NoiseSource) -> None:
+        self._params = params
+        self._numel = sum(int(p.numel()) for p in params)
+        self._per_chunk = max(1, (1 << 21) // max(1, self._numel))
+        self._std, self._total, self._rng = std, total, rng
+        self._buf: torch.Tensor | None = None
+
+    def row(self, step: int) -> torch.Tensor:
+        """The flat noise vector for ``step`` (steps must be asked for in order 0, 1, 2, ...)."""
+        j = step % self._per_chunk
+        if j == 0:
+            k = min(self._per_chunk, self._total - step)
+            dtype = self._params[0].dtype
+            self._buf = torch_gaussian(self._numel * k, std=self._std, rng=self._rng, dtype=dtype).view(k, self._numel)
+        assert self._buf is not None
+        return self._buf[j]
+
+
+def _set_grads(
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    noise: torch.Tensor | None,
+    *,
+    sizes: Sequence[int],
+    expected: float,
+) -> None:
+    """Set each parameter's ``.grad`` to (clipped sum + its slice of ``noise``) / expected batch size."""
+    if noise is not None:
+        for p, g, z in zip(params, grads, noise.split(list(sizes)), strict=True):
+            p.grad = (g + z.view_as(p)).div_(expected)
+    else:
+        for p, g in zip(params, grads, strict=True):
+            p.grad = g / expected
+
+
+def _run_steps(
+    batches: Sequence[np.ndarray],
+    *,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    clipper: _DirectClipper | _OpacusHooksClipper | _GhostClipper,
+    params: Sequence[torch.Tensor],
+    opt: torch.optim.Optimizer,
+    noise: _ChunkedNoise | None,
+    max_grad_norm: float,
+    loss_fn: LossFn,
+    expected: float,
+) -> tuple[float, int, int]:
+    """One noisy optimizer step per index batch (an empty batch still steps, on noise alone).
+
+    Returns (summed loss, examples seen, examples whose gradient was clipped).
+    """
+    sizes = [int(p.numel()) for p in params]
+    loss_total, seen, clipped = 0.0, 0, 0
+    for step, idx in enumerate(batches):
+        if idx.size:
+            ti = torch.from_numpy(idx)
+            grads, loss, norms = clipper(features[ti], labels[ti], max_grad_norm, loss_fn)
+            loss_total += loss
+            seen += int(idx.size)
+            clipped += int((norms > max_grad_norm).sum())
+        else:
+            grads = [torch.zeros_like(p) for p in params]
+        _set_grads(params, grads, noise.row(step) if noise is not None else None, sizes=sizes, expected=expected)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return loss_total, seen, clipped
+
+
 def dp_sgd(
     model: nn.Module,
     features: torch.Tensor,
@@ -577,16 +669,9 @@ def dp_sgd(
     ``os.urandom``; tests pass ``SecureRandom.for_testing(seed)``).
     """
     n = int(features.shape[0])
-    if n < 1:
-        raise ValueError("DP-SGD needs at least one example")
-    if labels.shape[0] != n:
-        raise ValueError(f"{n} feature rows but {labels.shape[0]} labels")
-    if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
-    if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
-        raise ValueError(f"max_grad_norm must be a positive finite number, got {max_grad_norm}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    _check_dp_sgd_args(
+        n=n, labels=labels, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, batch_size=batch_size
+    )
     rng = rng if rng is not None else SecureRandom()
     q = min(1.0, batch_size / n)
     expected = q * n
@@ -596,35 +681,14 @@ def dp_sgd(
     params: Sequence[torch.Tensor] = [p for p in model.parameters() if p.requires_grad]
     clipper = _make_clipper(model, resolved, max_grad_norm)
     std = noise_multiplier * max_grad_norm
-    numel = sum(int(p.numel()) for p in params)
-    sizes = [int(p.numel()) for p in params]
-    per_chunk = max(1, (1 << 21) // max(1, numel))  # noise for several steps per CSPRNG call (<= 8 MB)
-    noise_buf: torch.Tensor | None = None
-    loss_total, seen, clipped = 0.0, 0, 0
+    noise = _ChunkedNoise(params, std=std, total=total, rng=rng) if std > 0 else None
     model.train()
     try:
-        for step, idx in enumerate(poisson_batches(n, sample_rate=q, steps=total, rng=rng)):
-            if idx.size:
-                ti = torch.from_numpy(idx)
-                grads, loss, norms = clipper(features[ti], labels[ti], max_grad_norm, loss_fn)
-                loss_total += loss
-                seen += int(idx.size)
-                clipped += int((norms > max_grad_norm).sum())
-            else:
-                grads = [torch.zeros_like(p) for p in params]
-            if std > 0:
-                j = step % per_chunk
-                if j == 0:
-                    k = min(per_chunk, total - step)
-                    noise_buf = torch_gaussian(numel * k, std=std, rng=rng, dtype=params[0].dtype).view(k, numel)
-                assert noise_buf is not None
-                for p, g, z in zip(params, grads, noise_buf[j].split(sizes), strict=True):
-                    p.grad = (g + z.view_as(p)).div_(expected)
-            else:
-                for p, g in zip(params, grads, strict=True):
-                    p.grad = g / expected
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        loss_total, seen, clipped = _run_steps(
+            poisson_batches(n, sample_rate=q, steps=total, rng=rng),
+            features=features, labels=labels, clipper=clipper, params=params, opt=opt, noise=noise,
+            max_grad_norm=max_grad_norm, loss_fn=loss_fn, expected=expected,
+        )
     finally:
         clipper.close()
     return DpSgdStats(

@@ -58,18 +58,28 @@ def _insecure_i_know(p: Any) -> None:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The ``flower`` sub-commands."""
-    from fl.cli.main import add_train_arguments
-
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME,
                         help="Flower's config directory (FLWR_HOME; default: %(default)s)")
     sub = parser.add_subparsers(dest="flower_command", metavar="PART", required=True)
+    _add_certs_parser(sub)
+    _add_superlink_parser(sub)
+    _add_register_parser(sub)
+    _add_policy_parser(sub)
+    _add_supernode_parser(sub)
+    _add_job_parsers(sub)
 
+
+def _add_certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``flower certs``: a throw-away CA and server certificate for local TLS tests."""
     p = sub.add_parser("certs", help="make a throw-away CA + server certificate for local TLS tests")
     p.add_argument("--out", type=Path, default=Path("out/flower/certs"), help="directory (default: %(default)s)")
     p.add_argument("--host", action="append", dest="hosts",
                    help="IP or DNS name the certificate is valid for (repeat; default: 127.0.0.1 and localhost)")
     p.add_argument("--days", type=int, default=7, help="validity in days (default: %(default)s)")
 
+
+def _add_superlink_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``flower superlink``: where the SuperLink serves, whether SuperNodes must be registered, TLS."""
     p = sub.add_parser("superlink", help="start the SuperLink (the server side's entry point)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (default: %(default)s; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="the one HTTP(S) port of Flower 1.41+ (default: %(default)s)")
@@ -78,6 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "Flower needs TLS for that)")
     _tls_args(p, server=True)
 
+
+def _add_register_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``flower register``: a site's SuperNode key pair and the SuperLink to register its public key with."""
     p = sub.add_parser("register", help="make a site's SuperNode key pair (if missing) and register its public key")
     p.add_argument("--name", required=True, help="the site's name (keys: DIR/NAME.key, DIR/NAME.pub)")
     p.add_argument("--keys", type=Path, default=Path("out/flower/keys"),
@@ -90,6 +103,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tls.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
     _insecure_i_know(p)
 
+
+def _add_policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``flower policy``: the node policy file, i.e. what a SuperNode accepts from a job."""
     p = sub.add_parser("policy", help="write a node policy file: what this SuperNode accepts from a job")
     p.add_argument("--out", type=Path, required=True, help="policy file to write (JSON)")
     p.add_argument("--allow-plain", action="store_true", help="also run the plain sum (public test data only)")
@@ -102,6 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--trust-app", action="append", default=[], metavar="SHA256",
                    help="also run the Flower app bundle with this SHA-256 (repeat)")
 
+
+def _add_supernode_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``flower supernode``: one client's SuperNode, its partition, data, policy, key and TLS."""
     p = sub.add_parser("supernode", help="start one client's SuperNode, owning partition I of N")
     p.add_argument("--partition", type=_partition, required=True, metavar="I/N", help="this client's id / clients")
     p.add_argument("--superlink", default="127.0.0.1:8000", help="SuperLink address HOST:PORT (default: %(default)s)")
@@ -126,37 +145,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     p.add_argument("--name", metavar="SITE", help="this site's name (default: the CSV's file name without .csv)")
     _tls_args(p, server=False)
 
+
+def _add_job_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``flower run`` and ``flower local``: the flags of ``privagg train`` plus a "flower" group."""
+    from fl.cli.main import add_train_arguments
+
     for name, helptext in (("run", "submit a job to a running SuperLink and follow it"),
                            ("local", "start a SuperLink and N SuperNodes here, run a job, stop them")):
         p = sub.add_parser(name, help=helptext, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         add_train_arguments(p)
         g = p.add_argument_group("flower")
-        g.add_argument("--task", choices=["train", "sum"], default="train",
-                       help="train: the federated training above; sum: a secure sum of --size public test words")
-        g.add_argument("--size", type=int, default=100_000, help="vector length of --task sum")
-        g.add_argument("--out", type=Path, default=Path("out/flower/run"),
-                       help="where the ServerApp writes result.json / params.npy (a path on the SuperLink host)")
-        g.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for the SuperNodes")
-        g.add_argument("--start-timeout", type=float, default=300.0, help="seconds for local training (phase 0)")
-        g.add_argument("--phase-timeout", type=float, default=60.0,
-                       help="seconds per protocol phase; a SuperNode that misses it has dropped")
-        g.add_argument("--poll", type=float, default=0.05,
-                       help="seconds between pulls of replies; 0 = Flower's Grid.send_and_receive (3 s polls)")
-        g.add_argument("--timeout", type=float, default=3600.0, help="give up waiting for the result after this")
-        if name == "run":
-            g.add_argument("--superlink", default="127.0.0.1:8000", help="SuperLink address HOST:PORT")
-            g2 = g.add_mutually_exclusive_group(required=True)
-            g2.add_argument("--ca", type=Path, metavar="PEM",
-                            help="CA certificate that signed the SuperLink's certificate")
-            g2.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
-            _insecure_i_know(g)
-            g.add_argument("--no-wait", action="store_true", help="submit and return (e.g. when --out is remote)")
-        else:
-            g.add_argument("--insecure", action="store_true", help="no TLS (default: TLS with throw-away certificates)")
-            g.add_argument("--stock", action="store_true",
-                           help="Flower's SuperNodes unchanged (see `supernode --stock`)")
-            g.add_argument("--node-policy", type=Path, metavar="JSON",
-                           help="every local SuperNode's policy (`privagg flower policy`; default: the safe one)")
+        _add_job_flags(g, name=name)
+
+
+def _add_job_flags(g: argparse._ArgumentGroup, *, name: str) -> None:
+    """The "flower" group of ``run`` (a remote SuperLink, its TLS) or ``local`` (SuperNodes started here)."""
+    g.add_argument("--task", choices=["train", "sum"], default="train",
+                   help="train: the federated training above; sum: a secure sum of --size public test words")
+    g.add_argument("--size", type=int, default=100_000, help="vector length of --task sum")
+    g.add_argument("--out", type=Path, default=Path("out/flower/run"),
+                   help="where the ServerApp writes result.json / params.npy (a path on the SuperLink host)")
+    g.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for the SuperNodes")
+    g.add_argument("--start-timeout", type=float, default=300.0, help="seconds for local training (phase 0)")
+    g.add_argument("--phase-timeout", type=float, default=60.0,
+                   help="seconds per protocol phase; a SuperNode that misses it has dropped")
+    g.add_argument("--poll", type=float, default=0.05,
+                   help="seconds between pulls of replies; 0 = Flower's Grid.send_and_receive (3 s polls)")
+    g.add_argument("--timeout", type=float, default=3600.0, help="give up waiting for the result after this")
+    if name == "run":
+        g.add_argument("--superlink", default="127.0.0.1:8000", help="SuperLink address HOST:PORT")
+        g2 = g.add_mutually_exclusive_group(required=True)
+        g2.add_argument("--ca", type=Path, metavar="PEM",
+                        help="CA certificate that signed the SuperLink's certificate")
+        g2.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
+        _insecure_i_know(g)
+        g.add_argument("--no-wait", action="store_true", help="submit and return (e.g. when --out is remote)")
+    else:
+        g.add_argument("--insecure", action="store_true", help="no TLS (default: TLS with throw-away certificates)")
+        g.add_argument("--stock", action="store_true",
+                       help="Flower's SuperNodes unchanged (see `supernode --stock`)")
+        g.add_argument("--node-policy", type=Path, metavar="JSON",
+                       help="every local SuperNode's policy (`privagg flower policy`; default: the safe one)")
 
 
 def release_statistics(config: Any) -> dict[str, Any] | None:

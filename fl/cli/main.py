@@ -49,9 +49,15 @@ def _version() -> str:
 
 
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    """The flags of ``privagg train`` (shared with ``sweep``)."""
+    """The flags of ``privagg train`` (shared with ``sweep``), in three help groups."""
     d = TrainConfig()
-    pd = PrivacyConfig()
+    _add_data_group(p, d)
+    _add_training_group(p, d)
+    _add_privacy_group(p, PrivacyConfig())
+
+
+def _add_data_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The "data" flags: data set, clients, partition, held-out share, per-site CSVs and preprocessing."""
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default=d.dataset,
                    help="breast_cancer | digits | credit_default | csv:PATH (default: %(default)s)")
@@ -63,6 +69,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     from fl.data.sites import add_data_arguments  # per-site CSVs and federated preprocessing
 
     add_data_arguments(g)
+
+
+def _add_training_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
+    """The "model and training" flags: model, rounds, optimizers, sampling, dropout, seed, early stopping."""
     g = p.add_argument_group("model and training")
     g.add_argument("--model", default=d.model, help="logreg | mlp | mlp-ln | cnn (default: %(default)s)")
     g.add_argument("--hidden", type=int, default=d.hidden, help="mlp hidden width (default: %(default)s)")
@@ -93,6 +103,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                    help="early stopping: the smallest fall in validation loss that counts (default: %(default)s)")
     g.add_argument("--validation-fraction", type=float, default=es.validation_fraction,
                    help="early stopping: share of the held-out rows used for validation (default: %(default)s)")
+
+
+def _add_privacy_group(p: argparse.ArgumentParser, pd: PrivacyConfig) -> None:
+    """The "privacy" flags: the stage spec, DP-FedAvg, adaptive clipping, budget, secure aggregation, DP-SGD."""
     g = p.add_argument_group("privacy")
     g.add_argument("--privacy", default=pd.spec,
                    help="comma-separated stages, e.g. none | secagg+ | clip,noise,secagg+ | dp-sgd | "

@@ -239,6 +239,15 @@ class SecAggClient:
         return v  # checked, not copied: the masking step makes the one working copy (O(d) per live client)
 
     def _on_directory(self, msg: KeyDirectory) -> list[Message]:
+        """Check the server's key directory against this client's view, then send its secrets' shares."""
+        self._check_directory_shape(msg)
+        graph, t = self._directory_graph(msg)
+        entries = self._directory_entries(msg)
+        self._graph, self._t, self._dir = graph, t, entries
+        return self._share_secrets(msg, graph, t)
+
+    def _check_directory_shape(self, msg: KeyDirectory) -> None:
+        """Refuse a malformed directory or cohort, or one smaller than this client's ``min_cohort``."""
         n = len(msg.ids)
         same = len(msg.c_pks) == len(msg.s_pks) == len(msg.signatures) == len(msg.b_commits) == n
         if not same or not sorted_unique(msg.ids):
@@ -251,6 +260,9 @@ class SecAggClient:
                 f"requires at least {self._min_cohort} (min_cohort): a smaller cohort would lower the "
                 f"threshold t; refusing to share keys"
             )
+
+    def _directory_graph(self, msg: KeyDirectory) -> tuple[NeighbourGraph, int]:
+        """Rebuild the announced cohort's neighbour graph; refuse a threshold t lower than planned or unsafe."""
         try:
             graph = self._graph_spec.build(
                 msg.cohort, threshold=self._threshold, session=self._session, round=self._round
@@ -267,8 +279,8 @@ class SecAggClient:
             )
         if not set(msg.ids) <= group:
             raise ProtocolError("key directory lists clients that are not this client's neighbours")
-        if n < t:
-            raise ProtocolError(f"only {n} keys in the directory, fewer than the threshold {t}")
+        if len(msg.ids) < t:
+            raise ProtocolError(f"only {len(msg.ids)} keys in the directory, fewer than the threshold {t}")
         if t < 2:
             raise ProtocolError(f"the announced cohort gives threshold t={t}: one share would reveal a secret")
         if self._auth and 2 * t <= graph.k + 1:
@@ -276,6 +288,10 @@ class SecAggClient:
                 f"threshold t={t} of a share group of {graph.k + 1} allows a split view (2t <= group): "
                 f"authenticated mode needs a threshold above one half"
             )
+        return graph, t
+
+    def _directory_entries(self, msg: KeyDirectory) -> dict[int, tuple[bytes, bytes]]:
+        """The directory's (c_pk, s_pk) per client, once this client's own keys, key shapes and signatures check."""
         entries = dict(zip(msg.ids, zip(msg.c_pks, msg.s_pks, strict=True), strict=True))
         own = (kex.public_bytes(self._c_sk), kex.public_bytes(self._s_sk))
         if entries.get(self._cid) != own:
@@ -289,8 +305,11 @@ class SecAggClient:
                 payload = advertise_payload(self._session, self._round, v, *entries[v], bc)
                 if ident is None or not sign.verify(ident, sig, label=ADVERTISE_SIG_LABEL, payload=payload):
                     raise ProtocolError(f"client {v}'s advertised keys carry no valid signature of its identity key")
-        self._graph, self._t, self._dir = graph, t, entries
-        # Shamir-share b and s_sk among the group members present, at their points in this group.
+        return entries
+
+    def _share_secrets(self, msg: KeyDirectory, graph: NeighbourGraph, t: int) -> list[Message]:
+        """Shamir-share b and s_sk among the directory's members; encrypt each share to its recipient."""
+        # each member present gets its shares at its own point in this group
         xs = [graph.share_x(self._cid, v) for v in msg.ids]
         secrets = (self._b, kex.private_bytes(self._s_sk))
         b_sh, s_sh = shamir.split_many(secrets, xs, threshold=t, random_bytes=self._rand)
@@ -317,6 +336,7 @@ class SecAggClient:
             )
             recipients.append(v)
         return self._signed(ShareKeys(self._cid, SERVER, self._session, self._round, tuple(recipients), tuple(cts)))
+
 
     def _share_key(self, v: int) -> bytes:
         key = self._share_keys.get(v)

@@ -846,23 +846,14 @@ def _server_main(grid: Grid, context: Context) -> None:
 
 
 def _serve(grid: Grid, job: FlowerJob, progress: _Progress) -> dict[str, Any]:
-    out = Path(job.out)
+    """Discover the SuperNodes, run the job's rounds over them; return the result (``result.json``)."""
     t_join = time.perf_counter()
     nodes = _discover(grid, job)
     tr = _Transport(grid, job, nodes)
     tr.progress = progress
     progress(event="joined", nodes={str(c): n for c, n in nodes.items()}, seconds=time.perf_counter() - t_join)
     rounds: list[dict[str, Any]] = []
-    fed: Any = None
-    if job.task == "train":
-        import torch
-
-        from fl.training.loop import BudgetExhaustedError, Federation
-
-        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-        fed = Federation(_train_config(job), stats=_job_stats(job))
-        if fed.config.dropout > 0:
-            log.warning("--dropout simulates dropouts in memory; over Flower, real dropouts are used instead")
+    fed: Any = _start_federation(job) if job.task == "train" else None
     stopped = None
     for r in range(1, job.num_rounds + 1):
         t_round = time.perf_counter()
@@ -872,6 +863,8 @@ def _serve(grid: Grid, job: FlowerJob, progress: _Progress) -> dict[str, Any]:
             if fed.plan.accounting is not None:
                 ok, why = fed.plan.accounting.can_run(fed.round_info(r, planned, planned))
                 if not ok:
+                    from fl.training.loop import BudgetExhaustedError
+
                     stopped = f"stopped before round {r}: {BudgetExhaustedError(why)}"
                     break
             ssum, spec, session = fed.plan.pipeline.sum, fed.bound.sum_spec, fed.session(r)
@@ -886,12 +879,7 @@ def _serve(grid: Grid, job: FlowerJob, progress: _Progress) -> dict[str, Any]:
                 raise _NoUpdatesError("no client was sampled this round")
             rr = _run_round(tr, ssum, spec, round=r, planned=planned, session=session, start_fields=start)
         except (AbortError, _NoUpdatesError) as exc:
-            log.warning("round %d: %s", r, exc)
-            record.update(included=0)
-            record["aborted" if isinstance(exc, AbortError) else "skipped"] = str(exc)
-            if fed is not None:
-                record.update(fed.evaluate())
-                fed.history.append(record)
+            _record_failed_round(record, exc, r=r, fed=fed)
             rounds.append(record)
             progress(event="round_done", **record)
             continue
@@ -901,23 +889,65 @@ def _serve(grid: Grid, job: FlowerJob, progress: _Progress) -> dict[str, Any]:
             outcome = SumOutcome(rr.total, rr.included, rr.messages)
             record = fed.finish_round(r, planned, outcome, rr.results, rejected=rr.rejected)
         else:
-            assert spec.modulus is not None
-            expect = np.zeros(job.size, dtype=np.uint64)
-            for cid in rr.included:
-                expect += _sum_value(job, r, cid)
-            expect &= np.uint64(spec.modulus - 1)
-            exact = bool(np.array_equal(np.asarray(rr.total, dtype=np.uint64), expect))
-            if not exact:
-                raise RuntimeError(f"round {r}: the secure sum differs from the sum of the included inputs")
-            record.update(included=len(rr.included), exact=exact)
+            record.update(_checked_sum(job, r, rr.total, rr.included, spec))
         record = {**record, "included_ids": list(rr.included), "seconds": time.perf_counter() - t_round}
         rounds.append(record)
         progress(event="round_done", **record)
+    return _result(job, nodes=nodes, rounds=rounds, exchanges=tr.log, fed=fed, stopped=stopped)
+
+
+def _start_federation(job: FlowerJob) -> Any:
+    """The server's :class:`~fl.training.loop.Federation` for a ``train`` job (torch limited to 2 threads)."""
+    import torch
+
+    from fl.training.loop import Federation
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    fed = Federation(_train_config(job), stats=_job_stats(job))
+    if fed.config.dropout > 0:
+        log.warning("--dropout simulates dropouts in memory; over Flower, real dropouts are used instead")
+    return fed
+
+
+def _record_failed_round(record: dict[str, Any], exc: Exception, *, r: int, fed: Any) -> None:
+    """Fill ``record`` for a round that aborted or had no client; a training job also evaluates and logs it."""
+    log.warning("round %d: %s", r, exc)
+    record.update(included=0)
+    record["aborted" if isinstance(exc, AbortError) else "skipped"] = str(exc)
+    if fed is not None:
+        record.update(fed.evaluate())
+        fed.history.append(record)
+
+
+def _checked_sum(
+    job: FlowerJob, r: int, total: NDArray[Any], included: Sequence[int], spec: ValueSpec
+) -> dict[str, Any]:
+    """Check a ``sum`` job's secure sum against the sum of the included clients' public test words.
+
+    Raises RuntimeError when they differ; else returns the record fields ``included`` and ``exact``.
+    """
+    assert spec.modulus is not None
+    expect = np.zeros(job.size, dtype=np.uint64)
+    for cid in included:
+        expect += _sum_value(job, r, cid)
+    expect &= np.uint64(spec.modulus - 1)
+    exact = bool(np.array_equal(np.asarray(total, dtype=np.uint64), expect))
+    if not exact:
+        raise RuntimeError(f"round {r}: the secure sum differs from the sum of the included inputs")
+    return {"included": len(included), "exact": exact}
+
+
+def _result(
+    job: FlowerJob, *, nodes: Mapping[int, int], rounds: list[dict[str, Any]], exchanges: Sequence[Any], fed: Any,
+    stopped: str | None,
+) -> dict[str, Any]:
+    """The job's result: job, nodes, rounds and exchanges; a training job's report and saved ``params.npy``."""
+    out = Path(job.out)
     result: dict[str, Any] = {
         "job": asdict(job),
         "nodes": {str(c): n for c, n in nodes.items()},
         "rounds": rounds,
-        "exchanges": [asdict(e) for e in tr.log],
+        "exchanges": [asdict(e) for e in exchanges],
     }
     if fed is not None:
         np.save(out / "params.npy", fed.params)
