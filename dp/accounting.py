@@ -35,7 +35,7 @@ import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from dp_accounting import dp_event, mechanism_calibration
 from dp_accounting.pld import PLDAccountant
@@ -523,7 +523,7 @@ def event_to_json(event: dp_event.DpEvent) -> dict[str, Any]:
     name = type(event).__name__
     if name not in _EVENTS:
         raise ValueError(f"cannot serialize {name}; supported: {', '.join(sorted(_EVENTS))}")
-    return _tuple_to_json(event.to_named_tuple())
+    return cast(dict[str, Any], _tuple_to_json(event.to_named_tuple()))
 
 
 def _tuple_to_json(value: Any) -> Any:

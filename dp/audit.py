@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -520,7 +520,7 @@ def _dp_sgd_canary_run(
         _call_train(train_fn, model, x, y, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                     batch_size=canaries, steps=steps, lr=lr, mode=mode, rng=rng)
         w = model.weight.detach().numpy().astype(np.float64)
-        return (w[1] - w[0]) * n / (lr * math.sqrt(2.0) * max_grad_norm)
+        return cast(NDArray[np.float64], (w[1] - w[0]) * n / (lr * math.sqrt(2.0) * max_grad_norm))
 
     return run
 

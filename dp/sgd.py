@@ -425,7 +425,7 @@ class _OpacusHooksClipper:
         losses = loss_fn(self.gsm(x), y)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook")
-            losses.sum().backward()
+            torch.autograd.backward(losses.sum())
         gs = [p.grad_sample.reshape(x.shape[0], -1) for p in params]  # type: ignore[attr-defined]
         norms = torch.sqrt(torch.stack([(g * g).sum(1) for g in gs]).sum(0))
         coef = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
@@ -461,7 +461,7 @@ class _GhostClipper:
         losses = loss_fn(self.gsm(x), y)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook")
-            losses.sum().backward(retain_graph=True)
+            torch.autograd.backward(losses.sum(), retain_graph=True)
         norms = self.gsm.get_norm_sample()
         coef = self.gsm.get_clipping_coef()
         for p in params:
@@ -605,7 +605,7 @@ def _set_grads(
 ) -> None:
     """Set each parameter's ``.grad`` to (clipped sum + its slice of ``noise``) / expected batch size."""
     if noise is not None:
-        for p, g, z in zip(params, grads, noise.split(list(sizes)), strict=True):
+        for p, g, z in zip(params, grads, torch.split(noise, list(sizes)), strict=True):
             p.grad = (g + z.view_as(p)).div_(expected)
     else:
         for p, g in zip(params, grads, strict=True):

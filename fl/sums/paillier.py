@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 from numpy.typing import NDArray
 
@@ -99,7 +99,7 @@ class PaillierSum:
     def public_key(self) -> PaillierPublicKey:
         """The run's public key (the pair is generated on first use)."""
         if "public" in self._keys:
-            return self._keys["public"]
+            return cast(PaillierPublicKey, self._keys["public"])
         return self._keypair()[0]
 
     def __getstate__(self) -> dict[str, Any]:

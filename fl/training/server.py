@@ -17,7 +17,7 @@ import dataclasses
 import math
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -330,4 +330,4 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
             raise TypeError("config or history has the wrong type")
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"checkpoint {path} holds malformed values ({exc}); {fix}") from exc
-    return state
+    return cast(dict[str, Any], state)

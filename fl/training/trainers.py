@@ -62,7 +62,7 @@ class PlainTrainer:
                 idx = order[start : start + bs]
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(model(features[idx]), labels[idx]).mean()
-                loss.backward()
+                torch.autograd.backward(loss)
                 opt.step()
                 steps += 1
                 total += loss.detach()

@@ -18,6 +18,7 @@ import logging
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from numpy.typing import NDArray
@@ -608,7 +609,7 @@ class _ShareTable:
 
     def _row(self, owner: int) -> list[int]:
         row = self.at[bisect.bisect_left(self.owners, owner)]
-        return row[row >= 0].tolist()
+        return cast(list[int], row[row >= 0].tolist())
 
     def shares(self, owner: int) -> list[tuple[int, int]]:
         """All shares of ``owner`` as (point, value), lowest point first."""

@@ -52,7 +52,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
@@ -261,7 +261,7 @@ def _guarded(fn: Any) -> Any:
     @functools.wraps(fn)
     def run(msg: Message, context: Context) -> Message:
         try:
-            return fn(msg, context)
+            return cast(Message, fn(msg, context))
         except (PolicyError, JobError) as exc:
             log.error("refusing %s: %s", msg.metadata.message_type, exc)
             return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
