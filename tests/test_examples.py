@@ -29,7 +29,9 @@ def _load(path: Path) -> Any:
 def test_example_config_trains(path: Path) -> None:
     module = _load(path)
     # an example may bring its own rows (``dataset``, e.g. digits as images scaled by their public range)
-    report = train(replace(module.config, rounds=1), baseline=False, dataset=getattr(module, "dataset", None))
+    # one round under the named seeded test seam: DP noise repeats, so the accuracy check cannot flake
+    config = replace(module.config, rounds=1, insecure_seeded_randomness=True)
+    report = train(config, baseline=False, dataset=getattr(module, "dataset", None))
     assert report["final"]["rounds_completed"] == 1
     assert 0.5 < report["final"]["accuracy"] <= 1.0
     assert report["guarantees"], "every example runs with privacy layers on"
