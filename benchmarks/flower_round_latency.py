@@ -182,14 +182,15 @@ def _ours(cluster: Any, work: Path, *, size: int, rounds: int, poll: float, labe
 
 
 def _in_memory(size: int, clients: int, rounds: int) -> dict[str, Any]:
-    from fl.runners.flower import FlowerJob, _sum_protocol, _sum_value
+    from fl.runners.flower import FlowerJob
+    from fl.runners.flower.job import sum_protocol, sum_value
     from fl.runners.local import run_secure_sum
 
     job = FlowerJob(task="sum", clients=clients, size=size, rounds=rounds, protocol="secagg+", threshold=0.7)
-    ssum, spec = _sum_protocol(job)
+    ssum, spec = sum_protocol(job)
     times = []
     for r in range(1, rounds + 1):
-        values = {c: _sum_value(job, r, c) for c in range(clients)}
+        values = {c: sum_value(job, r, c) for c in range(clients)}
         t0 = time.perf_counter()
         run_secure_sum(ssum, values, spec=spec, session=bytes(16), round=r)
         times.append(time.perf_counter() - t0)

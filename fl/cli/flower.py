@@ -356,7 +356,9 @@ def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]
         app = fw.write_app(home / "apps" / f"job-{os.getpid()}", job)
         import subprocess
 
-        cp = subprocess.run([fw._exe("flwr"), "run", str(app), fw.CONNECTION], env=env)
+        from fl.runners.flower.processes import exe_path
+
+        cp = subprocess.run([exe_path("flwr"), "run", str(app), fw.CONNECTION], env=env)
         if cp.returncode != 0 or args.no_wait:
             return cp.returncode
         result = _follow(out, timeout=args.timeout)

@@ -1,6 +1,6 @@
 """Flower's ``Grid`` contract in one process, for adversary tests against the real ServerApp/ClientApp functions.
 
-:class:`InProcessGrid` hands each message to the real :data:`fl.runners.flower.client_app` with that
+:class:`InProcessGrid` hands each message to the real :data:`fl.runners.flower.clientapp` with that
 node's own :class:`flwr.app.Context` (its node config, its state), the way a SuperNode does, and turns an
 exception into an error reply the way Flower's ClientApp runner does. ``tamper`` lets a test play a
 malicious SuperNode (rewrite its replies) or a malicious ServerApp (send its own messages and job).

@@ -1,4 +1,4 @@
-"""Adversary: one malicious SuperNode, against the real ServerApp round (``_serve`` / ``_run_round``).
+"""Adversary: one malicious SuperNode, against the real ServerApp round (``serve`` / ``_run_round``).
 
 It answers the ServerApp's messages with anything it likes. The claim: a reply that does not have the
 shape of ours (unknown keys, malformed JSON, wrong types, no record, messages for parties outside the
@@ -22,7 +22,9 @@ pytest.importorskip("flwr")
 from flwr.app import ConfigRecord, Message, RecordDict
 
 from fl.config import PrivacyConfig, TrainConfig
-from fl.runners.flower import FlowerJob, _Progress, _serve
+from fl.runners.flower import FlowerJob
+from fl.runners.flower.link import Progress
+from fl.runners.flower.serverapp import serve
 from secagg import wire
 from tests.adversary.flower_harness import InProcessGrid, node_context, reply_with, server_identity
 
@@ -62,7 +64,7 @@ STEP_FORGERIES: dict[str, Callable[[Message, Message], Message]] = {
 def _run(tmp_path: Path, job: FlowerJob, tamper: Any) -> dict[str, Any]:
     contexts = {100 + c: node_context(tmp_path, 100 + c, c, job.num_clients, job.to_json()) for c in range(3)}
     grid = InProcessGrid(contexts, {100 + BAD: tamper})
-    return _serve(grid, job, _Progress(Path(job.out)))  # type: ignore[arg-type]
+    return serve(grid, job, Progress(Path(job.out)))  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("name", sorted(STEP_FORGERIES))

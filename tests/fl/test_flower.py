@@ -21,7 +21,8 @@ pytest.importorskip("flwr")
 from flwr.app import ConfigRecord
 
 from fl.config import PrivacyConfig, TrainConfig
-from fl.runners.flower import FlowerJob, LocalCluster, NodePolicy, _group_alive, wait_result
+from fl.runners.flower import FlowerJob, LocalCluster, NodePolicy, wait_result
+from fl.runners.flower.processes import group_alive
 
 pytestmark = [pytest.mark.flower]
 
@@ -39,7 +40,7 @@ def cluster(tmp_path: Path) -> Iterator[LocalCluster]:
         c.stop()
         started = [p.pid for p in [c.superlink, *c.nodes.values()] if p is not None]
         assert started, "the fixture started no process"
-        assert not [pid for pid in started if _group_alive(pid)], "a Flower process group outlived the test"
+        assert not [pid for pid in started if group_alive(pid)], "a Flower process group outlived the test"
 
 
 def _progress(out: Path) -> list[dict[str, Any]]:
@@ -172,7 +173,7 @@ def test_sealed_client_state_round_trips_and_refuses_tampering_and_rollback(tmp_
 def test_state_key_missing_names_the_fix(tmp_path: Path) -> None:
     from flwr.app import Context, RecordDict
 
-    from fl.runners.flower import _state_key
+    from fl.runners.flower.clientapp import _state_key
 
     ctx = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     with pytest.raises(RuntimeError, match="privagg flower supernode"):
@@ -342,9 +343,9 @@ def test_only_registered_supernodes_can_join(tmp_path: Path) -> None:
 
 
 def _flwr() -> str:
-    from fl.runners.flower import _exe
+    from fl.runners.flower.processes import exe_path
 
-    return _exe("flwr")
+    return exe_path("flwr")
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # pathspec, inside Flower's FAB builder

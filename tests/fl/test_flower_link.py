@@ -1,4 +1,4 @@
-"""The Flower runner's secagg.drive transport (``_PhaseLink``) against a scripted grid: no Flower processes.
+"""The Flower runner's secagg.drive transport (``PhaseLink``) against a scripted grid: no Flower processes.
 
 It plays a client whose reply claims to come from someone else, or addresses a party outside the round,
 and checks that the link drops that client (as at a missed deadline) instead of passing the message on;
@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fl.runners.flower import _PhaseLink
+from fl.runners.flower.link import PhaseLink
 from secagg import wire
 from secagg.drive import drive
 from secagg.machine import SERVER
@@ -54,7 +54,7 @@ def _input(sender: int, value: float) -> PlainInput:
 
 def test_a_reply_claiming_another_sender_drops_the_client() -> None:
     tr = FakeTransport({})
-    link = _PhaseLink(tr, round=1, session=S, final_phase="input", planned=[0, 1, 2], members=[0, 1, 2])  # type: ignore[arg-type]
+    link = PhaseLink(tr, round=1, session=S, final_phase="input", planned=[0, 1, 2], members=[0, 1, 2])  # type: ignore[arg-type]
     opened = {0: _rec(_input(0, 1.0)), 1: _rec(_input(2, 5.0)), 2: _rec(_input(2, 2.0))}
     msgs = link.checked(opened)
     assert [m.sender for m in msgs] == [0, 2], "client 1's forged message reached the server"
@@ -65,7 +65,7 @@ def test_a_reply_claiming_another_sender_drops_the_client() -> None:
 
 def test_a_message_for_a_party_outside_the_round_drops_its_sender() -> None:
     tr = FakeTransport({})
-    link = _PhaseLink(tr, round=1, session=S, final_phase="input", planned=[0, 1], members=[0, 1])  # type: ignore[arg-type]
+    link = PhaseLink(tr, round=1, session=S, final_phase="input", planned=[0, 1], members=[0, 1])  # type: ignore[arg-type]
     stray = PlainInput(1, 7, S, 1, np.zeros(2))
     assert [m.sender for m in link.checked({0: _rec(_input(0, 1.0)), 1: _rec(stray)})] == [0]
     assert link.alive == {0}
@@ -77,7 +77,7 @@ def test_steps_final_flag_and_deadline_reach_the_clients() -> None:
     import time
 
     tr = FakeTransport({0: _rec(), 1: {"msgs": "not a list"}})
-    link = _PhaseLink(tr, round=4, session=S, final_phase="unmask", planned=[0, 1], members=[0, 1])  # type: ignore[arg-type]
+    link = PhaseLink(tr, round=4, session=S, final_phase="unmask", planned=[0, 1], members=[0, 1])  # type: ignore[arg-type]
     ask = [PlainInput(SERVER, c, S, 4, np.zeros(1)) for c in (0, 1)]
     assert link.exchange("share", ask, deadline=time.monotonic() + 5.0) == []
     assert link.alive == {0}, "a garbled reply must drop its client"

@@ -84,7 +84,7 @@ def test_the_server_side_holds_no_client_rows() -> None:
 # ---- Flower: one client side per run ------------------------------------------------------------
 def _flower_setup(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[int]]:
     pytest.importorskip("flwr")
-    import fl.runners.flower as runner
+    import fl.runners.flower.clientapp as runner
     from tests.adversary.flower_harness import server_identity
 
     server_identity(monkeypatch)

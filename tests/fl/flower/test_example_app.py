@@ -25,7 +25,8 @@ import pytest
 pytest.importorskip("flwr")
 pytest.importorskip("torch")
 
-from fl.runners.flower import CONNECTION, LocalCluster, NodePolicy, _exe, _group_alive
+from fl.runners.flower import CONNECTION, LocalCluster, NodePolicy
+from fl.runners.flower.processes import exe_path, group_alive
 
 pytestmark = [pytest.mark.flower, pytest.mark.slow]
 
@@ -60,12 +61,12 @@ def app_cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
     finally:
         c.stop()
         started = [p.pid for p in [c.superlink, *c.nodes.values()] if p is not None]
-        assert started and not [pid for pid in started if _group_alive(pid)], "a Flower process outlived the test"
+        assert started and not [pid for pid in started if group_alive(pid)], "a Flower process outlived the test"
 
 
 def _flwr_run(c: LocalCluster, app: Path, **config: Any) -> None:
     overrides = " ".join(f"{k}={json.dumps(v)}" for k, v in config.items())
-    cp = subprocess.run([_exe("flwr"), "run", str(app), CONNECTION, "--run-config", overrides], env=c.env,
+    cp = subprocess.run([exe_path("flwr"), "run", str(app), CONNECTION, "--run-config", overrides], env=c.env,
                         capture_output=True, text=True, timeout=120, cwd=c.workdir)
     assert cp.returncode == 0, f"flwr run failed: {cp.stdout}\n{cp.stderr}"
 

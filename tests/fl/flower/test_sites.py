@@ -14,7 +14,8 @@ import pytest
 
 pytest.importorskip("flwr")
 
-from fl.runners.flower import FlowerJob, LocalCluster, _group_alive, supernode_command
+from fl.runners.flower import FlowerJob, LocalCluster, supernode_command
+from fl.runners.flower.processes import group_alive
 from fl.runners.flower.site import SiteMismatchError, check_sites, hello_fields, read_header
 
 
@@ -99,4 +100,4 @@ def test_supernodes_on_their_own_data_over_flower(tmp_path: Path) -> None:
     finally:
         c.stop()
         started = [p.pid for p in [c.superlink, *c.nodes.values()] if p is not None]
-        assert started and not [pid for pid in started if _group_alive(pid)]
+        assert started and not [pid for pid in started if group_alive(pid)]

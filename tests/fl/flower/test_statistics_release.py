@@ -15,7 +15,8 @@ import fl.data.sites as sites_mod
 from fl.cli.flower import release_statistics
 from fl.config import PrivacyConfig, TrainConfig
 from fl.data.stats import DataError, FederatedStats
-from fl.runners.flower import FlowerJob, JobError, _job_stats
+from fl.runners.flower import FlowerJob, JobError
+from fl.runners.flower.job import job_stats
 from fl.training.client import ClientSide
 
 CONFIG = TrainConfig(dataset="breast_cancer", clients=3, rounds=1, privacy=PrivacyConfig(spec="dp-sgd", epsilon=2.0))
@@ -26,7 +27,7 @@ def test_the_release_round_trips_through_json_exactly() -> None:
     assert raw is not None
     job = FlowerJob(task="train", config=CONFIG.as_dict(), stats=raw)
     again = FlowerJob.from_json(job.to_json())
-    stats = _job_stats(again)
+    stats = job_stats(again)
     assert isinstance(stats, FederatedStats)
     assert stats.to_json() == raw  # JSON, no pickle, nothing lost
     params = stats.guarantee.params  # a tenth of epsilon = 2, against the worst observer (plain sum: the server)

@@ -316,11 +316,12 @@ def test_cli_flags_reach_the_layer() -> None:
 def test_flower_refuses_aclip_until_it_ships_the_state() -> None:
     """Over Flower each node would encode with the initial norm while the server decodes with C_t."""
     pytest.importorskip("flwr")
-    from fl.runners.flower import FlowerJob, JobError, _train_config
+    from fl.runners.flower import FlowerJob, JobError
+    from fl.runners.flower.job import train_config
 
     job = FlowerJob(config={"clients": 3, "privacy": {"spec": "aclip,noise", "noise_multiplier": 1.0}})
     with pytest.raises(JobError, match="aclip"):
-        _train_config(job)
+        train_config(job)
 
 
 def test_epsilon_calibration_with_aclip_meets_the_budget(tmp_path: Path) -> None:

@@ -1,0 +1,238 @@
+"""The privagg ClientApp: one SuperNode's side of a job (:data:`client_app`).
+
+Three messages: ``privagg_hello`` (which partition/site this node is, once the job meets its policy),
+``privagg_start`` (train or draw the round's vector, start the client machine) and ``privagg_step`` (feed a
+later phase to the stored machine). Between messages the machine lives only as a sealed, versioned
+snapshot in the node's state (:mod:`fl.runners.flower.state`). The node keeps one
+:class:`~fl.training.client.ClientSide` per run and contributes to each planned round at most once.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from dataclasses import asdict
+from typing import Any, cast
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from fl.runners.flower import state as _state
+from fl.runners.flower.job import (
+    RECORD,
+    FlowerJob,
+    JobError,
+    decode_msgs,
+    encode_msgs,
+    job_stats,
+    load_job,
+    node_policy,
+    record,
+    sum_of,
+    sum_protocol,
+    sum_value,
+    train_config,
+)
+from fl.runners.flower.policy import PolicyError, sum_terms, train_terms
+from fl.spec import SecureSum
+from secagg.errors import ProtocolError
+from secagg.machine import ClientMachine
+from secagg.machine import Message as ProtocolMessage
+from secagg.plain import PlainClient
+
+log = logging.getLogger(__name__)
+
+
+def _refuse_weaker(context: Context, job: FlowerJob, cid: int) -> None:
+    """Raise :class:`PolicyError` if ``job`` asks this node for less than its policy allows."""
+    if job.task == "train":
+        terms = train_terms(_client_side(context, job, cid), cid)
+    else:
+        terms = sum_terms(sum_of(job), job.clients)  # before binding: the policy's refusal is the one reported
+    node_policy(context).check(terms)
+
+
+_CLIENT_SIDES: dict[tuple[int, str, int], Any] = {}
+"""This process's client side per (run id, job text, partition): built once, kept for the whole run."""
+
+
+def _client_side(context: Context, job: FlowerJob, cid: int) -> Any:
+    """This node's :class:`~fl.training.client.ClientSide` for the run (one site: its data, model, trainer).
+
+    Built once per process and run, keyed by run id and the job's exact text (a different job under the
+    same run id builds a new one); a cold process (Flower may start one per message) rebuilds it
+    deterministically from the job's config alone, reusing the noise calibrations this node memoised in
+    its own state (:mod:`fl.runners.flower.calibrations`). Only the latest run is kept.
+    """
+    key = (int(context.run_id), job.to_json(), cid)
+    side = _CLIENT_SIDES.get(key)
+    if side is None:
+        from fl.runners.flower.calibrations import NodeCalibrations
+        from fl.training.client import ClientSide
+
+        _CLIENT_SIDES.clear()
+        side = ClientSide.for_site(train_config(job), cid, calibrate=NodeCalibrations(context),
+                                   stats=job_stats(job))
+        _CLIENT_SIDES[key] = side
+    return side
+
+
+def _guarded(fn: Any) -> Any:
+    """Turn a :class:`PolicyError` (or a job this node cannot parse) into a logged error reply."""
+
+    @functools.wraps(fn)
+    def run(msg: Message, context: Context) -> Message:
+        try:
+            return cast(Message, fn(msg, context))
+        except (PolicyError, JobError) as exc:
+            log.error("refusing %s: %s", msg.metadata.message_type, exc)
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=f"{type(exc).__name__}: {exc}"),
+                           reply_to=msg)
+
+    return run
+
+
+def _state_key(context: Context) -> bytes:
+    """This node's state-sealing key (see :mod:`fl.runners.flower.state`)."""
+    return _state.state_key(context)
+
+
+# ---------------------------------------------------------------------------------------------- client side
+client_app = ClientApp()
+
+
+def _partition(context: Context) -> int:
+    pid = context.node_config.get("partition-id")
+    if isinstance(pid, bool) or not isinstance(pid, int):
+        raise RuntimeError(
+            "this SuperNode has no integer partition-id; start it with `privagg flower supernode --partition I/N`"
+        )
+    return pid
+
+
+def _reply(msg: Message, fields: dict[str, Any]) -> Message:
+    return Message(RecordDict({RECORD: ConfigRecord(fields)}), reply_to=msg)
+
+
+def _incoming(msg: Message) -> list[ProtocolMessage]:
+    return decode_msgs(record(msg.content))
+
+
+_ROUNDS = "privagg-rounds"
+
+
+def _claim_round(context: Context, rnd: int, planned: int) -> None:
+    """Contribute to each planned round at most once, in increasing order (the node's own record).
+
+    The DP noise of a job is calibrated for its planned rounds; a server that opened a round twice, or
+    more rounds than planned, would get more releases of this node's data than the budget covers.
+    """
+    if not 1 <= rnd <= planned:
+        raise PolicyError(f"round {rnd} is outside the job's planned rounds 1..{planned}")
+    last = int(context.state[_ROUNDS]["last"]) if _ROUNDS in context.state else 0  # type: ignore[arg-type]
+    if rnd <= last:
+        raise PolicyError(f"this node already contributed to round {last}; round {rnd} again would release its "
+                          "data more often than the job's DP budget covers")
+    context.state[_ROUNDS] = ConfigRecord({"last": rnd})
+
+
+@client_app.query("privagg_hello")
+@_guarded
+def _hello(msg: Message, context: Context) -> Message:
+    """Tell the server which partition (client id) this SuperNode owns, once the job meets its policy."""
+    _state_key(context)  # fail at join time, not mid-round, when the node cannot keep state
+    cid = _partition(context)
+    job = load_job(context)
+    own = _own_data(context, job)  # first: the policy check of a train job builds (loads) its data set
+    _refuse_weaker(context, job, cid)
+    n = context.node_config.get("num-partitions", -1)
+    return _reply(msg, {"cid": cid, "num": int(n) if isinstance(n, int) else -1, **own})
+
+
+def _own_data(context: Context, job: FlowerJob) -> dict[str, Any]:
+    """This node's site and columns for the hello (:mod:`fl.runners.flower.site`); never the bundled set."""
+    from fl.runners.flower import site
+
+    try:
+        fields = site.hello_fields(context.node_config)
+    except ValueError as exc:
+        raise PolicyError(f"this node's own data is unusable: {exc}") from exc
+    if fields and job.task == "train":
+        raise PolicyError(
+            f"this SuperNode holds site {fields['site']!r}'s own data and never loads the data set the job names "
+            f"({job.config.get('dataset', 'breast_cancer')!r}); the privagg ClientApp cannot train on a node's own "
+            "CSV yet: use your own ClientApp with privagg_mod (examples/flower_app reads data-path), or start "
+            "the node without --data"
+        )
+    return fields
+
+
+@client_app.train("privagg_start")
+@_guarded
+def _start(msg: Message, context: Context) -> Message:
+    """Round opens: check the job against this node's policy, train or draw the vector, start the machine."""
+    t0 = time.perf_counter()
+    job = load_job(context)
+    rec = record(msg.content)
+    cid = _partition(context)
+    rnd = int(rec["round"])
+    session = bytes(rec["session"])
+    ssum: SecureSum
+    extra: dict[str, Any] = {}
+    if job.task == "train":
+        import torch
+
+        from fl.errors import NonFiniteUpdateError
+
+        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+        side = _client_side(context, job, cid)
+        _refuse_weaker(context, job, cid)
+        _claim_round(context, rnd, job.num_rounds)
+        params = np.frombuffer(bytes(rec["params"]), dtype=np.float64).copy()
+        try:
+            value, result = side.update(params, rnd)
+        except NonFiniteUpdateError as exc:
+            log.warning("%s", exc)
+            return _reply(msg, {"rejected": str(exc)})
+        extra["result"] = json.dumps(asdict(result), default=str)
+        ssum, spec = side.plan.pipeline.sum, side.bound.sum_spec
+    else:
+        _refuse_weaker(context, job, cid)
+        _claim_round(context, rnd, job.num_rounds)
+        ssum, spec = sum_protocol(job)
+        value = sum_value(job, rnd, cid)
+    if dict(ssum.parties(spec=spec, session=session, round=rnd)):
+        raise ProtocolError(f"{ssum.name} needs an extra party (a key holder); the Flower runner does not host one")
+    machine = ssum.client(cid, value, spec=spec, session=session, round=rnd)
+    out = machine.start()
+    for m in _incoming(msg):
+        out += machine.receive(m)
+    _state.clear(context)
+    if not isinstance(machine, PlainClient):  # a plain client is done once it has sent its value
+        _state.store(context, machine, session=session, round=rnd, step=0)
+    extra["compute_s"] = time.perf_counter() - t0
+    return _reply(msg, {**encode_msgs(out), **extra})
+
+
+@client_app.query("privagg_step")
+@_guarded
+def _step(msg: Message, context: Context) -> Message:
+    """One later phase: feed the server's messages to our stored machine, send back its replies."""
+    t0 = time.perf_counter()
+    rec = record(msg.content)
+    session, rnd, step = bytes(rec["session"]), int(rec["round"]), int(rec["step"])
+    if step < 1:
+        raise ProtocolError(f"protocol steps are numbered from 1, got {step}")
+    machine: ClientMachine = _state.load(context, session=session, round=rnd, step=step - 1)
+    out: list[ProtocolMessage] = []
+    for m in _incoming(msg):
+        out += machine.receive(m)
+    if bool(rec["final"]):
+        _state.clear(context)  # the round's secrets are no longer needed
+    else:
+        _state.store(context, machine, session=session, round=rnd, step=step)
+    return _reply(msg, {**encode_msgs(out), "compute_s": time.perf_counter() - t0})

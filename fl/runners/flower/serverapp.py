@@ -1,0 +1,306 @@
+"""The privagg ServerApp (:data:`server_app`): discover the SuperNodes, then drive every round.
+
+A ``train`` job runs :class:`fl.training.loop.Federation`'s server side (sampling, decoding, averaging,
+evaluation, the ledger) and drives the round's secure sum with :func:`secagg.drive.drive` over
+:class:`~fl.runners.flower.link.PhaseLink`; a ``sum`` job checks the secure sum of public test vectors
+exactly. Progress, the result and errors go to JSON files in the job's ``out`` directory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.serverapp import Grid, ServerApp
+from numpy.typing import NDArray
+
+from fl.runners.flower.job import (
+    HELLO,
+    RECORD,
+    START,
+    BadReplyError,
+    FlowerJob,
+    job_stats,
+    load_job,
+    reply_record,
+    sum_protocol,
+    sum_value,
+    train_config,
+    train_result,
+)
+from fl.runners.flower.link import Exchange, GridTransport, PhaseLink, Progress, send_and_receive, write_json
+from fl.spec import SecureSum, TrainResult, ValueSpec
+from secagg.drive import PhaseStats, drive
+from secagg.errors import AbortError
+from secagg.machine import ServerMachine
+
+log = logging.getLogger(__name__)
+
+
+class NoUpdatesError(Exception):
+    """Every sampled client rejected its own update (NaN/Inf), or none was sampled: the round is skipped."""
+
+
+@dataclass
+class RoundResult:
+    total: NDArray[Any]
+    included: tuple[int, ...]
+    messages: int
+    results: dict[int, TrainResult]
+    rejected: list[int]
+
+
+def open_round(tr: GridTransport, phase: str, *, round: int, planned: Sequence[int], session: bytes,
+                start_fields: Mapping[str, Any]) -> tuple[dict[int, Any], dict[int, TrainResult], list[int]]:
+    """Phase 0: ask every sampled client to train (or draw its vector) and start its machine."""
+    payloads = {cid: {**start_fields, "round": round, "session": session} for cid in planned}
+    replies, failed = tr.exchange(round, phase, payloads, kind=START, timeout=tr.job.start_timeout)
+    results: dict[int, TrainResult] = {}
+    rejected: list[int] = []
+    for cid, rec in replies.items():
+        try:
+            if "rejected" in rec:
+                rejected.append(cid)
+            elif "result" in rec:
+                results[cid] = train_result(rec["result"])
+            elif "params" in start_fields:
+                raise BadReplyError("a training reply without its training result")
+        except BadReplyError as exc:
+            log.warning("round %d: dropping client %d, its %s reply was refused: %s", round, cid, phase, exc)
+            failed.add(cid)
+    opened = {cid: rec for cid, rec in replies.items() if cid not in failed and cid not in rejected}
+    return opened, results, rejected
+
+
+def run_round(
+    tr: GridTransport,
+    ssum: SecureSum,
+    spec: ValueSpec,
+    *,
+    round: int,
+    planned: Sequence[int],
+    session: bytes,
+    start_fields: Mapping[str, Any],
+) -> RoundResult:
+    """Drive one round of our server machine over Flower with :func:`secagg.drive.drive`.
+
+    Phase 0 asks every sampled client to train (or draw its vector) and start its machine; the server
+    machine is then built over the clients that answered with an update (a client that rejected its own
+    update is left out, as in memory; one that did not answer in time has dropped).
+    """
+    phases = ssum.server(list(planned), spec=spec, session=session, round=round).phases
+    opened, results, rejected = open_round(tr, phases[0], round=round, planned=planned, session=session,
+                                            start_fields=start_fields)
+    if not opened:
+        if rejected and not (set(planned) - set(rejected)):
+            raise NoUpdatesError("no client update this round")
+        raise AbortError(phases[0], needed=1, answered=0)
+    members = sorted(opened)
+    start_log = len(tr.log)
+    t0 = time.perf_counter()
+    server: ServerMachine = ssum.server(members, spec=spec, session=session, round=round)
+    build_s = time.perf_counter() - t0
+    link = PhaseLink(tr, round=round, session=session, final_phase=phases[-1], planned=planned, members=members)
+    opening = link.checked(opened)
+    outcome = drive(server, link, opening=opening, phase_timeout=tr.job.phase_timeout,
+                    on_refused=lambda m, exc: link.refuse(m.sender, exc))
+    _add_server_time(tr.log[start_log - 1:], outcome.phases, build_s)
+    count = len(opening) + outcome.received + link.sent
+    return RoundResult(outcome.total, outcome.included, count, results, rejected)
+
+
+def _add_server_time(entries: Sequence[Exchange], phases: Sequence[PhaseStats], build_s: float) -> None:
+    """Attribute the server's compute time in each phase to that phase's last exchange of the round."""
+    if not entries:
+        return
+    entries[0].server_s += build_s
+    for p in phases:
+        mine = [e for e in entries if e.phase == p.phase]
+        (mine or list(entries))[-1].server_s += p.server_s
+
+
+def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
+    """Wait for the SuperNodes, ask each for its partition; return ``{client id: node id}``."""
+    want = job.num_clients
+    deadline = time.monotonic() + job.join_timeout
+    nodes: list[int] = []
+    while time.monotonic() < deadline:
+        nodes = sorted(grid.get_node_ids())
+        if len(nodes) >= want:
+            break
+        time.sleep(0.2)
+    if len(nodes) < want:
+        raise RuntimeError(
+            f"only {len(nodes)} of {want} SuperNodes connected within {job.join_timeout:g}s; start one "
+            f"`privagg flower supernode --partition I/{want}` per client"
+        )
+    msgs = [
+        Message(RecordDict({RECORD: ConfigRecord({"hello": 1})}), dst_node_id=n, message_type=HELLO,
+                ttl=job.join_timeout + 60.0)
+        for n in nodes
+    ]
+    replies = send_and_receive(grid, msgs, timeout=job.join_timeout, poll=job.poll_interval or 0.2)
+    mapping: dict[int, int] = {}
+    hellos: dict[int, Any] = {}
+    for r in replies:
+        if r.has_error():
+            log.error("SuperNode %s refused the job: %s", r.metadata.src_node_id, r.error.reason)
+            raise RuntimeError(f"SuperNode {r.metadata.src_node_id} cannot take part: {r.error.reason}")
+        try:
+            cid = reply_record(r).get("cid")
+        except BadReplyError as exc:
+            log.warning("SuperNode %s sent a malformed hello (%s); ignoring it", r.metadata.src_node_id, exc)
+            continue
+        if isinstance(cid, bool) or not isinstance(cid, int):
+            log.warning("SuperNode %s sent a hello without an integer cid; ignoring it", r.metadata.src_node_id)
+            continue
+        if cid in mapping:
+            raise RuntimeError(f"two SuperNodes claim partition {cid}; give each a distinct --partition I/{want}")
+        if not 0 <= cid < want:
+            raise RuntimeError(f"a SuperNode owns partition {cid}, outside 0..{want - 1}; check --partition I/{want}")
+        mapping[cid] = r.metadata.src_node_id
+        hellos[r.metadata.src_node_id] = dict(reply_record(r))
+    from fl.runners.flower.site import check_sites
+
+    check_sites(hellos)  # the sites' columns must agree before any round (SiteMismatchError names them)
+    if len(mapping) < want:
+        missing = sorted(set(range(want)) - set(mapping))
+        raise RuntimeError(f"no SuperNode answered for partition(s) {missing} within {job.join_timeout:g}s")
+    return mapping
+
+
+server_app = ServerApp()
+
+
+@server_app.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    """The ServerApp: discover the SuperNodes, then run every round of the job; write the results."""
+    job = load_job(context)
+    out = Path(job.out)
+    progress = Progress(out)
+    try:
+        result = serve(grid, job, progress)
+    except BaseException as exc:
+        write_json(out / "error.json", {"error": f"{type(exc).__name__}: {exc}"})
+        progress(event="error", error=str(exc))
+        raise
+    write_json(out / "result.json", result)
+    progress(event="done")
+
+
+def serve(grid: Grid, job: FlowerJob, progress: Progress) -> dict[str, Any]:
+    """Discover the SuperNodes, run the job's rounds over them; return the result (``result.json``)."""
+    t_join = time.perf_counter()
+    nodes = _discover(grid, job)
+    tr = GridTransport(grid, job, nodes)
+    tr.progress = progress
+    progress(event="joined", nodes={str(c): n for c, n in nodes.items()}, seconds=time.perf_counter() - t_join)
+    rounds: list[dict[str, Any]] = []
+    fed: Any = _start_federation(job) if job.task == "train" else None
+    stopped = None
+    for r in range(1, job.num_rounds + 1):
+        t_round = time.perf_counter()
+        progress(event="round", round=r)
+        if job.task == "train":
+            planned = fed.sample(r)
+            if fed.plan.accounting is not None:
+                ok, why = fed.plan.accounting.can_run(fed.round_info(r, planned, planned))
+                if not ok:
+                    from fl.training.loop import BudgetExhaustedError
+
+                    stopped = f"stopped before round {r}: {BudgetExhaustedError(why)}"
+                    break
+            ssum, spec, session = fed.plan.pipeline.sum, fed.bound.sum_spec, fed.session(r)
+            start = {"params": np.ascontiguousarray(fed.params, dtype=np.float64).tobytes()}
+        else:
+            planned = tuple(range(job.clients))
+            ssum, spec = sum_protocol(job)
+            session, start = os.urandom(16), {}
+        record: dict[str, Any] = {"round": r, "planned": len(planned)}
+        try:
+            if not planned:
+                raise NoUpdatesError("no client was sampled this round")
+            rr = run_round(tr, ssum, spec, round=r, planned=planned, session=session, start_fields=start)
+        except (AbortError, NoUpdatesError) as exc:
+            _record_failed_round(record, exc, r=r, fed=fed)
+            rounds.append(record)
+            progress(event="round_done", **record)
+            continue
+        if job.task == "train":
+            from fl.runners.local import SumOutcome
+
+            outcome = SumOutcome(rr.total, rr.included, rr.messages)
+            record = fed.finish_round(r, planned, outcome, rr.results, rejected=rr.rejected)
+        else:
+            record.update(_checked_sum(job, r, rr.total, rr.included, spec))
+        record = {**record, "included_ids": list(rr.included), "seconds": time.perf_counter() - t_round}
+        rounds.append(record)
+        progress(event="round_done", **record)
+    return _result(job, nodes=nodes, rounds=rounds, exchanges=tr.log, fed=fed, stopped=stopped)
+
+
+def _start_federation(job: FlowerJob) -> Any:
+    """The server's :class:`~fl.training.loop.Federation` for a ``train`` job (torch limited to 2 threads)."""
+    import torch
+
+    from fl.training.loop import Federation
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    fed = Federation(train_config(job), stats=job_stats(job))
+    if fed.config.dropout > 0:
+        log.warning("--dropout simulates dropouts in memory; over Flower, real dropouts are used instead")
+    return fed
+
+
+def _record_failed_round(record: dict[str, Any], exc: Exception, *, r: int, fed: Any) -> None:
+    """Fill ``record`` for a round that aborted or had no client; a training job also evaluates and logs it."""
+    log.warning("round %d: %s", r, exc)
+    record.update(included=0)
+    record["aborted" if isinstance(exc, AbortError) else "skipped"] = str(exc)
+    if fed is not None:
+        record.update(fed.evaluate())
+        fed.history.append(record)
+
+
+def _checked_sum(
+    job: FlowerJob, r: int, total: NDArray[Any], included: Sequence[int], spec: ValueSpec
+) -> dict[str, Any]:
+    """Check a ``sum`` job's secure sum against the sum of the included clients' public test words.
+
+    Raises RuntimeError when they differ; else returns the record fields ``included`` and ``exact``.
+    """
+    assert spec.modulus is not None
+    expect = np.zeros(job.size, dtype=np.uint64)
+    for cid in included:
+        expect += sum_value(job, r, cid)
+    expect &= np.uint64(spec.modulus - 1)
+    exact = bool(np.array_equal(np.asarray(total, dtype=np.uint64), expect))
+    if not exact:
+        raise RuntimeError(f"round {r}: the secure sum differs from the sum of the included inputs")
+    return {"included": len(included), "exact": exact}
+
+
+def _result(
+    job: FlowerJob, *, nodes: Mapping[int, int], rounds: list[dict[str, Any]], exchanges: Sequence[Any], fed: Any,
+    stopped: str | None,
+) -> dict[str, Any]:
+    """The job's result: job, nodes, rounds and exchanges; a training job's report and saved ``params.npy``."""
+    out = Path(job.out)
+    result: dict[str, Any] = {
+        "job": asdict(job),
+        "nodes": {str(c): n for c, n in nodes.items()},
+        "rounds": rounds,
+        "exchanges": [asdict(e) for e in exchanges],
+    }
+    if fed is not None:
+        np.save(out / "params.npy", fed.params)
+        result["report"] = fed.report(baseline=None, stopped=stopped)
+        result["params_file"] = str(out / "params.npy")
+    return result

@@ -1,0 +1,85 @@
+"""The fast SuperNode path patches Flower internals only on the Flower versions it was tested on.
+
+On any other version (or when an internal it needs has moved) the node must run Flower's stock loop
+with a warning, never a half-applied patch; the app pin is installed either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import pytest
+
+pytest.importorskip("flwr")
+
+import flwr.supernode.cli as supernode_cli
+import flwr.supernode.start_client_internal as sci
+
+from fl.runners.flower import fast_node, pin
+
+
+@pytest.mark.parametrize(("version", "ok"), [("1.41.2", True), ("1.42.0", True), ("1.40.9", False),
+                                             ("1.43.0", False), ("2.0.0", False), ("nightly", False), ("", False)])
+def test_patch_is_gated_on_tested_flower_versions(version: str, ok: bool) -> None:
+    assert fast_node.patch_supported(version) is ok
+
+
+def test_installed_flower_is_a_patched_version() -> None:
+    """The pinned dev Flower is one the fast path supports (else CI would only test the fallback)."""
+    assert fast_node.patch_supported()
+
+
+def _run_node(monkeypatch: pytest.MonkeyPatch, *, supported: bool) -> dict[str, Any]:
+    seen: dict[str, Any] = {"pinned": 0, "superexec": 0}
+    monkeypatch.setitem(sci.__dict__, "time", time)  # restored after the test
+    monkeypatch.setattr(fast_node, "patch_supported", lambda version=None: supported)
+    monkeypatch.setattr(pin, "install_app_pin", lambda policy: seen.__setitem__("pinned", seen["pinned"] + 1))
+    monkeypatch.setattr(fast_node, "_start_fork_superexec",
+                        lambda argv: seen.__setitem__("superexec", seen["superexec"] + 1))
+
+    def fake_supernode() -> None:
+        import sys
+
+        seen["argv"] = list(sys.argv)
+        seen["clock"] = sci.__dict__["time"]
+
+    monkeypatch.setattr(supernode_cli, "flower_supernode", fake_supernode)
+    monkeypatch.setattr("sys.argv", ["test"])
+    assert fast_node.supernode_main(0.1, ["--superlink", "127.0.0.1:1", "--insecure"]) == 0
+    return seen
+
+
+def test_supported_flower_gets_the_short_poll_and_forked_clientapps(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = _run_node(monkeypatch, supported=True)
+    assert seen["pinned"] == 1
+    assert seen["clock"] is not time and seen["clock"].poll == 0.1
+    assert seen["superexec"] == 1 and "--isolation" in seen["argv"]
+
+
+def test_other_flower_runs_the_stock_loop_with_a_warning(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="fl.runners.flower"):
+        seen = _run_node(monkeypatch, supported=False)
+    assert seen["pinned"] == 1  # the pin is never skipped
+    assert seen["clock"] is time, "Flower's poll loop was patched on an untested version"
+    assert seen["superexec"] == 0 and "--isolation" not in seen["argv"]
+    assert any("stock SuperNode loop" in r.getMessage() for r in caplog.records)
+
+
+def test_moved_poll_loop_falls_back_without_forking(monkeypatch: pytest.MonkeyPatch,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A supported version whose loop no longer reads ``time`` from its module: no patch, no fork."""
+    monkeypatch.setitem(sci.__dict__, "time", object())
+    seen: dict[str, Any] = {"superexec": 0}
+    monkeypatch.setattr(fast_node, "patch_supported", lambda version=None: True)
+    monkeypatch.setattr(pin, "install_app_pin", lambda policy: None)
+    monkeypatch.setattr(fast_node, "_start_fork_superexec",
+                        lambda argv: seen.__setitem__("superexec", seen["superexec"] + 1))
+    monkeypatch.setattr(supernode_cli, "flower_supernode", lambda: None)
+    monkeypatch.setattr("sys.argv", ["test"])
+    with caplog.at_level(logging.WARNING, logger="fl.runners.flower"):
+        fast_node.supernode_main(0.1, ["--insecure"])
+    assert seen["superexec"] == 0
+    assert any("no SuperNode poll loop" in r.getMessage() for r in caplog.records)
