@@ -145,7 +145,7 @@ def make_event(
         return dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
     if population is None or sample_size is None:
         raise AccountingError("sampling='fixed' with sample_rate < 1 needs population= and sample_size= (the "
-                          "population size and the cohort size); pass them, or use sampling='poisson'")
+                              "population size and the cohort size); pass them, or use sampling='poisson'")
     # replace-one: a clipped sum moves by up to 2x the clip norm, so the multiplier is halved
     return dp_event.SampledWithoutReplacementDpEvent(
         population, sample_size, dp_event.GaussianDpEvent(noise_multiplier / 2.0)
