@@ -1,7 +1,8 @@
 """dp: differential-privacy mechanisms, DP-SGD, accounting and empirical audits (no federation).
 
 Names are imported lazily (``dp.rng`` stays cheap to import; the accountants pull in ``dp-accounting``
-and DP-SGD pulls in torch only when used).
+and DP-SGD pulls in torch only when used). Every error dp raises on purpose is a :class:`dp.errors.DPError`
+(and the builtin it refines); see :mod:`dp.errors`.
 """
 
 from __future__ import annotations
@@ -46,6 +47,16 @@ _LAZY = {
     "epsilon_lower_bound": "dp.audit",
     "gaussian_fit_epsilon": "dp.audit",
     "one_run_epsilon": "dp.audit",
+    # errors (dp.errors: one module, each class also the builtin it replaced)
+    "AccountingError": "dp.errors",
+    "AuditFailedError": "dp.errors",
+    "AuditInputError": "dp.errors",
+    "CalibrationError": "dp.errors",
+    "DPError": "dp.errors",
+    "InputError": "dp.errors",
+    "PerSampleModeError": "dp.errors",
+    "PrivacyParameterError": "dp.errors",
+    "SignatureError": "dp.errors",
 }
 
 __all__ = ["SecureRandom", *sorted(_LAZY)]
@@ -65,6 +76,10 @@ def _submodule(where: str) -> ModuleType:
         from dp import sgd
 
         return sgd
+    if where == "dp.errors":
+        from dp import errors
+
+        return errors
     from dp import audit
 
     return audit

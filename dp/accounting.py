@@ -43,6 +43,8 @@ from dp_accounting.pld import privacy_loss_distribution as pld_lib
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import RdpAccountant
 
+from dp.errors import AccountingError, CalibrationError, PrivacyParameterError
+
 __all__ = [
     "Accountant",
     "AccountantName",
@@ -66,6 +68,8 @@ PLD_FINE = 1e-4
 PLD_FAST = 1e-3
 """Interval for ledgers and calibration: ~10x faster, epsilon pessimistic by well under 1% (still sound)."""
 
+_DELTA_FIX = "choose a delta well below 1 / (number of records or clients), e.g. 1e-5"
+
 
 @dataclass(frozen=True, slots=True, order=True)
 class GaussianStep:
@@ -85,15 +89,18 @@ class GaussianStep:
 
     def __post_init__(self) -> None:
         if not (self.noise_multiplier >= 0 and math.isfinite(self.noise_multiplier)):
-            raise ValueError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}")
+            raise PrivacyParameterError(f"noise_multiplier must be a finite number >= 0, got {self.noise_multiplier}; "
+                                        "pass the noise std divided by the L2 sensitivity (0 for no noise)")
         if not 0 <= self.sample_rate <= 1:
-            raise ValueError(f"sample_rate must be in [0, 1], got {self.sample_rate}")
+            raise PrivacyParameterError(f"sample_rate must be in [0, 1], got {self.sample_rate}; pass the fraction of "
+                                        "records (or clients) sampled per step")
         if self.sampling not in ("poisson", "fixed"):
-            raise ValueError(f"sampling must be 'poisson' or 'fixed', got {self.sampling!r}")
+            raise AccountingError(f"sampling must be 'poisson' or 'fixed', got {self.sampling!r}; pass 'poisson' "
+                                  "(each joins independently) or 'fixed' (a cohort of fixed size)")
         if self.without_replacement and not (0 < self.sample_size <= self.population):
-            raise ValueError(
+            raise AccountingError(
                 "a fixed cohort smaller than the population needs population and sample_size "
-                f"(0 < sample_size <= population), got {self.sample_size} of {self.population}"
+                f"(0 < sample_size <= population), got {self.sample_size} of {self.population}; pass both"
             )
 
     @property
@@ -137,7 +144,8 @@ def make_event(
     if sampling == "poisson":
         return dp_event.PoissonSampledDpEvent(sample_rate, dp_event.GaussianDpEvent(noise_multiplier))
     if population is None or sample_size is None:
-        raise ValueError("sampling='fixed' with sample_rate < 1 needs population= and sample_size=")
+        raise AccountingError("sampling='fixed' with sample_rate < 1 needs population= and sample_size= (the "
+                              "population size and the cohort size); pass them, or use sampling='poisson'")
     # replace-one: a clipped sum moves by up to 2x the clip norm, so the multiplier is halved
     return dp_event.SampledWithoutReplacementDpEvent(
         population, sample_size, dp_event.GaussianDpEvent(noise_multiplier / 2.0)
@@ -155,7 +163,8 @@ class Accountant:
 
     def __init__(self, *, accountant: AccountantName = "pld", pld_interval: float = PLD_FAST) -> None:
         if accountant not in ("pld", "rdp"):
-            raise ValueError(f"accountant must be 'pld' or 'rdp', got {accountant!r}")
+            raise AccountingError(f"accountant must be 'pld' or 'rdp', got {accountant!r}; use 'pld' (tight, the "
+                                  "default) or 'rdp'")
         self.accountant: AccountantName = accountant
         self.pld_interval = pld_interval
         self._steps: Counter[GaussianStep] = Counter()
@@ -170,7 +179,7 @@ class Accountant:
     def compose(self, step: GaussianStep, count: int = 1) -> None:
         """Add ``count`` repetitions of ``step``."""
         if count < 0:
-            raise ValueError(f"count must be >= 0, got {count}")
+            raise PrivacyParameterError(f"count must be >= 0, got {count}; pass how many times the step repeats")
         if count:
             self._steps[step] += count
 
@@ -231,7 +240,7 @@ class Accountant:
         if self.accountant == "rdp" or wor:
             relation = NeighboringRelation.REPLACE_ONE if wor else NeighboringRelation.ADD_OR_REMOVE_ONE
             if wor and any(s.sampling == "poisson" and s.sample_rate < 1 for s in self._steps):
-                raise ValueError(
+                raise AccountingError(
                     "cannot compose Poisson-sampled and fixed-cohort steps in one ledger (different "
                     "neighbour relations); use one client-sampling scheme for the whole run"
                 )
@@ -272,7 +281,7 @@ class Accountant:
     def epsilon(self, delta: float) -> float:
         """The smallest epsilon the accountant certifies at ``delta`` (0 for no steps, inf without noise)."""
         if not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {delta}")
+            raise PrivacyParameterError(f"delta must be in (0, 1), got {delta}; {_DELTA_FIX}")
         if not self._steps:
             return 0.0
         key = (self._key(), delta)
@@ -370,7 +379,8 @@ def compute_epsilon(
 def _step(z: float, q: float, sampling: Sampling, population: int | None) -> GaussianStep:
     if sampling == "fixed" and q < 1:
         if not population:
-            raise ValueError("sampling='fixed' with sample_rate < 1 needs population=")
+            raise AccountingError("sampling='fixed' with sample_rate < 1 needs population= (the population "
+                                  "size); pass it, or use sampling='poisson'")
         return GaussianStep(z, q, "fixed", population, max(1, round(q * population)))
     return GaussianStep(z, min(q, 1.0), sampling)
 
@@ -378,11 +388,13 @@ def _step(z: float, q: float, sampling: Sampling, population: int | None) -> Gau
 def _check_calibration_target(*, epsilon: float, delta: float, steps: int) -> None:
     """Refuse a calibration target that no noise multiplier could mean: epsilon, delta or steps out of range."""
     if not (epsilon > 0 and math.isfinite(epsilon)):
-        raise ValueError(f"epsilon must be a positive finite number, got {epsilon}")
+        raise PrivacyParameterError(f"epsilon must be a positive finite number, got {epsilon}; pass the target "
+                                    "budget, e.g. epsilon=1.0")
     if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
+        raise PrivacyParameterError(f"delta must be in (0, 1), got {delta}; {_DELTA_FIX}")
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise PrivacyParameterError(f"steps must be >= 1, got {steps}; pass the number of planned steps (rounds "
+                                    "or DP-SGD steps)")
 
 
 def _refuse_spent_budget(
@@ -398,9 +410,9 @@ def _refuse_spent_budget(
     for s, c in spent:
         already.compose(s, c)
     if already.epsilon(delta) >= epsilon:
-        raise ValueError(
+        raise CalibrationError(
             f"the steps already spent use epsilon {already.epsilon(delta):.4g} >= the target {epsilon:g}; "
-            "no further step fits: raise the budget"
+            "no further step fits: raise the budget (a larger epsilon or delta)"
         )
 
 
@@ -452,7 +464,9 @@ def calibrate_noise(
         while gap(hi) > 0:
             lo, hi = hi, hi * 2
             if hi > 1e6:
-                raise ValueError(f"no noise multiplier up to 1e6 reaches epsilon={epsilon} at delta={delta}")
+                raise CalibrationError(f"no noise multiplier up to 1e6 reaches epsilon={epsilon} at delta={delta}; "
+                                       "relax the target: a larger epsilon or delta, fewer steps or a lower "
+                                       "sample rate")
         while gap(lo) <= 0:
             if lo < 1e-3:
                 return lo
@@ -497,7 +511,8 @@ def rounding_sensitivity(*, clip: float, granularity: float, dim: int) -> float:
     to delta). This one function is used by the noise layer and by the accountant.
     """
     if not (clip > 0 and granularity > 0 and dim >= 1):
-        raise ValueError(f"need clip > 0, granularity > 0, dim >= 1; got {clip}, {granularity}, {dim}")
+        raise PrivacyParameterError(f"need clip > 0, granularity > 0, dim >= 1; got {clip}, {granularity}, {dim}; "
+                                    "pass a positive clip norm, a positive grid step and the vector length")
     return clip + granularity * math.sqrt(dim)
 
 
@@ -522,7 +537,8 @@ def event_to_json(event: dp_event.DpEvent) -> dict[str, Any]:
     """
     name = type(event).__name__
     if name not in _EVENTS:
-        raise ValueError(f"cannot serialize {name}; supported: {', '.join(sorted(_EVENTS))}")
+        raise AccountingError(f"cannot serialize {name}; supported: {', '.join(sorted(_EVENTS))}; build the "
+                              "event from these (e.g. with make_event)")
     return cast(dict[str, Any], _tuple_to_json(event.to_named_tuple()))
 
 
@@ -538,7 +554,8 @@ def event_from_json(data: Mapping[str, Any]) -> dp_event.DpEvent:
     """Inverse of :func:`event_to_json`; only the whitelisted event classes, never an import by name."""
     name = data.get("class_name")
     if name not in _EVENTS:
-        raise ValueError(f"unknown DpEvent class {name!r}; expected one of {', '.join(sorted(_EVENTS))}")
+        raise AccountingError(f"unknown DpEvent class {name!r}; expected one of {', '.join(sorted(_EVENTS))}; "
+                              "the event was written by another version or altered: recompute it from the run")
     fields: dict[str, Any] = {}
     for key, value in data.items():
         if key == "class_name":

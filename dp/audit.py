@@ -33,6 +33,7 @@ import torch
 from numpy.typing import NDArray
 
 from dp.accounting import gaussian_epsilon
+from dp.errors import AuditFailedError, AuditInputError, CalibrationError, PrivacyParameterError, SignatureError
 from dp.mechanisms import NoiseSource
 from dp.rng import SecureRandom
 from dp.sgd import PerSampleMode
@@ -54,6 +55,8 @@ __all__ = [
     "one_run_epsilon",
     "one_run_p_value",
 ]
+
+_MORE_SCORES = "use more runs or canaries so that both sides (with and without the canary) hold >= 2 scores"
 
 
 # ---- binomial helpers (exact, in log space; no SciPy at run time) ------------------------------------
@@ -98,7 +101,7 @@ def _binom_cdf(k: int, n: int, p: float) -> float:
 def clopper_pearson(k: int, n: int, *, alpha: float = 0.05) -> tuple[float, float]:
     """Exact two-sided (1 - alpha) confidence interval for a binomial proportion (k successes in n)."""
     if not 0 <= k <= n or n < 1:
-        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+        raise AuditInputError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}; pass k successes out of n trials")
     a = alpha / 2
 
     def solve(f: Callable[[float], float]) -> float:  # f increasing in p; root of f(p) = 0
@@ -159,7 +162,8 @@ def gaussian_fit_epsilon(scores_out: Sequence[float] | NDArray[Any], scores_in: 
     """Gaussian-fit epsilon estimate (Nasr et al. 2023): ``mu = |mean_in - mean_out| / pooled std``."""
     s0, s1 = np.asarray(scores_out, dtype=np.float64), np.asarray(scores_in, dtype=np.float64)
     if s0.size < 2 or s1.size < 2:
-        raise ValueError("the Gaussian fit needs at least two scores on each side")
+        raise AuditInputError(f"the Gaussian fit needs at least two scores on each side, got {s0.size} and "
+                              f"{s1.size}; {_MORE_SCORES}")
     sd = math.sqrt(0.5 * (float(np.var(s0, ddof=1)) + float(np.var(s1, ddof=1))))
     if sd == 0:
         return math.inf
@@ -174,7 +178,8 @@ def one_run_p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> 
     excluded), ``v`` correct.
     """
     if not 0 <= v <= r <= m:
-        raise ValueError(f"need 0 <= v <= r <= m, got m={m}, r={r}, v={v}")
+        raise AuditInputError(f"need 0 <= v <= r <= m, got m={m}, r={r}, v={v}; pass m canaries, r guesses "
+                              "(abstentions excluded) and v correct guesses")
     q = 1.0 / (1.0 + math.exp(-epsilon))
     beta = _binom_sf(v, r, q)
     alpha, acc = 0.0, 0.0
@@ -222,11 +227,13 @@ def gdp_mu_interval(scores_out: Sequence[float] | NDArray[Any], scores_in: Seque
 
     s0, s1 = np.asarray(scores_out, dtype=np.float64).ravel(), np.asarray(scores_in, dtype=np.float64).ravel()
     if s0.size < 2 or s1.size < 2:
-        raise ValueError("the Gaussian-DP fit needs at least two scores on each side")
+        raise AuditInputError(f"the Gaussian-DP fit needs at least two scores on each side, got {s0.size} and "
+                              f"{s1.size}; {_MORE_SCORES}")
     if not 0.5 < confidence < 1:
-        raise ValueError(f"confidence must be in (0.5, 1), got {confidence}")
+        raise AuditInputError(f"confidence must be in (0.5, 1), got {confidence}; pass e.g. confidence=0.95")
     if not (np.isfinite(s0).all() and np.isfinite(s1).all()):
-        raise ValueError("scores must be finite; a NaN or Inf score means the audited run diverged")
+        raise AuditInputError("scores must be finite; a NaN or Inf score means the audited run diverged: make "
+                              "it converge (e.g. a lower learning rate) and audit again")
     n0, n1 = s0.size, s1.size
     df = n0 + n1 - 2
     sd = math.sqrt(((n0 - 1) * float(np.var(s0, ddof=1)) + (n1 - 1) * float(np.var(s1, ddof=1))) / df)
@@ -284,18 +291,23 @@ class Claim:
 
     def __post_init__(self) -> None:
         if self.epsilon is not None and not (self.epsilon > 0 and math.isfinite(self.epsilon)):
-            raise ValueError(f"the claimed epsilon must be a positive finite number, got {self.epsilon}")
+            raise PrivacyParameterError(f"the claimed epsilon must be a positive finite number, got {self.epsilon}; "
+                                        "pass the epsilon the code claims, or None to audit the noise only")
         if not 0 < self.delta < 1:
-            raise ValueError(f"the claimed delta must be in (0, 1), got {self.delta}")
+            raise PrivacyParameterError(f"the claimed delta must be in (0, 1), got {self.delta}; pass the delta "
+                                        "the code claims, e.g. 1e-5")
         if self.releases < 1 or not 0 < self.sample_rate <= 1:
-            raise ValueError("a claim needs releases >= 1 and 0 < sample_rate <= 1")
+            raise PrivacyParameterError(f"a claim needs releases >= 1 and 0 < sample_rate <= 1, got releases="
+                                        f"{self.releases}, sample_rate={self.sample_rate}; pass the number of "
+                                        "releases (rounds or steps) and the sampling rate of each")
 
     def noise_multiplier(self) -> float:
         """The smallest noise multiplier whose releases stay within the claim (the accountant's calibration)."""
         from dp.accounting import calibrate_noise
 
         if self.epsilon is None:
-            raise ValueError("this claim names no epsilon, so there is no noise multiplier to calibrate")
+            raise CalibrationError("this claim names no epsilon, so there is no noise multiplier to calibrate; "
+                                   "pass Claim(epsilon=...)")
         return calibrate_noise(epsilon=self.epsilon, delta=self.delta, sample_rate=self.sample_rate,
                                steps=self.releases, rtol=1e-4)
 
@@ -328,7 +340,8 @@ def gdp_audit(
     goes into the details beside the measured one, so a report can say how much weaker the noise is.
     """
     if canaries < 4 or runs < 1 or releases < 1:
-        raise ValueError("need canaries >= 4, runs >= 1 and releases >= 1")
+        raise AuditInputError(f"need canaries >= 4, runs >= 1 and releases >= 1, got canaries={canaries}, "
+                              f"runs={runs}, releases={releases}; raise the one that is too small")
     rng = rng if rng is not None else SecureRandom()
     out_scores: list[NDArray[np.float64]] = []
     in_scores: list[NDArray[np.float64]] = []
@@ -337,7 +350,8 @@ def gdp_audit(
         mask[:2], mask[2:4] = True, False  # both sides always present
         scores = np.asarray(run(mask.copy()), dtype=np.float64)
         if scores.shape != (canaries,):
-            raise ValueError(f"run(mask) must return {canaries} scores, got shape {scores.shape}")
+            raise AuditInputError(f"run(mask) must return {canaries} scores, got shape {scores.shape}; "
+                                  "return one score per canary, as a 1-D array")
         out_scores.append(scores[~mask])
         in_scores.append(scores[mask])
     s0, s1 = np.concatenate(out_scores), np.concatenate(in_scores)
@@ -382,9 +396,9 @@ class AuditResult:
 
 
 def assert_below(result: AuditResult, claimed_epsilon: float) -> None:
-    """Fail (``AssertionError``) when the audit proves the claimed epsilon false."""
+    """Fail (:class:`~dp.errors.AuditFailedError`, an ``AssertionError``) when the audit proves the claim false."""
     if result.epsilon_lower_bound > claimed_epsilon:
-        raise AssertionError(
+        raise AuditFailedError(
             f"privacy audit ({result.method}) shows epsilon >= {result.epsilon_lower_bound:.3f} with "
             f"{result.confidence * 100:.4g}% confidence at delta={result.delta:g}, "
             f"above the claimed {claimed_epsilon:g}: "
@@ -448,7 +462,8 @@ def audit_gaussian_mechanism(
     composes the per-release bound.
     """
     if not (sensitivity > 0 and math.isfinite(sensitivity)):
-        raise ValueError(f"sensitivity must be a positive finite number, got {sensitivity}")
+        raise PrivacyParameterError(f"sensitivity must be a positive finite number, got {sensitivity}; pass the "
+                                    "L2 sensitivity of one release (e.g. the clip norm)")
     rng = rng if rng is not None else SecureRandom()
     src = rng
 
@@ -481,7 +496,8 @@ def canary_audit(
     mask = rng.uniform(canaries) < 0.5
     scores = np.asarray(run(mask.copy()), dtype=np.float64)
     if scores.shape != (canaries,):
-        raise ValueError(f"run(mask) must return {canaries} scores, got shape {scores.shape}")
+        raise AuditInputError(f"run(mask) must return {canaries} scores, got shape {scores.shape}; return "
+                              "one score per canary, as a 1-D array")
     k = guesses // 2
     order = np.argsort(scores, kind="stable")
     guess_out, guess_in = order[:k], order[canaries - k :]
@@ -539,7 +555,7 @@ def _call_train(train_fn: Callable[..., Any], model: torch.nn.Module, x: torch.T
     if params and not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         missing = [k for k in required if k not in params]
         if missing:
-            raise TypeError(f"the DP-SGD training function must accept the keywords {', '.join(required)} "
+            raise SignatureError(f"the DP-SGD training function must accept the keywords {', '.join(required)} "
                             f"(like dp.sgd.dp_sgd); it lacks {', '.join(missing)}")
         kwargs = {k: v for k, v in kwargs.items() if k in params}
     train_fn(model, x, y, **kwargs)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from dp.errors import InputError, PrivacyParameterError
 from dp.rng import SecureRandom
 
 if TYPE_CHECKING:
@@ -42,6 +43,8 @@ __all__ = [
     "truncation_delta",
 ]
 
+_STD_FIX = "pass noise_multiplier * sensitivity (0 for no noise)"
+
 
 class NoiseSource(Protocol):
     """What the mechanisms need from a random source (``SecureRandom`` has it)."""
@@ -56,11 +59,12 @@ class NoiseSource(Protocol):
 def clip_l2(x: NDArray[np.floating], bound: float) -> NDArray[np.float64]:
     """Scale ``x`` down so its L2 norm is at most ``bound`` (a copy; unchanged if already inside)."""
     if not (bound > 0 and math.isfinite(bound)):
-        raise ValueError(f"clip bound must be a positive finite number, got {bound}")
+        raise PrivacyParameterError(f"clip bound must be a positive finite number, got {bound}; pass the L2 norm "
+                                    "every vector is clipped to, e.g. bound=1.0")
     v: NDArray[np.float64] = np.asarray(x, dtype=np.float64)
     norm = float(np.linalg.norm(v))
     if not math.isfinite(norm):
-        raise ValueError("cannot clip a vector with NaN or Inf entries; reject it before clipping")
+        raise InputError("cannot clip a vector with NaN or Inf entries; reject it before clipping")
     return v * (bound / norm) if norm > bound else v.copy()
 
 
@@ -74,7 +78,7 @@ def clip_rows(x: NDArray[np.floating], bound: float) -> NDArray[np.float64]:
 def gaussian_noise(n: int, *, std: float, rng: NoiseSource) -> NDArray[np.float64]:
     """``n`` samples of N(0, std^2) from the CSPRNG ``rng``."""
     if not (std >= 0 and math.isfinite(std)):
-        raise ValueError(f"noise std must be a finite number >= 0, got {std}")
+        raise PrivacyParameterError(f"noise std must be a finite number >= 0, got {std}; {_STD_FIX}")
     if std == 0:
         return np.zeros(n)
     return rng.normal(n, std)
@@ -109,9 +113,11 @@ def truncation_delta(*, noise_multiplier: float, sample_rate: float, steps: int,
     Returns 1.0 (no bound) when ``R - D <= 1``.
     """
     if not (noise_multiplier > 0 and math.isfinite(noise_multiplier)):
-        raise ValueError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}")
+        raise PrivacyParameterError(f"noise_multiplier must be a positive finite number, got {noise_multiplier}; "
+                                    "pass the multiplier the run uses (no noise has no tails to bound)")
     if not 0 < sample_rate <= 1 or steps < 1 or dim < 1:
-        raise ValueError("need 0 < sample_rate <= 1, steps >= 1 and dim >= 1")
+        raise PrivacyParameterError(f"need 0 < sample_rate <= 1, steps >= 1 and dim >= 1, got {sample_rate}, "
+                                    f"{steps}, {dim}; pass the run's sample rate, step count and vector length")
     big_r, shift = box_muller_max_abs(bits), 1.0 / noise_multiplier
     if big_r - shift <= 1:
         return 1.0
@@ -137,7 +143,7 @@ def torch_gaussian(numel: int, *, std: float, rng: NoiseSource, dtype: torch.dty
 
     dtype = torch.float32 if dtype is None else dtype
     if not (std >= 0 and math.isfinite(std)):
-        raise ValueError(f"noise std must be a finite number >= 0, got {std}")
+        raise PrivacyParameterError(f"noise std must be a finite number >= 0, got {std}; {_STD_FIX}")
     if std == 0:
         return torch.zeros(numel, dtype=dtype)
     m = (numel + 1) // 2
@@ -164,9 +170,12 @@ class GaussianMechanism:
 
     def __post_init__(self) -> None:
         if not (self.sensitivity > 0 and math.isfinite(self.sensitivity)):
-            raise ValueError(f"sensitivity must be a positive finite number, got {self.sensitivity}")
+            raise PrivacyParameterError(f"sensitivity must be a positive finite number, got {self.sensitivity}; "
+                                        "pass the L2 sensitivity of the value (e.g. the clip norm)")
         if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
-            raise ValueError(f"noise_multiplier must be a positive finite number, got {self.noise_multiplier}")
+            raise PrivacyParameterError(f"noise_multiplier must be a positive finite number, got "
+                                        f"{self.noise_multiplier}; pass the noise std over the sensitivity, "
+                                        "e.g. from dp.accounting.calibrate_noise")
 
     @property
     def std(self) -> float:
@@ -188,7 +197,7 @@ class GaussianMechanism:
 def _uniform_int(rng: NoiseSource, n: int) -> int:
     """A uniform integer in [0, n) by rejection on CSPRNG bytes (no modulo bias)."""
     if n <= 0:
-        raise ValueError("n must be positive")
+        raise InputError(f"a uniform integer in [0, n) needs n >= 1, got {n}; pass a positive range")
     k = max(1, (n.bit_length() + 7) // 8)
     limit = (256**k // n) * n
     while True:
@@ -238,7 +247,8 @@ def sample_discrete_gaussian_exact(sigma2: Fraction | int, *, rng: NoiseSource) 
     """
     sigma2 = Fraction(sigma2)
     if sigma2 <= 0:
-        raise ValueError("sigma2 must be positive")
+        raise PrivacyParameterError(f"sigma2 must be positive, got {sigma2}; pass the variance sigma^2 > 0 of the "
+                                    "discrete Gaussian")
     t = math.floor(math.sqrt(sigma2)) + 1
     while True:
         y = _discrete_laplace(rng, t)
@@ -257,7 +267,8 @@ def discrete_gaussian(n: int, *, sigma: float, rng: NoiseSource) -> NDArray[np.i
     output itself is exact integers.
     """
     if not (sigma > 0 and math.isfinite(sigma)):
-        raise ValueError(f"sigma must be a positive finite number, got {sigma}")
+        raise PrivacyParameterError(f"sigma must be a positive finite number, got {sigma}; pass the noise std in "
+                                    "grid units (noise multiplier * sensitivity / granularity)")
     t = math.floor(sigma) + 1
     out = np.empty(0, dtype=np.int64)
     log_keep = -1.0 / t  # geometric with P[G >= k] = exp(-k/t)

@@ -20,6 +20,8 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from numpy.typing import NDArray
 
+from dp.errors import InputError
+
 __all__ = ["SecureRandom"]
 
 
@@ -31,7 +33,8 @@ class SecureRandom:
     def __init__(self, key: bytes | None = None) -> None:
         key = os.urandom(32) if key is None else key
         if len(key) != 32:
-            raise ValueError(f"SecureRandom needs a 32-byte key, got {len(key)} bytes")
+            raise InputError(f"SecureRandom needs a 32-byte key, got {len(key)} bytes; pass key=None for a fresh "
+                             "os.urandom key (SecureRandom.for_testing(seed) in tests)")
         self._enc = Cipher(algorithms.AES(key), modes.CTR(b"\x00" * 16)).encryptor()
 
     @classmethod

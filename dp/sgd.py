@@ -44,6 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F  # noqa: N812
 
+from dp.errors import InputError, PerSampleModeError, PrivacyParameterError
 from dp.mechanisms import NoiseSource, torch_gaussian
 from dp.rng import SecureRandom
 
@@ -124,13 +125,13 @@ def resolve_mode(model: nn.Module, mode: PerSampleMode) -> Literal["direct", "op
     if mode == "auto":
         return "direct" if supports_direct(model) else "ghost"
     if mode == "direct" and not supports_direct(model):
-        raise ValueError(
+        raise PerSampleModeError(
             "mode='direct' needs a model whose parametrised modules are all nn.Linear, nn.Conv2d (zero "
             "padding), nn.LayerNorm, nn.GroupNorm or nn.Embedding, with known per-example modules between "
             "them; use mode='ghost' or mode='opacus' for this model"
         )
     if mode not in ("direct", "opacus", "ghost"):
-        raise ValueError(f"unknown DP-SGD mode {mode!r}; choose auto, direct, opacus or ghost")
+        raise PerSampleModeError(f"unknown DP-SGD mode {mode!r}; choose auto, direct, opacus or ghost")
     return mode
 
 
@@ -203,7 +204,7 @@ def _linear(mod: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Ten
 def _conv2d(mod: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> tuple[torch.Tensor, Finish]:
     """``nn.Conv2d`` via unfold: per group, the weight gradient is ``sum_l g_l u_l^T`` over positions."""
     if a.dim() != 4:
-        raise ValueError("mode='direct' needs batched 4-D inputs to nn.Conv2d; use mode='ghost'")
+        raise PerSampleModeError("mode='direct' needs batched 4-D inputs to nn.Conv2d; use mode='ghost'")
     b, grp = a.shape[0], mod.groups
     u = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)  # type: ignore[arg-type]
     go = g.reshape(b, g.shape[1], -1)  # B, O, L
@@ -387,7 +388,8 @@ class _DirectClipper:
         logits, acts = self._forward(x)
         losses = loss_fn(logits, y)
         if len(acts) != len(self.layers) or len({id(m) for m, _, _ in acts}) != len(acts):
-            raise ValueError("mode='direct' needs each parametrised layer to run exactly once per forward pass")
+            raise PerSampleModeError("mode='direct' needs each parametrised layer to run exactly once per forward "
+                                     "pass; use mode='ghost' or mode='opacus' for this model")
         gouts = torch.autograd.grad(losses.sum(), [o for _, _, o in acts])
         with torch.no_grad():
             norms2 = torch.zeros(x.shape[0], dtype=logits.dtype)
@@ -559,15 +561,18 @@ def _check_dp_sgd_args(
 ) -> None:
     """Refuse DP-SGD arguments that would train wrongly or account wrongly, naming the one to fix."""
     if n < 1:
-        raise ValueError("DP-SGD needs at least one example")
+        raise InputError("DP-SGD needs at least one example; pass a non-empty data set")
     if labels.shape[0] != n:
-        raise ValueError(f"{n} feature rows but {labels.shape[0]} labels")
+        raise InputError(f"{n} feature rows but {labels.shape[0]} labels; pass one label per feature row")
     if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
-        raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}")
+        raise PrivacyParameterError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier}; "
+                                    "pass the noise std over max_grad_norm (0 for no noise)")
     if not (max_grad_norm > 0 and math.isfinite(max_grad_norm)):
-        raise ValueError(f"max_grad_norm must be a positive finite number, got {max_grad_norm}")
+        raise PrivacyParameterError(f"max_grad_norm must be a positive finite number, got {max_grad_norm}; "
+                                    "pass the per-example clip norm, e.g. max_grad_norm=1.0")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        raise PrivacyParameterError(f"batch_size must be >= 1, got {batch_size}; pass the expected Poisson "
+                                    "batch size (it sets the sample rate)")
 
 
 class _ChunkedNoise:

@@ -3,6 +3,10 @@
 The classes are re-exported where they were first defined (``fl.spec.CompositionError``,
 ``fl.data.stats.DataError``, ``fl.training.loop.BudgetExhaustedError`` ...), so old imports keep working;
 new code imports them from here (or from :mod:`fl`). This module imports nothing from ``fl``.
+
+The other packages keep theirs the same way: :mod:`secagg.errors` (:class:`~secagg.errors.SecAggError`) and
+:mod:`dp.errors` (:class:`~dp.errors.DPError`, each class also the ``ValueError``/``TypeError``/``AssertionError`` it
+refines); ``fl`` does not re-wrap them (its CLI prints any ``ValueError`` as one line).
 """
 
 from __future__ import annotations
