@@ -192,11 +192,12 @@ def _encode(out: list[bytes], kind: str, v: Any) -> None:
 
 
 class _Reader:
-    __slots__ = ("data", "pos")
+    __slots__ = ("data", "max_items", "pos")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(self, data: bytes, max_items: int = MAX_ITEMS) -> None:
         self.data = data
         self.pos = 0
+        self.max_items = max_items  # one frame's array limit; larger only for a node's own sealed records
 
     def take(self, n: int) -> bytes:
         if n < 0 or self.pos + n > len(self.data):
@@ -233,8 +234,8 @@ class _Reader:
         if dt is None:
             raise CodecError(f"unknown array dtype code {code}")
         n = int(_U64.unpack(self.take(8))[0])
-        if n > MAX_ITEMS:
-            raise CodecError(f"declared array length {n} exceeds the {MAX_ITEMS}-value frame limit "
+        if n > self.max_items:
+            raise CodecError(f"declared array length {n} exceeds the {self.max_items}-value frame limit "
                              "(larger arrays travel as a stream: dumps_stream / StreamDecoder)")
         if n * dt.itemsize > len(self.data) - self.pos:
             raise CodecError(f"declared array length {n} exceeds the message")
@@ -251,8 +252,8 @@ class _Reader:
         if not 1 <= width <= 8 * dt.itemsize:
             raise CodecError(f"packed width {width} does not fit {dt}")
         nbytes = (n * width + 7) // 8
-        if n > MAX_ITEMS:
-            raise CodecError(f"declared array length {n} exceeds the {MAX_ITEMS}-value frame limit "
+        if n > self.max_items:
+            raise CodecError(f"declared array length {n} exceeds the {self.max_items}-value frame limit "
                              "(larger arrays travel as a stream: dumps_stream / StreamDecoder)")
         if nbytes > len(self.data) - self.pos:
             raise CodecError(f"declared array length {n} exceeds the message")
@@ -346,11 +347,19 @@ def pack_record(magic: bytes, version: int, items: Sequence[tuple[str, Any]]) ->
     return b"".join(out)
 
 
-def unpack_record(data: bytes, magic: bytes, version: int, kinds: Sequence[str]) -> list[Any]:
-    """Decode a :func:`pack_record` blob whose fields have ``kinds``; only ``CodecError`` on bad input."""
+def unpack_record(data: bytes, magic: bytes, version: int, kinds: Sequence[str], *,
+                  max_items: int = MAX_ITEMS) -> list[Any]:
+    """Decode a :func:`pack_record` blob whose fields have ``kinds``; only ``CodecError`` on bad input.
+
+    ``max_items``: the longest array a field may hold. The frame limit by default; a record the caller
+    has already authenticated as its own (a sealed client state of a large model) may allow up to
+    :data:`MAX_STREAM_ITEMS`.
+    """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise CodecError(f"expected bytes, got {type(data).__name__}")
-    r = _Reader(bytes(data))
+    if not 1 <= max_items <= MAX_STREAM_ITEMS:
+        raise CodecError(f"max_items must be in [1, {MAX_STREAM_ITEMS}], got {max_items}")
+    r = _Reader(bytes(data), max_items)
     if r.take(4) != magic:
         raise CodecError(f"not a {magic!r} record (bad magic)")
     got = r.take(1)[0]

@@ -558,7 +558,8 @@ def _load_state(
     identities: Mapping[int, bytes] | None,
     random_bytes: Callable[[int], bytes],
 ) -> None:
-    v = wire.unpack_record(blob, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, _SNAPSHOT_KINDS)
+    # a large model's value exceeds one frame; every array is still bounded by the blob's own length
+    v = wire.unpack_record(blob, SNAPSHOT_MAGIC, SNAPSHOT_VERSION, _SNAPSHOT_KINDS, max_items=wire.MAX_STREAM_ITEMS)
     (st, cid, sess, rnd, bits, size, min_cohort, thr_kind, thr, complete, nb, sigma, eta, dropout, corrupt, active,
      auth, value, c_sk, s_sk, b, has_graph, cohort, t, dir_ids, c_pks, s_pks, held, hb, hs, has_surv, surv) = v
     if sess != bytes(session) or rnd != round or st != state.encode():
@@ -569,7 +570,7 @@ def _load_state(
     if (identity_key is None) != (identities is None) or bool(auth) != (identity_key is not None):
         raise ProtocolError("the snapshot's authenticated mode differs from the identity keys passed to restore")
     try:
-        if not 1 <= bits <= 64 or not 0 <= size <= wire.MAX_ITEMS:
+        if not 1 <= bits <= 64 or not 0 <= size <= wire.MAX_STREAM_ITEMS:
             raise ValueError(f"ring bits {bits} or size {size} out of range")
         c._init_state(
             cid, session=sess, round=rnd, modulus=1 << bits, threshold=_threshold_from(thr_kind, thr),

@@ -20,6 +20,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
+from numpy.typing import NDArray
 
 from fl.runners.flower import state as _state
 from fl.runners.flower.job import (
@@ -171,6 +172,13 @@ def _own_data(context: Context, job: FlowerJob) -> dict[str, Any]:
     return fields
 
 
+def _params(raw: Any) -> NDArray[np.float64]:
+    """The global model the server sent (float64 bytes), as one private copy (the record's bytes stay as sent)."""
+    if not isinstance(raw, bytes) or len(raw) % 8:
+        raise ProtocolError("the global model must be float64 bytes (a multiple of 8 bytes long)")
+    return np.frombuffer(raw, dtype=np.float64).copy()
+
+
 @client_app.train("privagg_start")
 @_guarded
 def _start(msg: Message, context: Context) -> Message:
@@ -192,7 +200,7 @@ def _start(msg: Message, context: Context) -> Message:
         side = _client_side(context, job, cid)
         _refuse_weaker(context, job, cid)
         _claim_round(context, rnd, job.num_rounds)
-        params = np.frombuffer(bytes(rec["params"]), dtype=np.float64).copy()
+        params = _params(rec["params"])
         try:
             value, result = side.update(params, rnd)
         except NonFiniteUpdateError as exc:

@@ -232,16 +232,29 @@ def train_result(raw: Any) -> TrainResult:
     return TrainResult(**data)
 
 
-def decode_msgs(rec: Any) -> list[ProtocolMessage]:
-    """The protocol messages in a record (``msgs``: a list of :mod:`secagg.wire` byte strings)."""
+def decode_msgs(rec: Any, *, max_values: int = wire.MAX_STREAM_ITEMS) -> list[ProtocolMessage]:
+    """The protocol messages in a record (``msgs``: :mod:`secagg.wire` frames, in order).
+
+    A message whose array is larger than one frame carries (2^24 values: a large model's masked input)
+    arrives as a stream of frames; ``max_values`` is the receiver's own bound on a streamed array (e.g. a
+    few words per value of the round's vector), so a sender cannot make it allocate more than it expects.
+    """
     raw = rec.get("msgs", [])
     if not isinstance(raw, list) or not all(isinstance(b, bytes) for b in raw):
         raise BadReplyError("'msgs' must be a list of byte strings")
-    return [wire.loads(b) for b in raw]
-
-
+    return wire.decode_frames(raw, max_total=max_values)
 
 
 def encode_msgs(msgs: Iterable[ProtocolMessage]) -> dict[str, Any]:
-    data = [wire.dumps(m) for m in msgs]
+    """``{"msgs": frames}`` for a record (nothing when there is no message); large arrays are streamed."""
+    data = wire.encode_frames(msgs)
     return {"msgs": data} if data else {}
+
+
+def stream_bound(spec: ValueSpec) -> int:
+    """The most array items one message of a round over ``spec`` may stream: 8 per value, plus slack.
+
+    Covers masked inputs packed to any ring width up to 64 bits (bytes) and any word layout; a reply that
+    declares more is refused before anything is allocated.
+    """
+    return 8 * max(1, spec.size) + 4096

@@ -29,6 +29,7 @@ from fl.runners.flower.job import (
     encode_msgs,
     reply_record,
 )
+from secagg import wire
 from secagg.errors import CodecError, ProtocolError
 from secagg.machine import SERVER
 from secagg.machine import Message as ProtocolMessage
@@ -128,13 +129,14 @@ class PhaseLink:
     """
 
     def __init__(self, tr: GridTransport, *, round: int, session: bytes, final_phase: str,
-                 planned: Sequence[int], members: Sequence[int]) -> None:
+                 planned: Sequence[int], members: Sequence[int], max_values: int = wire.MAX_STREAM_ITEMS) -> None:
         self.tr, self.round, self.session, self.final_phase = tr, round, session, final_phase
         self.planned = frozenset(planned)
         self.members = frozenset(members)
         self.alive = set(members)
         self.steps: dict[int, int] = {}  # protocol steps sent to each client this round
         self.sent = 0
+        self.max_values = max_values  # bound on a streamed array in a reply (job.stream_bound of the spec)
 
     def exchange(
         self, phase: str, outbox: Sequence[ProtocolMessage], *, deadline: float | None
@@ -171,7 +173,7 @@ class PhaseLink:
             if cid not in self.alive:
                 continue
             try:
-                msgs = decode_msgs(rec)
+                msgs = decode_msgs(rec, max_values=self.max_values)
                 for m in msgs:
                     if m.sender != cid:
                         raise ProtocolError(f"client {cid} sent a message claiming to be from {m.sender}")

@@ -219,14 +219,14 @@ def _error(msg: Message, exc: BaseException) -> Message:
 
 
 def _reply(msg: Message, out: list[ProtocolMessage]) -> Message:
-    return Message(RecordDict({RECORD: ConfigRecord({"msgs": [wire.dumps(m) for m in out]})}), reply_to=msg)
+    return Message(RecordDict({RECORD: ConfigRecord({"msgs": wire.encode_frames(out)})}), reply_to=msg)
 
 
 def _incoming(rec: Any) -> list[ProtocolMessage]:
     raw = rec.get("msgs", [])
     if not isinstance(raw, list) or not all(isinstance(b, bytes) for b in raw):
         raise ProtocolError("'msgs' must be a list of byte strings")
-    return [wire.loads(b) for b in raw]
+    return wire.decode_frames(raw)  # arrays above one frame (2^24 values) arrive as streams
 
 
 def _int(rec: Any, key: str) -> int:

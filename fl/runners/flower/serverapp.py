@@ -30,6 +30,7 @@ from fl.runners.flower.job import (
     job_stats,
     load_job,
     reply_record,
+    stream_bound,
     sum_protocol,
     sum_value,
     train_config,
@@ -107,7 +108,8 @@ def run_round(
     t0 = time.perf_counter()
     server: ServerMachine = ssum.server(members, spec=spec, session=session, round=round)
     build_s = time.perf_counter() - t0
-    link = PhaseLink(tr, round=round, session=session, final_phase=phases[-1], planned=planned, members=members)
+    link = PhaseLink(tr, round=round, session=session, final_phase=phases[-1], planned=planned, members=members,
+                     max_values=stream_bound(spec))
     opening = link.checked(opened)
     outcome = drive(server, link, opening=opening, phase_timeout=tr.job.phase_timeout,
                     on_refused=lambda m, exc: link.refuse(m.sender, exc))

@@ -77,8 +77,9 @@ class FlowerTransport:
     """
 
     def __init__(self, grid: Grid, nodes: Mapping[int, int], *, session: bytes, round: int, last_phase: str,
-                 poll_interval: float = 0.05, group_id: str = "") -> None:
+                 poll_interval: float = 0.05, group_id: str = "", max_values: int = wire.MAX_STREAM_ITEMS) -> None:
         self.grid = grid
+        self.max_values = max_values  # bound on one streamed array in a reply (8 words per value of the round)
         self.nodes = dict(nodes)
         self.session = session
         self.round = round
@@ -109,7 +110,8 @@ class FlowerTransport:
         raw = rec.get("msgs", [])
         if not isinstance(raw, list) or not all(isinstance(b, bytes) for b in raw):
             raise ProtocolError("'msgs' must be a list of byte strings")
-        out = [wire.loads(bytes(b)) for b in raw]  # type: ignore[arg-type]
+        frames = [b for b in raw if isinstance(b, bytes)]  # all are (checked above); narrows the type
+        out = wire.decode_frames(frames, max_total=self.max_values)  # arrays above one frame stream
         for m in out:
             if m.sender != cid:
                 raise ProtocolError(f"client {cid} sent a message claiming to be from {m.sender}")
@@ -147,7 +149,7 @@ class FlowerTransport:
             self.steps[cid] = self.steps.get(cid, 0) + 1
             rec = ConfigRecord({"stage": "step", "session": self.session, "round": self.round,
                                 "step": self.steps[cid], "final": phase == self.last_phase,
-                                "msgs": [wire.dumps(m) for m in ms]})
+                                "msgs": wire.encode_frames(ms)})
             msgs.append(Message(RecordDict({RECORD: rec}), dst_node_id=self.nodes[cid],
                                 message_type=MessageType.TRAIN, group_id=self.group_id, ttl=_ttl(deadline)))
         return self.collect(msgs, deadline=deadline)
@@ -209,7 +211,8 @@ class SecureAggregation:
         session = os.urandom(16)
         phases = bound.pipeline.sum.server(list(nodes), spec=bound.sum_spec, session=session, round=round).phases
         tr = FlowerTransport(grid, nodes, session=session, round=round, last_phase=phases[-1],
-                             poll_interval=self.poll_interval, group_id=str(round))
+                             poll_interval=self.poll_interval, group_id=str(round),
+                             max_values=8 * max(1, bound.sum_spec.size) + 4096)
         start = self._start_messages(instructions, nodes, terms, session, round)
         opening = list(tr.collect(start, deadline=time.monotonic() + self.start_timeout))
         members = sorted(tr.alive)
