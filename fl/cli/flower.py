@@ -163,6 +163,9 @@ def _add_job_flags(g: argparse._ArgumentGroup, *, name: str) -> None:
     g.add_argument("--task", choices=["train", "sum"], default="train",
                    help="train: the federated training above; sum: a secure sum of --size public test words")
     g.add_argument("--size", type=int, default=100_000, help="vector length of --task sum")
+    g.add_argument("--checkpoint-dir", type=Path,
+                   help="the ServerApp checkpoints after every round into this directory")
+    g.add_argument("--resume", type=Path, metavar="DIR", help="continue the Flower run checkpointed in DIR")
     g.add_argument("--out", type=Path, default=Path("out/flower/run"),
                    help="where the ServerApp writes result.json / params.npy (a path on the SuperLink host)")
     g.add_argument("--join-timeout", type=float, default=120.0, help="seconds to wait for the SuperNodes")
@@ -210,12 +213,56 @@ def _job(args: argparse.Namespace) -> Any:
         phase_timeout=args.phase_timeout, poll_interval=args.poll,
     )
     if args.task == "train":
-        return FlowerJob(task="train", config=config.as_dict(), stats=release_statistics(config), **common)
+        return _train_job(args, config, common)
     protocol = config.privacy.tokens()[-1] if config.privacy.tokens() else "plain"
     if protocol not in ("secagg", "secagg+", "plain"):
         raise ValueError(f"--task sum runs secagg, secagg+ or none (plain), not {config.privacy.spec!r}")
     return FlowerJob(task="sum", clients=config.clients, size=args.size, rounds=config.rounds, seed=config.seed,
                      protocol=protocol, threshold=config.privacy.cohort_threshold, **common)
+
+
+def _train_job(args: argparse.Namespace, config: Any, common: dict[str, Any]) -> Any:
+    """A train job; with ``--checkpoint-dir`` the ServerApp saves every round, ``--resume DIR`` continues.
+
+    A resumed job keeps the checkpointed job's id (the nodes' record of released rounds is per job id)
+    and its ONE statistics release: nothing is summed (or charged) again.
+    """
+    import secrets
+
+    from fl.runners.flower import FlowerJob
+    from fl.training.server import CHECKPOINT, saved_statistics
+
+    if args.resume is not None:
+        ckpt = args.resume.resolve()
+        if not (ckpt / CHECKPOINT).is_file():
+            raise ValueError(f"no checkpoint in {ckpt}: run once with --checkpoint-dir {ckpt} (the ServerApp saves "
+                             "after every round)")
+        stats = saved_statistics(ckpt)
+        job_id = _checkpointed_job_id(ckpt)
+        return FlowerJob(task="train", config=config.as_dict(), stats=stats.to_json() if stats else None,
+                         checkpoint=str(ckpt), resume=True, job_id=job_id, **common)
+    job_id = secrets.token_hex(8)
+    ckpt = args.checkpoint_dir.resolve() if args.checkpoint_dir is not None else None
+    if ckpt is not None:
+        ckpt.mkdir(parents=True, exist_ok=True)
+        (ckpt / JOB_ID_FILE).write_text(json.dumps({"job_id": job_id}))
+    return FlowerJob(task="train", config=config.as_dict(), stats=release_statistics(config),
+                     checkpoint=str(ckpt) if ckpt else None, job_id=job_id, **common)
+
+
+JOB_ID_FILE = "flower-job.json"
+"""Written beside a Flower run's checkpoint: the job id a resume must keep."""
+
+
+def _checkpointed_job_id(ckpt: Path) -> str:
+    try:
+        job_id = json.loads((ckpt / JOB_ID_FILE).read_text())["job_id"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{ckpt} holds no Flower job id ({JOB_ID_FILE}: {exc}); resume a directory written by "
+                         "privagg flower run/local --checkpoint-dir") from exc
+    if not isinstance(job_id, str) or not job_id:
+        raise ValueError(f"{ckpt / JOB_ID_FILE} has no job id; resume a directory written by --checkpoint-dir")
+    return job_id
 
 
 def _follow(out: Path, *, timeout: float) -> dict[str, Any]:

@@ -126,18 +126,23 @@ def _incoming(msg: Message) -> list[ProtocolMessage]:
 _ROUNDS = "privagg-rounds"
 
 
-def _claim_round(context: Context, rnd: int, planned: int) -> None:
-    """Contribute to each planned round at most once, in increasing order (the node's own record).
+def _claim_round(context: Context, job: FlowerJob, rnd: int) -> None:
+    """Contribute to each planned round of a job at most once, in increasing order (the node's own record).
 
     The DP noise of a job is calibrated for its planned rounds; a server that opened a round twice, or
-    more rounds than planned, would get more releases of this node's data than the budget covers.
+    more rounds than planned, would get more releases of this node's data than the budget covers. The
+    record is kept in the run's state AND in the node's own files, keyed by the job (so a resumed job, a
+    new run of the same job, or a restarted SuperNode cannot replay a round either).
     """
+    planned = job.num_rounds
     if not 1 <= rnd <= planned:
         raise PolicyError(f"round {rnd} is outside the job's planned rounds 1..{planned}")
-    last = int(context.state[_ROUNDS]["last"]) if _ROUNDS in context.state else 0  # type: ignore[arg-type]
+    in_run = int(context.state[_ROUNDS]["last"]) if _ROUNDS in context.state else 0  # type: ignore[arg-type]
+    last = max(in_run, _state.last_released(context, job.releases_id()))
     if rnd <= last:
-        raise PolicyError(f"this node already contributed to round {last}; round {rnd} again would release its "
-                          "data more often than the job's DP budget covers")
+        raise PolicyError(f"this node already contributed to round {last} of this job; round {rnd} again would "
+                          "release its data more often than the job's DP budget covers")
+    _state.record_released(context, job.releases_id(), rnd)
     context.state[_ROUNDS] = ConfigRecord({"last": rnd})
 
 
@@ -199,7 +204,7 @@ def _start(msg: Message, context: Context) -> Message:
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
         side = _client_side(context, job, cid)
         _refuse_weaker(context, job, cid)
-        _claim_round(context, rnd, job.num_rounds)
+        _claim_round(context, job, rnd)
         params = _params(rec["params"])
         try:
             value, result = side.update(params, rnd)
@@ -210,7 +215,7 @@ def _start(msg: Message, context: Context) -> Message:
         ssum, spec = side.plan.pipeline.sum, side.bound.sum_spec
     else:
         _refuse_weaker(context, job, cid)
-        _claim_round(context, rnd, job.num_rounds)
+        _claim_round(context, job, rnd)
         ssum, spec = sum_protocol(job)
         value = sum_value(job, rnd, cid)
     if dict(ssum.parties(spec=spec, session=session, round=rnd)):

@@ -8,6 +8,7 @@ the round, never the run. The ``sum`` task's public test vectors live here too (
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -66,6 +67,25 @@ class FlowerJob:
     # the preprocessing release (fl.data.stats.FederatedStats.to_json), made ONCE when the job is written:
     # the ServerApp and every node standardize with it, so the statistics are released (and charged) once
     stats: Mapping[str, Any] | None = None
+    # checkpoint/resume of a train job: the ServerApp saves its side into ``checkpoint`` (a directory on the
+    # server's host) after every round; ``resume`` continues from it. ``job_id`` names the job across runs
+    # (kept on resume): each node records, per job id, the last round it contributed to, in its own files.
+    checkpoint: str | None = None
+    resume: bool = False
+    job_id: str = ""
+
+    def releases_id(self) -> str:
+        """What a node's round record is keyed by: the job id, or (none given) a digest of what is trained.
+
+        Excludes where results go and the timing and resume fields, so a resumed job (or the same job sent
+        again) is the same job to the nodes: a round they contributed to is never contributed again.
+        """
+        if self.job_id:
+            return f"id:{self.job_id}"
+        core = {k: v for k, v in asdict(self).items()
+                if k not in ("out", "checkpoint", "resume", "join_timeout", "start_timeout", "phase_timeout",
+                             "poll_interval")}
+        return "sha256:" + hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -94,6 +114,10 @@ class FlowerJob:
             raise JobError(f"unknown Flower job task {self.task!r}: train or sum")
         if not isinstance(self.config, Mapping):
             raise JobError("the Flower job's config must be an object")
+        if self.resume and not self.checkpoint:
+            raise JobError("resume needs the checkpoint directory (checkpoint=DIR, --checkpoint-dir DIR)")
+        if self.checkpoint is not None and self.task != "train":
+            raise JobError("checkpoints are for train jobs; a sum job has no state to resume")
         if self.stats is not None and not isinstance(self.stats, Mapping):
             raise JobError("the Flower job's stats must be an object (the preprocessing release)")
 

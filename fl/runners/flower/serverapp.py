@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
+from fl.errors import BudgetExhaustedError
 from fl.runners.flower.job import (
     HELLO,
     RECORD,
@@ -190,15 +191,30 @@ def _server_main(grid: Grid, context: Context) -> None:
     try:
         result = serve(grid, job, progress)
     except BaseException as exc:
-        write_json(out / "error.json", {"error": f"{type(exc).__name__}: {exc}"})
-        progress(event="error", error=str(exc))
+        error = f"{type(exc).__name__}: {exc}{resume_hint(job)}"
+        write_json(out / "error.json", {"error": error})
+        progress(event="error", error=error)
         raise
     write_json(out / "result.json", result)
     progress(event="done")
 
 
+def resume_hint(job: FlowerJob) -> str:
+    """How to continue a train job that stopped mid-run (a SuperLink restart, a crash), if it checkpointed."""
+    from fl.training.server import CHECKPOINT
+
+    if job.task != "train" or not job.checkpoint or not (Path(job.checkpoint) / CHECKPOINT).is_file():
+        return ""
+    return f"; the rounds done are checkpointed: continue with privagg flower run/local --resume {job.checkpoint}"
+
+
 def serve(grid: Grid, job: FlowerJob, progress: Progress) -> dict[str, Any]:
-    """Discover the SuperNodes, run the job's rounds over them; return the result (``result.json``)."""
+    """Discover the SuperNodes, run the job's rounds over them; return the result (``result.json``).
+
+    With ``job.checkpoint`` the server side is saved after every round; with ``job.resume`` it continues
+    from that checkpoint at the next round (same noise, sampling and ledger, so the run ends as an
+    uninterrupted one would). The nodes still refuse any round they already contributed to.
+    """
     t_join = time.perf_counter()
     nodes = _discover(grid, job)
     tr = GridTransport(grid, job, nodes)
@@ -206,46 +222,59 @@ def serve(grid: Grid, job: FlowerJob, progress: Progress) -> dict[str, Any]:
     progress(event="joined", nodes={str(c): n for c, n in nodes.items()}, seconds=time.perf_counter() - t_join)
     rounds: list[dict[str, Any]] = []
     fed: Any = _start_federation(job) if job.task == "train" else None
+    first = _resume(fed, job, progress) if fed is not None else 1
     stopped = None
-    for r in range(1, job.num_rounds + 1):
-        t_round = time.perf_counter()
+    for r in range(first, job.num_rounds + 1):
         progress(event="round", round=r)
-        if job.task == "train":
-            planned = fed.sample(r)
-            if fed.plan.accounting is not None:
-                ok, why = fed.plan.accounting.can_run(fed.round_info(r, planned, planned))
-                if not ok:
-                    from fl.training.loop import BudgetExhaustedError
-
-                    stopped = f"stopped before round {r}: {BudgetExhaustedError(why)}"
-                    break
-            ssum, spec, session = fed.plan.pipeline.sum, fed.bound.sum_spec, fed.session(r)
-            start = {"params": np.ascontiguousarray(fed.params, dtype=np.float64).tobytes()}
-        else:
-            planned = tuple(range(job.clients))
-            ssum, spec = sum_protocol(job)
-            session, start = os.urandom(16), {}
-        record: dict[str, Any] = {"round": r, "planned": len(planned)}
         try:
-            if not planned:
-                raise NoUpdatesError("no client was sampled this round")
-            rr = run_round(tr, ssum, spec, round=r, planned=planned, session=session, start_fields=start)
-        except (AbortError, NoUpdatesError) as exc:
-            _record_failed_round(record, exc, r=r, fed=fed)
-            rounds.append(record)
-            progress(event="round_done", **record)
-            continue
-        if job.task == "train":
-            from fl.runners.local import SumOutcome
-
-            outcome = SumOutcome(rr.total, rr.included, rr.messages)
-            record = fed.finish_round(r, planned, outcome, rr.results, rejected=rr.rejected)
-        else:
-            record.update(_checked_sum(job, r, rr.total, rr.included, spec))
-        record = {**record, "included_ids": list(rr.included), "seconds": time.perf_counter() - t_round}
+            record = _one_round(tr, job, fed, r)
+        except BudgetExhaustedError as exc:
+            stopped = f"stopped before round {r}: {exc}"
+            break
         rounds.append(record)
         progress(event="round_done", **record)
+        if fed is not None and job.checkpoint:
+            fed.save(Path(job.checkpoint))  # atomic: a crash mid-write leaves the previous round's file whole
     return _result(job, nodes=nodes, rounds=rounds, exchanges=tr.log, fed=fed, stopped=stopped)
+
+
+def _resume(fed: Any, job: FlowerJob, progress: Progress) -> int:
+    """The first round to run: 1, or the checkpoint's next round when the job resumes."""
+    if not job.resume:
+        return 1
+    fed.load(Path(job.checkpoint or ""))
+    log.info("resumed from %s at round %d", job.checkpoint, fed.next_round)
+    progress(event="resumed", round=fed.next_round)
+    return int(fed.next_round)
+
+
+def _one_round(tr: GridTransport, job: FlowerJob, fed: Any, r: int) -> dict[str, Any]:
+    """Run round ``r`` of a train (``fed``) or sum job; its record. ``BudgetExhaustedError`` before it."""
+    t_round = time.perf_counter()
+    if fed is not None:
+        planned = fed.sample(r)
+        fed.server.check_budget(r, planned)
+        ssum, spec, session = fed.plan.pipeline.sum, fed.bound.sum_spec, fed.session(r)
+        start = {"params": np.ascontiguousarray(fed.params, dtype=np.float64).tobytes()}
+    else:
+        planned = tuple(range(job.clients))
+        ssum, spec = sum_protocol(job)
+        session, start = os.urandom(16), {}
+    record: dict[str, Any] = {"round": r, "planned": len(planned)}
+    try:
+        if not planned:
+            raise NoUpdatesError("no client was sampled this round")
+        rr = run_round(tr, ssum, spec, round=r, planned=planned, session=session, start_fields=start)
+    except (AbortError, NoUpdatesError) as exc:
+        return _record_failed_round(record, exc, r=r, fed=fed, planned=planned)
+    if fed is not None:
+        from fl.runners.local import SumOutcome
+
+        outcome = SumOutcome(rr.total, rr.included, rr.messages)
+        record = fed.finish_round(r, planned, outcome, rr.results, rejected=rr.rejected)
+    else:
+        record.update(_checked_sum(job, r, rr.total, rr.included, spec))
+    return {**record, "included_ids": list(rr.included), "seconds": time.perf_counter() - t_round}
 
 
 def _start_federation(job: FlowerJob) -> Any:
@@ -261,14 +290,14 @@ def _start_federation(job: FlowerJob) -> Any:
     return fed
 
 
-def _record_failed_round(record: dict[str, Any], exc: Exception, *, r: int, fed: Any) -> None:
-    """Fill ``record`` for a round that aborted or had no client; a training job also evaluates and logs it."""
+def _record_failed_round(record: dict[str, Any], exc: Exception, *, r: int, fed: Any,
+                         planned: Sequence[int]) -> dict[str, Any]:
+    """The record of a round that aborted or had no client; a training job also evaluates and logs it."""
     log.warning("round %d: %s", r, exc)
-    record.update(included=0)
-    record["aborted" if isinstance(exc, AbortError) else "skipped"] = str(exc)
-    if fed is not None:
-        record.update(fed.evaluate())
-        fed.history.append(record)
+    key = "aborted" if isinstance(exc, AbortError) else "skipped"
+    if fed is not None:  # the server side records it and moves on (a checkpoint resumes after it)
+        return dict(fed.server.release_nothing(r, planned, key, str(exc)))
+    return {**record, "included": 0, key: str(exc)}
 
 
 def _checked_sum(

@@ -17,6 +17,7 @@ store and the server.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,8 @@ from flwr.app import ConfigRecord, Context
 
 from secagg.errors import CodecError, KeyMismatchError, ProtocolError
 
-__all__ = ["STATE_KEY_FILE", "STATE_RECORD", "clear", "load", "make_state_key", "state_key", "store"]
+__all__ = ["STATE_KEY_FILE", "STATE_RECORD", "clear", "last_released", "load", "make_state_key", "record_released",
+           "state_key", "store"]
 
 STATE_RECORD = "privagg-state"
 """The ``Context.state`` record that holds the sealed machine."""
@@ -120,3 +122,36 @@ def clear(context: Context) -> None:
     """Forget the round's secrets (after the last phase)."""
     if STATE_RECORD in context.state:
         del context.state[STATE_RECORD]
+
+
+# ---- the node's own record of released rounds, across runs ---------------------------------------
+def _rounds_file(context: Context) -> Path:
+    """``<state key file>.rounds.json``: beside the node's key, in the node's own files (never the server's)."""
+    state_key(context)  # the same configuration error, naming the fix, when the node has no key file
+    return Path(str(context.node_config[STATE_KEY_FILE])).with_suffix(".rounds.json")
+
+
+def last_released(context: Context, job: str) -> int:
+    """The last round of ``job`` (its releases id) this node contributed to, in any run; 0 if none."""
+    path = _rounds_file(context)
+    if not path.is_file():
+        return 0
+    try:
+        data = json.loads(path.read_text())
+        return int(data.get(job, 0)) if isinstance(data, dict) else 0
+    except (ValueError, TypeError) as exc:
+        raise RuntimeError(f"this node's round record {path} is damaged ({exc}); it is what keeps a server from "
+                           "replaying rounds across runs: restore it, or remove it only for jobs that never "
+                           "ran") from exc
+
+
+def record_released(context: Context, job: str, round: int) -> None:
+    """Remember (atomically, mode 0600) that this node contributed to ``round`` of ``job``."""
+    path = _rounds_file(context)
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[job] = round
+    tmp = path.with_suffix(".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(json.dumps(data, sort_keys=True))
+    tmp.replace(path)
