@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 if TYPE_CHECKING:
     from fl.config import TrainConfig
@@ -123,7 +124,7 @@ class ClassWeights:
         return out
 
 
-def balanced_weights(counts: Sequence[float]) -> tuple[float, ...]:
+def balanced_weights(counts: ArrayLike) -> tuple[float, ...]:
     """``N / (K * n_c)`` with each count floored at 1 (a noisy DP count can be <= 0; post-processing)."""
     c = np.maximum(np.asarray(counts, dtype=np.float64), 1.0)
     return tuple(float(v) for v in c.sum() / (len(c) * c))
