@@ -18,7 +18,12 @@ no release (the Python API's in-memory arrays, or ``--standardize public``), "ba
 the pooled labels without DP and refused under DP, naming explicit public weights as the fix.
 
 Weights scale each example's loss *before* DP-SGD clips its gradient (:func:`dp.sgd.dp_sgd`'s
-``class_weight``), so the clip norm still bounds each example's contribution.
+``class_weight``), so the clip norm still bounds each example's contribution and the accounting is
+unchanged. The flip side: an example whose gradient already clips gains nothing from a larger weight, and
+the epsilon rule's clip norm (:func:`fl.training.dp_sgd.default_batch_and_clip`) is chosen so that most
+gradients clip. On a 95/5 table at epsilon 4, "balanced" moved balanced accuracy from 0.52 to 0.55 with
+the rule's clip and from 0.55 to 0.78 with ``--dpsgd-clip 5`` (same epsilon): raise the clip when the
+weights should act.
 """
 
 from __future__ import annotations

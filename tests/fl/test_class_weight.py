@@ -272,3 +272,18 @@ def test_stats_release_roundtrips_its_label_counts() -> None:
     back = FederatedStats.from_json(json.loads(json.dumps(stats.to_json())))
     assert back.label_classes == ("p", "q") and list(back.label_counts) == [2.0, 2.0]  # type: ignore[arg-type]
     assert list(stats.mean) == pytest.approx([1.5])  # the moments are the same sum as before
+
+
+def test_cli_run_shows_the_weights_in_the_summary_and_the_json_report(
+    table: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report = tmp_path / "r.json"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        rc = main(["train", "--dataset", f"csv:{table}", "--target", "label", "--rounds", "1", "--clients", "3",
+                   "--class-weight", "0=1,1=8", "--no-baselines", "--quiet", "--report", str(report)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "class weights 0=1.0,1=8.0: 0: 1, 1: 8; explicit" in out
+    saved = json.loads(report.read_text())
+    assert saved["class_weight"]["weights"] == {"0": 1.0, "1": 8.0} and saved["config"]["class_weight"] == "0=1.0,1=8.0"
