@@ -229,15 +229,23 @@ def test_the_release_is_charged_once_in_the_same_entry(table: Path) -> None:
     assert plain.stats.label_counts is None and "label_counts" not in plain.stats.guarantee.params
 
 
-def test_every_client_side_and_a_flower_job_use_one_weight_vector(table: Path) -> None:
+def test_every_client_side_and_a_flower_job_use_one_weight_vector(table: Path, tmp_path: Path) -> None:
+    """A Flower job carries the config (class_weight as text) and the one release as JSON; every node's
+    client side, rebuilt from the job alone, derives the in-memory run's weight vector."""
+    from fl.runners.flower import FlowerJob
+
     config = _config(table, "balanced", DPSGD)
     fed = Federation(config)
     assert fed.data.stats is not None
-    job_stats = FederatedStats.from_json(json.loads(json.dumps(fed.data.stats.to_json())))  # as a job carries it
-    job_config = TrainConfig(**{**json.loads(json.dumps(config.as_dict(), default=list)),
-                                "privacy": DPSGD, "early_stopping": None})
+    job = FlowerJob(task="train", out=str(tmp_path), config=config.as_dict(), stats=fed.data.stats.to_json())
+    back = FlowerJob.from_json(job.to_json())
+    assert back.config["class_weight"] == "balanced"
+    data = dict(back.config)  # what a node rebuilds from the job (fl.runners.flower's ClientApp does the same)
+    node_config = TrainConfig(**{**data, "privacy": PrivacyConfig(**data["privacy"])})
+    assert back.stats is not None
+    release = FederatedStats.from_json(back.stats)
     for cid in range(fed.population):
-        side = ClientSide.for_site(job_config, cid, stats=job_stats)
+        side = ClientSide.for_site(node_config, cid, stats=release)
         assert side.trainer.class_weight == fed.trainer.class_weight  # type: ignore[attr-defined]
 
 
