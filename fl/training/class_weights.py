@@ -40,6 +40,7 @@ from numpy.typing import ArrayLike
 if TYPE_CHECKING:
     from fl.config import TrainConfig
     from fl.data.sites import Dataset
+    from fl.data.stats import FederatedStats
     from fl.spec import ClientTrainer
 
 __all__ = ["ClassWeights", "apply_class_weights", "balanced_weights", "normalize_class_weight",
@@ -157,29 +158,41 @@ def _is_dp(config: TrainConfig) -> bool:
     return any(t in DP_TOKENS for t in config.privacy.tokens())
 
 
+def _missing_counts(stats: FederatedStats | None, dp: bool) -> str | None:
+    """Why the run has no (DP, under DP) class counts to balance with; ``None`` when it has them."""
+    if stats is None:
+        return None if not dp else "these sites come with no federated statistics release"
+    if stats.guarantee.layer == "public-standardization":
+        return "--standardize public releases no class counts"
+    if stats.label_counts is None:
+        return ("the preprocessing release (a checkpoint's or a Flower job's) was made without class counts; "
+                "release the statistics again with --class-weight balanced")
+    if dp and stats.event is None:
+        return "the preprocessing release carries no DP guarantee"
+    return None
+
+
 def _balanced(config: TrainConfig, data: Dataset) -> ClassWeights:
     """"balanced" from the released class counts; without a release, pooled labels (no DP) or a refusal."""
-    stats = data.stats
-    dp = _is_dp(config)
-    if stats is not None and stats.label_counts is not None:
-        if tuple(stats.label_classes) != tuple(data.classes):
-            raise ValueError(f"the preprocessing release counted classes {list(stats.label_classes)} but the run "
-                             f"has {list(data.classes)}; rerun so the release is made on this data")
-        counts = tuple(float(v) for v in stats.label_counts)
-        source = "class counts released with the federated statistics" + (" (DP)" if stats.event is not None else "")
-        return ClassWeights(BALANCED, data.classes, balanced_weights(counts), source, counts)
-    if dp:
-        why = ("--standardize public releases no class counts" if stats is not None
-               else "these sites come with no federated statistics release")
-        raise ValueError(f"--class-weight balanced under DP needs class counts released with DP, but {why}; "
-                         f"local label counts would make every example's weight depend on the others' labels, "
-                         f"which DP-SGD's clipping does not cover. Use --standardize federated, or {FIX}")
-    if stats is not None:
-        raise ValueError("--class-weight balanced needs the class counts of the federated statistics, and "
-                         f"--standardize public sums none; use --standardize federated, or {FIX}")
-    counts = tuple(float(v) for v in np.bincount(data.y_train, minlength=len(data.classes)))
-    return ClassWeights(BALANCED, data.classes, balanced_weights(counts), "pooled labels of all sites (no DP)",
-                        counts)
+    stats, dp = data.stats, _is_dp(config)
+    why = _missing_counts(stats, dp)
+    if why is not None:
+        need = "class counts released with DP" if dp else "the class counts of the federated statistics"
+        risk = (" (local label counts would make every example's weight depend on the others' labels, which "
+                "DP-SGD's clipping does not cover)" if dp else "")
+        raise ValueError(f"--class-weight balanced needs {need}, but {why}{risk}. Use --standardize federated, "
+                         f"or {FIX}")
+    if stats is None:  # no DP, in-memory sites without a release: the pooled labels (one process, one vector)
+        counts = tuple(float(v) for v in np.bincount(data.y_train, minlength=len(data.classes)))
+        return ClassWeights(BALANCED, data.classes, balanced_weights(counts), "pooled labels of all sites (no DP)",
+                            counts)
+    assert stats.label_counts is not None
+    if tuple(stats.label_classes) != tuple(data.classes):
+        raise ValueError(f"the preprocessing release counted classes {list(stats.label_classes)} but the run "
+                         f"has {list(data.classes)}; release the statistics again on this data")
+    counts = tuple(float(v) for v in stats.label_counts)
+    source = "class counts released with the federated statistics" + (" (DP)" if stats.event is not None else "")
+    return ClassWeights(BALANCED, data.classes, balanced_weights(counts), source, counts)
 
 
 def resolve_class_weights(config: TrainConfig, data: Dataset) -> ClassWeights | None:

@@ -295,3 +295,21 @@ def test_cli_run_shows_the_weights_in_the_summary_and_the_json_report(
     assert "class weights 0=1.0,1=8.0: 0: 1, 1: 8; explicit" in out
     saved = json.loads(report.read_text())
     assert saved["class_weight"]["weights"] == {"0": 1.0, "1": 8.0} and saved["config"]["class_weight"] == "0=1.0,1=8.0"
+
+
+def test_a_release_without_class_counts_is_refused_not_recounted(table: Path) -> None:
+    """A release made without labels= (an older job or checkpoint) cannot silently fall back to raw counts."""
+    config = _config(table, "balanced", DPSGD)
+    old = load_federated(_config(table, "none", DPSGD)).stats
+    assert old is not None and old.label_counts is None
+    with pytest.raises(ValueError, match="made without class counts"):
+        resolve_class_weights(config, load_federated(config, stats=old))
+
+
+def test_resume_keeps_the_released_weights(table: Path, tmp_path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = train(_config(table, "balanced", rounds=1), baseline=False, checkpoint_dir=tmp_path)
+        resumed = train(_config(table, "balanced", rounds=2), baseline=False, checkpoint_dir=tmp_path, resume=True)
+    assert resumed["class_weight"] == first["class_weight"]
+    assert resumed["final"]["rounds_completed"] == 2
