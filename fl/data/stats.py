@@ -19,7 +19,10 @@ the sum by at most the same bound.
 **DP.** With DP on, each of the ``K`` sites adds ``N(0, sigma^2 / K)`` to its vector before the secure
 sum (``sigma = z * sensitivity``): the total carries ``N(0, sigma^2)``, a Gaussian mechanism with noise
 multiplier ``z`` for every observer of the total (with a secure sum, the server too). Row counts ``n_k``
-and the class labels are public metadata, as in the training loop.
+and the set of class labels are public metadata, as in the training loop. With ``labels=`` (for
+``--class-weight balanced``) the vector also holds the site's count of each class: one more indicator
+pair per row, so the sensitivity grows to ``sqrt(d_num + 2 * d_cat + 2)`` under the same noise multiplier
+(the same epsilon, one ledger entry), and the class counts are released with the same noise.
 """
 
 from __future__ import annotations
@@ -523,7 +526,8 @@ def _guarantee(
     learns = ("the server learns " + ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
               + ("; with plain-sum it also sees each site's own vector" if plain
                  else f"; through {ssum.name}, no single site's vector"))
-    assumptions = ["row counts n_k per site and the class labels are public metadata",
+    assumptions = ["row counts n_k per site and the set of class labels are public metadata"
+                   + ("; the per-class counts are part of the release above" if labels else ""),
                    "the public ranges (and, under DP, the prior the noisy estimates are shrunk to) come from declared "
                    "bounds or the server's own data, never from the sites'"]
     params: dict[str, Any] = {"sites": sites, "sum": ssum.name, "clipped": clip,
