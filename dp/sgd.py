@@ -49,6 +49,7 @@ from dp.mechanisms import NoiseSource, torch_gaussian
 from dp.rng import SecureRandom
 
 __all__ = [
+    "ClassWeightedLoss",
     "DpSgdStats",
     "PerSampleMode",
     "clipped_grad_sum",
@@ -142,6 +143,42 @@ Finish = Callable[[torch.Tensor], list[tuple[torch.Tensor, torch.Tensor]]]
 
 def _per_example_ce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits, y, reduction="none")
+
+
+class ClassWeightedLoss:
+    """Each example's loss times its class weight: ``w[y_i] * loss_i`` (``--class-weight``).
+
+    The weight multiplies the example's *loss*, so it scales that example's gradient before the gradient
+    is clipped: per-example clipping still bounds every example's contribution by ``max_grad_norm``
+    whatever the weights (a heavy class just reaches the clip sooner). The weights themselves must not
+    depend on the private data (public numbers, or computed from a DP release): a weight that one
+    example's presence changes would move the other examples' gradients, which the clip does not cover.
+    """
+
+    def __init__(self, base: LossFn, weight: torch.Tensor) -> None:
+        self.base = base
+        self.weight = weight
+
+    def __call__(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.base(logits, y) * self.weight.to(logits.dtype)[y]
+
+
+def _class_weighted(loss_fn: LossFn, class_weight: Sequence[float] | torch.Tensor, labels: torch.Tensor) -> LossFn:
+    """``loss_fn`` weighted per class; refuses weights that are not finite and > 0 or that miss a label."""
+    w = torch.as_tensor(class_weight, dtype=torch.float64).detach().clone()
+    if w.dim() != 1 or w.numel() == 0 or not bool(torch.all(torch.isfinite(w) & (w > 0))):
+        raise ValueError(f"class_weight must be one finite weight > 0 per class, got {w.tolist()}")
+    if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= w.numel()):
+        raise ValueError(f"labels run up to {int(labels.max())} but class_weight has {w.numel()} entries; give one "
+                         f"weight per class")
+    return ClassWeightedLoss(loss_fn, w)
+
+
+def _split_weight(loss_fn: LossFn) -> tuple[LossFn, torch.Tensor | None]:
+    """The loss under any class weighting, and the weights (``None`` when unweighted)."""
+    if isinstance(loss_fn, ClassWeightedLoss):
+        return loss_fn.base, loss_fn.weight
+    return loss_fn, None
 
 
 def _trainable(p: torch.Tensor | None) -> bool:
@@ -366,15 +403,23 @@ class _DirectClipper:
         return h, acts
 
     def _linear_ce(
-        self, lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float
+        self, lin: nn.Linear, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float,
+        weight: torch.Tensor | None = None,
     ) -> tuple[list[torch.Tensor], float, torch.Tensor]:
-        """One Linear layer under cross-entropy: the logit gradient is ``softmax - onehot``, no autograd."""
+        """One Linear layer under cross-entropy: the logit gradient is ``softmax - onehot``, no autograd.
+
+        ``weight``: class weights; example i's loss and logit gradient are scaled by ``weight[y_i]`` (before
+        its norm is taken and clipped)."""
         with torch.no_grad():
             logits = F.linear(x, lin.weight, lin.bias)
             logp = torch.log_softmax(logits, dim=1)
-            loss = -float(logp.gather(1, y[:, None]).sum())
+            picked = logp.gather(1, y[:, None])
+            wy = weight.to(logits.dtype)[y][:, None] if weight is not None else None
+            loss = -float((picked * wy).sum() if wy is not None else picked.sum())
             g = logp.exp_()
             g[torch.arange(x.shape[0]), y] -= 1.0
+            if wy is not None:
+                g.mul_(wy)
             norms2, finish = _linear(lin, x, g)
             norms = norms2.sqrt_()
             grads = {id(p): t for p, t in finish((max_grad_norm / (norms + 1e-6)).clamp_(max=1.0))}
@@ -383,8 +428,9 @@ class _DirectClipper:
     def __call__(
         self, x: torch.Tensor, y: torch.Tensor, max_grad_norm: float, loss_fn: LossFn
     ) -> tuple[list[torch.Tensor], float, torch.Tensor]:
-        if self.single and loss_fn is _per_example_ce and x.dim() == 2:
-            return self._linear_ce(self.linears[0], x, y, max_grad_norm)
+        base, weight = _split_weight(loss_fn)
+        if self.single and base is _per_example_ce and x.dim() == 2:
+            return self._linear_ce(self.linears[0], x, y, max_grad_norm, weight)
         logits, acts = self._forward(x)
         losses = loss_fn(logits, y)
         if len(acts) != len(self.layers) or len({id(m) for m, _, _ in acts}) != len(acts):
@@ -487,12 +533,16 @@ def clipped_grad_sum(
     max_grad_norm: float,
     mode: PerSampleMode = "auto",
     loss_fn: LossFn = _per_example_ce,
+    class_weight: Sequence[float] | torch.Tensor | None = None,
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The sum over examples of per-example gradients clipped to ``max_grad_norm``, and the norms.
 
     Returns one tensor per trainable parameter (in ``model.parameters()`` order) and the per-example
     gradient norms before clipping. ``loss_fn(logits, y)`` must return per-example losses.
+    ``class_weight``: see :class:`ClassWeightedLoss` (the norms returned are of the weighted gradients).
     """
+    if class_weight is not None:
+        loss_fn = _class_weighted(loss_fn, class_weight, y)
     clipper = _make_clipper(model, resolve_mode(model, mode), max_grad_norm)
     try:
         grads, _, norms = clipper(x, y, max_grad_norm, loss_fn)
@@ -666,18 +716,21 @@ def dp_sgd(
     mode: PerSampleMode = "auto",
     rng: NoiseSource | None = None,
     loss_fn: LossFn = _per_example_ce,
+    class_weight: Sequence[float] | torch.Tensor | None = None,
 ) -> DpSgdStats:
     """Train ``model`` in place with DP-SGD; returns what is needed to account for it.
 
     ``steps`` defaults to ``epochs * ceil(n / batch_size)``. ``optimizer`` defaults to SGD(lr).
     ``rng``: the CSPRNG for batch sampling and noise (``None``: a fresh ``SecureRandom`` from
-    ``os.urandom``; tests pass ``SecureRandom.for_testing(seed)``).
+    ``os.urandom``; tests pass ``SecureRandom.for_testing(seed)``). ``class_weight``: one public weight
+    per class scaling each example's loss before its gradient is clipped (:class:`ClassWeightedLoss`).
     """
     n = int(features.shape[0])
     _check_dp_sgd_args(
         n=n, labels=labels, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm, batch_size=batch_size
     )
     rng = rng if rng is not None else SecureRandom()
+    loss_fn = _class_weighted(loss_fn, class_weight, labels) if class_weight is not None else loss_fn
     q = min(1.0, batch_size / n)
     expected = q * n
     total = steps if steps is not None else epochs * steps_per_epoch(n, batch_size)

@@ -49,6 +49,7 @@ from fl.spec import CompositionError
 from fl.sums.paillier import PaillierSum
 from fl.sums.plain import PlainSum
 from fl.sums.secagg import SecAgg, SecAggPlus
+from fl.training.class_weights import normalize_class_weight
 from fl.training.dp_sgd import DpSgdTrainer
 from fl.training.loop import BudgetExhaustedError, Federation
 from fl.training.models import set_flat
@@ -237,7 +238,8 @@ def _probe_loss(loss: LossFn, output: torch.Tensor, labels: torch.Tensor, *, per
         raise TypeError(f"loss(output, labels) returned {type(value).__name__}, not a tensor")
     if per_example and tuple(value.shape) != (labels.shape[0],):
         raise TypeError(
-            f"DP-SGD clips each example's gradient, so the loss must return one value per example (shape "
+            f"DP-SGD clips each example's gradient and class weights scale each example's loss, so the loss must "
+            f"return one value per example (shape "
             f"({labels.shape[0]},)), got shape {tuple(value.shape)}: use a torch loss module (its reduction is "
             f"set to 'none' for you) or a function with reduction='none'"
         )
@@ -461,7 +463,7 @@ def _config(
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     allowed = {"local_epochs", "batch_size", "cohort", "sample_rate", "weighting", "server_opt", "server_lr",
                "dropout", "seed", "test_fraction", "missing", "drop_columns", "keep_columns", "categories",
-               "feature_bounds", "stats_epsilon", "insecure_seeded_randomness"}
+               "feature_bounds", "stats_epsilon", "insecure_seeded_randomness", "class_weight"}
     bad = sorted(set(options) - allowed)
     if bad:
         raise TypeError(f"unknown training option(s) {bad}; choose from {', '.join(sorted(allowed & known))}")
@@ -487,6 +489,7 @@ def train(
     privacy_options: Mapping[str, Any] | None = None,
     allow_single_class_sites: bool = False,
     progress: bool = False,
+    class_weight: str | Mapping[Any, float] | Sequence[float] | None = None,
     **options: Any,
 ) -> FederatedResult:
     """Federate ``model`` over ``sites`` for ``rounds`` rounds with the ``privacy`` stages; see the module doc.
@@ -494,6 +497,7 @@ def train(
     ``optimizer``: a factory ``params -> Optimizer`` (default SGD at lr 0.1), built afresh by each site
     each round. ``loss``: any callable ``(output, labels) -> loss`` (default cross-entropy). ``evaluation``:
     ``(X, y)``, a function ``model -> {metric: value}`` or ``None``; CSV sites take a test CSV path.
+    ``class_weight``: ``"balanced"``, ``{label: weight}`` or a weight per class (:mod:`fl.training.class_weights`).
     ``options``: further TrainConfig fields (``local_epochs``, ``batch_size``, ``cohort``, ``sample_rate``,
     ``seed``, ``missing``, ...). Every input is checked before round 1, each error naming its fix.
     """
@@ -504,11 +508,13 @@ def train(
     factory = _check_optimizer(optimizer, model)
     pc = privacy_config(privacy, epsilon=epsilon, delta=delta, options=privacy_options)
     dpsgd = "dp-sgd" in pc.tokens()
-    loss_fn = _check_loss(loss, per_example=dpsgd)
+    weighted = normalize_class_weight(class_weight)
+    per_example = dpsgd or weighted != "none"  # DP-SGD's clip and class weights act on each example's loss
+    loss_fn = _check_loss(loss, per_example=per_example)
     named = _named_sites(sites)
     test = str(evaluation) if _is_path(evaluation) else None
     config = _config(model=model, sites=len(named), rounds=rounds, privacy=pc, target=target, test=test,
-                     options=options)
+                     options={**options, "class_weight": weighted})
     if any(_is_path(p) for p in named.values()):
         data = _csv_dataset(named, evaluation, dataclasses.replace(config, sites=tuple(
             (n, str(p)) for n, p in named.items())))
@@ -523,7 +529,7 @@ def train(
         data = dataclasses.replace(data, classes=tuple(str(c) for c in range(classes)))
     with torch.no_grad():
         out = copy.deepcopy(model).eval()(torch.from_numpy(data.x_train[:2]))
-    _probe_loss(loss_fn, out, torch.from_numpy(data.y_train[:2]), per_example=dpsgd)
+    _probe_loss(loss_fn, out, torch.from_numpy(data.y_train[:2]), per_example=per_example)
     # no loss given: the trainers keep their own cross-entropy (DP-SGD's closed form for one Linear layer)
     fed = _federation(config, data, model, factory, loss_fn if loss is not None else None, evaluation)
     return _run(fed, rounds, progress=progress)

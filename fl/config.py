@@ -155,6 +155,9 @@ class TrainConfig:
     lr: float | None = None  # None: DEFAULT_LR of the model family, resolved at construction
     batch_size: int = 64  # with lr 1.0 (logreg), batches of 32 left OJ 2.8 points short of centralized
     optimizer: Literal["sgd", "adam"] = "sgd"
+    # "none" | "balanced" | "LABEL=W,..." | "W,..." (per class); a mapping or sequence is turned into that text
+    # (fl.training.class_weights: "balanced" uses the class counts released with the federated statistics)
+    class_weight: str = "none"
     cohort: int | None = None  # fixed cohort size (None = all clients)
     sample_rate: float | None = None  # Poisson client sampling rate q (overrides cohort)
     weighting: Literal["samples", "uniform"] = "samples"
@@ -183,6 +186,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.early_stopping, Mapping):  # from as_dict() (checkpoints, Flower jobs)
             object.__setattr__(self, "early_stopping", EarlyStopConfig(**self.early_stopping))
+        from fl.training.class_weights import normalize_class_weight
+
+        object.__setattr__(self, "class_weight", normalize_class_weight(self.class_weight))
         if self.lr is None:
             # resolved here so every consumer sees a float; dataclasses.replace(cfg, model=...) keeps the
             # resolved value -- pass lr=None with it to pick the new family's default

@@ -159,6 +159,10 @@ def summary_lines(report: Mapping[str, Any]) -> list[str]:
     for key, label in (("balanced_accuracy", "balanced accuracy"), ("auc", "AUC")):
         if final.get(key) is not None:
             line += f"  {label} {final[key]:.4f}"
+    if report.get("class_weight"):  # a weighted loss: say so beside the numbers it changes
+        cw = report["class_weight"]
+        ws = ", ".join(f"{c}: {w:.3g}" for c, w in cw.get("weights", {}).items())
+        line += f"  (class weights {cw.get('spec')}: {ws}; {cw.get('source')})"
     lines = [line, _baseline_line(report, acc)]
     warning = _majority_warning(acc, report.get("baseline", {}).get("majority_class_rate"), final)
     if warning:

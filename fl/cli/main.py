@@ -83,6 +83,10 @@ def _add_training_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
                    help="client learning rate (default: 1.0 for logreg, 0.1 for mlp; see fl.config.DEFAULT_LR)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="client minibatch size (default: %(default)s)")
     g.add_argument("--optimizer", choices=["sgd", "adam"], default=d.optimizer, help="client optimizer")
+    g.add_argument("--class-weight", default=d.class_weight, metavar="none|balanced|LABEL=W,...",
+                   help="weight of each class in the training loss: none, balanced (N / (K * n_c) from the class "
+                        "counts released with the federated statistics, DP when DP is on) or public weights "
+                        "LABEL=W,... (e.g. 0=1,1=5; unlisted classes weigh 1) (default: %(default)s)")
     g.add_argument("--cohort", type=int, help="clients sampled per round, without replacement (default: all)")
     g.add_argument("--sample-rate", type=float,
                    help="Poisson client sampling rate q (instead of --cohort; default: off)")
@@ -173,7 +177,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig(
         dataset=args.dataset, target=args.target, clients=args.clients, partition=args.partition,
         model=args.model, hidden=args.hidden, rounds=args.rounds, local_epochs=args.local_epochs, lr=args.lr,
-        batch_size=args.batch_size, optimizer=args.optimizer, cohort=args.cohort, sample_rate=args.sample_rate,
+        batch_size=args.batch_size, optimizer=args.optimizer, class_weight=getattr(args, "class_weight", "none"),
+        cohort=args.cohort, sample_rate=args.sample_rate,
         weighting=args.weighting, server_opt=args.server_opt, server_lr=args.server_lr, dropout=args.dropout,
         test_fraction=args.test_fraction, seed=args.seed,
         insecure_seeded_randomness=args.insecure_seeded_randomness, privacy=privacy,

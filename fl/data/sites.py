@@ -349,7 +349,7 @@ def prepare_sites(
         if stats.schema != schema:
             raise DataError("the checkpoint's preprocessing was made on other columns; resume with the same data")
     else:
-        stats = _federate(clean, test, schema, config)
+        stats = _federate(clean, test, schema, config, classes=tuple(classes))
     if stats.constant:
         warn(f"column(s) {list(stats.constant)} are constant across all sites and carry no information; "
              f"--drop them")
@@ -366,9 +366,12 @@ def prepare_sites(
 
 
 def _federate(
-    sites: Mapping[str, pd.DataFrame], test: pd.DataFrame, schema: Schema, config: TrainConfig
+    sites: Mapping[str, pd.DataFrame], test: pd.DataFrame, schema: Schema, config: TrainConfig,
+    classes: tuple[str, ...] = (),
 ) -> FederatedStats:
-    """One secure sum of the sites' statistics vectors, with the run's sum and (if DP) noise."""
+    """One secure sum of the sites' statistics vectors, with the run's sum and (if DP) noise.
+
+    With ``--class-weight balanced`` the same sum also counts the ``classes`` (fl.training.class_weights)."""
     from dp.rng import SecureRandom
     from fl.data.stats import default_session
 
@@ -384,6 +387,7 @@ def _federate(
         categories={c: list(v) for c, v in config.categories},
         rng_for=(lambda k: SecureRandom.for_testing(f"{config.seed}:stats:{k}")) if seeded else None,
         session=default_session(config.seed if seeded else None),
+        labels=classes if config.class_weight == "balanced" else None,
     )
 
 

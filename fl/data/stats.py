@@ -19,7 +19,10 @@ the sum by at most the same bound.
 **DP.** With DP on, each of the ``K`` sites adds ``N(0, sigma^2 / K)`` to its vector before the secure
 sum (``sigma = z * sensitivity``): the total carries ``N(0, sigma^2)``, a Gaussian mechanism with noise
 multiplier ``z`` for every observer of the total (with a secure sum, the server too). Row counts ``n_k``
-and the class labels are public metadata, as in the training loop.
+and the set of class labels are public metadata, as in the training loop. With ``labels=`` (for
+``--class-weight balanced``) the vector also holds the site's count of each class: one more indicator
+pair per row, so the sensitivity grows to ``sqrt(d_num + 2 * d_cat + 2)`` under the same noise multiplier
+(the same epsilon, one ledger entry), and the class counts are released with the same noise.
 """
 
 from __future__ import annotations
@@ -123,6 +126,10 @@ class FederatedStats:
     guarantee: Guarantee
     event: dp_event.DpEvent | None = None
     constant: tuple[str, ...] = ()
+    # the summed count of each class label (same sum, same noise and ledger entry as the moments), when
+    # asked for (``labels=``: "balanced" class weights); ``label_classes`` names them in order
+    label_classes: tuple[str, ...] = ()
+    label_counts: NDArray[np.float64] | None = None
     _scaler: StandardScaler = field(init=False, repr=False, compare=False)
     _encoder: OneHotEncoder | None = field(init=False, repr=False, compare=False)
 
@@ -155,6 +162,8 @@ class FederatedStats:
             "guarantee": self.guarantee.as_dict(),
             "event": event_to_json(self.event) if self.event is not None else None,
             "constant": list(self.constant),
+            "label_classes": list(self.label_classes),
+            "label_counts": None if self.label_counts is None else [float(v) for v in self.label_counts],
         }
 
     @classmethod
@@ -175,8 +184,10 @@ class FederatedStats:
                                   assumptions=tuple(str(a) for a in g.get("assumptions", ())),
                                   params=dict(g.get("params", {})))
             event = event_from_json(data["event"]) if data.get("event") is not None else None
+            label_classes, label_counts = _labels_from_json(data)
             return cls(schema=schema, mean=mean, std=std, vocabulary=vocab, rows=int(data["rows"]),
-                       guarantee=guarantee, event=event, constant=tuple(str(c) for c in data.get("constant", ())))
+                       guarantee=guarantee, event=event, constant=tuple(str(c) for c in data.get("constant", ())),
+                       label_classes=label_classes, label_counts=label_counts)
         except (KeyError, TypeError, ValueError) as exc:
             raise DataError(f"malformed preprocessing release ({exc!r}); rerun the job so it carries a fresh one") \
                 from exc
@@ -195,6 +206,17 @@ class FederatedStats:
         if self._encoder is not None:
             parts.append(self._encoder.transform(_as_text(frame[list(self.schema.categorical)])))
         return np.concatenate(parts, axis=1).astype(np.float32)
+
+
+def _labels_from_json(data: Mapping[str, Any]) -> tuple[tuple[str, ...], NDArray[np.float64] | None]:
+    """The release's class names and class counts (none in releases made without ``labels=``)."""
+    classes = tuple(str(c) for c in data.get("label_classes", ()) or ())
+    if data.get("label_counts") is None:
+        return classes, None
+    counts = np.asarray(data["label_counts"], dtype=np.float64)
+    if counts.shape != (len(classes),) or not np.all(np.isfinite(counts)):
+        raise ValueError("label_counts must be finite, one per label class")
+    return classes, counts
 
 
 def _gaussian_epsilon(z: float, delta: float) -> float:
@@ -238,9 +260,10 @@ def public_ranges(
 
 def site_vector(
     frame: pd.DataFrame, schema: Schema, *, centre: NDArray[np.float64], width: NDArray[np.float64],
-    candidates: Mapping[str, Sequence[str]], clip: bool, unit: Unit,
+    candidates: Mapping[str, Sequence[str]], clip: bool, unit: Unit, labels: Sequence[str] = (),
 ) -> NDArray[np.float64]:
-    """One site's contribution, computed from its own rows only: ``[sum u, sum u^2, category counts]``.
+    """One site's contribution, computed from its own rows only: ``[sum u, sum u^2, category counts]``,
+    then the count of each class in ``labels`` (when given).
 
     For ``unit="client"`` the per-row average (each site then weighs the same; see the module docstring).
     """
@@ -252,13 +275,18 @@ def site_vector(
     for col in schema.categorical:
         values = _as_text(frame[[col]])[col]
         pieces.append(np.array([(values == v).sum() for v in candidates[col]], dtype=np.float64))
+    if labels:
+        target = _as_text(frame[[schema.target]])[schema.target]
+        pieces.append(np.array([(target == c).sum() for c in labels], dtype=np.float64))
     vec = np.concatenate(pieces) if pieces else np.zeros(0)
     return vec / max(1, len(frame)) if unit == "client" else vec
 
 
-def sensitivity(schema: Schema) -> float:
-    """L2 change of a site's vector when one row (or, client level, one site) is replaced."""
-    return math.sqrt(len(schema.numeric) + 2 * len(schema.categorical))
+def sensitivity(schema: Schema, *, labels: bool = False) -> float:
+    """L2 change of a site's vector when one row (or, client level, one site) is replaced.
+
+    ``labels``: the vector also counts the class labels (a changed label moves two counts by 1: +2)."""
+    return math.sqrt(len(schema.numeric) + 2 * len(schema.categorical) + 2 * int(labels))
 
 
 def _is_plain(ssum: SecureSum) -> bool:
@@ -345,8 +373,13 @@ def federated_statistics(
     min_category_count: float = 1.0,
     rng_for: Callable[[int], RandomSource] | None = None,
     session: bytes | None = None,
+    labels: Sequence[str] | None = None,
 ) -> FederatedStats:
     """Means, stds and vocabularies of the sites' rows, from one secure sum of per-site vectors.
+
+    ``labels``: the run's (public) class names; the same sum then also counts each class over all sites
+    (``label_counts``, for "balanced" class weights), under the same noise multiplier and so the same
+    ledger entry: the sensitivity grows from ``sqrt(d)`` to ``sqrt(d + 2)`` and the noise with it.
 
     ``sites``: each site's own rows (already cleaned). ``reference``: the server's own rows, only used to
     fix public ranges where ``bounds`` declares none. ``categories``: declared candidate vocabularies
@@ -361,9 +394,10 @@ def federated_statistics(
     unit: Unit = privacy.unit if privacy is not None else "example"
     centre, width = public_ranges(schema, declared=bounds or {}, reference=reference)
     cand = _candidates(sites, schema, categories or {}, dp)
-    vectors = {k: site_vector(f, schema, centre=centre, width=width, candidates=cand, clip=clip, unit=unit)
-               for k, f in enumerate(sites)}
-    sigma = privacy.noise_multiplier * sensitivity(schema) if privacy is not None else 0.0
+    classes = tuple(str(c) for c in labels or ())
+    vectors = {k: site_vector(f, schema, centre=centre, width=width, candidates=cand, clip=clip, unit=unit,
+                              labels=classes) for k, f in enumerate(sites)}
+    sigma = privacy.noise_multiplier * sensitivity(schema, labels=bool(classes)) if privacy is not None else 0.0
     share = sigma / math.sqrt(len(sites))
     base = 1.0 if unit == "client" else float(max(max(len(f) for f in sites), 1))
     rng_for = rng_for or (lambda _k: SecureRandom())
@@ -374,12 +408,14 @@ def federated_statistics(
     prior = _prior(reference, schema, centre, width)
     mean, std, low = _moments(total, len(schema.numeric), scale, centre, width, noise=sigma / scale, prior=prior)
     counts = total[2 * len(schema.numeric):] * (rows / len(sites) if unit == "client" else 1.0)
-    vocab = _vocabulary(schema, cand, counts, min_category_count)
+    vocab = _vocabulary(schema, cand, counts[:len(counts) - len(classes)], min_category_count)
     return FederatedStats(
         schema=schema, mean=mean, std=std, vocabulary=vocab, rows=rows,
-        guarantee=_guarantee(schema, secure_sum, privacy, len(sites), clip=clip, declared=bool(categories)),
+        guarantee=_guarantee(schema, secure_sum, privacy, len(sites), clip=clip, declared=bool(categories),
+                             labels=bool(classes)),
         event=privacy.event if privacy is not None else None,
         constant=tuple(c for c, flat in zip(schema.numeric, low, strict=True) if flat) if privacy is None else (),
+        label_classes=classes, label_counts=counts[len(counts) - len(classes):].copy() if classes else None,
     )
 
 
@@ -474,7 +510,8 @@ def _vocabulary(
 
 
 def _guarantee(
-    schema: Schema, ssum: SecureSum, privacy: StatsPrivacy | None, sites: int, *, clip: bool, declared: bool
+    schema: Schema, ssum: SecureSum, privacy: StatsPrivacy | None, sites: int, *, clip: bool, declared: bool,
+    labels: bool = False,
 ) -> Guarantee:
     """What the server (and anyone it shows the statistics to) learns about the sites' rows."""
     plain = _is_plain(ssum)
@@ -484,14 +521,19 @@ def _guarantee(
         items.append("the summed counts of the candidate categories")
         if not declared:
             items.append("which category values occur at some site (the candidates)")
+    if labels:
+        items.append("the summed count of each class label")
     learns = ("the server learns " + ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + items[-1]
               + ("; with plain-sum it also sees each site's own vector" if plain
                  else f"; through {ssum.name}, no single site's vector"))
-    assumptions = ["row counts n_k per site and the class labels are public metadata",
+    assumptions = ["row counts n_k per site and the set of class labels are public metadata"
+                   + ("; the per-class counts are part of the release above" if labels else ""),
                    "the public ranges (and, under DP, the prior the noisy estimates are shrunk to) come from declared "
                    "bounds or the server's own data, never from the sites'"]
     params: dict[str, Any] = {"sites": sites, "sum": ssum.name, "clipped": clip,
-                              "sensitivity": sensitivity(schema)}
+                              "sensitivity": sensitivity(schema, labels=labels)}
+    if labels:
+        params["label_counts"] = True
     if privacy is None:
         return Guarantee(layer="federated-statistics", property="no DP: " + learns,
                          against="no one beyond what the sum hides", assumptions=tuple(assumptions), params=params)
@@ -507,7 +549,7 @@ def _guarantee(
     return Guarantee(
         layer="federated-statistics",
         property=f"({eps:.4g}, {privacy.delta:g})-DP for each {privacy.unit} (Gaussian, z = "
-                 f"{privacy.noise_multiplier:.4g}, L2 sensitivity {sensitivity(schema):.4g}): " + learns,
+                 f"{privacy.noise_multiplier:.4g}, L2 sensitivity {sensitivity(schema, labels=labels):.4g}): " + learns,
         against=against, assumptions=tuple(assumptions), params=params,
     )
 

@@ -23,6 +23,10 @@ from fl.spec import TrainResult
 __all__ = ["DpSgdTrainer", "default_batch_and_clip"]
 
 
+def _per_example_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, y, reduction="none")
+
+
 FIXED_BATCH, FIXED_CLIP = 32, 1.0  # without --epsilon (a given noise multiplier) nothing to choose from
 
 
@@ -57,6 +61,9 @@ class DpSgdTrainer:
     test seam: noise and batch sampling then come from ``SecureRandom.for_testing`` keyed by the loop's
     per-client seed, so runs repeat exactly.
     Never set it in production (whoever knows the seed can remove the noise).
+    ``class_weight``: one public weight per class (:mod:`fl.training.class_weights`), scaling each
+    example's loss before its gradient is clipped (:class:`dp.sgd.ClassWeightedLoss`): the clip norm still
+    bounds every example's contribution, so the accounting is unchanged.
     """
 
     noise_multiplier: float | Mapping[int, float]
@@ -70,6 +77,7 @@ class DpSgdTrainer:
     # the Python API's factories: ``params -> Optimizer`` and a loss returning one value per example
     optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    class_weight: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -110,6 +118,8 @@ class DpSgdTrainer:
         else:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose sgd or adam")
         extra: dict[str, Any] = {"loss_fn": self.loss} if self.loss is not None else {}
+        if self.class_weight is not None:
+            extra["class_weight"] = self.class_weight
         stats = dp_sgd(
             model,
             features,
@@ -126,5 +136,8 @@ class DpSgdTrainer:
         loss = stats.mean_loss
         if not math.isfinite(loss):  # no example was sampled in any step: report the loss on local data
             with torch.no_grad():
-                loss = float((self.loss or nn.functional.cross_entropy)(model(features), labels).mean())
+                per = (self.loss or _per_example_ce)(model(features), labels)
+                if self.class_weight is not None:
+                    per = per * torch.tensor(self.class_weight, dtype=per.dtype)[labels]
+                loss = float(per.mean())
         return TrainResult(num_samples=n, steps=stats.steps, loss=loss, extra={"dp_sgd": stats.as_dict()})

@@ -281,6 +281,8 @@ class ServerSide:
             "ledger": self.ledger.as_list(),
             "privacy": plan.accounting.report() if plan.accounting is not None else {"accountant": None},
         }
+        if self.run.class_weights is not None:
+            out["class_weight"] = self.run.class_weights.as_dict()
         if self.run.bound.stateful:
             out["layer_state"] = self.layer_state
         if self.sites.site_names:

@@ -22,6 +22,7 @@ from fl.data.stats import FederatedStats
 from fl.pipeline import BoundPipeline
 from fl.privacy.plan import Calibrator, PrivacyPlan, build_plan
 from fl.spec import ClientTrainer, ValueSpec
+from fl.training.class_weights import ClassWeights, apply_class_weights, resolve_class_weights
 from fl.training.trainers import PlainTrainer
 
 __all__ = ["RunPlan", "Sites", "load_sites", "plan_run"]
@@ -75,6 +76,7 @@ class RunPlan:
     weighting: Literal["samples", "uniform"]
     max_cohort: int
     stats_budget: tuple[float, float] | None
+    class_weights: ClassWeights | None = None  # the run's one class-weight vector (--class-weight), if any
 
     def weight(self, sites: Sites, cid: int) -> float:
         """Client ``cid``'s averaging weight: ``n_k / n_mean`` under ``"samples"``, else 1."""
@@ -134,7 +136,9 @@ def plan_run(
     trainer = plan.trainer or PlainTrainer(
         epochs=config.local_epochs, lr=config.client_lr, batch_size=config.batch_size, optimizer=config.optimizer
     )
+    weights = resolve_class_weights(config, sites.data)  # from public numbers or the released statistics only
+    trainer = apply_class_weights(trainer, weights)
     # Rings are sized for the most clients a round can have (all of them under Poisson sampling).
     max_cohort = config.cohort if (config.cohort and config.sample_rate is None) else population
     bound = plan.pipeline.bind(ValueSpec(size=size, cohort=max_cohort))
-    return RunPlan(plan, bound, trainer, plan.weighting or config.weighting, max_cohort, stats_budget)
+    return RunPlan(plan, bound, trainer, plan.weighting or config.weighting, max_cohort, stats_budget, weights)

@@ -30,6 +30,8 @@ class PlainTrainer:
 
     ``optimizer_factory`` (``params -> Optimizer``) and ``loss`` (``(output, labels) -> loss``, a mean or
     per-example losses) replace ``optimizer``/``lr`` and cross-entropy when given (the Python API).
+    ``class_weight``: one weight per class (:mod:`fl.training.class_weights`); each example's loss is
+    multiplied by its class's weight and the batch loss is their mean (the loss must then be per example).
     """
 
     epochs: int = 1
@@ -38,6 +40,7 @@ class PlainTrainer:
     optimizer: Literal["sgd", "adam"] = "sgd"
     optimizer_factory: Callable[[Any], torch.optim.Optimizer] | None = None
     loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
+    class_weight: tuple[float, ...] | None = None
 
     def train(
         self, model: Any, features: Any, labels: Any, *, cid: int, round: int, seed: int
@@ -51,7 +54,7 @@ class PlainTrainer:
             opt = self.optimizer_factory(model.parameters())
         else:
             opt = make_optimizer(self.optimizer, model.parameters(), self.lr)
-        loss_fn = self.loss or nn.functional.cross_entropy
+        loss_fn = self._loss_fn(features.dtype)
         bs = min(self.batch_size, n)
         steps, total = 0, torch.zeros(())
         if not model.training:
@@ -72,3 +75,26 @@ class PlainTrainer:
             loss=float(total) / max(1, steps),
             extra={"batches_per_epoch": math.ceil(n / bs)},
         )
+
+    def _loss_fn(self, dtype: torch.dtype) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        """The loss of a batch: ``loss`` (default cross-entropy), class-weighted per example when weights are set."""
+        if self.class_weight is None:
+            return self.loss or nn.functional.cross_entropy
+        weight = torch.tensor(self.class_weight, dtype=dtype)
+        base = self.loss or _per_example_ce
+        if not weight.dim() == 1 or not bool(torch.all(torch.isfinite(weight) & (weight > 0))):
+            raise ValueError(f"class_weight must be one finite weight > 0 per class, got {self.class_weight}")
+
+        def weighted(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            per = base(out, y)
+            if per.shape != y.shape:
+                raise ValueError(f"class weights scale each example's loss, but the loss returned shape "
+                                 f"{tuple(per.shape)} for {y.shape[0]} labels: pass a per-example loss "
+                                 f"(e.g. torch.nn.CrossEntropyLoss(reduction='none'))")
+            return per * weight[y]
+
+        return weighted
+
+
+def _per_example_ce(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(out, y, reduction="none")
