@@ -167,9 +167,9 @@ def _class_weighted(loss_fn: LossFn, class_weight: Sequence[float] | torch.Tenso
     """``loss_fn`` weighted per class; refuses weights that are not finite and > 0 or that miss a label."""
     w = torch.as_tensor(class_weight, dtype=torch.float64).detach().clone()
     if w.dim() != 1 or w.numel() == 0 or not bool(torch.all(torch.isfinite(w) & (w > 0))):
-        raise ValueError(f"class_weight must be one finite weight > 0 per class, got {w.tolist()}")
+        raise InputError(f"class_weight must be one finite weight > 0 per class, got {w.tolist()}")
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= w.numel()):
-        raise ValueError(f"labels run up to {int(labels.max())} but class_weight has {w.numel()} entries; give one "
+        raise InputError(f"labels run up to {int(labels.max())} but class_weight has {w.numel()} entries; give one "
                          f"weight per class")
     return ClassWeightedLoss(loss_fn, w)
 
