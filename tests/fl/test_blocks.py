@@ -40,7 +40,7 @@ def reference_encode(layers: Sequence[Layer], specs: Sequence[ValueSpec], x: NDA
     return out
 
 
-PIPELINES = {
+PIPELINES: dict[str, list[Layer]] = {
     "clip-quantize": [Clip(l2=1.0), Quantize(bits=16)],
     "clip-noise-quantize": [Clip(l2=1.0), GaussianNoise(multiplier=1.0, placement="clients"), Quantize(bits=20)],
     "clip-discrete-noise-quantize": [
@@ -175,7 +175,7 @@ def test_blockwise_encode_peak_memory_is_within_3_d_4_bytes() -> None:
     worker = Worker(torch.nn.Linear(1000, 3000))
     d = worker.size
     params = np.zeros(d)
-    layers = [Clip(l2=1.0), GaussianNoise(multiplier=1.0, placement="clients"), Quantize(bits=16)]
+    layers: list[Layer] = [Clip(l2=1.0), GaussianNoise(multiplier=1.0, placement="clients"), Quantize(bits=16)]
     bound = Pipeline(layers, sum=SecAggPlus()).bind(ValueSpec(size=d, cohort=5))
     rng = SecureRandom.for_testing(0)
     tracemalloc.start()
