@@ -133,8 +133,8 @@ class BoundPipeline:
             raise CompositionError(f"update has {size} values, the pipeline was bound for {self.specs[0].size}")
         states = self._states(state)
         if self.streams and self.pipeline.layers:
-            src = x if isinstance(x, Blocks) else Blocks.of(np.asarray(x, dtype=np.float64).ravel())
-            src = src.map(lambda b: np.asarray(b, dtype=np.float64), dtype=np.float64)
+            src = x if isinstance(x, Blocks) else Blocks.of(np.asarray(x).ravel())  # float32 stays float32 ...
+            src = src.map(lambda b: np.asarray(b, dtype=np.float64), dtype=np.float64)  # ... until its block is read
             for layer, spec in zip(self.pipeline.layers, self.specs, strict=False):
                 assert isinstance(layer, BlockLayer)
                 src = layer.encode_blocks(src, spec, rng)
