@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fl.blocks import BlockLayer, Blocks
 from fl.spec import (
     CompositionError,
     Guarantee,
@@ -111,17 +112,38 @@ class BoundPipeline:
             raise CompositionError(f"the pipeline has {n} layers but the state has {len(state)} entries")
         return list(state)
 
+    @property
+    def streams(self) -> bool:
+        """True when every layer encodes block by block (:class:`fl.blocks.BlockLayer`, none stateful)."""
+        return all(isinstance(layer, BlockLayer) and not isinstance(layer, StatefulLayer)
+                   for layer in self.pipeline.layers)
+
     def encode(
-        self, x: NDArray[Any], rng: RandomSource, state: Sequence[Mapping[str, Any] | None] | None = None
+        self, x: NDArray[Any] | Blocks, rng: RandomSource, state: Sequence[Mapping[str, Any] | None] | None = None
     ) -> NDArray[Any]:
-        """Client half: run every layer's ``encode`` in order on one update (``state``: this round's)."""
-        x = np.asarray(x, dtype=np.float64).ravel()
-        if x.shape != (self.specs[0].size,):
-            raise CompositionError(f"update has {x.size} values, the pipeline was bound for {self.specs[0].size}")
+        """Client half: run every layer's ``encode`` in order on one update (``state``: this round's).
+
+        ``x``: the update as an array or as :class:`fl.blocks.Blocks` (read block by block, never copied
+        whole). When every layer streams (:attr:`streams`), the update is encoded block by block into one
+        output array -- ring words in :func:`secagg.ring.ring_dtype` (uint32 when the ring fits) -- so the
+        extra memory is that array plus O(block); otherwise each layer's whole-array ``encode`` runs.
+        """
+        size = x.size if isinstance(x, Blocks) else int(np.size(x))
+        if size != self.specs[0].size:
+            raise CompositionError(f"update has {size} values, the pipeline was bound for {self.specs[0].size}")
         states = self._states(state)
+        if self.streams and self.pipeline.layers:
+            src = x if isinstance(x, Blocks) else Blocks.of(np.asarray(x).ravel())  # float32 stays float32 ...
+            src = src.map(lambda b: np.asarray(b, dtype=np.float64), dtype=np.float64)  # ... until its block is read
+            for layer, spec in zip(self.pipeline.layers, self.specs, strict=False):
+                assert isinstance(layer, BlockLayer)
+                src = layer.encode_blocks(src, spec, rng)
+            return src.collect()
+        arr = x.map(lambda b: np.asarray(b, dtype=np.float64), dtype=np.float64).collect() if isinstance(
+            x, Blocks) else np.asarray(x, dtype=np.float64).ravel()
         for layer, spec, st in zip(self.pipeline.layers, self.specs, states, strict=False):
-            x = layer.encode(x, spec, rng, st) if isinstance(layer, StatefulLayer) else layer.encode(x, spec, rng)
-        return x
+            arr = layer.encode(arr, spec, rng, st) if isinstance(layer, StatefulLayer) else layer.encode(arr, spec, rng)
+        return arr
 
     def decode(
         self, total: NDArray[Any], info: RoundInfo, rng: RandomSource,

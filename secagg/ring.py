@@ -20,6 +20,7 @@ from numpy.typing import NDArray
 from secagg.errors import OverflowRiskError
 
 __all__ = [
+    "BLOCK",
     "MAX_RING_BITS",
     "Quantizer",
     "headroom_bits",
@@ -27,12 +28,16 @@ __all__ = [
     "is_ring_modulus",
     "ring_bits",
     "ring_bits_for",
+    "ring_dtype",
     "to_signed",
     "value_bits_for",
 ]
 
 MAX_RING_BITS = 63
 """Largest ring we use: sums are kept in uint64 and decoded through int64."""
+
+BLOCK = 1 << 18
+"""Values per block of the block-wise encoders: O(block) temporaries (2 MiB of float64 each), never O(d)."""
 
 
 def headroom_bits(cohort: int) -> int:
@@ -70,6 +75,16 @@ def ring_bits(modulus: int, *, what: str = "the modulus") -> int:
     if not is_ring_modulus(modulus):
         raise ValueError(f"{what} must be a power of two in [2, 2^64], got {modulus}: size the ring with Quantize")
     return modulus.bit_length() - 1
+
+
+def ring_dtype(modulus: int) -> type[np.unsignedinteger]:
+    """The narrowest word that holds Z_modulus: uint32 for rings up to 2^32, else uint64.
+
+    Encoded updates are stored in it (half the memory of uint64 for the usual 16-bit values); the
+    masking machines mask in the same width (:func:`secagg.masking._common.word_dtype`).
+    """
+    ring_bits(modulus)
+    return np.uint32 if modulus <= (1 << 32) else np.uint64
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,6 +144,29 @@ class Quantizer:
         np.clip(q, -top, top, out=q)
         return q.view(np.uint64) & np.uint64(self.modulus - 1)
 
+    def encode_into(
+        self, x: NDArray[np.floating], uniform: Callable[[int], NDArray[np.float64]], out: NDArray[np.unsignedinteger],
+        *, block: int = BLOCK,
+    ) -> NDArray[np.unsignedinteger]:
+        """:meth:`encode` ``x`` block by block into ``out`` (uint32 or uint64 words): O(block) temporaries.
+
+        ``uniform`` is called once per block, in order; for a stream-consistent source (``uniform(a)`` then
+        ``uniform(b)`` equals ``uniform(a + b)``, as :class:`dp.rng.SecureRandom`) the words are those
+        :meth:`encode` gives, bit for bit. Clamping stays in integer space, block by block.
+        """
+        x = np.asarray(x).ravel()
+        if out.shape != x.shape or out.dtype.kind != "u" or out.dtype.itemsize * 8 < self.ring_bits:
+            raise ValueError(
+                f"out must be an unsigned array of shape {x.shape} with >= {self.ring_bits} bits per word, "
+                f"got {out.dtype} {out.shape}: allocate it with secagg.ring.ring_dtype(modulus)"
+            )
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        for start in range(0, x.size, block):
+            stop = min(x.size, start + block)
+            out[start:stop] = self.encode(x[start:stop], uniform)
+        return out
+
     def decode(self, total: NDArray[np.unsignedinteger], summands: int) -> NDArray[np.float64]:
         """Decode a ring sum of ``summands`` encoded values back to reals."""
         if summands > self.cohort:
@@ -136,7 +174,9 @@ class Quantizer:
                 f"the sum has {summands} summands but the ring was sized for {self.cohort}; "
                 f"size the quantizer for the whole cohort"
             )
-        return to_signed(np.asarray(total, dtype=np.uint64), self.ring_bits).astype(np.float64) / self.scale
+        out = to_signed(np.asarray(total, dtype=np.uint64), self.ring_bits).astype(np.float64)
+        out /= self.scale  # in place: one float64 copy of the sum, not two
+        return out
 
 
 def to_signed(words: NDArray[np.uint64], bits: int) -> NDArray[np.int64]:

@@ -9,12 +9,14 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 from numpy.typing import NDArray
 
 from dp.mechanisms import clip_l2
+from fl.blocks import Blocks
 from fl.spec import CompositionError, Guarantee, RandomSource, RoundInfo, ValueSpec
 from secagg.errors import OverflowRiskError
-from secagg.ring import MAX_RING_BITS, Quantizer
+from secagg.ring import MAX_RING_BITS, Quantizer, ring_dtype
 
 __all__ = ["Clip", "Quantize", "clip_l2"]
 
@@ -43,6 +45,17 @@ class Clip:
 
     def encode(self, x: NDArray[Any], spec: ValueSpec, rng: RandomSource) -> NDArray[Any]:
         return clip_l2(x, self.l2)
+
+    def encode_blocks(self, x: Blocks, spec: ValueSpec, rng: RandomSource) -> Blocks:
+        """Block-wise :meth:`encode`: one pass for the norm, then each block scaled as it is read."""
+        x = x.replayable_form()
+        norm = x.l2_norm()
+        if not math.isfinite(norm):
+            raise ValueError("cannot clip a vector with NaN or Inf entries; reject it before clipping")
+        if norm <= self.l2:
+            return x.map(lambda b: np.asarray(b, dtype=np.float64), dtype=np.float64)
+        factor = self.l2 / norm  # the very factor clip_l2 applies
+        return x.map(lambda b: np.asarray(b, dtype=np.float64) * factor, dtype=np.float64)
 
     def decode(self, total: NDArray[Any], spec: ValueSpec, info: RoundInfo, rng: RandomSource) -> NDArray[Any]:
         return total
@@ -98,6 +111,11 @@ class Quantize:
 
     def encode(self, x: NDArray[Any], spec: ValueSpec, rng: RandomSource) -> NDArray[Any]:
         return self.quantizer(spec).encode(x, rng.uniform)
+
+    def encode_blocks(self, x: Blocks, spec: ValueSpec, rng: RandomSource) -> Blocks:
+        """Block-wise :meth:`encode` into ring words (uint32 when the ring fits): rounding noise per block."""
+        q = self.quantizer(spec)
+        return x.map(lambda b: q.encode(b, rng.uniform), dtype=ring_dtype(q.modulus), replayable=False)
 
     def decode(self, total: NDArray[Any], spec: ValueSpec, info: RoundInfo, rng: RandomSource) -> NDArray[Any]:
         return self.quantizer(spec).decode(total, info.n_included)

@@ -18,6 +18,7 @@ from numpy.typing import NDArray
 from torch import nn
 
 from dp.accounting import calibrate_noise
+from fl.blocks import Blocks
 from fl.config import TrainConfig
 from fl.data.sites import Dataset
 from fl.data.stats import FederatedStats
@@ -62,6 +63,15 @@ class Worker:
 
     def delta(self, params: NDArray[np.float64]) -> NDArray[np.float64]:
         return self.flat.numpy().astype(np.float64) - params
+
+    def delta_blocks(self, params: NDArray[np.float64], weight: float = 1.0) -> Blocks:
+        """``delta(params) * weight`` read block by block (the same float64 values, never a whole copy)."""
+        flat = self.flat.numpy()
+
+        def read(start: int, stop: int) -> NDArray[np.float64]:
+            return (flat[start:stop].astype(np.float64) - params[start:stop]) * weight
+
+        return Blocks(int(flat.size), read)
 
 
 class ClientSide:
@@ -129,22 +139,29 @@ class ClientSide:
 
     def train(self, global_params: NDArray[np.float64], round: int) -> tuple[NDArray[np.float64], TrainResult]:
         """Train from ``global_params`` on this site's rows; the raw delta, checked finite, and the result."""
+        result = self._fit(global_params, round)
+        delta = self.worker.delta(global_params)
+        self._check_finite(bool(np.all(np.isfinite(delta))), round)
+        return delta, result
+
+    def _fit(self, global_params: NDArray[np.float64], round: int) -> TrainResult:
+        """Load ``global_params`` into the worker and train it on this site's rows."""
         if global_params.shape != (self.worker.size,):
             raise ValueError(
                 f"global model has {global_params.size} parameters, client {self.cid} expects {self.worker.size}"
             )
         self.worker.load(global_params)
-        result = self.trainer.train(
+        return self.trainer.train(
             self.worker.model, self.features, self.labels, cid=self.cid, round=round,
             seed=derive_seed(self.config.seed, "train", round, self.cid),
         )
-        delta = self.worker.delta(global_params)
-        if not np.all(np.isfinite(delta)):
+
+    def _check_finite(self, finite: bool, round: int) -> None:
+        if not finite:
             raise NonFiniteUpdateError(
                 f"client {self.cid}'s update has NaN/Inf values in round {round}; it is rejected. Lower the "
                 f"learning rate or check that client's data for NaN/Inf"
             )
-        return delta, result
 
     def update(
         self, global_params: NDArray[np.float64], round: int, layer_state: Any = None
@@ -155,5 +172,7 @@ class ClientSide:
 
         Raises :class:`~fl.errors.NonFiniteUpdateError` (nothing is sent) if training diverged.
         """
-        delta, result = self.train(global_params, round)
-        return self.bound.encode(delta * self.weight, self.rng(round), layer_state), result
+        result = self._fit(global_params, round)
+        delta = self.worker.delta_blocks(global_params, self.weight)  # block by block: no float64 copy of d values
+        self._check_finite(delta.all_finite(), round)
+        return self.bound.encode(delta, self.rng(round), layer_state), result
