@@ -46,7 +46,8 @@ class ValueSpec:
     """What flows between two stages of a pipeline.
 
     ``size``: vector length. ``cohort``: most clients that can be summed in one round (sizes rings).
-    ``domain``: ``"real"`` float64 vectors, or ``"ring"`` words in Z_modulus (uint32 when the modulus is at most 2^32, else uint64).
+    ``domain``: ``"real"`` float64 vectors, or ``"ring"`` words in Z_modulus (uint32 when the modulus is at
+    most 2^32, else uint64).
     ``l2_bound``: every client vector's L2 norm is at most this (set by ``Clip``).
     ``linf_bound``: every coordinate's magnitude is at most this.
     ``modulus``: ring size (a power of two) when ``domain == "ring"``.
