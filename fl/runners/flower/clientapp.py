@@ -41,7 +41,6 @@ from fl.runners.flower.job import (
 from fl.runners.flower.policy import PolicyError, sum_terms, train_terms
 from fl.spec import SecureSum
 from secagg.errors import ProtocolError
-from secagg.machine import ClientMachine
 from secagg.machine import Message as ProtocolMessage
 from secagg.plain import PlainClient
 
@@ -237,15 +236,6 @@ def _step(msg: Message, context: Context) -> Message:
     """One later phase: feed the server's messages to our stored machine, send back its replies."""
     t0 = time.perf_counter()
     rec = record(msg.content)
-    session, rnd, step = bytes(rec["session"]), int(rec["round"]), int(rec["step"])
-    if step < 1:
-        raise ProtocolError(f"protocol steps are numbered from 1, got {step}")
-    machine: ClientMachine = _state.load(context, session=session, round=rnd, step=step - 1)
-    out: list[ProtocolMessage] = []
-    for m in _incoming(msg):
-        out += machine.receive(m)
-    if bool(rec["final"]):
-        _state.clear(context)  # the round's secrets are no longer needed
-    else:
-        _state.store(context, machine, session=session, round=rnd, step=step)
+    out = _state.advance(context, _incoming(msg), session=bytes(rec["session"]), round=int(rec["round"]),
+                      step=int(rec["step"]), final=bool(rec["final"]))
     return _reply(msg, {**encode_msgs(out), "compute_s": time.perf_counter() - t0})

@@ -328,17 +328,8 @@ def _without_record(msg: Message) -> Message:
 
 def _step(msg: Message, context: Context, rec: Any) -> Message:
     """A later phase: the server's messages into the stored machine, its replies back."""
-    session, rnd, step = _session(rec), _int(rec, "round"), _int(rec, "step")
-    if step < 1:
-        raise ProtocolError(f"protocol steps are numbered from 1, got {step}")
-    machine: ClientMachine = _state.load(context, session=session, round=rnd, step=step - 1)
-    out: list[ProtocolMessage] = []
-    for m in _incoming(rec):
-        out += machine.receive(m)
-    if rec.get("final") is True:
-        _state.clear(context)
-    else:
-        _state.store(context, machine, session=session, round=rnd, step=step)
+    out = _state.advance(context, _incoming(rec), session=_session(rec), round=_int(rec, "round"),
+                      step=_int(rec, "step"), final=rec.get("final") is True)
     return _reply(msg, out)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,8 @@ from flwr.app import ConfigRecord, Context
 
 from secagg.errors import CodecError, KeyMismatchError, ProtocolError
 
-__all__ = ["STATE_KEY_FILE", "STATE_RECORD", "clear", "last_released", "load", "make_state_key", "record_released",
-           "state_key", "store"]
+__all__ = ["STATE_KEY_FILE", "STATE_RECORD", "advance", "clear", "last_released", "load", "make_state_key",
+           "record_released", "state_key", "store"]
 
 STATE_RECORD = "privagg-state"
 """The ``Context.state`` record that holds the sealed machine."""
@@ -123,6 +124,25 @@ def clear(context: Context) -> None:
     if STATE_RECORD in context.state:
         del context.state[STATE_RECORD]
 
+
+
+def advance(context: Context, incoming: Iterable[Any], *, session: bytes, round: int, step: int,
+         final: bool) -> list[Any]:
+    """One later protocol phase on the stored machine: load step ``step - 1``, feed ``incoming``, store it
+    again as ``step`` (or forget the round's secrets after the ``final`` phase); the machine's replies."""
+    from secagg.errors import ProtocolError
+
+    if step < 1:
+        raise ProtocolError(f"protocol steps are numbered from 1, got {step}")
+    machine = load(context, session=session, round=round, step=step - 1)
+    out: list[Any] = []
+    for m in incoming:
+        out += machine.receive(m)
+    if final:
+        clear(context)  # the round's secrets are no longer needed
+    else:
+        store(context, machine, session=session, round=round, step=step)
+    return out
 
 # ---- the node's own record of released rounds, across runs ---------------------------------------
 def _rounds_file(context: Context) -> Path:
