@@ -32,6 +32,7 @@ RECORD = "privagg"
 HELLO = "query.privagg_hello"
 START = "train.privagg_start"
 STEP = "query.privagg_step"
+KEYHOLDER = "query.privagg_keyholder"
 JOB_KEY = "job"
 
 
@@ -47,6 +48,8 @@ class FlowerJob:
     SuperNodes, ``start_timeout`` for the first phase of a round (local training), ``phase_timeout`` for
     every other phase (a SuperNode that misses it has dropped). ``poll_interval``: seconds between
     pulls of replies; ``0`` uses Flower's own ``Grid.send_and_receive`` (which polls every 3 s).
+    ``paillier_public_key``: the key-holder node's Paillier public key (JSON) a ``paillier`` job encrypts
+    to (:mod:`fl.runners.flower.keyholder`); only public: the private key never leaves the key holder.
     """
 
     task: Literal["train", "sum"] = "train"
@@ -66,6 +69,7 @@ class FlowerJob:
     # the preprocessing release (fl.data.stats.FederatedStats.to_json), made ONCE when the job is written:
     # the ServerApp and every node standardize with it, so the statistics are released (and charged) once
     stats: Mapping[str, Any] | None = None
+    paillier_public_key: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -155,8 +159,12 @@ def sum_of(job: FlowerJob) -> SecureSum:
         from fl.sums.plain import PlainSum
 
         ssum = PlainSum(min_clients=max(1, math.ceil(job.threshold * job.clients)))
+    elif job.protocol == "paillier":
+        from fl.runners.flower.keyholder import paillier_sum
+
+        ssum = paillier_sum(job)
     else:
-        raise JobError(f"unknown protocol {job.protocol!r}: choose secagg+, secagg or plain")
+        raise JobError(f"unknown protocol {job.protocol!r}: choose secagg+, secagg, paillier or plain")
     return ssum
 
 

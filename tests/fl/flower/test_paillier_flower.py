@@ -1,0 +1,136 @@
+"""Packed Paillier over the privagg Flower runner, the key holder as its own node (in process).
+
+The real ServerApp round (``serve``) over :class:`~tests.adversary.flower_harness.InProcessGrid`, which
+hands every message to the real ClientApp with each node's own Context: three clients and one key-holder
+node. Claims: the sum is exact and a training run equals the in-memory runner for the same seed; the
+aggregator's side holds only the public key; the key holder is never a client; discovery refuses zero or
+two key holders; what the launcher writes for the aggregator holds no private key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from fl.config import PrivacyConfig, TrainConfig
+from fl.runners.flower import FlowerJob, NodePolicy, write_app
+from fl.runners.flower.keyholder import keygen, read_private_key, read_public_key
+from fl.runners.flower.link import Progress
+from fl.runners.flower.serverapp import serve
+from secagg.machine import KEY_HOLDER
+from tests.adversary.flower_harness import InProcessGrid, key_holder_context, node_context
+
+KH_NODE = 900
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """The key holder's key pair, made once by the documented command's function (2048 bits: the plan's)."""
+    return keygen(tmp_path_factory.mktemp("keyholder"), bits=2048)
+
+
+def _policy(tmp: Path, public: Path, **kw: Any) -> Path:
+    fp = read_public_key(public).fingerprint.hex()
+    return NodePolicy(protocols=("paillier",), paillier_key_fingerprint=fp, **kw).save(tmp / "policy.json")
+
+
+def _grid(tmp: Path, job: FlowerJob, keys: tuple[Path, Path], *, holders: int = 1, **policy: Any) -> InProcessGrid:
+    pol = _policy(tmp, keys[1], **policy)
+    ctx = {100 + c: node_context(tmp, 100 + c, c, job.num_clients, job.to_json(), policy=pol)
+           for c in range(job.num_clients)}
+    for h in range(holders):
+        ctx[KH_NODE + h] = key_holder_context(tmp, KH_NODE + h, job.to_json(), keys[0], policy=pol)
+    return InProcessGrid(ctx)
+
+
+def _sum_job(tmp: Path, public: Path, **kw: Any) -> FlowerJob:
+    fields: dict[str, Any] = dict(task="sum", out=str(tmp / "out"), clients=3, size=300, rounds=2,
+                                  protocol="paillier", threshold=0.6, join_timeout=5, start_timeout=20,
+                                  phase_timeout=20, poll_interval=0.0, paillier_public_key=public.read_text())
+    return FlowerJob(**{**fields, **kw})
+
+
+def test_keygen_writes_a_private_key_only_its_owner_reads(keys: tuple[Path, Path]) -> None:
+    private, public = keys
+    assert stat.S_IMODE(os.stat(private).st_mode) == 0o600
+    assert read_private_key(private).public == read_public_key(public)
+    assert set(json.loads(public.read_text())) == {"kty", "g", "n"}  # no p, no q
+    with pytest.raises(FileExistsError, match="once"):
+        keygen(private.parent)
+    with pytest.raises(ValueError, match="PUBLIC key"):
+        read_public_key(private)  # the launcher refuses to put key.json into a job
+
+
+def test_paillier_sum_job_over_flower_is_exact_and_the_key_holder_is_no_client(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    job = _sum_job(tmp_path, keys[1])
+    grid = _grid(tmp_path, job, keys)
+    result = serve(grid, job, Progress(Path(job.out)))  # type: ignore[arg-type]
+    assert [r["exact"] for r in result["rounds"]] == [True, True]  # checked against the clients' inputs
+    assert [r["included_ids"] for r in result["rounds"]] == [[0, 1, 2], [0, 1, 2]]
+    assert result["nodes"][str(KEY_HOLDER)] == KH_NODE
+    assert sorted(int(c) for c in result["nodes"]) == [KEY_HOLDER, 0, 1, 2]
+    kinds = [(e["phase"], e["sent"]) for e in result["exchanges"]]
+    assert kinds == [("input", 3), ("decrypt", 1)] * 2  # one decryption request per round, to the key holder
+    assert "privagg-rounds" not in grid.contexts[KH_NODE].state  # it never contributed to a round
+
+
+@pytest.mark.parametrize("holders", [0, 2])
+def test_discovery_needs_exactly_one_key_holder(tmp_path: Path, keys: tuple[Path, Path], holders: int) -> None:
+    job = _sum_job(tmp_path, keys[1], join_timeout=0.5)
+    with pytest.raises(RuntimeError, match=f"exactly one key-holder SuperNode, found {holders}"):
+        serve(_grid(tmp_path, job, keys, holders=holders), job, Progress(Path(job.out)))  # type: ignore[arg-type]
+
+
+def test_paillier_training_over_flower_equals_in_memory(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """clip + central noise + Paillier, 2 rounds: the Flower model equals the in-memory runner's exactly."""
+    from fl.training.loop import Federation
+
+    config = TrainConfig(
+        dataset="breast_cancer", clients=3, rounds=2, seed=7, model="logreg",
+        insecure_seeded_randomness=True,  # the named test seam: same noise and rounding in both runs
+        privacy=PrivacyConfig(spec="clip,noise,paillier", clip=1.0, noise_multiplier=0.5),
+    )
+    job = FlowerJob(task="train", out=str(tmp_path / "out"), config=config.as_dict(), join_timeout=5,
+                    start_timeout=60, phase_timeout=30, poll_interval=0.0, paillier_public_key=keys[1].read_text())
+    grid = _grid(tmp_path, job, keys, allow_insecure_seeded_randomness=True)
+    result = serve(grid, job, Progress(Path(job.out)))  # type: ignore[arg-type]
+
+    fed = Federation(config)
+    for r in (1, 2):
+        fed.run_round(r)
+    np.testing.assert_array_equal(np.load(result["params_file"]), fed.params)
+    assert [r["included_ids"] for r in result["rounds"]] == [[0, 1, 2], [0, 1, 2]]
+    report = result["report"]
+    assert report["pipeline"] == fed.plan.pipeline.name and report["pipeline"].endswith("paillier")
+    fingerprint = read_public_key(keys[1]).fingerprint.hex()
+    in_memory = json.loads(json.dumps(fed.ledger.as_list(), default=str))
+    assert fingerprint in json.dumps(report["ledger"])  # the guarantee names the key holder's key ...
+    assert _without_key(report["ledger"]) == _without_key(in_memory)  # ... and is otherwise the in-memory ledger
+
+
+def _without_key(ledger: Any) -> Any:
+    """The ledger with the Paillier key fingerprint blanked (the in-memory run makes its own key pair)."""
+    if isinstance(ledger, dict):
+        return {k: "KEY" if k == "key_fingerprint" else _without_key(v) for k, v in ledger.items()}
+    if isinstance(ledger, list):
+        return [_without_key(v) for v in ledger]
+    return ledger
+
+
+def test_the_app_the_launcher_writes_carries_only_the_public_key(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    job = _sum_job(tmp_path, keys[1])
+    app = write_app(tmp_path / "app", job)
+    private = read_private_key(keys[0])
+    text = (app / "pyproject.toml").read_text()
+    assert str(private.public.n) in text
+    assert str(private.p) not in text and str(private.q) not in text
