@@ -134,3 +134,89 @@ def test_the_app_the_launcher_writes_carries_only_the_public_key(tmp_path: Path,
     text = (app / "pyproject.toml").read_text()
     assert str(private.public.n) in text
     assert str(private.p) not in text and str(private.q) not in text
+
+
+# ---- the documented commands ---------------------------------------------------------------------------
+def _cli(argv: list[str]) -> Any:
+    import argparse
+
+    from fl.cli import flower as flower_cli
+
+    parser = argparse.ArgumentParser(prog="privagg flower")
+    flower_cli.add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_keygen_policy_and_job_carry_only_the_public_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from fl.cli import flower as flower_cli
+
+    kdir = tmp_path / "kh"
+    assert flower_cli.run(_cli(["--home", str(tmp_path / "home"), "paillier-keygen", "--out", str(kdir),
+                                "--bits", "1024"])) == 0
+    assert stat.S_IMODE(os.stat(kdir / "key.json").st_mode) == 0o600
+    assert "--paillier-key" in capsys.readouterr().out
+    fp = read_public_key(kdir / "public.json").fingerprint.hex()
+    assert flower_cli.run(_cli(["policy", "--out", str(tmp_path / "p.json"), "--paillier-key",
+                                str(kdir / "public.json"), "--min-summands", "3"])) == 0
+    policy = NodePolicy.load(tmp_path / "p.json")
+    assert "paillier" in policy.protocols and policy.paillier_key_fingerprint == fp and policy.min_summands == 3
+    run = ["run", "--insecure", "--task", "sum", "--clients", "3", "--privacy", "paillier"]
+    job = flower_cli._job(_cli([*run, "--paillier-public-key", str(kdir / "public.json")]))
+    assert job.protocol == "paillier" and read_public_key(kdir / "public.json").to_json() == job.paillier_public_key
+    with pytest.raises(ValueError, match="PUBLIC key"):  # the private key never goes into a job
+        flower_cli._job(_cli([*run, "--paillier-public-key", str(kdir / "key.json")]))
+
+
+def test_cli_key_holder_node_command(tmp_path: Path) -> None:
+    from fl.cli import flower as flower_cli
+    from fl.runners.flower import supernode_command
+
+    private, _ = keygen(tmp_path / "kh", bits=1024)
+    args = _cli(["supernode", "--key-holder", "--paillier-key", str(private), "--insecure"])
+    assert flower_cli._key_holder_key(args) == private.resolve()
+    cmd = supernode_command(superlink="127.0.0.1:9", partition=None, state_key=tmp_path / "s.key", key_holder=private)
+    config = cmd[cmd.index("--node-config") + 1]
+    assert 'role="key-holder"' in config and f'paillier-key-file="{private}"' in config and "partition" not in config
+    for bad, why in ((["--key-holder", "--insecure"], "needs --paillier-key"),
+                     (["--partition", "0/3", "--key-holder", "--paillier-key", str(private), "--insecure"], "or"),
+                     (["--insecure"], "--partition I/N")):
+        with pytest.raises(ValueError, match=why):
+            flower_cli._key_holder_key(_cli(["supernode", *bad]))
+    os.chmod(private, 0o644)
+    with pytest.raises(ValueError, match="chmod 600"):
+        flower_cli._key_holder_key(args)
+
+
+# ---- real processes ------------------------------------------------------------------------------------
+@pytest.mark.flower
+@pytest.mark.slow
+def test_paillier_over_tls_with_a_key_holder_node(tmp_path: Path) -> None:
+    """LocalCluster: SuperLink, 3 client SuperNodes and 1 key-holder SuperNode, TLS; 2 exact rounds; nothing the
+    aggregator side wrote or received holds the private key."""
+    from fl.runners.flower import LocalCluster
+    from fl.runners.flower.processes import group_alive
+
+    private, public = keygen(tmp_path / "keyholder-site", bits=2048)
+    fp = read_public_key(public).fingerprint.hex()
+    job = _sum_job(tmp_path, public, size=2000, join_timeout=60, poll_interval=0.05)
+    cluster = LocalCluster(tmp_path / "cluster", 3, tls=True, fleet_poll=0.1, key_holder=private,
+                           policy=NodePolicy(protocols=("paillier",), paillier_key_fingerprint=fp))
+    try:
+        cluster.start(timeout=60)
+        result = cluster.run(job, timeout=150)
+    finally:
+        cluster.stop()
+    assert not [p.pid for p in [cluster.superlink, *cluster.nodes.values()] if group_alive(p.pid)]
+    assert "https://" in (cluster.logs / "superlink.log").read_text()
+    assert [r["exact"] for r in result["rounds"]] == [True, True]
+    assert [r["included_ids"] for r in result["rounds"]] == [[0, 1, 2], [0, 1, 2]]
+    assert str(KEY_HOLDER) in result["nodes"] and len(result["nodes"]) == 4
+    secret = read_private_key(private)
+    aggregator_side = [tmp_path / "out", cluster.workdir / "app", cluster.home, cluster.logs / "superlink.log"]
+    files = [f for d in aggregator_side for f in ([d] if d.is_file() else d.rglob("*")) if f.is_file()]
+    assert files and any("progress" in f.name for f in files)
+    for f in files:
+        text = f.read_bytes().decode("latin-1")
+        assert str(secret.p) not in text and str(secret.q) not in text, f
