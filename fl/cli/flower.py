@@ -395,6 +395,17 @@ def _policy(fw: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _keygen(args: argparse.Namespace) -> int:
+    """``flower paillier-keygen``: the key holder's key pair, once; says where each half goes."""
+    from fl.runners.flower.keyholder import keygen
+
+    private, public = keygen(args.out, bits=args.bits)
+    print(f"private key: {private} (mode 0600; stays here: privagg flower supernode --key-holder --paillier-key "
+          f"{private})\npublic key:  {public} (to the operator: --paillier-public-key; to each site: "
+          f"privagg flower policy --paillier-key {public})")
+    return 0
+
+
 def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
     cmd = args.flower_command
     if cmd == "certs":
@@ -411,13 +422,7 @@ def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]
     if cmd == "policy":
         return _policy(fw, args)
     if cmd == "paillier-keygen":
-        from fl.runners.flower.keyholder import keygen
-
-        private, public = keygen(args.out, bits=args.bits)
-        print(f"private key: {private} (mode 0600; stays here: privagg flower supernode --key-holder --paillier-key "
-              f"{private})\npublic key:  {public} (to the operator: --paillier-public-key; to each site: "
-              f"privagg flower policy --paillier-key {public})")
-        return 0
+        return _keygen(args)
     if cmd == "local" and args.paillier_key is None and "paillier" in args.privacy.split(","):
         from fl.runners.flower.keyholder import keygen
 
