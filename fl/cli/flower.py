@@ -455,7 +455,8 @@ def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]
         with fw.LocalCluster(home.parent / "local", n, tls=not args.insecure,
                              fleet_poll=0.0 if args.stock else 0.1, policy=policy,
                              key_holder=args.paillier_key if job.paillier_public_key else None) as cluster:
-            print(f"SuperLink on {cluster.address} ({'insecure' if args.insecure else 'TLS'}), {n} SuperNodes; "
+            holder = " + the key holder" if cluster.key_holder is not None else ""
+            print(f"SuperLink on {cluster.address} ({'insecure' if args.insecure else 'TLS'}), {n} SuperNodes{holder}; "
                   f"logs in {cluster.logs}")
             cluster.submit(job)
             result = _follow(Path(job.out), timeout=args.timeout)

@@ -42,7 +42,7 @@ class FlowerJob:
 
     ``task="train"``: ``config`` is a :class:`fl.config.TrainConfig` as a dict. ``task="sum"``: each of
     ``clients`` SuperNodes contributes a public pseudo-random vector of ``size`` words for ``rounds``
-    rounds through ``protocol`` (``secagg+``, ``secagg`` or ``plain``) and the server checks the sum.
+    rounds through ``protocol`` (``secagg+``, ``secagg``, ``paillier`` or ``plain``) and the server checks the sum.
     ``out``: directory where the ServerApp writes ``progress.jsonl``, ``result.json`` (or
     ``error.json``) and ``params.npy``. Timeouts are seconds: ``join_timeout`` to wait for the
     SuperNodes, ``start_timeout`` for the first phase of a round (local training), ``phase_timeout`` for

@@ -84,6 +84,30 @@ def test_paillier_sum_job_over_flower_is_exact_and_the_key_holder_is_no_client(
     assert "privagg-rounds" not in grid.contexts[KH_NODE].state  # it never contributed to a round
 
 
+def test_a_key_holder_reply_speaking_for_a_client_is_refused(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """The key holder's replies are checked like a client's: a decrypted sum claiming another sender never
+    becomes the round's result (the round aborts, the run goes on)."""
+    import dataclasses
+
+    from flwr.app import Message
+
+    from secagg import wire
+    from tests.adversary.flower_harness import reply_with
+
+    def as_client(req: Message, reply: Message) -> Message:
+        fields = dict(reply.content["privagg"])
+        if req.metadata.message_type != "query.privagg_keyholder" or "msgs" not in fields:
+            return reply
+        fields["msgs"] = [wire.dumps(dataclasses.replace(wire.loads(b), sender=0)) for b in fields["msgs"]]
+        return reply_with(req, fields)
+
+    job = _sum_job(tmp_path, keys[1])
+    grid = _grid(tmp_path, job, keys)
+    grid.tamper[KH_NODE] = as_client
+    result = serve(grid, job, Progress(Path(job.out)))  # type: ignore[arg-type]
+    assert [("aborted" in r, r["included"]) for r in result["rounds"]] == [(True, 0), (True, 0)]
+
+
 @pytest.mark.parametrize("holders", [0, 2])
 def test_discovery_needs_exactly_one_key_holder(tmp_path: Path, keys: tuple[Path, Path], holders: int) -> None:
     job = _sum_job(tmp_path, keys[1], join_timeout=0.5)
