@@ -4,7 +4,9 @@ Layout: ``b"PAGW" | version (u8) | type tag (u8) | fields``; every field has a f
 ``i64`` (signed big-endian), ``bytes`` (u32 length + data), ``ids`` (u32 count + i64 each),
 ``blobs`` (u32 count + bytes each), ``array`` (dtype code u8 + u64 count + little-endian words),
 ``packed`` (dtype code u8 + u64 count + bit width u8 + the values' low ``width`` bits, packed LSB-first,
-the last byte zero-padded). Decoding checks every length against what is left and refuses trailing
+the last byte zero-padded), ``batch`` (a Paillier ciphertext batch: fingerprint bytes, size, value_bits,
+capacity and summands as i64, ciphertext bytes, digest bytes; at most ``MAX_ITEMS`` bytes of ciphertexts
+per frame). Decoding checks every length against what is left and refuses trailing
 bytes and non-canonical padding; any bad input raises :class:`~secagg.errors.CodecError` and nothing
 else. Masked inputs travel packed to the ring width (e.g. 26 bits for 16-bit inputs of 1024 clients),
 not rounded up to 32/64-bit words (version 2; version 1 sent whole words).
@@ -41,6 +43,8 @@ from secagg.masking.messages import (
     UnmaskRequest,
     UnmaskResponse,
 )
+from secagg.paillier.ciphertexts import CiphertextBatch
+from secagg.paillier.messages import PaillierAggregate, PaillierDecrypted, PaillierInput
 from secagg.plain import PlainInput
 
 __all__ = [
@@ -85,6 +89,9 @@ _TYPES: Final[dict[int, type]] = {
     8: UnmaskRequest,
     9: UnmaskResponse,
     10: PlainInput,
+    13: PaillierInput,  # 11 and 12 are the stream head and chunk frames
+    14: PaillierAggregate,
+    15: PaillierDecrypted,
 }
 _TAGS: Final = {cls: tag for tag, cls in _TYPES.items()}
 _DTYPES: Final[dict[int, np.dtype[Any]]] = {
@@ -121,6 +128,9 @@ _KIND_OF_FIELD: Final = {
     "s_shares": "blobs",
     "y": "packed",
     "value": "array",
+    "batch": "batch",
+    "included": "ids",
+    "total": "array",
 }
 _SCHEMA: Final = {cls: tuple((f.name, _KIND_OF_FIELD[f.name]) for f in fields(cls)) for cls in _TYPES.values()}
 _I64 = struct.Struct(">q")
@@ -170,6 +180,8 @@ def _encode(out: list[bytes], kind: str, v: Any) -> None:
         out.append(_U32.pack(len(v)))
         for b in v:
             _encode(out, "bytes", b)
+    elif kind == "batch":
+        _encode_batch(out, v)
     elif kind == "packed":
         arr = np.asarray(v)
         if arr.ndim != 1 or arr.dtype.kind != "u":
@@ -189,6 +201,17 @@ def _encode(out: list[bytes], kind: str, v: Any) -> None:
         if code is None:
             raise TypeError(f"no wire encoding for arrays of {arr.dtype}")
         out += [bytes((code,)), _U64.pack(arr.size), np.ascontiguousarray(arr, dtype=dt).tobytes()]
+
+
+def _encode_batch(out: list[bytes], v: Any) -> None:
+    """A Paillier :class:`CiphertextBatch`: fingerprint, size, value_bits, capacity, summands, data, digest."""
+    if not isinstance(v, CiphertextBatch):
+        raise TypeError(f"expected a CiphertextBatch, got {type(v).__name__}")
+    _encode(out, "bytes", v.fingerprint)
+    for x in (v.size, v.value_bits, v.capacity, v.summands):
+        _encode(out, "i64", x)
+    _encode(out, "bytes", v.data)
+    _encode(out, "bytes", v.digest)
 
 
 class _Reader:
@@ -229,6 +252,9 @@ class _Reader:
             return tuple(self.read("bytes") for _ in range(n))
         if kind == "packed":
             return self.read_packed()
+        if kind == "batch":  # checked against the key and plan by whoever uses it (CiphertextBatch.check)
+            fp, size, vbits, cap, summands = self.read("bytes"), *(self.read("i64") for _ in range(4))
+            return CiphertextBatch(fp, size, vbits, cap, summands, self.read("bytes"), self.read("bytes"))
         code = self.take(1)[0]
         dt = _DTYPES.get(code)
         if dt is None:

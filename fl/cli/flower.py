@@ -5,9 +5,11 @@
 ``--insecure-i-know``); the SuperLink lets only registered SuperNodes join (``register`` makes a site's
 key pair and registers its public key); ``policy`` writes a node policy file (what a SuperNode accepts
 from a job, :class:`fl.runners.flower.NodePolicy`); ``supernode --data CSV --name SITE`` gives a node its own
-data (:mod:`fl.runners.flower.site`); ``run`` submits a training (the ``privagg train``
-flags) or a secure-sum job and follows it; ``local`` starts a SuperLink and N SuperNodes on this host,
-runs a job and stops them. Flower's configuration lives in ``--home``
+data (:mod:`fl.runners.flower.site`); ``paillier-keygen`` makes the Paillier key holder's key pair ONCE on
+its machine, and ``supernode --key-holder --paillier-key DIR/key.json`` starts that key holder (its own node:
+the aggregator never holds the private key; :mod:`fl.runners.flower.keyholder`); ``run`` submits a training
+(the ``privagg train`` flags) or a secure-sum job and follows it; ``local`` starts a SuperLink and N
+SuperNodes on this host, runs a job and stops them. Flower's configuration lives in ``--home``
 (``FLWR_HOME``, default ``out/flower/home``), never in ``~/.flwr``; telemetry, update checks and runtime
 dependency installation are off. Flower itself is imported only when a command runs.
 """
@@ -66,6 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_register_parser(sub)
     _add_policy_parser(sub)
     _add_supernode_parser(sub)
+    _add_keygen_parser(sub)
     _add_job_parsers(sub)
 
 
@@ -117,12 +120,31 @@ def _add_policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--max-clip", type=float, help="require updates clipped to at most this L2 norm")
     p.add_argument("--trust-app", action="append", default=[], metavar="SHA256",
                    help="also run the Flower app bundle with this SHA-256 (repeat)")
+    p.add_argument("--paillier-key", type=Path, metavar="PUBLIC_JSON",
+                   help="also run paillier, encrypting only to this key holder's public key (its fingerprint is "
+                        "pinned; a job naming another key is refused)")
+    p.add_argument("--min-summands", type=int, default=2,
+                   help="(key holder) decrypt no sum of fewer clients (default: %(default)s)")
+
+
+def _add_keygen_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``flower paillier-keygen``: the key holder's Paillier key pair, made once on its own machine."""
+    p = sub.add_parser("paillier-keygen", help="make the Paillier key holder's key pair (once, on its machine)")
+    p.add_argument("--out", type=Path, required=True,
+                   help="directory: DIR/key.json (private, mode 0600, stays here) and DIR/public.json (hand it to "
+                        "the operator and the sites)")
+    p.add_argument("--bits", type=int, default=2048, help="modulus bits (2048: 112-bit security; default: %(default)s)")
 
 
 def _add_supernode_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """``flower supernode``: one client's SuperNode, its partition, data, policy, key and TLS."""
-    p = sub.add_parser("supernode", help="start one client's SuperNode, owning partition I of N")
-    p.add_argument("--partition", type=_partition, required=True, metavar="I/N", help="this client's id / clients")
+    p = sub.add_parser("supernode", help="start one client's SuperNode (partition I of N), or the key holder")
+    p.add_argument("--partition", type=_partition, metavar="I/N", help="this client's id / clients")
+    p.add_argument("--key-holder", action="store_true",
+                   help="this node is the Paillier key holder (no partition): it only decrypts sums, of at least its "
+                        "policy's min_summands clients")
+    p.add_argument("--paillier-key", type=Path, metavar="KEY_JSON",
+                   help="the key holder's private key (`privagg flower paillier-keygen`; mode 0600)")
     p.add_argument("--superlink", default="127.0.0.1:8000", help="SuperLink address HOST:PORT (default: %(default)s)")
     p.add_argument("--host", default="127.0.0.1", help="local Runtime API address (default: %(default)s)")
     p.add_argument("--port", type=int, default=9094,
@@ -183,12 +205,16 @@ def _add_job_flags(g: argparse._ArgumentGroup, *, name: str) -> None:
         g2.add_argument("--insecure", action="store_true", help="no TLS (loopback only)")
         _insecure_i_know(g)
         g.add_argument("--no-wait", action="store_true", help="submit and return (e.g. when --out is remote)")
+        g.add_argument("--paillier-public-key", type=Path, metavar="PUBLIC_JSON",
+                       help="paillier: the key holder's public key the job names (never its key.json)")
     else:
         g.add_argument("--insecure", action="store_true", help="no TLS (default: TLS with throw-away certificates)")
         g.add_argument("--stock", action="store_true",
                        help="Flower's SuperNodes unchanged (see `supernode --stock`)")
         g.add_argument("--node-policy", type=Path, metavar="JSON",
                        help="every local SuperNode's policy (`privagg flower policy`; default: the safe one)")
+        g.add_argument("--paillier-key", type=Path, metavar="KEY_JSON",
+                       help="paillier: the local key holder's private key (default: a throw-away pair in --home)")
 
 
 def release_statistics(config: Any) -> dict[str, Any] | None:
@@ -210,13 +236,13 @@ def _job(args: argparse.Namespace) -> Any:
         raise ValueError("--patience (early stopping) runs in memory only (privagg train); drop it for flower")
     common: dict[str, Any] = dict(
         out=str(args.out.resolve()), join_timeout=args.join_timeout, start_timeout=args.start_timeout,
-        phase_timeout=args.phase_timeout, poll_interval=args.poll,
+        phase_timeout=args.phase_timeout, poll_interval=args.poll, paillier_public_key=_public_key_json(args),
     )
     if args.task == "train":
         return _train_job(args, config, common)
     protocol = config.privacy.tokens()[-1] if config.privacy.tokens() else "plain"
-    if protocol not in ("secagg", "secagg+", "plain"):
-        raise ValueError(f"--task sum runs secagg, secagg+ or none (plain), not {config.privacy.spec!r}")
+    if protocol not in ("secagg", "secagg+", "paillier", "plain"):
+        raise ValueError(f"--task sum runs secagg, secagg+, paillier or none (plain), not {config.privacy.spec!r}")
     return FlowerJob(task="sum", clients=config.clients, size=args.size, rounds=config.rounds, seed=config.seed,
                      protocol=protocol, threshold=config.privacy.cohort_threshold, **common)
 
@@ -263,6 +289,17 @@ def _checkpointed_job_id(ckpt: Path) -> str:
     if not isinstance(job_id, str) or not job_id:
         raise ValueError(f"{ckpt / JOB_ID_FILE} has no job id; resume a directory written by --checkpoint-dir")
     return job_id
+
+
+def _public_key_json(args: argparse.Namespace) -> str | None:
+    """The key holder's public key JSON for the job (``run --paillier-public-key``; ``local``: of its key)."""
+    from fl.runners.flower.keyholder import read_private_key, read_public_key
+
+    if getattr(args, "paillier_public_key", None) is not None:
+        return read_public_key(args.paillier_public_key).to_json()
+    if getattr(args, "paillier_key", None) is not None and args.flower_command == "local":
+        return read_private_key(args.paillier_key).public.to_json()
+    return None
 
 
 def _follow(out: Path, *, timeout: float) -> dict[str, Any]:
@@ -327,8 +364,27 @@ def _superlink(fw: Any, args: argparse.Namespace, env: dict[str, str]) -> int:
                                       supernode_auth=not args.no_supernode_auth), env)
 
 
+def _key_holder_key(args: argparse.Namespace) -> Path | None:
+    """``supernode --key-holder --paillier-key KEY``: the key holder's private key, checked now (else None)."""
+    if (args.partition is None) == (not args.key_holder):
+        raise ValueError("give --partition I/N (a client) or --key-holder --paillier-key DIR/key.json (the key holder)")
+    if not args.key_holder:
+        if args.paillier_key is not None:
+            raise ValueError("--paillier-key is the key holder's private key: give --key-holder too")
+        return None
+    if args.paillier_key is None:
+        raise ValueError("--key-holder needs --paillier-key DIR/key.json (`privagg flower paillier-keygen --out DIR`)")
+    if args.data is not None:
+        raise ValueError("the key holder holds no data: drop --data")
+    from fl.runners.flower.keyholder import read_private_key
+
+    read_private_key(args.paillier_key)  # refuse a missing, unreadable or world-readable key at node start
+    return Path(args.paillier_key).resolve()
+
+
 def _supernode(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
-    i, n = args.partition
+    holder = _key_holder_key(args)
+    i = args.partition[0] if holder is None else "keyholder"
     key = args.state_key or fw.make_state_key(home / "keys" / f"supernode-{i}-{os.getpid()}.key")
     if not key.is_file():
         raise FileNotFoundError(f"--state-key {key} does not exist")
@@ -348,7 +404,8 @@ def _supernode(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str
         raise ValueError("--name names the site of --data CSV; give --data too")
     certs = fw.CertPaths.in_dir(args.certs) if getattr(args, "certs", None) else None
     ca = None if args.insecure else (args.ca if args.ca else None)
-    cmd_line = fw.supernode_command(superlink=args.superlink, partition=(i, n), state_key=key.resolve(),
+    cmd_line = fw.supernode_command(superlink=args.superlink, partition=args.partition, state_key=key.resolve(),
+                                    key_holder=holder,
                                     port=args.port, host=args.host, certs=certs, ca=ca,
                                     fleet_poll=0.0 if args.stock else args.fleet_poll, policy=policy,
                                     auth_key=args.auth_key.resolve() if args.auth_key else None,
@@ -371,10 +428,28 @@ def _register(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]
 
 def _policy(fw: Any, args: argparse.Namespace) -> int:
     protocols = ("secagg", "secagg+", "plain") if args.allow_plain else ("secagg", "secagg+")
+    pin = None
+    if args.paillier_key is not None:
+        from fl.runners.flower.keyholder import read_public_key
+
+        pin = read_public_key(args.paillier_key).fingerprint.hex()
+        protocols = (*protocols, "paillier")
     policy = fw.NodePolicy(protocols=protocols, min_threshold=args.min_threshold, min_clients=args.min_clients,
                            min_noise_multiplier=args.min_noise_multiplier, max_epsilon=args.max_epsilon,
-                           max_clip=args.max_clip, trusted_app_hashes=tuple(args.trust_app))
+                           max_clip=args.max_clip, trusted_app_hashes=tuple(args.trust_app),
+                           paillier_key_fingerprint=pin, min_summands=args.min_summands)
     print(f"node policy: {policy.save(args.out)} (privagg flower supernode --policy {args.out})")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    """``flower paillier-keygen``: the key holder's key pair, once; says where each half goes."""
+    from fl.runners.flower.keyholder import keygen
+
+    private, public = keygen(args.out, bits=args.bits)
+    print(f"private key: {private} (mode 0600; stays here: privagg flower supernode --key-holder --paillier-key "
+          f"{private})\npublic key:  {public} (to the operator: --paillier-public-key; to each site: "
+          f"privagg flower policy --paillier-key {public})")
     return 0
 
 
@@ -393,6 +468,13 @@ def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]
         return _register(fw, args, home, env)
     if cmd == "policy":
         return _policy(fw, args)
+    if cmd == "paillier-keygen":
+        return _keygen(args)
+    if cmd == "local" and args.paillier_key is None and "paillier" in args.privacy.split(","):
+        from fl.runners.flower.keyholder import keygen
+
+        args.paillier_key = keygen(home.parent / "local" / f"keyholder-{os.getpid()}", bits=2048)[0]
+        print(f"throw-away Paillier key holder key: {args.paillier_key}")
     job = _job(args)
     if cmd == "run":
         fw.write_connection(home, args.superlink, ca=None if args.insecure else args.ca.resolve(),
@@ -412,9 +494,16 @@ def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]
     else:  # local
         n = job.num_clients
         policy = fw.NodePolicy.load(args.node_policy) if args.node_policy else None
+        if policy is None and job.paillier_public_key is not None:  # the local nodes pin the local key holder
+            from fl.runners.flower.keyholder import job_public_key
+
+            policy = fw.NodePolicy(protocols=("secagg", "secagg+", "paillier"),
+                                   paillier_key_fingerprint=job_public_key(job).fingerprint.hex())
         with fw.LocalCluster(home.parent / "local", n, tls=not args.insecure,
-                             fleet_poll=0.0 if args.stock else 0.1, policy=policy) as cluster:
-            print(f"SuperLink on {cluster.address} ({'insecure' if args.insecure else 'TLS'}), {n} SuperNodes; "
+                             fleet_poll=0.0 if args.stock else 0.1, policy=policy,
+                             key_holder=args.paillier_key if job.paillier_public_key else None) as cluster:
+            holder = " + the key holder" if cluster.key_holder is not None else ""
+            print(f"SuperLink on {cluster.address} ({'insecure' if args.insecure else 'TLS'}), {n} SuperNodes{holder}; "
                   f"logs in {cluster.logs}")
             cluster.submit(job)
             result = _follow(Path(job.out), timeout=args.timeout)

@@ -102,6 +102,23 @@ class PaillierSum:
             return cast(PaillierPublicKey, self._keys["public"])
         return self._keypair()[0]
 
+    def adopt_public_key(self, public: PaillierPublicKey) -> PaillierSum:
+        """Encrypt to ``public``, another party's key (a key-holder node's); returns ``self``.
+
+        This object then never holds or generates a private key: :meth:`parties` and a shared-key client
+        refuse. Used where the key pair lives elsewhere (the Flower runner's key-holder node).
+        """
+        if public.bits != self.key_bits:
+            raise CompositionError(
+                f"the key holder's public key has {public.bits} bits but this PaillierSum plans for key_bits="
+                f"{self.key_bits}: make the key with `privagg flower paillier-keygen --bits {self.key_bits}`"
+            )
+        held = self._keys.get("public")
+        if "private" in self._keys or (held is not None and held != public):
+            raise ProtocolError("this PaillierSum already uses another key pair; build a fresh one for this key")
+        self._keys["public"] = public
+        return self
+
     def __getstate__(self) -> dict[str, Any]:
         """Pickles and deep copies keep the public key and drop the private key (it never travels)."""
         state = dict(self.__dict__)

@@ -37,6 +37,18 @@ def node_context(tmp: Path, node_id: int, cid: int, n: int, job_json: str, *,
                    run_config={"job": job_json})
 
 
+def key_holder_context(tmp: Path, node_id: int, job_json: str, key_file: Path, *,
+                       policy: Path | None = None) -> Context:
+    """The Paillier key holder's SuperNode Context: its role, its private key file, its state key, the job."""
+    state_key = make_state_key(tmp / f"node{node_id}.key")
+    node_config: dict[str, Any] = {"role": "key-holder", "paillier-key-file": str(key_file),
+                                   "state-key-file": str(state_key)}
+    if policy is not None:
+        node_config["policy-file"] = str(policy)
+    return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(),
+                   run_config={"job": job_json})
+
+
 def server_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     """Let the test create instruction messages as the ServerApp does (run 1, SuperLink node 0)."""
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)

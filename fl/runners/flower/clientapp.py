@@ -22,9 +22,12 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from numpy.typing import NDArray
 
+from fl.runners.flower import keyholder
 from fl.runners.flower import state as _state
 from fl.runners.flower.job import (
     RECORD,
+    START,
+    STEP,
     FlowerJob,
     JobError,
     decode_msgs,
@@ -42,6 +45,7 @@ from fl.runners.flower.policy import PolicyError, sum_terms, train_terms
 from fl.spec import SecureSum
 from secagg.errors import ProtocolError
 from secagg.machine import Message as ProtocolMessage
+from secagg.paillier import PaillierClient
 from secagg.plain import PlainClient
 
 log = logging.getLogger(__name__)
@@ -150,10 +154,13 @@ def _claim_round(context: Context, job: FlowerJob, rnd: int) -> None:
 def _hello(msg: Message, context: Context) -> Message:
     """Tell the server which partition (client id) this SuperNode owns, once the job meets its policy."""
     _state_key(context)  # fail at join time, not mid-round, when the node cannot keep state
+    if keyholder.is_key_holder(context):
+        return _reply(msg, keyholder.hello(context))
     cid = _partition(context)
     job = load_job(context)
     own = _own_data(context, job)  # first: the policy check of a train job builds (loads) its data set
     _refuse_weaker(context, job, cid)
+    keyholder.check_client_key(context, job)
     n = context.node_config.get("num-partitions", -1)
     return _reply(msg, {"cid": cid, "num": int(n) if isinstance(n, int) else -1, **own})
 
@@ -188,6 +195,7 @@ def _params(raw: Any) -> NDArray[np.float64]:
 def _start(msg: Message, context: Context) -> Message:
     """Round opens: check the job against this node's policy, train or draw the vector, start the machine."""
     t0 = time.perf_counter()
+    keyholder.refuse_client_message(context, START)
     job = load_job(context)
     rec = record(msg.content)
     cid = _partition(context)
@@ -217,14 +225,13 @@ def _start(msg: Message, context: Context) -> Message:
         _claim_round(context, job, rnd)
         ssum, spec = sum_protocol(job)
         value = sum_value(job, rnd, cid)
-    if dict(ssum.parties(spec=spec, session=session, round=rnd)):
-        raise ProtocolError(f"{ssum.name} needs an extra party (a key holder); the Flower runner does not host one")
+    ssum = keyholder.client_sum(ssum, context, job, spec=spec, session=session, round=rnd)
     machine = ssum.client(cid, value, spec=spec, session=session, round=rnd)
     out = machine.start()
     for m in _incoming(msg):
         out += machine.receive(m)
     _state.clear(context)
-    if not isinstance(machine, PlainClient):  # a plain client is done once it has sent its value
+    if not isinstance(machine, PlainClient | PaillierClient):  # done once it has sent its value
         _state.store(context, machine, session=session, round=rnd, step=0)
     extra["compute_s"] = time.perf_counter() - t0
     return _reply(msg, {**encode_msgs(out), **extra})
@@ -235,7 +242,16 @@ def _start(msg: Message, context: Context) -> Message:
 def _step(msg: Message, context: Context) -> Message:
     """One later phase: feed the server's messages to our stored machine, send back its replies."""
     t0 = time.perf_counter()
+    keyholder.refuse_client_message(context, STEP)
     rec = record(msg.content)
     out = _state.advance(context, _incoming(msg), session=bytes(rec["session"]), round=int(rec["round"]),
                       step=int(rec["step"]), final=bool(rec["final"]))
     return _reply(msg, {**encode_msgs(out), "compute_s": time.perf_counter() - t0})
+
+
+@client_app.query("privagg_keyholder")
+@_guarded
+def _keyholder(msg: Message, context: Context) -> Message:
+    """The key holder's one job: decrypt the round's aggregate (:func:`fl.runners.flower.keyholder.decrypt`)."""
+    t0 = time.perf_counter()
+    return _reply(msg, {**keyholder.decrypt(msg, context), "compute_s": time.perf_counter() - t0})

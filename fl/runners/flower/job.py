@@ -33,6 +33,7 @@ RECORD = "privagg"
 HELLO = "query.privagg_hello"
 START = "train.privagg_start"
 STEP = "query.privagg_step"
+KEYHOLDER = "query.privagg_keyholder"
 JOB_KEY = "job"
 
 
@@ -42,12 +43,14 @@ class FlowerJob:
 
     ``task="train"``: ``config`` is a :class:`fl.config.TrainConfig` as a dict. ``task="sum"``: each of
     ``clients`` SuperNodes contributes a public pseudo-random vector of ``size`` words for ``rounds``
-    rounds through ``protocol`` (``secagg+``, ``secagg`` or ``plain``) and the server checks the sum.
+    rounds through ``protocol`` (``secagg+``, ``secagg``, ``paillier`` or ``plain``) and the server checks the sum.
     ``out``: directory where the ServerApp writes ``progress.jsonl``, ``result.json`` (or
     ``error.json``) and ``params.npy``. Timeouts are seconds: ``join_timeout`` to wait for the
     SuperNodes, ``start_timeout`` for the first phase of a round (local training), ``phase_timeout`` for
     every other phase (a SuperNode that misses it has dropped). ``poll_interval``: seconds between
     pulls of replies; ``0`` uses Flower's own ``Grid.send_and_receive`` (which polls every 3 s).
+    ``paillier_public_key``: the key-holder node's Paillier public key (JSON) a ``paillier`` job encrypts
+    to (:mod:`fl.runners.flower.keyholder`); only public: the private key never leaves the key holder.
     """
 
     task: Literal["train", "sum"] = "train"
@@ -67,6 +70,7 @@ class FlowerJob:
     # the preprocessing release (fl.data.stats.FederatedStats.to_json), made ONCE when the job is written:
     # the ServerApp and every node standardize with it, so the statistics are released (and charged) once
     stats: Mapping[str, Any] | None = None
+    paillier_public_key: str | None = None
     # checkpoint/resume of a train job: the ServerApp saves its side into ``checkpoint`` (a directory on the
     # server's host) after every round; ``resume`` continues from it. ``job_id`` names the job across runs
     # (kept on resume): each node records, per job id, the last round it contributed to, in its own files.
@@ -179,8 +183,12 @@ def sum_of(job: FlowerJob) -> SecureSum:
         from fl.sums.plain import PlainSum
 
         ssum = PlainSum(min_clients=max(1, math.ceil(job.threshold * job.clients)))
+    elif job.protocol == "paillier":
+        from fl.runners.flower.keyholder import paillier_sum
+
+        ssum = paillier_sum(job)
     else:
-        raise JobError(f"unknown protocol {job.protocol!r}: choose secagg+, secagg or plain")
+        raise JobError(f"unknown protocol {job.protocol!r}: choose secagg+, secagg, paillier or plain")
     return ssum
 
 

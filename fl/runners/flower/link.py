@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from fl.runners.flower.job import (
+    KEYHOLDER,
     RECORD,
     STEP,
     BadReplyError,
@@ -31,7 +32,7 @@ from fl.runners.flower.job import (
 )
 from secagg import wire
 from secagg.errors import CodecError, ProtocolError
-from secagg.machine import SERVER
+from secagg.machine import KEY_HOLDER, SERVER
 from secagg.machine import Message as ProtocolMessage
 
 log = logging.getLogger(__name__)
@@ -66,8 +67,8 @@ class GridTransport:
     ) -> tuple[dict[int, Any], set[int]]:
         """Send one message per client; return the replies by client id and who failed (error reply)."""
         msgs = [
-            Message(RecordDict({RECORD: ConfigRecord(p)}), dst_node_id=self.nodes[cid], message_type=kind,
-                    group_id=str(round), ttl=timeout + 60.0)
+            Message(RecordDict({RECORD: ConfigRecord(p)}), dst_node_id=self.nodes[cid],
+                    message_type=KEYHOLDER if cid == KEY_HOLDER else kind, group_id=str(round), ttl=timeout + 60.0)
             for cid, p in payloads.items()
         ]
         t0 = time.perf_counter()
@@ -125,15 +126,18 @@ class PhaseLink:
     It groups the outbox by client, numbers each client's protocol steps (binding its sealed state),
     turns the phase's deadline into the exchange timeout, and checks every reply before it reaches the
     server: a message must come from the client that sent the reply and go to the server or a member.
-    A bad reply counts as no reply: its client is dropped, as at a missed deadline.
+    A bad reply counts as no reply: its client is dropped, as at a missed deadline. ``extra``: other
+    roles the transport has a node for (the Paillier key holder at ``KEY_HOLDER``): the server's messages
+    to them go to that node (``query.privagg_keyholder``), and their replies are checked the same way.
     """
 
     def __init__(self, tr: GridTransport, *, round: int, session: bytes, final_phase: str,
-                 planned: Sequence[int], members: Sequence[int], max_values: int = wire.MAX_STREAM_ITEMS) -> None:
+                 planned: Sequence[int], members: Sequence[int], extra: Sequence[int] = (),
+                 max_values: int = wire.MAX_STREAM_ITEMS) -> None:
         self.tr, self.round, self.session, self.final_phase = tr, round, session, final_phase
         self.planned = frozenset(planned)
         self.members = frozenset(members)
-        self.alive = set(members)
+        self.alive = set(members) | set(extra)
         self.steps: dict[int, int] = {}  # protocol steps sent to each client this round
         self.sent = 0
         self.max_values = max_values  # bound on a streamed array in a reply (job.stream_bound of the spec)
@@ -146,7 +150,7 @@ class PhaseLink:
             if m.recipient in self.alive:
                 batch.setdefault(m.recipient, []).append(m)
             elif m.recipient != SERVER and m.recipient not in self.planned:
-                raise ProtocolError(f"message for unknown party {m.recipient}: the Flower runner hosts no extra roles")
+                raise ProtocolError(f"message for unknown party {m.recipient}: no SuperNode has that role")
         if not batch:
             return []
         for cid in batch:

@@ -73,7 +73,10 @@ class NodePolicy:
     the test seam that makes DP noise repeatable from the job's seed (whoever knows it removes the noise).
     ``trusted_app_hashes``: SHA-256 (hex) of Flower app bundles (FABs) this node runs besides the
     installed privagg ClientApp; ``allow_any_app``: run any app the server ships (benchmarks of other
-    apps on a test cluster only).
+    apps on a test cluster only). ``paillier_key_fingerprint``: the fingerprint (hex) of the key holder's
+    Paillier public key this client encrypts to; a ``paillier`` job naming another key is refused, and
+    so is any ``paillier`` job while it is unset (else the server could name a key it holds itself).
+    ``min_summands``: a key-holder node decrypts no aggregate of fewer clients (at least 2).
     """
 
     protocols: tuple[str, ...] = SECURE_PROTOCOLS
@@ -85,6 +88,8 @@ class NodePolicy:
     allow_insecure_seeded_randomness: bool = False
     trusted_app_hashes: tuple[str, ...] = ()
     allow_any_app: bool = False
+    paillier_key_fingerprint: str | None = None
+    min_summands: int = 2
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.protocols) - set(_KNOWN_PROTOCOLS))
@@ -101,6 +106,13 @@ class NodePolicy:
         for h in self.trusted_app_hashes:
             if len(h) != 64 or any(c not in "0123456789abcdef" for c in h):
                 raise ValueError(f"policy trusted_app_hashes holds SHA-256 hex digests (64 lowercase hex), got {h!r}")
+        fp = self.paillier_key_fingerprint
+        if fp is not None and (len(fp) != 32 or any(c not in "0123456789abcdef" for c in fp)):
+            raise ValueError(f"policy paillier_key_fingerprint is 32 lowercase hex digits "
+                             f"(`privagg flower policy --paillier-key PUBLIC.json`), got {fp!r}")
+        if isinstance(self.min_summands, bool) or not isinstance(self.min_summands, int) or self.min_summands < 2:
+            raise ValueError(f"policy min_summands must be an integer >= 2 (a sum of one client is its update), "
+                             f"got {self.min_summands!r}")
 
     # -------------------------------------------------------------------------------------------- I/O
     @classmethod
@@ -199,6 +211,8 @@ def protocol_word(ssum: Any) -> str:
 
 
 def _threshold_fraction(ssum: Any, cohort: int) -> float | None:
+    if protocol_word(ssum) == "paillier":  # the fewest clients a decrypted sum may have
+        return int(ssum.min_clients) / cohort if cohort >= 1 else None
     threshold = getattr(ssum, "threshold", None)
     if threshold is None or cohort < 1:
         return None

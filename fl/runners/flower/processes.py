@@ -105,12 +105,13 @@ def superlink_command(*, host: str = "127.0.0.1", port: int = DEFAULT_SUPERLINK_
 
 
 def supernode_command(
-    *, superlink: str, partition: tuple[int, int], state_key: Path, port: int = DEFAULT_SUPERNODE_PORT,
+    *, superlink: str, partition: tuple[int, int] | None, state_key: Path, port: int = DEFAULT_SUPERNODE_PORT,
     host: str = "127.0.0.1", certs: CertPaths | None = None, ca: Path | None = None, fleet_poll: float = 0.0,
     policy: Path | None = None, auth_key: Path | None = None, allow_insecure_remote: bool = False,
-    data: Path | None = None, site: str | None = None,
+    data: Path | None = None, site: str | None = None, key_holder: Path | None = None,
 ) -> list[str]:
-    """``flower-supernode`` for client ``partition = (i, n)``.
+    """``flower-supernode`` for client ``partition = (i, n)``, or the Paillier key holder (``key_holder``:
+    its private key file; ``partition=None``): :mod:`fl.runners.flower.keyholder`.
 
     ``ca``: the CA that signed the SuperLink's certificate (TLS); ``certs`` also puts the node's local
     Runtime API (``host:port``) under TLS. Neither: ``--insecure``. The SuperNode always starts through
@@ -123,10 +124,7 @@ def supernode_command(
     Without TLS, a SuperLink or Runtime API address outside loopback is refused unless
     ``allow_insecure_remote``.
     """
-    i, n = partition
-    if not 0 <= i < n:
-        raise ValueError(f"--partition I/N needs 0 <= I < N, got {i}/{n}")
-    node_config = f'partition-id={i} num-partitions={n} {STATE_KEY_FILE}="{state_key}"'
+    node_config = _node_role(partition, key_holder) + f' {STATE_KEY_FILE}="{state_key}"'
     if policy is not None:
         node_config += f' {POLICY_FILE_KEY}="{policy}"'
     if data is not None:
@@ -146,6 +144,21 @@ def supernode_command(
     if certs is not None:
         cmd += ["--ssl-certfile", str(certs.cert), "--ssl-keyfile", str(certs.key), "--ssl-ca-certfile", str(certs.ca)]
     return cmd
+
+
+def _node_role(partition: tuple[int, int] | None, key_holder: Path | None) -> str:
+    """The node-config entries of a client (its partition) or of the key holder (role and key file)."""
+    if (partition is None) == (key_holder is None):
+        raise ValueError("a SuperNode is either a client (--partition I/N) or the key holder (--key-holder)")
+    if key_holder is not None:
+        from fl.runners.flower.keyholder import KEY_FILE_KEY, KEY_HOLDER_ROLE, ROLE_KEY
+
+        return f'{ROLE_KEY}="{KEY_HOLDER_ROLE}" {KEY_FILE_KEY}="{key_holder}"'
+    assert partition is not None
+    i, n = partition
+    if not 0 <= i < n:
+        raise ValueError(f"--partition I/N needs 0 <= I < N, got {i}/{n}")
+    return f"partition-id={i} num-partitions={n}"
 
 
 def write_connection(home: Path, address: str, *, ca: Path | None, allow_insecure_remote: bool = False) -> Path:
@@ -207,7 +220,7 @@ class LocalCluster:
     def __init__(self, workdir: Path, n: int, *, tls: bool = True, host: str = "127.0.0.1",
                  port: int | None = None, node_ports: Sequence[int] | None = None, task_poll: float = 0.1,
                  fleet_poll: float = 0.0, policy: NodePolicy | None = None, supernode_auth: bool = False,
-                 sites: Sequence[tuple[str, Path]] | None = None) -> None:
+                 sites: Sequence[tuple[str, Path]] | None = None, key_holder: Path | None = None) -> None:
         if supernode_auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
         self.workdir = workdir
@@ -219,6 +232,7 @@ class LocalCluster:
         if len(self.node_ports) != n:
             raise ValueError(f"need {n} SuperNode ports, got {len(self.node_ports)}")
         self.sites = list(sites) if sites is not None else None  # (site name, CSV) of node i
+        self.key_holder = key_holder  # the Paillier key holder's private key: one more node, never a client
         self.home = workdir / "flwr-home"
         self.env = flower_env(self.home, task_poll=task_poll)
         self.fleet_poll = fleet_poll
@@ -252,13 +266,16 @@ class LocalCluster:
         wait_port(self.host, self.port, timeout, self.superlink, self.logs / "superlink.log")
         for i in range(self.n):
             self.start_node(i)
-        for i in range(self.n):
+        if self.key_holder is not None:
+            self.start_node(self.n)
+        for i in self.nodes:
             wait_port(self.host, self.node_ports[i], timeout, self.nodes[i], self.logs / f"supernode{i}.log")
         return self
 
     def start_node(self, i: int, *, register: bool = True) -> Any:
-        """Start SuperNode ``i`` (partition i of n); with SuperNode auth, register its fresh key first
-        unless ``register=False`` (an intruder: its key is unknown to the SuperLink)."""
+        """Start SuperNode ``i`` (partition i of n; ``i = n`` with ``key_holder``: the key holder); with
+        SuperNode auth, register its fresh key first unless ``register=False`` (an intruder: its key is
+        unknown to the SuperLink)."""
         key = make_state_key(self.workdir / "keys" / f"node{i}.key")
         policy = self.policy.save(self.workdir / "policy.json") if self.policy is not None else None
         while len(self.node_ports) <= i:
@@ -268,10 +285,12 @@ class LocalCluster:
             auth_key, public = make_node_keys(self.workdir / "auth", f"node{i}")
             if register:
                 register_node(self.env, public, name=f"node{i}")
-        cmd = supernode_command(superlink=self.address, partition=(i, max(self.n, i + 1)), state_key=key,
+        holder = self.key_holder if i == self.n and self.key_holder is not None else None
+        cmd = supernode_command(superlink=self.address, partition=None if holder else (i, max(self.n, i + 1)),
+                                state_key=key, key_holder=holder,
                                 port=self.node_ports[i], host=self.host, certs=self.certs, fleet_poll=self.fleet_poll,
-                                policy=policy, auth_key=auth_key, site=self.sites[i][0] if self.sites else None,
-                                data=self.sites[i][1] if self.sites else None)
+                                policy=policy, auth_key=auth_key, site=self.sites[i][0] if self.sites and not holder
+                                else None, data=self.sites[i][1] if self.sites and not holder else None)
         self.nodes[i] = self._spawn(f"supernode{i}", cmd)
         return self.nodes[i]
 

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
 from fl.errors import BudgetExhaustedError
+from fl.runners.flower import keyholder
 from fl.runners.flower.job import (
     HELLO,
     RECORD,
@@ -41,7 +42,7 @@ from fl.runners.flower.link import Exchange, GridTransport, PhaseLink, Progress,
 from fl.spec import SecureSum, TrainResult, ValueSpec
 from secagg.drive import PhaseStats, drive
 from secagg.errors import AbortError
-from secagg.machine import ServerMachine
+from secagg.machine import KEY_HOLDER, ServerMachine
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +111,7 @@ def run_round(
     server: ServerMachine = ssum.server(members, spec=spec, session=session, round=round)
     build_s = time.perf_counter() - t0
     link = PhaseLink(tr, round=round, session=session, final_phase=phases[-1], planned=planned, members=members,
-                     max_values=stream_bound(spec))
+                     max_values=stream_bound(spec), extra=[KEY_HOLDER] if KEY_HOLDER in tr.nodes else [])
     opening = link.checked(opened)
     outcome = drive(server, link, opening=opening, phase_timeout=tr.job.phase_timeout,
                     on_refused=lambda m, exc: link.refuse(m.sender, exc))
@@ -130,13 +131,15 @@ def _add_server_time(entries: Sequence[Exchange], phases: Sequence[PhaseStats], 
 
 
 def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
-    """Wait for the SuperNodes, ask each for its partition; return ``{client id: node id}``."""
+    """Wait for the SuperNodes, ask each for its partition; return ``{client id: node id}`` (and
+    ``KEY_HOLDER: node id`` for a Paillier job: exactly one key-holder node, never a client)."""
     want = job.num_clients
     deadline = time.monotonic() + job.join_timeout
     nodes: list[int] = []
+    holders: list[int] = []
     while time.monotonic() < deadline:
         nodes = sorted(grid.get_node_ids())
-        if len(nodes) >= want:
+        if len(nodes) >= want + keyholder.uses_paillier(job):
             break
         time.sleep(0.2)
     if len(nodes) < want:
@@ -161,6 +164,9 @@ def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
         except BadReplyError as exc:
             log.warning("SuperNode %s sent a malformed hello (%s); ignoring it", r.metadata.src_node_id, exc)
             continue
+        if keyholder.is_key_holder_hello(reply_record(r)):
+            holders.append(r.metadata.src_node_id)
+            continue
         if isinstance(cid, bool) or not isinstance(cid, int):
             log.warning("SuperNode %s sent a hello without an integer cid; ignoring it", r.metadata.src_node_id)
             continue
@@ -176,6 +182,7 @@ def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
     if len(mapping) < want:
         missing = sorted(set(range(want)) - set(mapping))
         raise RuntimeError(f"no SuperNode answered for partition(s) {missing} within {job.join_timeout:g}s")
+    mapping.update(keyholder.pick_key_holder(holders, job))
     return mapping
 
 
@@ -285,6 +292,7 @@ def _start_federation(job: FlowerJob) -> Any:
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
     fed = Federation(train_config(job), stats=job_stats(job))
+    keyholder.server_sum(fed.plan.pipeline.sum, job)  # a Paillier sum: only the key holder's public key
     if fed.config.dropout > 0:
         log.warning("--dropout simulates dropouts in memory; over Flower, real dropouts are used instead")
     return fed

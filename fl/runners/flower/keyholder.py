@@ -1,0 +1,290 @@
+"""Packed Paillier over Flower with the key holder as its own SuperNode: the aggregator never holds the key.
+
+Three parties. The **key holder** runs ``privagg flower supernode --key-holder --paillier-key DIR/key.json``
+(node config ``role="key-holder" paillier-key-file=...``; never chosen by the job). Its key pair was made
+ONCE on its own machine by ``privagg flower paillier-keygen --out DIR`` (:func:`keygen`: ``key.json``
+mode 0600, ``public.json`` for the operator and the sites). Its ClientApp answers only
+``query.privagg_hello`` and ``query.privagg_keyholder``: it runs the existing
+:class:`~secagg.paillier.PaillierKeyHolder` on the aggregate the server sends, and learns only the sum.
+Its own policy pins ``min_summands`` (it decrypts no aggregate of fewer clients), it decrypts at most one
+aggregate per planned round, in increasing order (its own record in the node state), and it refuses a
+job or a ciphertext under a key fingerprint that is not its own.
+
+The **clients** encrypt to the public key the job carries (``FlowerJob.paillier_public_key``) only if its
+fingerprint is the one THEIR policy pins (``NodePolicy.paillier_key_fingerprint``); a ``paillier`` job is
+refused while a client pins none, since otherwise a server could name a key it holds itself. The
+**aggregator** (the ServerApp) has only the public key: its :class:`~fl.sums.paillier.PaillierSum` adopts
+it and can never generate or use a private key. Discovery finds exactly one key-holder node; the round's
+``KEY_HOLDER`` messages go to it (:class:`~fl.runners.flower.link.PhaseLink`), and it is never a client
+(no partition, no training, not in the cohort or the DP accounting).
+
+What this does NOT stop (stated, not hidden): Paillier is malleable and the aggregate's summand count is
+the server's word. A malicious server that forges the aggregate (one client's ciphertext multiplied by
+encryptions of zero it made, claiming ``min_summands`` summands) gets that client's update decrypted;
+stopping it needs authenticated clients (signed ciphertexts), as SecAgg's guarantee against a server
+that simulates clients does. What is refused: fewer claimed summands than ``min_summands``, a second
+decryption in a round, rounds beyond the plan, another key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ConfigRecord, Context, Message
+
+from fl.runners.flower.job import (
+    KEYHOLDER,
+    FlowerJob,
+    JobError,
+    decode_msgs,
+    encode_msgs,
+    load_job,
+    node_policy,
+    record,
+    train_config,
+)
+from fl.runners.flower.policy import PolicyError
+from fl.spec import SecureSum
+from secagg.errors import CodecError, ProtocolError
+from secagg.machine import KEY_HOLDER
+from secagg.paillier import PaillierAggregate, PaillierKeyHolder, PaillierPrivateKey, PaillierPublicKey
+
+__all__ = ["KEYHOLDER", "KEY_FILE_KEY", "KEY_HOLDER_ROLE", "ROLE_KEY", "check_client_key", "client_sum", "decrypt",
+           "hello", "is_key_holder", "job_public_key", "keygen", "paillier_sum", "pick_key_holder",
+           "read_private_key", "read_public_key", "refuse_client_message", "server_sum", "uses_paillier"]
+
+log = logging.getLogger(__name__)
+
+ROLE_KEY = "role"
+"""The SuperNode ``--node-config`` key naming a node's role; ``key-holder`` for the Paillier key holder."""
+KEY_HOLDER_ROLE = "key-holder"
+KEY_FILE_KEY = "paillier-key-file"
+"""The key holder's ``--node-config`` key naming its private key file (``key.json``, mode 0600)."""
+_DECRYPTED = "privagg-keyholder"
+
+
+# ------------------------------------------------------------------------------------------------ keys
+def keygen(out: Path, *, bits: int = 2048) -> tuple[Path, Path]:
+    """Make the key holder's key pair ONCE: ``out/key.json`` (private, mode 0600) and ``out/public.json``.
+
+    Refuses to overwrite an existing private key (ciphertexts under it would become undecryptable).
+    Returns ``(private path, public path)``; hand ``public.json`` to the operator and the sites.
+    """
+    from secagg.paillier import generate_keypair
+
+    out.mkdir(parents=True, exist_ok=True)
+    private_path, public_path = out / "key.json", out / "public.json"
+    if private_path.exists():
+        raise FileExistsError(f"{private_path} exists: a key holder makes its key pair once; use it, or give "
+                              "another --out")
+    public, private = generate_keypair(bits=bits)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(private.to_json() + "\n")
+    public_path.write_text(public.to_json() + "\n")
+    return private_path, public_path
+
+
+def _public_from_text(text: str, where: str) -> PaillierPublicKey:
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise ValueError(f"{where} is not JSON: {exc}") from exc
+    if not isinstance(data, dict) or data.get("kty") != "paillier" or {"p", "q"} & set(data):
+        raise ValueError(f"{where} is not a Paillier PUBLIC key (give public.json from `privagg flower "
+                         "paillier-keygen`, never key.json)")
+    try:
+        return PaillierPublicKey.from_json(data)
+    except (CodecError, ValueError, TypeError) as exc:
+        raise ValueError(f"{where}: {exc}") from exc
+
+
+def read_public_key(path: Path) -> PaillierPublicKey:
+    """The public key in ``path`` (``public.json``); a private key file is refused, never copied on."""
+    return _public_from_text(Path(path).read_text(), str(path))
+
+
+def read_private_key(path: Path) -> PaillierPrivateKey:
+    """The key holder's private key; refused if others can read the file (``chmod 600``)."""
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+        text = path.read_text()
+    except OSError as exc:
+        raise ValueError(f"cannot read the Paillier key {path}: {exc}; make it with `privagg flower "
+                         "paillier-keygen --out DIR`") from exc
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ValueError(f"the Paillier private key {path} is readable by others (mode {mode & 0o777:o}): "
+                         f"chmod 600 {path}")
+    try:
+        return PaillierPrivateKey.from_json(text)
+    except (CodecError, ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not a Paillier private key: {exc}") from exc
+
+
+def job_public_key(job: FlowerJob) -> PaillierPublicKey:
+    """The key-holder public key a ``paillier`` job names (:class:`JobError` if it names none or a bad one)."""
+    if not job.paillier_public_key:
+        raise JobError("a paillier job must carry the key holder's public key (FlowerJob.paillier_public_key; "
+                       "`privagg flower run/local --paillier-public-key DIR/public.json`)")
+    try:
+        return _public_from_text(job.paillier_public_key, "the job's paillier_public_key")
+    except ValueError as exc:
+        raise JobError(str(exc)) from exc
+
+
+# ------------------------------------------------------------------------------------------ the sums
+def uses_paillier(job: FlowerJob) -> bool:
+    """Whether the job's secure sum is Paillier (so it needs a key-holder node)."""
+    if job.task == "sum":
+        return job.protocol == "paillier"
+    return "paillier" in train_config(job).privacy.tokens()
+
+
+def paillier_sum(job: FlowerJob) -> SecureSum:
+    """The ``sum`` task's Paillier sum: the key holder's public key, ``min_clients`` from the threshold."""
+    from fl.sums.paillier import PaillierSum
+
+    public = job_public_key(job)
+    ssum = PaillierSum(key_bits=public.bits, min_clients=max(2, math.ceil(job.threshold * job.clients)))
+    return ssum.adopt_public_key(public)
+
+
+def check_client_key(context: Context, job: FlowerJob) -> None:
+    """A client of a ``paillier`` job: the job's key must be the one this node's policy pins."""
+    if not uses_paillier(job):
+        return
+    pin = node_policy(context).paillier_key_fingerprint
+    have = job_public_key(job).fingerprint.hex()
+    if pin is None:
+        raise PolicyError("this node pins no Paillier key, so it cannot tell the key holder's key from one the "
+                          "server holds: pin it with `privagg flower policy --paillier-key PUBLIC.json`")
+    if pin != have:
+        raise PolicyError(f"the job's Paillier key {have} is not the key holder's key {pin} this node's policy "
+                          "pins: refusing to encrypt to it")
+
+
+def client_sum(ssum: SecureSum, context: Context, job: FlowerJob, **kw: Any) -> SecureSum:
+    """The secure sum a client runs: a Paillier sum encrypts to the pinned key holder's key; other
+    sums may not need an extra party (``kw``: ``spec``, ``session``, ``round`` for :meth:`parties`)."""
+    from fl.sums.paillier import PaillierSum
+
+    if isinstance(ssum, PaillierSum):
+        if ssum.key_holder != "separate":
+            raise PolicyError("Paillier with a key shared by the clients needs the private key on every node; "
+                              "over Flower the key holder is its own node (key_holder='separate')")
+        check_client_key(context, job)
+        return ssum.adopt_public_key(job_public_key(job))
+    if dict(ssum.parties(**kw)):
+        raise ProtocolError(f"{ssum.name} needs an extra party the Flower runner does not host")
+    return ssum
+
+
+def server_sum(ssum: SecureSum, job: FlowerJob) -> SecureSum:
+    """The aggregator's secure sum: a Paillier sum gets only the job's public key (it never decrypts)."""
+    from fl.sums.paillier import PaillierSum
+
+    if isinstance(ssum, PaillierSum):
+        return ssum.adopt_public_key(job_public_key(job))
+    return ssum
+
+
+# ------------------------------------------------------------------------------------- the node side
+def is_key_holder(context: Context) -> bool:
+    """Whether this SuperNode is the Paillier key holder (its own node config says so)."""
+    return context.node_config.get(ROLE_KEY) == KEY_HOLDER_ROLE
+
+
+def refuse_client_message(context: Context, kind: str) -> None:
+    """A key-holder node answers only key-holder messages: never trains or sends an input."""
+    if is_key_holder(context):
+        raise PolicyError(f"this SuperNode is the Paillier key holder; it answers only query.privagg_hello and "
+                          f"{KEYHOLDER}, not {kind}")
+
+
+def _own_key(context: Context, job: FlowerJob) -> PaillierPrivateKey:
+    """This key holder's private key, checked against the key the job names."""
+    path = context.node_config.get(KEY_FILE_KEY)
+    if not isinstance(path, str) or not path:
+        raise PolicyError(f"this key-holder node has no {KEY_FILE_KEY!r} in its --node-config; start it with "
+                          "`privagg flower supernode --key-holder --paillier-key DIR/key.json`")
+    try:
+        private = read_private_key(Path(path))
+    except ValueError as exc:
+        raise PolicyError(str(exc)) from exc
+    if not uses_paillier(job):
+        raise PolicyError("this SuperNode is a Paillier key holder; the job's secure sum is not paillier")
+    mine, named = private.public.fingerprint.hex(), job_public_key(job).fingerprint.hex()
+    if mine != named:
+        raise PolicyError(f"the job names Paillier key {named}, not this key holder's own key {mine}")
+    return private
+
+
+def hello(context: Context) -> dict[str, Any]:
+    """The key holder's hello: its role and key fingerprint, once the job names its key and meets its policy."""
+    if not is_key_holder(context):
+        raise PolicyError("this SuperNode is not a key holder")
+    job = load_job(context)
+    private = _own_key(context, job)
+    least = node_policy(context).min_summands
+    if job.num_clients < least:
+        raise PolicyError(f"the job plans {job.num_clients} client(s); this key holder decrypts sums of at least "
+                          f"{least}")
+    return {"role": KEY_HOLDER_ROLE, "fingerprint": private.public.fingerprint.hex()}
+
+
+def _claim(context: Context, rnd: int, planned: int) -> None:
+    """At most one decryption per planned round, in increasing order (the key holder's own record)."""
+    if not 1 <= rnd <= planned:
+        raise PolicyError(f"round {rnd} is outside the job's planned rounds 1..{planned}: refusing to decrypt")
+    last = int(context.state[_DECRYPTED]["last"]) if _DECRYPTED in context.state else 0  # type: ignore[arg-type]
+    if rnd <= last:
+        raise PolicyError(f"this key holder already decrypted the sum of round {last}; refusing round {rnd}")
+
+
+def decrypt(msg: Message, context: Context) -> dict[str, Any]:
+    """One decryption request: the round's aggregate in, the decrypted sum out (:class:`PaillierKeyHolder`)."""
+    if not is_key_holder(context):
+        raise PolicyError(f"this SuperNode is a client, not the key holder; it refuses {KEYHOLDER}")
+    job = load_job(context)
+    private = _own_key(context, job)
+    rec = record(msg.content)
+    session, rnd = bytes(rec["session"]), int(rec["round"])
+    _claim(context, rnd, job.num_rounds)
+    msgs = decode_msgs(rec)
+    if len(msgs) != 1 or not isinstance(msgs[0], PaillierAggregate) or msgs[0].recipient != KEY_HOLDER:
+        raise ProtocolError("a decryption request carries exactly one PaillierAggregate for the key holder")
+    machine = PaillierKeyHolder(KEY_HOLDER, private, session, rnd, min_summands=node_policy(context).min_summands)
+    out = machine.receive(msgs[0])  # refuses fewer than min_summands, another key, a forged count
+    context.state[_DECRYPTED] = ConfigRecord({"last": rnd})
+    log.info("key holder: decrypted the sum of %d clients for round %d", msgs[0].batch.summands, rnd)
+    return encode_msgs(out)
+
+
+# ------------------------------------------------------------------------------------ the server side
+def pick_key_holder(holders: Sequence[int], job: FlowerJob) -> dict[int, int]:
+    """``{KEY_HOLDER: node id}`` for a Paillier job (exactly one key-holder node), else ``{}``."""
+    if not uses_paillier(job):
+        if holders:
+            log.warning("key-holder SuperNode(s) %s take no part: the job's secure sum is not paillier",
+                        list(holders))
+        return {}
+    if len(holders) != 1:
+        raise RuntimeError(
+            f"a paillier job needs exactly one key-holder SuperNode, found {len(holders)}"
+            + (f" ({sorted(holders)})" if holders else "")
+            + ": start one with `privagg flower supernode --key-holder --paillier-key DIR/key.json`"
+        )
+    return {KEY_HOLDER: holders[0]}
+
+
+def is_key_holder_hello(rec: Mapping[str, Any]) -> bool:
+    """Whether a hello reply comes from a key-holder node (it names its role instead of a partition)."""
+    return rec.get("role") == KEY_HOLDER_ROLE
