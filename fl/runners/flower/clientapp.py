@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from fl.runners.flower import identity
 from fl.runners.flower import state as _state
 from fl.runners.flower.job import (
     RECORD,
@@ -96,6 +97,11 @@ def _guarded(fn: Any) -> Any:
     return run
 
 
+def _identities(context: Context, job: FlowerJob, cid: int) -> Any:
+    """This node's own identity keys for an authenticated job (:func:`fl.runners.flower.identity.node_identities`)."""
+    return identity.node_identities(context.node_config, node_policy(context), job, cid)
+
+
 def _state_key(context: Context) -> bytes:
     """This node's state-sealing key (see :mod:`fl.runners.flower.state`)."""
     return _state.state_key(context)
@@ -149,6 +155,7 @@ def _hello(msg: Message, context: Context) -> Message:
     job = load_job(context)
     own = _own_data(context, job)  # first: the policy check of a train job builds (loads) its data set
     _refuse_weaker(context, job, cid)
+    _identities(context, job, cid)  # an authenticated job: own key matches the roster, the job's roster is ours
     n = context.node_config.get("num-partitions", -1)
     return _reply(msg, {"cid": cid, "num": int(n) if isinstance(n, int) else -1, **own})
 
@@ -207,6 +214,7 @@ def _start(msg: Message, context: Context) -> Message:
         value = sum_value(job, rnd, cid)
     if dict(ssum.parties(spec=spec, session=session, round=rnd)):
         raise ProtocolError(f"{ssum.name} needs an extra party (a key holder); the Flower runner does not host one")
+    ssum = identity.client_sum(ssum, _identities(context, job, cid))
     machine = ssum.client(cid, value, spec=spec, session=session, round=rnd)
     out = machine.start()
     for m in _incoming(msg):
@@ -227,7 +235,10 @@ def _step(msg: Message, context: Context) -> Message:
     session, rnd, step = bytes(rec["session"]), int(rec["round"]), int(rec["step"])
     if step < 1:
         raise ProtocolError(f"protocol steps are numbered from 1, got {step}")
-    machine: ClientMachine = _state.load(context, session=session, round=rnd, step=step - 1)
+    cid = _partition(context)
+    ids = _identities(context, load_job(context), cid)  # the snapshot never holds identity keys
+    machine: ClientMachine = _state.load(context, session=session, round=rnd, step=step - 1,
+                                         identity=None if ids is None else (ids.private(cid), ids.publics()))
     out: list[ProtocolMessage] = []
     for m in _incoming(msg):
         out += machine.receive(m)

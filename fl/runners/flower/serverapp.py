@@ -21,6 +21,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 from numpy.typing import NDArray
 
+from fl.runners.flower.identity import server_sum
 from fl.runners.flower.job import (
     HELLO,
     RECORD,
@@ -217,12 +218,12 @@ def serve(grid: Grid, job: FlowerJob, progress: Progress) -> dict[str, Any]:
 
                     stopped = f"stopped before round {r}: {BudgetExhaustedError(why)}"
                     break
-            ssum, spec, session = fed.plan.pipeline.sum, fed.bound.sum_spec, fed.session(r)
+            ssum, spec, session = server_sum(fed.plan.pipeline.sum, job), fed.bound.sum_spec, fed.session(r)
             start = {"params": np.ascontiguousarray(fed.params, dtype=np.float64).tobytes()}
         else:
             planned = tuple(range(job.clients))
             ssum, spec = sum_protocol(job)
-            session, start = os.urandom(16), {}
+            ssum, session, start = server_sum(ssum, job), os.urandom(16), {}
         record: dict[str, Any] = {"round": r, "planned": len(planned)}
         try:
             if not planned:

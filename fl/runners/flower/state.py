@@ -18,6 +18,7 @@ store and the server.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,8 +78,6 @@ def store(context: Context, machine: Any, *, session: bytes, round: int, step: i
 
     if not isinstance(machine, SecAggClient):
         raise ProtocolError(f"the Flower runner keeps state only for SecAgg/SecAgg+ clients, not {type(machine)}")
-    if getattr(machine, "_auth", False):
-        raise ProtocolError("authenticated SecAgg does not run over Flower yet (its identity keys are per process)")
     phase = str(machine.state)
     blob = seal(state_key(context), machine.snapshot(),
                 aad=_aad(context, session=session, round=round, step=step, phase=phase))
@@ -87,8 +86,13 @@ def store(context: Context, machine: Any, *, session: bytes, round: int, step: i
     )
 
 
-def load(context: Context, *, session: bytes, round: int, step: int) -> Any:
-    """The machine stored for exactly this session, round and step; ``ProtocolError`` for anything else."""
+def load(context: Context, *, session: bytes, round: int, step: int,
+         identity: tuple[bytes, Mapping[int, bytes]] | None = None) -> Any:
+    """The machine stored for exactly this session, round and step; ``ProtocolError`` for anything else.
+
+    ``identity``: ``(own private key, everyone's public keys)`` for an authenticated round, from the
+    node's own files (the snapshot never holds them: :mod:`fl.runners.flower.identity`); else ``None``.
+    """
     from secagg._hazmat.seal import unseal
     from secagg.masking.client import SecAggClient
 
@@ -108,7 +112,9 @@ def load(context: Context, *, session: bytes, round: int, step: int) -> Any:
     try:
         raw = unseal(state_key(context), blob, aad=_aad(context, session=session, round=round, step=step,
                                                          phase=phase))
-        return SecAggClient.restore(raw, session=session, round=round, state=phase)
+        key, pubs = identity if identity is not None else (None, None)
+        return SecAggClient.restore(raw, session=session, round=round, state=phase, identity_key=key,
+                                    identities=pubs)
     except KeyMismatchError as exc:
         raise ProtocolError("the stored protocol state does not authenticate under this node's key and binding") \
             from exc
