@@ -1,0 +1,358 @@
+"""Authenticated SecAgg / SecAgg+ over Flower: identity keys per node, a pinned roster, the consistency round.
+
+Each node holds only its own private identity key and the consortium's roster of public keys (received
+out of band, its SHA-256 pinned in the node's policy); the ServerApp holds only the public keys the job
+carries. In-process tests drive the real ServerApp ``serve`` and the real ClientApp through
+:class:`tests.adversary.flower_harness.InProcessGrid`; the adversaries are a ServerApp that ships
+another roster or substitutes a client's keys, and one that shows two survivor lists (split view).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, Message
+
+from fl.config import PrivacyConfig, TrainConfig
+from fl.runners.flower import FlowerJob, NodePolicy
+from fl.runners.flower.identity import (
+    IDENTITY_KEY_FILE,
+    IDENTITY_ROSTER_FILE,
+    IdentityError,
+    Roster,
+    check_identity,
+    make_identity,
+    provision_local,
+)
+from fl.runners.flower.link import Progress
+from fl.runners.flower.serverapp import serve
+from fl.sums.secagg import FixedIdentities, IdentityRegistry, SecAgg, SecAggPlus
+from tests.adversary.flower_harness import InProcessGrid, deliver, instruction, node_context, server_identity
+
+N = 3
+
+
+@pytest.fixture(autouse=True)
+def _as_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    server_identity(monkeypatch)
+
+
+def _setup(tmp: Path, n: int = N, *, pin: bool = True, **policy: Any) -> tuple[list[Path], Path, Roster, Path]:
+    keys, roster_path, roster = provision_local(tmp / "identity", n)
+    pol = NodePolicy(roster_sha256=roster.fingerprint() if pin else None, **policy).save(tmp / "policy.json")
+    return keys, roster_path, roster, pol
+
+
+def _contexts(tmp: Path, job: FlowerJob, keys: list[Path], roster: Path, policy: Path) -> dict[int, Context]:
+    return {100 + c: node_context(tmp, 100 + c, c, job.num_clients, job.to_json(), policy=policy,
+                                  extra={IDENTITY_KEY_FILE: str(keys[c]), IDENTITY_ROSTER_FILE: str(roster)})
+            for c in range(job.num_clients)}
+
+
+def _sum_job(tmp: Path, roster: Roster | None, **kw: Any) -> FlowerJob:
+    fields: dict[str, Any] = dict(task="sum", out=str(tmp / "out"), clients=N, size=64, rounds=2,
+                                  protocol="secagg+", threshold=0.7, authenticated=True,
+                                  roster=None if roster is None else roster.to_dict(), join_timeout=5,
+                                  start_timeout=5, phase_timeout=5, poll_interval=0.0)
+    fields.update(kw)
+    return FlowerJob(**fields)
+
+
+def _hello(ctx: Context) -> Message:
+    return deliver(instruction(ctx.node_id, "query.privagg_hello", {"hello": 1}), ctx)
+
+
+# ---------------------------------------------------------------- provisioning
+def test_identity_files_keep_the_private_key_0600_and_never_overwrite(tmp_path: Path) -> None:
+    key, pub = make_identity(tmp_path, "hospital-a")
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600
+    public = json.loads(pub.read_text())
+    assert public["site"] == "hospital-a" and len(bytes.fromhex(public["public_key"])) == 32
+    assert "private" not in pub.read_text() and key.read_text().strip() not in pub.read_text()
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        make_identity(tmp_path, "hospital-a")
+    roster = Roster.assemble([pub, make_identity(tmp_path, "hospital-b")[1]])
+    assert check_identity(key, roster, 0, pin=roster.fingerprint())  # its own entry: accepted
+    os.chmod(key, 0o644)
+    with pytest.raises(IdentityError, match="chmod 600"):
+        check_identity(key, roster, 0)
+
+
+def test_roster_parsing_is_strict_and_its_fingerprint_covers_every_key(tmp_path: Path) -> None:
+    _, _, roster, _ = _setup(tmp_path)
+    assert Roster.from_dict(json.loads(json.dumps(roster.to_dict()))) == roster
+    data = roster.to_dict()
+    data["clients"]["1"]["public_key"] = data["clients"]["2"]["public_key"]
+    with pytest.raises(ValueError, match="distinct"):
+        Roster.from_dict(data)
+    with pytest.raises(ValueError, match="version"):
+        Roster.from_dict({**roster.to_dict(), "extra": 1})
+    other = provision_local(tmp_path / "other", N)[2]
+    assert other.fingerprint() != roster.fingerprint()
+
+
+def test_cli_provisions_identities_roster_and_a_pinned_policy(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                               ) -> None:
+    from fl.cli.main import main
+
+    for site in ("a", "b"):
+        assert main(["flower", "identity", "--name", site, "--out", str(tmp_path / site)]) == 0
+    roster_path = tmp_path / "roster.json"
+    assert main(["flower", "roster", "--out", str(roster_path), str(tmp_path / "a" / "a.identity.json"),
+                 str(tmp_path / "b" / "b.identity.json")]) == 0
+    roster = Roster.load(roster_path)
+    assert roster.fingerprint() in capsys.readouterr().out
+    assert main(["flower", "policy", "--out", str(tmp_path / "p.json"), "--roster", str(roster_path),
+                 "--require-authenticated"]) == 0
+    policy = NodePolicy.load(tmp_path / "p.json")
+    assert policy.roster_sha256 == roster.fingerprint() and policy.require_authenticated
+
+
+def test_a_node_whose_key_does_not_match_its_roster_entry_refuses_to_start(tmp_path: Path) -> None:
+    keys, roster_path, roster, pol = _setup(tmp_path)
+    with pytest.raises(IdentityError, match="does not match the roster's entry for partition 1"):
+        check_identity(keys[0], roster, 1)
+    from fl.cli.main import main
+
+    args = ["flower", "supernode", "--partition", "1/3", "--insecure", "--identity-key", str(keys[0]),
+            "--identity-roster", str(roster_path), "--policy", str(pol), "--state-key", str(keys[0])]
+    assert main(args) == 2  # refused before any Flower process starts
+    job = _sum_job(tmp_path, roster)
+    ctx = node_context(tmp_path, 101, 1, N, job.to_json(), policy=pol,
+                       extra={IDENTITY_KEY_FILE: str(keys[0]), IDENTITY_ROSTER_FILE: str(roster_path)})
+    reply = _hello(ctx)
+    assert reply.has_error() and "does not match the roster's entry for partition 1" in reply.error.reason
+
+
+# ---------------------------------------------------------------- honest runs
+@pytest.mark.parametrize("protocol", ["secagg", "secagg+"])
+def test_an_authenticated_sum_over_flower_is_exact_with_the_consistency_round(tmp_path: Path, protocol: str) -> None:
+    keys, roster_path, roster, pol = _setup(tmp_path, require_authenticated=True)
+    job = _sum_job(tmp_path, roster, protocol=protocol)
+    result = serve(InProcessGrid(_contexts(tmp_path, job, keys, roster_path, pol)), job,  # type: ignore[arg-type]
+                   Progress(Path(job.out)))
+    assert [(r["exact"], r["included_ids"]) for r in result["rounds"]] == [(True, [0, 1, 2])] * 2
+    assert [e["phase"] for e in result["exchanges"]] == ["advertise", "share", "masked", "consistency", "unmask"] * 2
+
+
+def test_authenticated_training_over_flower_equals_the_in_memory_run(tmp_path: Path) -> None:
+    from fl.training.loop import Federation
+
+    config = TrainConfig(dataset="breast_cancer", clients=N, rounds=2, seed=3, model="logreg",
+                         insecure_seeded_randomness=True,
+                         privacy=PrivacyConfig(spec="clip,dnoise,secagg+", clip=1.0, noise_multiplier=1.0,
+                                               threshold=0.7, authenticated=True))
+    keys, roster_path, roster, pol = _setup(tmp_path, allow_insecure_seeded_randomness=True,
+                                            require_authenticated=True)
+    job = FlowerJob(task="train", out=str(tmp_path / "out"), config=config.as_dict(), roster=roster.to_dict(),
+                    join_timeout=5, start_timeout=60, phase_timeout=10, poll_interval=0.0)
+    result = serve(InProcessGrid(_contexts(tmp_path, job, keys, roster_path, pol)), job,  # type: ignore[arg-type]
+                   Progress(Path(job.out)))
+    fed = Federation(config)
+    assert isinstance(fed.plan.pipeline.sum, SecAggPlus) and fed.plan.pipeline.sum.authenticated
+    for r in (1, 2):
+        fed.run_round(r)
+    np.testing.assert_array_equal(np.load(result["params_file"]), fed.params)
+    assert [r["included_ids"] for r in result["rounds"]] == [[0, 1, 2]] * 2
+    assert "consistency" in [e["phase"] for e in result["exchanges"]]
+    (g,) = [g for e in result["report"]["ledger"] if e["round"] == 1 for g in e["guarantees"]
+            if g["layer"] == "secagg+"]
+    assert g["against"].startswith("an active (malicious) server") and g["params"]["authenticated"] is True
+
+
+def test_in_memory_default_keeps_its_per_process_registry() -> None:
+    assert isinstance(SecAgg(authenticated=True).registry, IdentityRegistry)
+    assert isinstance(SecAggPlus().registry, IdentityRegistry)
+    fixed = FixedIdentities({0: b"\x01" * 32, 1: b"\x02" * 32}, own=(0, b"\x03" * 32))
+    with pytest.raises(ValueError, match="only its own"):
+        fixed.private(1)
+    with pytest.raises(ValueError, match="no public identity key"):
+        fixed.ensure([0, 1, 2])
+
+
+# ---------------------------------------------------------------- policy
+def test_a_node_requiring_authenticated_mode_refuses_an_unauthenticated_job(tmp_path: Path) -> None:
+    keys, roster_path, roster, pol = _setup(tmp_path, require_authenticated=True)
+    job = _sum_job(tmp_path, None, authenticated=False)
+    for ctx in _contexts(tmp_path, job, keys, roster_path, pol).values():
+        reply = _hello(ctx)
+        assert reply.has_error() and "requires it" in reply.error.reason
+    plain_policy = NodePolicy().save(tmp_path / "default.json")  # the default still runs unauthenticated jobs
+    for ctx in _contexts(tmp_path, job, keys, roster_path, plain_policy).values():
+        assert not _hello(ctx).has_error()
+
+
+def test_an_authenticated_job_without_identity_files_names_the_fix(tmp_path: Path) -> None:
+    _, _, roster, _ = _setup(tmp_path)
+    ctx = node_context(tmp_path, 100, 0, N, _sum_job(tmp_path, roster).to_json())
+    reply = _hello(ctx)
+    assert reply.has_error() and "--identity-key" in reply.error.reason
+
+
+# ---------------------------------------------------------------- adversary: a server substituting keys
+def _swap_key(roster: Roster, cid: int, tmp: Path) -> Roster:
+    """The roster with client ``cid``'s public key replaced by one whose private key the server holds."""
+    evil = Roster.assemble([make_identity(tmp / "evil", "evil")[1]]).clients[0].public_key
+    clients = dict(roster.clients)
+    clients[cid] = type(clients[cid])(site=clients[cid].site, public_key=evil)
+    return Roster(clients)
+
+
+def test_a_job_shipping_another_roster_is_refused_by_every_node(tmp_path: Path) -> None:
+    keys, roster_path, roster, pol = _setup(tmp_path)
+    job = _sum_job(tmp_path, _swap_key(roster, 2, tmp_path))
+    contexts = _contexts(tmp_path, job, keys, roster_path, pol)
+    for ctx in contexts.values():
+        reply = _hello(ctx)
+        assert reply.has_error() and "substituted identity keys" in reply.error.reason
+    with pytest.raises(RuntimeError, match="substituted identity keys"):
+        serve(InProcessGrid(contexts), job, Progress(Path(job.out)))  # type: ignore[arg-type]
+
+
+def test_a_node_whose_roster_file_is_not_the_pinned_one_refuses(tmp_path: Path) -> None:
+    """The pin guards the node's own copy: a roster file swapped on the node (with a job to match) is refused."""
+    keys, _, roster, pol = _setup(tmp_path)
+    swapped = _swap_key(roster, 2, tmp_path)
+    path = swapped.save(tmp_path / "swapped-roster.json")
+    job = _sum_job(tmp_path, swapped)
+    for ctx in _contexts(tmp_path, job, keys, path, pol).values():
+        reply = _hello(ctx)
+        assert reply.has_error() and "not the one this node's policy pins" in reply.error.reason
+
+
+def _rewrite_msgs(msg: Message, fn: Any) -> Message:
+    """Apply ``fn`` to each protocol message the request carries (in place: the request keeps its ids)."""
+    from secagg import wire
+
+    rec = msg.content["privagg"]
+    if "msgs" in rec:
+        rec["msgs"] = [wire.dumps(fn(wire.loads(b))) for b in rec["msgs"]]
+    return msg
+
+
+@pytest.mark.parametrize("authenticated", [True, False])
+def test_a_server_substituting_a_clients_advertised_keys_is_refused(tmp_path: Path, authenticated: bool) -> None:
+    """The server relays its own keys for client 2 to the others, signed with a key it holds: refused by every
+    honest node in authenticated mode (and, the control, silently accepted without it)."""
+    import dataclasses
+
+    from secagg._hazmat import kex, sign
+    from secagg.masking._common import ADVERTISE_SIG_LABEL, advertise_payload
+    from secagg.masking.messages import KeyDirectory
+
+    keys, roster_path, roster, pol = _setup(tmp_path)
+    job = _sum_job(tmp_path, roster if authenticated else None, rounds=1, authenticated=authenticated)
+    evil = sign.generate_identity(os.urandom)
+
+    def substitute(m: Any) -> Any:
+        if not isinstance(m, KeyDirectory) or m.recipient == 2 or 2 not in m.ids:
+            return m
+        i = m.ids.index(2)
+        c_pk, s_pk = kex.public_bytes(kex.generate_private(os.urandom)), kex.public_bytes(kex.generate_private(
+            os.urandom))
+        sig = sign.sign(evil, label=ADVERTISE_SIG_LABEL, payload=advertise_payload(m.session, m.round, 2, c_pk, s_pk,
+                                                                                   m.b_commits[i]))
+        put = lambda t, v: t[:i] + (v,) + t[i + 1:]  # noqa: E731
+        return dataclasses.replace(m, c_pks=put(m.c_pks, c_pk), s_pks=put(m.s_pks, s_pk),
+                                   signatures=put(m.signatures, sig))
+
+    replies: dict[int, list[Message]] = {}
+
+    def record(req: Message, reply: Message) -> Message:
+        replies.setdefault(req.metadata.dst_node_id, []).append(reply)
+        return reply
+
+    contexts = _contexts(tmp_path, job, keys, roster_path, pol)
+    grid = InProcessGrid(contexts, {n: record for n in contexts},
+                         rewrite=lambda node, msg: _rewrite_msgs(msg, substitute))
+    result = serve(grid, job, Progress(Path(job.out)))  # type: ignore[arg-type]
+    share_replies = {n: rs[2] for n, rs in replies.items()}  # hello, advertise (start), share
+    refused = {n - 100 for n, r in share_replies.items()
+               if r.has_error() and "carry no valid signature" in r.error.reason}
+    if authenticated:
+        assert refused == {0, 1}  # every honest node the substitution reached
+        assert "exact" not in result["rounds"][0]  # no sum was released with the server's keys in it
+    else:
+        assert refused == set()  # the control: without identity keys the substitution goes unnoticed
+
+
+# ---------------------------------------------------------------- adversary: split view
+def test_a_split_view_is_caught_by_the_consistency_round_over_flower(tmp_path: Path) -> None:
+    """n = 4, t = 3: the server shows victim 0 alive to nodes {0, 1} and dropped to {2, 3}, and also signs both
+    lists with colluder 3's identity key (it holds it: c = 1 = the proved bound). Node 2 refuses to reveal its
+    share of the victim's mask key, so the server never holds t shares of both of the victim's secrets."""
+    from secagg._hazmat import sign
+    from secagg._hazmat.keyfile import read_identity_key
+    from secagg.masking._common import SURVIVORS_SIG_LABEL, survivors_payload
+    from secagg.masking.messages import ConsistencyCheck, ConsistencySignature, UnmaskRequest, UnmaskResponse
+
+    n, victim, colluder = 4, 0, 3
+    keys, roster_path, roster, pol = _setup(tmp_path, n)
+    job = _sum_job(tmp_path, roster, clients=n, rounds=1, protocol="secagg", threshold=0.75)
+    everyone, without = tuple(range(n)), tuple(c for c in range(n) if c != victim)
+    view = {0: everyone, 1: everyone, 2: without, 3: without}
+    sigs: dict[tuple[int, ...], dict[int, bytes]] = {everyone: {}, without: {}}
+    where: dict[int, Any] = {}
+    colluder_key = sign.private_from_bytes(read_identity_key(keys[colluder])[0])
+
+    def rewrite(node: int, msg: Message) -> Message:
+        cid = node - 100
+
+        def split(m: Any) -> Any:
+            if isinstance(m, ConsistencyCheck):
+                where[cid] = (m.session, m.round, int(msg.content["privagg"]["step"]))
+                return type(m)(m.sender, m.recipient, m.session, m.round, view[cid])
+            return m
+
+        return _rewrite_msgs(msg, split)
+
+    def collect(req: Message, reply: Message) -> Message:
+        from secagg import wire
+
+        if not reply.has_error():
+            for b in reply.content["privagg"].get("msgs", []):
+                m = wire.loads(b)
+                if isinstance(m, ConsistencySignature):
+                    sigs[view[m.sender]][m.sender] = m.signature
+        return reply
+
+    contexts = _contexts(tmp_path, job, keys, roster_path, pol)
+    grid = InProcessGrid(contexts, {nid: collect for nid in contexts}, rewrite=rewrite)
+    serve(grid, job, Progress(Path(job.out)))  # type: ignore[arg-type]  # the honest server machine aborts
+    assert set(where) == set(range(n)), "the consistency round did not run over Flower"
+    for lst in (everyone, without):  # the colluder signs both lists
+        sigs[lst][colluder] = sign.sign(colluder_key, label=SURVIVORS_SIG_LABEL,
+                                        payload=survivors_payload(where[0][0], where[0][1], lst))
+    b_shares = s_shares = 1  # the colluder hands over its own shares of both of the victim's secrets
+    refusals = []
+    from secagg import wire
+
+    for cid in (0, 1, 2):
+        session, rnd, step = where[cid]
+        lst = view[cid]
+        signers = tuple(sorted(sigs[lst]))
+        req = UnmaskRequest(-1, cid, session, rnd, lst, () if lst == everyone else (victim,), signers,
+                            tuple(sigs[lst][v] for v in signers))
+        fields = {"session": session, "round": rnd, "step": step + 1, "final": True, "msgs": [wire.dumps(req)]}
+        reply = deliver(instruction(100 + cid, "query.privagg_step", fields, message_id=f"u{cid}"),
+                        contexts[100 + cid])
+        if reply.has_error():
+            refusals.append((cid, reply.error.reason))
+            continue
+        (resp,) = [wire.loads(b) for b in reply.content["privagg"]["msgs"]]
+        assert isinstance(resp, UnmaskResponse)
+        b_shares += victim in resp.alive
+        s_shares += victim in resp.dropped
+    t = 3
+    assert [c for c, _ in refusals] == [2] and "fewer than t=3" in refusals[0][1]
+    assert b_shares >= t and s_shares < t  # the self-mask seed alone does not unmask the victim's input
+
