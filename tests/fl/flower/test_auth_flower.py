@@ -181,7 +181,7 @@ def test_in_memory_default_keeps_its_per_process_registry() -> None:
 
 # ---------------------------------------------------------------- policy
 def test_a_node_requiring_authenticated_mode_refuses_an_unauthenticated_job(tmp_path: Path) -> None:
-    keys, roster_path, roster, pol = _setup(tmp_path, require_authenticated=True)
+    keys, roster_path, _, pol = _setup(tmp_path, require_authenticated=True)
     job = _sum_job(tmp_path, None, authenticated=False)
     for ctx in _contexts(tmp_path, job, keys, roster_path, pol).values():
         reply = _hello(ctx)
@@ -261,7 +261,9 @@ def test_a_server_substituting_a_clients_advertised_keys_is_refused(tmp_path: Pa
             os.urandom))
         sig = sign.sign(evil, label=ADVERTISE_SIG_LABEL, payload=advertise_payload(m.session, m.round, 2, c_pk, s_pk,
                                                                                    m.b_commits[i]))
-        put = lambda t, v: t[:i] + (v,) + t[i + 1:]  # noqa: E731
+        def put(t: tuple[bytes, ...], v: bytes) -> tuple[bytes, ...]:
+            return (*t[:i], v, *t[i + 1:])
+
         return dataclasses.replace(m, c_pks=put(m.c_pks, c_pk), s_pks=put(m.s_pks, s_pk),
                                    signatures=put(m.signatures, sig))
 
