@@ -358,3 +358,28 @@ def test_a_split_view_is_caught_by_the_consistency_round_over_flower(tmp_path: P
     assert [c for c, _ in refusals] == [2] and "fewer than t=3" in refusals[0][1]
     assert b_shares >= t and s_shares < t  # the self-mask seed alone does not unmask the victim's input
 
+
+
+# ---------------------------------------------------------------- real processes
+@pytest.mark.flower
+@pytest.mark.slow
+def test_privagg_flower_local_authenticated_runs_over_tls_processes(tmp_path: Path) -> None:
+    """``privagg flower local --authenticated``: 3 SuperNodes (TLS), each with only its own identity key and
+    the pinned roster; the secure sums are exact and every round has the consistency phase."""
+    from fl.cli.main import main
+
+    home, out = tmp_path / "home", tmp_path / "out"
+    rc = main(["flower", "--home", str(home), "local", "--authenticated", "--task", "sum", "--privacy", "secagg+",
+               "--clients", "3", "--rounds", "2", "--threshold", "0.7", "--size", "1000", "--out", str(out),
+               "--join-timeout", "60", "--start-timeout", "60", "--phase-timeout", "30", "--timeout", "240"])
+    assert rc == 0
+    result = json.loads((out / "result.json").read_text())
+    assert [(r["exact"], r["included_ids"]) for r in result["rounds"]] == [(True, [0, 1, 2])] * 2
+    assert [e["phase"] for e in result["exchanges"]] == ["advertise", "share", "masked", "consistency", "unmask"] * 2
+    ident = home.parent / "local" / "identity"
+    roster = Roster.load(ident / "roster.json")
+    assert result["job"]["roster"] == roster.to_dict() and result["job"]["authenticated"] is True
+    assert NodePolicy.load(home.parent / "local" / "policy.json").roster_sha256 == roster.fingerprint()
+    assert all(stat.S_IMODE(os.stat(ident / f"node{i}.identity.key").st_mode) == 0o600 for i in range(3))
+    assert "identity.key" not in json.dumps(result["job"])  # the job names no private key file
+    assert "https://127.0.0.1" in (home.parent / "local" / "logs" / "superlink.log").read_text()  # TLS, loopback
