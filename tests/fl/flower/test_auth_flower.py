@@ -117,7 +117,9 @@ def test_cli_provisions_identities_roster_and_a_pinned_policy(tmp_path: Path, ca
     assert policy.roster_sha256 == roster.fingerprint() and policy.require_authenticated
 
 
-def test_a_node_whose_key_does_not_match_its_roster_entry_refuses_to_start(tmp_path: Path) -> None:
+def test_a_node_whose_key_does_not_match_its_roster_entry_refuses_to_start(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     keys, roster_path, roster, pol = _setup(tmp_path)
     with pytest.raises(IdentityError, match="does not match the roster's entry for partition 1"):
         check_identity(keys[0], roster, 1)
@@ -126,6 +128,7 @@ def test_a_node_whose_key_does_not_match_its_roster_entry_refuses_to_start(tmp_p
     args = ["flower", "supernode", "--partition", "1/3", "--insecure", "--identity-key", str(keys[0]),
             "--identity-roster", str(roster_path), "--policy", str(pol), "--state-key", str(keys[0])]
     assert main(args) == 2  # refused before any Flower process starts
+    assert "does not match the roster's entry for partition 1" in capsys.readouterr().err
     job = _sum_job(tmp_path, roster)
     ctx = node_context(tmp_path, 101, 1, N, job.to_json(), policy=pol,
                        extra={IDENTITY_KEY_FILE: str(keys[0]), IDENTITY_ROSTER_FILE: str(roster_path)})
@@ -196,6 +199,29 @@ def test_an_authenticated_job_without_identity_files_names_the_fix(tmp_path: Pat
     ctx = node_context(tmp_path, 100, 0, N, _sum_job(tmp_path, roster).to_json())
     reply = _hello(ctx)
     assert reply.has_error() and "--identity-key" in reply.error.reason
+
+
+def test_bad_authenticated_settings_are_refused_naming_the_fix(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from fl.cli.main import main
+    from fl.runners.flower import JobError
+
+    with pytest.raises(ValueError, match="roster_sha256"):
+        NodePolicy(roster_sha256="abc")
+    with pytest.raises(JobError, match="authenticated flag"):
+        FlowerJob(task="sum", authenticated="yes")  # type: ignore[arg-type]
+    with pytest.raises(JobError, match="not 'plain'"):
+        from fl.runners.flower.job import sum_of
+
+        sum_of(FlowerJob(task="sum", protocol="plain", authenticated=True))
+    with pytest.raises(ValueError, match="has no secagg"):
+        PrivacyConfig(spec="clip,noise", authenticated=True)
+    base = ["flower", "--home", str(tmp_path / "h"), "run", "--insecure", "--task", "sum", "--privacy", "secagg+"]
+    assert main([*base, "--authenticated"]) == 2  # refused before contacting anyone
+    assert "needs --identity-roster" in capsys.readouterr().err
+    _, roster_path, _, _ = _setup(tmp_path)
+    assert main([*base, "--identity-roster", str(roster_path)]) == 2
+    assert "add --authenticated" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- adversary: a server substituting keys
