@@ -172,6 +172,31 @@ def test_authenticated_training_over_flower_equals_the_in_memory_run(tmp_path: P
     assert g["against"].startswith("an active (malicious) server") and g["params"]["authenticated"] is True
 
 
+def test_an_authenticated_round_over_flower_survives_a_dropout_after_key_sharing(tmp_path: Path) -> None:
+    """Node 2 dies before sending its masked input (t = 2 of 3): the two survivors sign the survivor list,
+    unmask node 2's pairwise masks, and the sum of exactly their inputs comes out."""
+    from flwr.app import Error
+    from flwr.common.constant import ErrorCode
+
+    from secagg import wire
+    from secagg.masking.messages import MaskedInput
+
+    def dies(req: Message, reply: Message) -> Message:
+        msgs = [] if reply.has_error() else [wire.loads(b) for b in reply.content["privagg"].get("msgs", [])]
+        if any(isinstance(m, MaskedInput) for m in msgs):
+            return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason="node died"), reply_to=req)
+        return reply
+
+    keys, roster_path, roster, pol = _setup(tmp_path)
+    job = _sum_job(tmp_path, roster, rounds=1, threshold=0.6)
+    grid = InProcessGrid(_contexts(tmp_path, job, keys, roster_path, pol), {102: dies})
+    result = serve(grid, job, Progress(Path(job.out)))  # type: ignore[arg-type]
+    (r1,) = result["rounds"]
+    assert r1["exact"] is True and r1["included_ids"] == [0, 1]
+    phases = {e["phase"]: e for e in result["exchanges"]}
+    assert phases["consistency"]["answered"] == 2 and phases["unmask"]["answered"] == 2
+
+
 def test_in_memory_default_keeps_its_per_process_registry() -> None:
     assert isinstance(SecAgg(authenticated=True).registry, IdentityRegistry)
     assert isinstance(SecAggPlus().registry, IdentityRegistry)
