@@ -221,7 +221,11 @@ def client_sum(ssum: Any, identities: Any) -> Any:
     """The node's secure sum with its own identities (unchanged for an unauthenticated job)."""
     from fl.sums.secagg import with_identities
 
-    return ssum if identities is None else with_identities(ssum, identities)
+    if identities is None:
+        if getattr(ssum, "authenticated", False):  # never fall back to keys drawn in this process
+            raise IdentityError("an authenticated secure sum needs this node's identity key and roster")
+        return ssum
+    return with_identities(ssum, identities)
 
 
 def server_sum(ssum: Any, job: Any) -> Any:

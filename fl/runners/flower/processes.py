@@ -206,7 +206,9 @@ class LocalCluster:
     Each process is started in its own session (process group); :meth:`stop` signals exactly those
     groups, by the PIDs it started (SIGTERM, then SIGKILL after ``grace`` seconds), so Flower's helper
     processes (SuperExec, ServerApp, ClientApps) go with them. Use it as a context manager so the
-    processes are stopped also when the body fails.
+    processes are stopped also when the body fails. ``authenticated``: each node gets its own identity
+    key and the roster (``workdir/identity``), pinned in the nodes' policy; :meth:`submit` ships the
+    roster's public keys with an authenticated job (:mod:`fl.runners.flower.identity`).
     """
 
     def __init__(self, workdir: Path, n: int, *, tls: bool = True, host: str = "127.0.0.1",
