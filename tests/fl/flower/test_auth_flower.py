@@ -339,63 +339,54 @@ def test_a_server_substituting_a_clients_advertised_keys_is_refused(tmp_path: Pa
 
 
 # ---------------------------------------------------------------- adversary: split view
-def test_a_split_view_is_caught_by_the_consistency_round_over_flower(tmp_path: Path) -> None:
-    """n = 4, t = 3: the server shows victim 0 alive to nodes {0, 1} and dropped to {2, 3}, and also signs both
-    lists with colluder 3's identity key (it holds it: c = 1 = the proved bound). Node 2 refuses to reveal its
-    share of the victim's mask key, so the server never holds t shares of both of the victim's secrets."""
+N_SPLIT, T_SPLIT, VICTIM = 4, 3, 0  # secagg, threshold 0.75: t = 3 of 4, proved bound min(2, 2t - n - 1) = 1
+EVERYONE, WITHOUT = tuple(range(N_SPLIT)), tuple(c for c in range(N_SPLIT) if c != VICTIM)
+
+
+def _split_view_over_flower(tmp: Path, colluders: set[int], view: dict[int, tuple[int, ...]]
+                            ) -> tuple[int, int, list[tuple[int, str]]]:
+    """The real ServerApp and ClientApps; the adversary rewrites each node's consistency check to the list
+    ``view[node]`` (victim 0 alive, or dropped), holds back the honest unmask requests, signs both lists
+    with the colluders' identity keys (it holds them), then asks each honest node for its shares per its
+    view. Returns (shares of the victim's self-mask seed, of its mask key, honest refusals)."""
+    from secagg import wire
     from secagg._hazmat import sign
     from secagg._hazmat.keyfile import read_identity_key
     from secagg.masking._common import SURVIVORS_SIG_LABEL, survivors_payload
-    from secagg.masking.messages import ConsistencyCheck, ConsistencySignature, UnmaskRequest, UnmaskResponse
+    from secagg.masking.messages import ConsistencyCheck, UnmaskRequest, UnmaskResponse
 
-    n, victim, colluder = 4, 0, 3
-    keys, roster_path, roster, pol = _setup(tmp_path, n)
-    job = _sum_job(tmp_path, roster, clients=n, rounds=1, protocol="secagg", threshold=0.75)
-    everyone, without = tuple(range(n)), tuple(c for c in range(n) if c != victim)
-    view = {0: everyone, 1: everyone, 2: without, 3: without}
-    sigs: dict[tuple[int, ...], dict[int, bytes]] = {everyone: {}, without: {}}
-    where: dict[int, Any] = {}
-    colluder_key = sign.private_from_bytes(read_identity_key(keys[colluder])[0])
+    keys, roster_path, roster, pol = _setup(tmp, N_SPLIT)
+    job = _sum_job(tmp, roster, clients=N_SPLIT, rounds=1, protocol="secagg", threshold=0.75)
+    where: dict[int, tuple[bytes, int, int]] = {}
 
     def rewrite(node: int, msg: Message) -> Message:
-        cid = node - 100
-
         def split(m: Any) -> Any:
             if isinstance(m, ConsistencyCheck):
-                where[cid] = (m.session, m.round, int(msg.content["privagg"]["step"]))
-                return type(m)(m.sender, m.recipient, m.session, m.round, view[cid])
+                where[m.recipient] = (m.session, m.round, int(msg.content["privagg"]["step"]))
+                return type(m)(m.sender, m.recipient, m.session, m.round, view[m.recipient])
+            if isinstance(m, UnmaskRequest):  # held back: a wrong step is refused before any state is touched
+                msg.content["privagg"]["step"] = 999
             return m
 
         return _rewrite_msgs(msg, split)
 
-    def collect(req: Message, reply: Message) -> Message:
-        from secagg import wire
-
-        if not reply.has_error():
-            for b in reply.content["privagg"].get("msgs", []):
-                m = wire.loads(b)
-                if isinstance(m, ConsistencySignature):
-                    sigs[view[m.sender]][m.sender] = m.signature
-        return reply
-
-    contexts = _contexts(tmp_path, job, keys, roster_path, pol)
-    grid = InProcessGrid(contexts, {nid: collect for nid in contexts}, rewrite=rewrite)
-    serve(grid, job, Progress(Path(job.out)))  # type: ignore[arg-type]  # the honest server machine aborts
-    assert set(where) == set(range(n)), "the consistency round did not run over Flower"
-    for lst in (everyone, without):  # the colluder signs both lists
-        sigs[lst][colluder] = sign.sign(colluder_key, label=SURVIVORS_SIG_LABEL,
-                                        payload=survivors_payload(where[0][0], where[0][1], lst))
-    b_shares = s_shares = 1  # the colluder hands over its own shares of both of the victim's secrets
-    refusals = []
-    from secagg import wire
-
-    for cid in (0, 1, 2):
-        session, rnd, step = where[cid]
-        lst = view[cid]
-        signers = tuple(sorted(sigs[lst]))
-        req = UnmaskRequest(-1, cid, session, rnd, lst, () if lst == everyone else (victim,), signers,
+    contexts = _contexts(tmp, job, keys, roster_path, pol)
+    serve(InProcessGrid(contexts, rewrite=rewrite), job, Progress(Path(job.out)))  # type: ignore[arg-type]
+    assert set(where) == set(range(N_SPLIT)), "the consistency round did not run over Flower"
+    session, rnd, _ = where[0]
+    sigs: dict[tuple[int, ...], dict[int, bytes]] = {EVERYONE: {}, WITHOUT: {}}
+    for v in range(N_SPLIT):  # honest nodes signed their own view; colluders sign both
+        key = sign.private_from_bytes(read_identity_key(keys[v])[0])
+        for lst in (EVERYONE, WITHOUT) if v in colluders else (view[v],):
+            sigs[lst][v] = sign.sign(key, label=SURVIVORS_SIG_LABEL, payload=survivors_payload(session, rnd, lst))
+    b_shares = s_shares = len(colluders)  # each colluder hands over its shares of both of the victim's secrets
+    refusals: list[tuple[int, str]] = []
+    for cid in sorted(set(range(N_SPLIT)) - colluders):
+        lst, signers = view[cid], tuple(sorted(sigs[view[cid]]))
+        req = UnmaskRequest(-1, cid, session, rnd, lst, () if lst == EVERYONE else (VICTIM,), signers,
                             tuple(sigs[lst][v] for v in signers))
-        fields = {"session": session, "round": rnd, "step": step + 1, "final": True, "msgs": [wire.dumps(req)]}
+        fields = {"session": session, "round": rnd, "step": where[cid][2] + 1, "final": True,
+                  "msgs": [wire.dumps(req)]}
         reply = deliver(instruction(100 + cid, "query.privagg_step", fields, message_id=f"u{cid}"),
                         contexts[100 + cid])
         if reply.has_error():
@@ -403,12 +394,26 @@ def test_a_split_view_is_caught_by_the_consistency_round_over_flower(tmp_path: P
             continue
         (resp,) = [wire.loads(b) for b in reply.content["privagg"]["msgs"]]
         assert isinstance(resp, UnmaskResponse)
-        b_shares += victim in resp.alive
-        s_shares += victim in resp.dropped
-    t = 3
-    assert [c for c, _ in refusals] == [2] and "fewer than t=3" in refusals[0][1]
-    assert b_shares >= t and s_shares < t  # the self-mask seed alone does not unmask the victim's input
+        b_shares += VICTIM in resp.alive
+        s_shares += VICTIM in resp.dropped
+    return b_shares, s_shares, refusals
 
+
+def test_a_split_view_at_the_proved_bound_is_caught_by_the_consistency_round_over_flower(tmp_path: Path) -> None:
+    """c = 1 colluder (node 3): victim 0 alive for {0, 1}, dropped for {2}. Node 2 sees only 2 < t signatures on
+    its list and refuses, so the server never holds t shares of the victim's mask key."""
+    view = {0: EVERYONE, 1: EVERYONE, 2: WITHOUT, 3: WITHOUT}
+    b, s, refusals = _split_view_over_flower(tmp_path, {3}, view)
+    assert [c for c, _ in refusals] == [2] and f"fewer than t={T_SPLIT}" in refusals[0][1]
+    assert b >= T_SPLIT and s < T_SPLIT  # the self-mask seed alone does not unmask the victim's input
+
+
+def test_a_split_view_with_one_colluder_above_the_bound_succeeds_over_flower(tmp_path: Path) -> None:
+    """The control (the bound is tight): c = 2 colluders {2, 3}, victim alive for {0}, dropped for {1}: every
+    list carries t signatures, nobody refuses, and the server holds t shares of both of the victim's secrets."""
+    view = {0: EVERYONE, 1: WITHOUT, 2: EVERYONE, 3: EVERYONE}
+    b, s, refusals = _split_view_over_flower(tmp_path, {2, 3}, view)
+    assert refusals == [] and b >= T_SPLIT and s >= T_SPLIT
 
 
 # ---------------------------------------------------------------- real processes
