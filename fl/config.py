@@ -38,7 +38,8 @@ class PrivacyConfig:
     when ``None``) or of each share group (secagg+; ``None`` takes the t found with the graph), or a whole
     count of clients > 1 (``3`` or ``3.0``); ``1.5`` is neither and is refused. ``neighbours``: SecAgg+'s k
     (``None``: the smallest k meeting 40-bit security and 30-bit correctness when at most
-    ``corrupt_fraction`` of the clients are corrupt and ``dropout_fraction`` drop).
+    ``corrupt_fraction`` of the clients are corrupt and ``dropout_fraction`` drop). ``authenticated``:
+    SecAgg(+) with Ed25519 identity keys and the consistency round (security against an active server).
     """
 
     spec: str = "none"
@@ -52,6 +53,7 @@ class PrivacyConfig:
     neighbours: int | None = None
     corrupt_fraction: float = 0.1
     dropout_fraction: float = 0.1
+    authenticated: bool = False  # SecAgg(+) against an active server: signed messages, consistency round
     dpsgd_clip: float | None = None  # None: chosen from epsilon (fl.training.dp_sgd.default_batch_and_clip)
     dpsgd_noise_multiplier: float | None = None
     dpsgd_batch_size: int | None = None  # None: chosen from epsilon, like dpsgd_clip
@@ -103,6 +105,9 @@ class PrivacyConfig:
                 f"--noise-multiplier would be ignored: --privacy {self.spec!r} has no noise or dnoise stage; "
                 f"add one (e.g. --privacy clip,noise) or drop --noise-multiplier"
             )
+        if self.authenticated and not any(t in ("secagg", "secagg+") for t in toks):
+            raise ValueError(f"--authenticated would be ignored: --privacy {self.spec!r} has no secagg or secagg+ "
+                             "stage; add one or drop --authenticated")
         if self.dpsgd_noise_multiplier is not None and "dp-sgd" not in toks:
             raise ValueError(
                 f"--dpsgd-noise-multiplier would be ignored: --privacy {self.spec!r} has no dp-sgd stage; add "

@@ -7,9 +7,11 @@ key pair and registers its public key); ``policy`` writes a node policy file (wh
 from a job, :class:`fl.runners.flower.NodePolicy`); ``supernode --data CSV --name SITE`` gives a node its own
 data (:mod:`fl.runners.flower.site`); ``paillier-keygen`` makes the Paillier key holder's key pair ONCE on
 its machine, and ``supernode --key-holder --paillier-key DIR/key.json`` starts that key holder (its own node:
-the aggregator never holds the private key; :mod:`fl.runners.flower.keyholder`); ``run`` submits a training
-(the ``privagg train`` flags) or a secure-sum job and follows it; ``local`` starts a SuperLink and N
-SuperNodes on this host, runs a job and stops them. Flower's configuration lives in ``--home``
+the aggregator never holds the private key; :mod:`fl.runners.flower.keyholder`); ``identity`` makes a site's
+identity key for authenticated SecAgg and ``roster`` assembles the consortium's roster of public keys
+(:mod:`fl.runners.flower.identity`); ``run`` submits a training (the ``privagg train`` flags) or a secure-sum
+job and follows it; ``local`` starts a SuperLink and N SuperNodes on this host, runs a job and stops them.
+Flower's configuration lives in ``--home``
 (``FLWR_HOME``, default ``out/flower/home``), never in ``~/.flwr``; telemetry, update checks and runtime
 dependency installation are off. Flower itself is imported only when a command runs.
 """
@@ -67,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_superlink_parser(sub)
     _add_register_parser(sub)
     _add_policy_parser(sub)
+    _add_identity_parsers(sub)
     _add_supernode_parser(sub)
     _add_keygen_parser(sub)
     _add_job_parsers(sub)
@@ -125,6 +128,10 @@ def _add_policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                         "pinned; a job naming another key is refused)")
     p.add_argument("--min-summands", type=int, default=2,
                    help="(key holder) decrypt no sum of fewer clients (default: %(default)s)")
+    p.add_argument("--roster", type=Path, metavar="JSON",
+                   help="pin this identity roster (`privagg flower roster`): a job with another roster is refused")
+    p.add_argument("--require-authenticated", action="store_true",
+                   help="run only authenticated SecAgg/SecAgg+ (identity keys, consistency round)")
 
 
 def _add_keygen_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -134,6 +141,18 @@ def _add_keygen_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
                    help="directory: DIR/key.json (private, mode 0600, stays here) and DIR/public.json (hand it to "
                         "the operator and the sites)")
     p.add_argument("--bits", type=int, default=2048, help="modulus bits (2048: 112-bit security; default: %(default)s)")
+
+
+def _add_identity_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``flower identity`` (a site's identity key pair) and ``flower roster`` (the consortium's public keys)."""
+    p = sub.add_parser("identity", help="make this site's Ed25519 identity key for authenticated SecAgg")
+    p.add_argument("--name", required=True, help="the site's name (files: DIR/NAME.identity.key, .identity.json)")
+    p.add_argument("--out", type=Path, required=True, metavar="DIR",
+                   help="directory; the private key (mode 0600) stays on the site, the .json goes to the roster")
+    p = sub.add_parser("roster", help="assemble roster.json from the sites' public identity files")
+    p.add_argument("--out", type=Path, required=True, metavar="JSON", help="roster file to write")
+    p.add_argument("public", nargs="+", type=Path, metavar="SITE.identity.json",
+                   help="the sites' public identity files, in client-id order (the first is partition 0)")
 
 
 def _add_supernode_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -165,6 +184,10 @@ def _add_supernode_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
                    help="this site's own data (a CSV with a header); the node never loads the bundled set, and a run "
                         "whose sites' columns differ is refused at its start")
     p.add_argument("--name", metavar="SITE", help="this site's name (default: the CSV's file name without .csv)")
+    p.add_argument("--identity-key", type=Path, metavar="KEY",
+                   help="this site's private identity key (`privagg flower identity`), for authenticated SecAgg")
+    p.add_argument("--identity-roster", type=Path, metavar="JSON",
+                   help="the consortium's roster (`privagg flower roster`), received out of band")
     _tls_args(p, server=False)
 
 
@@ -197,6 +220,9 @@ def _add_job_flags(g: argparse._ArgumentGroup, *, name: str) -> None:
     g.add_argument("--poll", type=float, default=0.05,
                    help="seconds between pulls of replies; 0 = Flower's Grid.send_and_receive (3 s polls)")
     g.add_argument("--timeout", type=float, default=3600.0, help="give up waiting for the result after this")
+    g.add_argument("--authenticated", action="store_true",
+                   help="authenticated SecAgg/SecAgg+ (identity keys, signed messages, consistency round)"
+                        + (": needs --identity-roster" if name == "run" else ": local nodes get fresh identities"))
     if name == "run":
         g.add_argument("--superlink", default="127.0.0.1:8000", help="SuperLink address HOST:PORT")
         g2 = g.add_mutually_exclusive_group(required=True)
@@ -207,6 +233,8 @@ def _add_job_flags(g: argparse._ArgumentGroup, *, name: str) -> None:
         g.add_argument("--no-wait", action="store_true", help="submit and return (e.g. when --out is remote)")
         g.add_argument("--paillier-public-key", type=Path, metavar="PUBLIC_JSON",
                        help="paillier: the key holder's public key the job names (never its key.json)")
+        g.add_argument("--identity-roster", type=Path, metavar="JSON",
+                       help="the consortium's roster of public identity keys, shipped in the job (--authenticated)")
     else:
         g.add_argument("--insecure", action="store_true", help="no TLS (default: TLS with throw-away certificates)")
         g.add_argument("--stock", action="store_true",
@@ -232,11 +260,16 @@ def _job(args: argparse.Namespace) -> Any:
     from fl.runners.flower import FlowerJob
 
     config = config_from_args(args)
+    if args.authenticated:
+        import dataclasses
+
+        config = dataclasses.replace(config, privacy=dataclasses.replace(config.privacy, authenticated=True))
     if config.early_stopping is not None:  # the Flower server runs every round: refuse, never ignore
         raise ValueError("--patience (early stopping) runs in memory only (privagg train); drop it for flower")
     common: dict[str, Any] = dict(
         out=str(args.out.resolve()), join_timeout=args.join_timeout, start_timeout=args.start_timeout,
         phase_timeout=args.phase_timeout, poll_interval=args.poll, paillier_public_key=_public_key_json(args),
+        roster=_job_roster(args),
     )
     if args.task == "train":
         return _train_job(args, config, common)
@@ -244,7 +277,22 @@ def _job(args: argparse.Namespace) -> Any:
     if protocol not in ("secagg", "secagg+", "paillier", "plain"):
         raise ValueError(f"--task sum runs secagg, secagg+, paillier or none (plain), not {config.privacy.spec!r}")
     return FlowerJob(task="sum", clients=config.clients, size=args.size, rounds=config.rounds, seed=config.seed,
-                     protocol=protocol, threshold=config.privacy.cohort_threshold, **common)
+                     protocol=protocol, threshold=config.privacy.cohort_threshold, authenticated=args.authenticated,
+                     **common)
+
+
+def _job_roster(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The roster of public keys an authenticated ``run`` ships (``local`` nodes get the cluster's own)."""
+    path = getattr(args, "identity_roster", None)
+    if path is None:
+        if args.authenticated and args.flower_command == "run":
+            raise ValueError("--authenticated needs --identity-roster roster.json (the one every node pins)")
+        return None
+    if not args.authenticated:
+        raise ValueError("--identity-roster is for --authenticated runs; add --authenticated or drop it")
+    from fl.runners.flower.identity import Roster
+
+    return Roster.load(path).to_dict()
 
 
 def _train_job(args: argparse.Namespace, config: Any, common: dict[str, Any]) -> Any:
@@ -402,6 +450,7 @@ def _supernode(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str
         data = args.data.resolve()
     elif args.name is not None:
         raise ValueError("--name names the site of --data CSV; give --data too")
+    identity = _identity_files(args, args.partition[0], policy) if holder is None else {}
     certs = fw.CertPaths.in_dir(args.certs) if getattr(args, "certs", None) else None
     ca = None if args.insecure else (args.ca if args.ca else None)
     cmd_line = fw.supernode_command(superlink=args.superlink, partition=args.partition, state_key=key.resolve(),
@@ -409,8 +458,40 @@ def _supernode(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str
                                     port=args.port, host=args.host, certs=certs, ca=ca,
                                     fleet_poll=0.0 if args.stock else args.fleet_poll, policy=policy,
                                     auth_key=args.auth_key.resolve() if args.auth_key else None,
-                                    allow_insecure_remote=args.insecure_i_know, data=data, site=args.name)
+                                    allow_insecure_remote=args.insecure_i_know, data=data, site=args.name,
+                                    **identity)
     return _exec(cmd_line, env)
+
+
+def _identity_files(args: argparse.Namespace, cid: int, policy: Path | None) -> dict[str, Path]:
+    """Refuse to start a node whose identity key does not match its roster entry (or its policy's pin)."""
+    from fl.runners.flower.identity import Roster, check_identity
+    from fl.runners.flower.policy import NodePolicy
+
+    if args.identity_key is None and args.identity_roster is None:
+        return {}
+    if args.identity_key is None or args.identity_roster is None:
+        raise ValueError("give --identity-key and --identity-roster together (own key, everyone's public keys)")
+    pin = NodePolicy.load(policy).roster_sha256 if policy is not None else None
+    check_identity(args.identity_key, Roster.load(args.identity_roster), cid, pin=pin)
+    return {"identity_key": args.identity_key.resolve(), "identity_roster": args.identity_roster.resolve()}
+
+
+def _identity(args: argparse.Namespace) -> int:
+    from fl.runners.flower.identity import Roster, make_identity
+
+    if args.flower_command == "identity":
+        key, pub = make_identity(args.out, args.name)
+        print(f"private identity key: {key} (mode 0600; stays on this site: supernode --identity-key {key})")
+        print(f"public identity:      {pub} (send it to whoever assembles the consortium's roster)")
+        return 0
+    roster = Roster.assemble(args.public)
+    roster.save(args.out)
+    for cid, e in sorted(roster.clients.items()):
+        print(f"  partition {cid}: {e.site}")
+    print(f"roster: {args.out}  SHA-256 {roster.fingerprint()}")
+    print(f"give every node this file out of band, and pin it: privagg flower policy --roster {args.out} ...")
+    return 0
 
 
 def _register(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]) -> int:
@@ -434,10 +515,14 @@ def _policy(fw: Any, args: argparse.Namespace) -> int:
 
         pin = read_public_key(args.paillier_key).fingerprint.hex()
         protocols = (*protocols, "paillier")
+    from fl.runners.flower.identity import Roster
+
+    roster_pin = Roster.load(args.roster).fingerprint() if args.roster is not None else None
     policy = fw.NodePolicy(protocols=protocols, min_threshold=args.min_threshold, min_clients=args.min_clients,
                            min_noise_multiplier=args.min_noise_multiplier, max_epsilon=args.max_epsilon,
                            max_clip=args.max_clip, trusted_app_hashes=tuple(args.trust_app),
-                           paillier_key_fingerprint=pin, min_summands=args.min_summands)
+                           paillier_key_fingerprint=pin, min_summands=args.min_summands,
+                           require_authenticated=args.require_authenticated, roster_sha256=roster_pin)
     print(f"node policy: {policy.save(args.out)} (privagg flower supernode --policy {args.out})")
     return 0
 
@@ -475,6 +560,8 @@ def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]
 
         args.paillier_key = keygen(home.parent / "local" / f"keyholder-{os.getpid()}", bits=2048)[0]
         print(f"throw-away Paillier key holder key: {args.paillier_key}")
+    if cmd in ("identity", "roster"):
+        return _identity(args)
     job = _job(args)
     if cmd == "run":
         fw.write_connection(home, args.superlink, ca=None if args.insecure else args.ca.resolve(),
@@ -500,7 +587,7 @@ def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]
             policy = fw.NodePolicy(protocols=("secagg", "secagg+", "paillier"),
                                    paillier_key_fingerprint=job_public_key(job).fingerprint.hex())
         with fw.LocalCluster(home.parent / "local", n, tls=not args.insecure,
-                             fleet_poll=0.0 if args.stock else 0.1, policy=policy,
+                             fleet_poll=0.0 if args.stock else 0.1, policy=policy, authenticated=args.authenticated,
                              key_holder=args.paillier_key if job.paillier_public_key else None) as cluster:
             holder = " + the key holder" if cluster.key_holder is not None else ""
             print(f"SuperLink on {cluster.address} ({'insecure' if args.insecure else 'TLS'}), {n} SuperNodes{holder}; "

@@ -106,13 +106,14 @@ class Stage:
 
 
 def _secagg(ctx: PlanContext) -> SecureSum:
-    return SecAgg(threshold=ctx.config.privacy.cohort_threshold, min_cohort=ctx.min_cohort)
+    return SecAgg(threshold=ctx.config.privacy.cohort_threshold, min_cohort=ctx.min_cohort,
+                  authenticated=ctx.config.privacy.authenticated)
 
 
 def _secagg_plus(ctx: PlanContext) -> SecureSum:
     pc = ctx.config.privacy
     return SecAggPlus(threshold=pc.threshold, neighbours=pc.neighbours, corrupt=pc.corrupt_fraction,
-                      dropout=pc.dropout_fraction, min_cohort=ctx.min_cohort)
+                      dropout=pc.dropout_fraction, min_cohort=ctx.min_cohort, authenticated=pc.authenticated)
 
 
 def _paillier(ctx: PlanContext) -> SecureSum:

@@ -6,16 +6,19 @@ silently (the peer's overflow check tested the wrong quantity and wrapped at 102
 
 Authenticated mode needs identity keys set up before the round (a PKI). Each adapter instance owns an
 :class:`IdentityRegistry` created at construction: Ed25519 keys drawn from ``os.urandom`` the first time
-a client id is seen, held for the adapter's lifetime -- it plays the role of the set-up phase.
+a client id is seen, held for the adapter's lifetime -- it plays the role of the set-up phase. Across
+processes (Flower) each party instead gets :class:`FixedIdentities` (:func:`with_identities`): its own
+private key, if it is a client, and everyone's public keys from a roster it received out of band.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import Any, Protocol
 
 from numpy.typing import NDArray
 
@@ -27,7 +30,8 @@ from secagg.masking.graph import GraphSpec, achieved_bits
 from secagg.masking.server import SecAggServer
 from secagg.ring import is_ring_modulus, ring_bits, ring_bits_for
 
-__all__ = ["IdentityRegistry", "SecAgg", "SecAggPlus", "max_colluders"]
+__all__ = ["FixedIdentities", "Identities", "IdentityRegistry", "SecAgg", "SecAggPlus", "max_colluders",
+           "with_identities"]
 
 _RING_MESSAGE = "SecAgg masks integers in Z_2^k: put Quantize(bits=...) before it"
 
@@ -55,6 +59,53 @@ class IdentityRegistry:
     def publics(self) -> Mapping[int, bytes]:
         """A read-only live view of every client's public identity key."""
         return MappingProxyType(self._public)
+
+
+class Identities(Protocol):
+    """Where a masked sum takes identity keys from in authenticated mode."""
+
+    def ensure(self, cids: Iterable[int]) -> None: ...
+
+    def private(self, cid: int) -> bytes: ...
+
+    def publics(self) -> Mapping[int, bytes]: ...
+
+
+class FixedIdentities:
+    """Identity keys set up outside this process: everyone's public keys, and at most one private key.
+
+    ``publics``: client id -> raw Ed25519 public key (e.g. a consortium roster every party received out of
+    band). ``own``: ``(cid, private key)`` of the one client this process plays (``None`` on the server,
+    which needs only public keys). A client id outside ``publics`` is an error, never a fresh key.
+    """
+
+    def __init__(self, publics: Mapping[int, bytes], own: tuple[int, bytes] | None = None) -> None:
+        self._public = MappingProxyType(dict(publics))
+        self._own = own
+        if own is not None and own[0] not in self._public:
+            raise ValueError(f"client {own[0]} has a private identity key but no public key in the roster")
+
+    def ensure(self, cids: Iterable[int]) -> None:
+        """Refuse clients without a public identity key (nobody could check their signatures)."""
+        missing = sorted(set(cids) - set(self._public))
+        if missing:
+            raise ValueError(f"client(s) {missing} have no public identity key in the roster: add them to the "
+                             "roster every node holds, or leave them out of the run")
+
+    def private(self, cid: int) -> bytes:
+        if self._own is None or self._own[0] != cid:
+            raise ValueError(f"this process holds no private identity key of client {cid} (only its own)")
+        return self._own[1]
+
+    def publics(self) -> Mapping[int, bytes]:
+        return self._public
+
+
+def with_identities(ssum: Any, identities: Identities) -> Any:
+    """``ssum`` (a :class:`SecAgg` or :class:`SecAggPlus`) taking its identity keys from ``identities``."""
+    if not isinstance(ssum, _MaskedSum):
+        raise TypeError(f"identity keys are for SecAgg/SecAggPlus, not {type(ssum).__name__}")
+    return dataclasses.replace(ssum, registry=identities)  # type: ignore[type-var]
 
 
 def _check_ring(spec: ValueSpec) -> None:
@@ -121,7 +172,7 @@ class _MaskedSum:
     threshold: float | int | None
     authenticated: bool
     min_cohort: int | None
-    registry: IdentityRegistry
+    registry: Identities
 
     @property
     def name(self) -> str:
@@ -165,7 +216,7 @@ class SecAgg(_MaskedSum):
     threshold: float | int = 0.7
     authenticated: bool = False
     min_cohort: int | None = None
-    registry: IdentityRegistry = field(default_factory=IdentityRegistry, compare=False, repr=False)
+    registry: Identities = field(default_factory=IdentityRegistry, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -205,7 +256,7 @@ class SecAggPlus(_MaskedSum):
     correctness_bits: float = 30.0
     dropout: float = 0.1
     corrupt: float = 0.1
-    registry: IdentityRegistry = field(default_factory=IdentityRegistry, compare=False, repr=False)
+    registry: Identities = field(default_factory=IdentityRegistry, compare=False, repr=False)
 
     @property
     def name(self) -> str:

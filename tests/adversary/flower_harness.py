@@ -24,13 +24,17 @@ from fl.runners.flower import client_app, make_state_key
 
 Tamper = Callable[[Message, Message], Message]
 """``(request, honest reply) -> reply actually sent``."""
+Rewrite = Callable[[int, Message], Message]
+"""``(node id, request the ServerApp sent) -> request actually delivered`` (a malicious ServerApp/SuperLink)."""
 
 
 def node_context(tmp: Path, node_id: int, cid: int, n: int, job_json: str, *,
-                 policy: Path | None = None) -> Context:
-    """A SuperNode's Context: partition ``cid`` of ``n``, its own state key (and policy file), the job."""
+                 policy: Path | None = None, extra: Mapping[str, Any] | None = None) -> Context:
+    """A SuperNode's Context: partition ``cid`` of ``n``, its own state key (and policy file), the job;
+    ``extra``: more ``--node-config`` entries (e.g. its identity key and roster)."""
     key = make_state_key(tmp / f"node{node_id}.key")
-    node_config: dict[str, Any] = {"partition-id": cid, "num-partitions": n, "state-key-file": str(key)}
+    node_config: dict[str, Any] = {"partition-id": cid, "num-partitions": n, "state-key-file": str(key),
+                                   **(extra or {})}
     if policy is not None:
         node_config["policy-file"] = str(policy)
     return Context(run_id=1, node_id=node_id, node_config=node_config, state=RecordDict(),
@@ -76,9 +80,11 @@ def deliver(msg: Message, context: Context) -> Message:
 class InProcessGrid:
     """``get_node_ids`` / ``push_messages`` / ``pull_messages`` / ``send_and_receive`` over real ClientApps."""
 
-    def __init__(self, contexts: Mapping[int, Context], tamper: Mapping[int, Tamper] | None = None) -> None:
+    def __init__(self, contexts: Mapping[int, Context], tamper: Mapping[int, Tamper] | None = None,
+                 rewrite: Rewrite | None = None) -> None:
         self.contexts = dict(contexts)
         self.tamper = dict(tamper or {})
+        self.rewrite = rewrite
         self.pending: dict[str, Message] = {}
         self.sent = 0
 
@@ -92,6 +98,8 @@ class InProcessGrid:
             mid = f"m{self.sent}"
             m.metadata.__dict__["_message_id"] = mid
             node = m.metadata.dst_node_id
+            if self.rewrite is not None:
+                m = self.rewrite(node, m)
             reply = deliver(m, self.contexts[node])
             if node in self.tamper:
                 reply = self.tamper[node](m, reply)

@@ -22,7 +22,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 from numpy.typing import NDArray
 
-from fl.runners.flower import keyholder
+from fl.runners.flower import identity, keyholder
 from fl.runners.flower import state as _state
 from fl.runners.flower.job import (
     RECORD,
@@ -100,6 +100,11 @@ def _guarded(fn: Any) -> Any:
     return run
 
 
+def _identities(context: Context, job: FlowerJob, cid: int) -> Any:
+    """This node's own identity keys for an authenticated job (:func:`fl.runners.flower.identity.node_identities`)."""
+    return identity.node_identities(context.node_config, node_policy(context), job, cid)
+
+
 def _state_key(context: Context) -> bytes:
     """This node's state-sealing key (see :mod:`fl.runners.flower.state`)."""
     return _state.state_key(context)
@@ -161,6 +166,7 @@ def _hello(msg: Message, context: Context) -> Message:
     own = _own_data(context, job)  # first: the policy check of a train job builds (loads) its data set
     _refuse_weaker(context, job, cid)
     keyholder.check_client_key(context, job)
+    _identities(context, job, cid)  # an authenticated job: own key matches the roster, the job's roster is ours
     n = context.node_config.get("num-partitions", -1)
     return _reply(msg, {"cid": cid, "num": int(n) if isinstance(n, int) else -1, **own})
 
@@ -226,6 +232,7 @@ def _start(msg: Message, context: Context) -> Message:
         ssum, spec = sum_protocol(job)
         value = sum_value(job, rnd, cid)
     ssum = keyholder.client_sum(ssum, context, job, spec=spec, session=session, round=rnd)
+    ssum = identity.client_sum(ssum, _identities(context, job, cid))
     machine = ssum.client(cid, value, spec=spec, session=session, round=rnd)
     out = machine.start()
     for m in _incoming(msg):
@@ -244,8 +251,11 @@ def _step(msg: Message, context: Context) -> Message:
     t0 = time.perf_counter()
     keyholder.refuse_client_message(context, STEP)
     rec = record(msg.content)
+    cid = _partition(context)
+    ids = _identities(context, load_job(context), cid)  # the snapshot never holds identity keys
     out = _state.advance(context, _incoming(msg), session=bytes(rec["session"]), round=int(rec["round"]),
-                      step=int(rec["step"]), final=bool(rec["final"]))
+                         step=int(rec["step"]), final=bool(rec["final"]),
+                         identity=None if ids is None else (ids.private(cid), ids.publics()))
     return _reply(msg, {**encode_msgs(out), "compute_s": time.perf_counter() - t0})
 
 

@@ -70,6 +70,10 @@ class FlowerJob:
     # the preprocessing release (fl.data.stats.FederatedStats.to_json), made ONCE when the job is written:
     # the ServerApp and every node standardize with it, so the statistics are released (and charged) once
     stats: Mapping[str, Any] | None = None
+    # authenticated SecAgg(+) (fl.runners.flower.identity): the sum task's flag (a train job's is in its privacy
+    # config) and the consortium's roster of PUBLIC identity keys; each node refuses a roster other than its own
+    authenticated: bool = False
+    roster: Mapping[str, Any] | None = None
     paillier_public_key: str | None = None
     # checkpoint/resume of a train job: the ServerApp saves its side into ``checkpoint`` (a directory on the
     # server's host) after every round; ``resume`` continues from it. ``job_id`` names the job across runs
@@ -124,6 +128,10 @@ class FlowerJob:
             raise JobError("checkpoints are for train jobs; a sum job has no state to resume")
         if self.stats is not None and not isinstance(self.stats, Mapping):
             raise JobError("the Flower job's stats must be an object (the preprocessing release)")
+        if not isinstance(self.authenticated, bool):
+            raise JobError("the Flower job's authenticated flag must be true or false")
+        if self.roster is not None and not isinstance(self.roster, Mapping):
+            raise JobError("the Flower job's roster must be an object (`privagg flower roster`)")
 
     @property
     def num_clients(self) -> int:
@@ -178,7 +186,11 @@ def sum_of(job: FlowerJob) -> SecureSum:
     if job.protocol in ("secagg", "secagg+"):
         from fl.sums.secagg import SecAgg, SecAggPlus
 
-        ssum = SecAgg(threshold=job.threshold) if job.protocol == "secagg" else SecAggPlus(threshold=job.threshold)
+        auth = job.authenticated
+        ssum = (SecAgg(threshold=job.threshold, authenticated=auth) if job.protocol == "secagg"
+                else SecAggPlus(threshold=job.threshold, authenticated=auth))
+    elif job.authenticated:
+        raise JobError(f"authenticated mode is for secagg and secagg+, not {job.protocol!r}")
     elif job.protocol == "plain":
         from fl.sums.plain import PlainSum
 

@@ -47,7 +47,8 @@ class JobTerms:
     ``own_noise``: the noise multiplier of the DP noise THIS node adds (distributed noise or DP-SGD),
     None if it adds none; ``central_noise``: the multiplier the server claims it adds (the node cannot
     check it); ``clip``: the L2 clip norm of the update (None: unclipped); ``epsilon``: the job's target
-    budget (None: none); ``seeded``: the named test seam that derives noise from a public seed.
+    budget (None: none); ``seeded``: the named test seam that derives noise from a public seed;
+    ``authenticated``: SecAgg(+) with identity keys and the consistency round (active-server security).
     """
 
     protocol: str
@@ -58,6 +59,7 @@ class JobTerms:
     clip: float | None = None
     epsilon: float | None = None
     seeded: bool = False
+    authenticated: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,9 @@ class NodePolicy:
     Paillier public key this client encrypts to; a ``paillier`` job naming another key is refused, and
     so is any ``paillier`` job while it is unset (else the server could name a key it holds itself).
     ``min_summands``: a key-holder node decrypts no aggregate of fewer clients (at least 2).
+    ``require_authenticated``: run only authenticated SecAgg/SecAgg+ (signed messages and the consistency
+    round, :mod:`fl.runners.flower.identity`). ``roster_sha256``: the SHA-256 (hex) of the consortium's identity
+    roster this node accepts (``privagg flower policy --roster``).
     """
 
     protocols: tuple[str, ...] = SECURE_PROTOCOLS
@@ -90,6 +95,8 @@ class NodePolicy:
     allow_any_app: bool = False
     paillier_key_fingerprint: str | None = None
     min_summands: int = 2
+    require_authenticated: bool = False
+    roster_sha256: str | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.protocols) - set(_KNOWN_PROTOCOLS))
@@ -113,6 +120,9 @@ class NodePolicy:
         if isinstance(self.min_summands, bool) or not isinstance(self.min_summands, int) or self.min_summands < 2:
             raise ValueError(f"policy min_summands must be an integer >= 2 (a sum of one client is its update), "
                              f"got {self.min_summands!r}")
+        r = self.roster_sha256
+        if r is not None and (not isinstance(r, str) or len(r) != 64 or any(c not in "0123456789abcdef" for c in r)):
+            raise ValueError(f"policy roster_sha256 is a SHA-256 hex digest (64 lowercase hex), got {r!r}")
 
     # -------------------------------------------------------------------------------------------- I/O
     @classmethod
@@ -181,6 +191,9 @@ class NodePolicy:
                        "(give --epsilon)")
         if self.max_clip is not None and (terms.clip is None or terms.clip > self.max_clip):
             why.append(f"clip norm {terms.clip} exceeds this node's maximum {self.max_clip:g}")
+        if self.require_authenticated and not terms.authenticated:
+            why.append(f"protocol {terms.protocol!r} is not authenticated SecAgg/SecAgg+ and this node requires it "
+                       "(identity keys and the consistency round: --authenticated with a roster)")
         if terms.seeded and not self.allow_insecure_seeded_randomness:
             why.append("the job turns on insecure_seeded_randomness (noise derived from a seed the server knows); "
                        "only a node whose own policy sets allow_insecure_seeded_randomness runs it")
@@ -223,7 +236,13 @@ def _threshold_fraction(ssum: Any, cohort: int) -> float | None:
 
 def sum_terms(ssum: Any, cohort: int) -> JobTerms:
     """Terms of a ``sum`` job (public test vectors: no DP)."""
-    return JobTerms(protocol=protocol_word(ssum), threshold_fraction=_threshold_fraction(ssum, cohort), cohort=cohort)
+    return JobTerms(protocol=protocol_word(ssum), threshold_fraction=_threshold_fraction(ssum, cohort), cohort=cohort,
+                    authenticated=_authenticated(ssum))
+
+
+def _authenticated(ssum: Any) -> bool:
+    """True only for SecAgg/SecAgg+ objects in authenticated mode (read from the object, not a string)."""
+    return protocol_word(ssum) in SECURE_PROTOCOLS and getattr(ssum, "authenticated", False) is True
 
 
 def train_terms(fed: Any, cid: int) -> JobTerms:
@@ -252,4 +271,5 @@ def train_terms(fed: Any, cid: int) -> JobTerms:
         protocol=protocol_word(plan.pipeline.sum), threshold_fraction=_threshold_fraction(plan.pipeline.sum, cohort),
         cohort=cohort, own_noise=own, central_noise=central, clip=min(clips) if clips else None,
         epsilon=fed.config.privacy.epsilon, seeded=bool(fed.config.insecure_seeded_randomness),
+        authenticated=_authenticated(plan.pipeline.sum),
     )

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from fl.runners.flower.certs import CertPaths, make_certificates, make_node_keys, refuse_insecure_remote
+from fl.runners.flower.identity import job_authenticated, node_config_entries, provision_local
 from fl.runners.flower.job import JOB_KEY, FlowerJob
 from fl.runners.flower.policy import POLICY_FILE_KEY, NodePolicy
 from fl.runners.flower.state import STATE_KEY_FILE, make_state_key
@@ -109,6 +110,7 @@ def supernode_command(
     host: str = "127.0.0.1", certs: CertPaths | None = None, ca: Path | None = None, fleet_poll: float = 0.0,
     policy: Path | None = None, auth_key: Path | None = None, allow_insecure_remote: bool = False,
     data: Path | None = None, site: str | None = None, key_holder: Path | None = None,
+    identity_key: Path | None = None, identity_roster: Path | None = None,
 ) -> list[str]:
     """``flower-supernode`` for client ``partition = (i, n)``, or the Paillier key holder (``key_holder``:
     its private key file; ``partition=None``): :mod:`fl.runners.flower.keyholder`.
@@ -121,6 +123,8 @@ def supernode_command(
     ``policy``: this node's policy file (:class:`NodePolicy`; the safe defaults without one).
     ``auth_key``: this node's private key for SuperNode authentication (``privagg flower register``).
     ``data``/``site``: this node's own CSV and site name (:mod:`fl.runners.flower.site`).
+    ``identity_key``/``identity_roster``: this node's private identity key and the consortium's roster, for
+    authenticated SecAgg (:mod:`fl.runners.flower.identity`; both or neither).
     Without TLS, a SuperLink or Runtime API address outside loopback is refused unless
     ``allow_insecure_remote``.
     """
@@ -129,6 +133,7 @@ def supernode_command(
         node_config += f' {POLICY_FILE_KEY}="{policy}"'
     if data is not None:
         node_config += f' data-path="{data}" site-name="{site or data.stem}"'
+    node_config += node_config_entries(identity_key, identity_roster)
     head = [sys.executable, "-m", "fl.runners.flower", "supernode", str(max(0.0, fleet_poll))]
     cmd = [*head, "--superlink", superlink, "--host", host, "--port", str(port), "--node-config", node_config]
     if auth_key is not None:
@@ -214,13 +219,16 @@ class LocalCluster:
     Each process is started in its own session (process group); :meth:`stop` signals exactly those
     groups, by the PIDs it started (SIGTERM, then SIGKILL after ``grace`` seconds), so Flower's helper
     processes (SuperExec, ServerApp, ClientApps) go with them. Use it as a context manager so the
-    processes are stopped also when the body fails.
+    processes are stopped also when the body fails. ``authenticated``: each node gets its own identity
+    key and the roster (``workdir/identity``), pinned in the nodes' policy; :meth:`submit` ships the
+    roster's public keys with an authenticated job (:mod:`fl.runners.flower.identity`).
     """
 
     def __init__(self, workdir: Path, n: int, *, tls: bool = True, host: str = "127.0.0.1",
                  port: int | None = None, node_ports: Sequence[int] | None = None, task_poll: float = 0.1,
                  fleet_poll: float = 0.0, policy: NodePolicy | None = None, supernode_auth: bool = False,
-                 sites: Sequence[tuple[str, Path]] | None = None, key_holder: Path | None = None) -> None:
+                 sites: Sequence[tuple[str, Path]] | None = None, key_holder: Path | None = None,
+                 authenticated: bool = False) -> None:
         if supernode_auth and not tls:
             raise ValueError("SuperNode authentication needs TLS (Flower refuses it on an insecure SuperLink)")
         self.workdir = workdir
@@ -242,6 +250,8 @@ class LocalCluster:
         self.superlink: Any = None
         self.nodes: dict[int, Any] = {}
         self.logs = workdir / "logs"
+        self.authenticated = authenticated  # identity keys per node and a roster pinned in the nodes' policy
+        self.roster: Any = None
 
     @property
     def address(self) -> str:
@@ -261,6 +271,8 @@ class LocalCluster:
         if self.tls:
             self.certs = make_certificates(self.workdir / "certs", hosts=(self.host, "localhost"))
         write_connection(self.home, self.address, ca=self.certs.ca if self.certs else None)
+        if self.authenticated:
+            self._provision_identities()
         self.superlink = self._spawn("superlink", superlink_command(host=self.host, port=self.port, certs=self.certs,
                                                                     supernode_auth=self.supernode_auth))
         wait_port(self.host, self.port, timeout, self.superlink, self.logs / "superlink.log")
@@ -271,6 +283,13 @@ class LocalCluster:
         for i in self.nodes:
             wait_port(self.host, self.node_ports[i], timeout, self.nodes[i], self.logs / f"supernode{i}.log")
         return self
+
+    def _provision_identities(self) -> None:
+        """One identity key per node, the roster, and its SHA-256 pinned in the nodes' policy."""
+        import dataclasses
+
+        _, _, self.roster = provision_local(self.workdir / "identity", self.n)
+        self.policy = dataclasses.replace(self.policy or NodePolicy(), roster_sha256=self.roster.fingerprint())
 
     def start_node(self, i: int, *, register: bool = True) -> Any:
         """Start SuperNode ``i`` (partition i of n; ``i = n`` with ``key_holder``: the key holder); with
@@ -286,13 +305,22 @@ class LocalCluster:
             if register:
                 register_node(self.env, public, name=f"node{i}")
         holder = self.key_holder if i == self.n and self.key_holder is not None else None
+        ident_key, ident_roster = self._identity_files(i) if holder is None else (None, None)
         cmd = supernode_command(superlink=self.address, partition=None if holder else (i, max(self.n, i + 1)),
                                 state_key=key, key_holder=holder,
                                 port=self.node_ports[i], host=self.host, certs=self.certs, fleet_poll=self.fleet_poll,
                                 policy=policy, auth_key=auth_key, site=self.sites[i][0] if self.sites and not holder
-                                else None, data=self.sites[i][1] if self.sites and not holder else None)
+                                else None, data=self.sites[i][1] if self.sites and not holder else None,
+                                identity_key=ident_key, identity_roster=ident_roster)
         self.nodes[i] = self._spawn(f"supernode{i}", cmd)
         return self.nodes[i]
+
+    def _identity_files(self, i: int) -> tuple[Path | None, Path | None]:
+        """Node ``i``'s identity key and the roster (``None, None`` without authenticated mode)."""
+        if self.roster is None:
+            return None, None
+        ident = self.workdir / "identity"
+        return ident / f"node{i}.identity.key", ident / "roster.json"
 
     def kill_node(self, i: int) -> None:
         """Kill SuperNode ``i`` and its helpers at once (SIGKILL to its process group): a crash."""
@@ -309,7 +337,13 @@ class LocalCluster:
         return wait_result(Path(job.out), timeout=timeout, processes=[self.superlink])
 
     def submit(self, job: FlowerJob) -> Path:
-        """``flwr run`` the job (returns at once); the ServerApp writes into ``job.out``."""
+        """``flwr run`` the job (returns at once); the ServerApp writes into ``job.out``.
+
+        An authenticated job without a roster gets this cluster's (public keys only)."""
+        if self.roster is not None and job_authenticated(job) and job.roster is None:
+            import dataclasses
+
+            job = dataclasses.replace(job, roster=self.roster.to_dict())
         out = Path(job.out)
         for name in ("result.json", "error.json", "progress.jsonl"):
             (out / name).unlink(missing_ok=True)

@@ -23,6 +23,7 @@ from numpy.typing import NDArray
 
 from fl.errors import BudgetExhaustedError
 from fl.runners.flower import keyholder
+from fl.runners.flower.identity import server_sum
 from fl.runners.flower.job import (
     HELLO,
     RECORD,
@@ -261,12 +262,12 @@ def _one_round(tr: GridTransport, job: FlowerJob, fed: Any, r: int) -> dict[str,
     if fed is not None:
         planned = fed.sample(r)
         fed.server.check_budget(r, planned)
-        ssum, spec, session = fed.plan.pipeline.sum, fed.bound.sum_spec, fed.session(r)
+        ssum, spec, session = server_sum(fed.plan.pipeline.sum, job), fed.bound.sum_spec, fed.session(r)
         start = {"params": np.ascontiguousarray(fed.params, dtype=np.float64).tobytes()}
     else:
         planned = tuple(range(job.clients))
         ssum, spec = sum_protocol(job)
-        session, start = os.urandom(16), {}
+        ssum, session, start = server_sum(ssum, job), os.urandom(16), {}
     record: dict[str, Any] = {"round": r, "planned": len(planned)}
     try:
         if not planned:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +80,6 @@ def store(context: Context, machine: Any, *, session: bytes, round: int, step: i
 
     if not isinstance(machine, SecAggClient):
         raise ProtocolError(f"the Flower runner keeps state only for SecAgg/SecAgg+ clients, not {type(machine)}")
-    if getattr(machine, "_auth", False):
-        raise ProtocolError("authenticated SecAgg does not run over Flower yet (its identity keys are per process)")
     phase = str(machine.state)
     blob = seal(state_key(context), machine.snapshot(),
                 aad=_aad(context, session=session, round=round, step=step, phase=phase))
@@ -90,8 +88,13 @@ def store(context: Context, machine: Any, *, session: bytes, round: int, step: i
     )
 
 
-def load(context: Context, *, session: bytes, round: int, step: int) -> Any:
-    """The machine stored for exactly this session, round and step; ``ProtocolError`` for anything else."""
+def load(context: Context, *, session: bytes, round: int, step: int,
+         identity: tuple[bytes, Mapping[int, bytes]] | None = None) -> Any:
+    """The machine stored for exactly this session, round and step; ``ProtocolError`` for anything else.
+
+    ``identity``: ``(own private key, everyone's public keys)`` for an authenticated round, from the
+    node's own files (the snapshot never holds them: :mod:`fl.runners.flower.identity`); else ``None``.
+    """
     from secagg._hazmat.seal import unseal
     from secagg.masking.client import SecAggClient
 
@@ -111,7 +114,9 @@ def load(context: Context, *, session: bytes, round: int, step: int) -> Any:
     try:
         raw = unseal(state_key(context), blob, aad=_aad(context, session=session, round=round, step=step,
                                                          phase=phase))
-        return SecAggClient.restore(raw, session=session, round=round, state=phase)
+        key, pubs = identity if identity is not None else (None, None)
+        return SecAggClient.restore(raw, session=session, round=round, state=phase, identity_key=key,
+                                    identities=pubs)
     except KeyMismatchError as exc:
         raise ProtocolError("the stored protocol state does not authenticate under this node's key and binding") \
             from exc
@@ -126,15 +131,16 @@ def clear(context: Context) -> None:
 
 
 
-def advance(context: Context, incoming: Iterable[Any], *, session: bytes, round: int, step: int,
-         final: bool) -> list[Any]:
+def advance(context: Context, incoming: Iterable[Any], *, session: bytes, round: int, step: int, final: bool,
+            identity: tuple[bytes, Mapping[int, bytes]] | None = None) -> list[Any]:
     """One later protocol phase on the stored machine: load step ``step - 1``, feed ``incoming``, store it
-    again as ``step`` (or forget the round's secrets after the ``final`` phase); the machine's replies."""
+    again as ``step`` (or forget the round's secrets after the ``final`` phase); the machine's replies.
+    ``identity``: the node's own identity key and the roster's public keys (authenticated mode)."""
     from secagg.errors import ProtocolError
 
     if step < 1:
         raise ProtocolError(f"protocol steps are numbered from 1, got {step}")
-    machine = load(context, session=session, round=round, step=step - 1)
+    machine = load(context, session=session, round=round, step=step - 1, identity=identity)
     out: list[Any] = []
     for m in incoming:
         out += machine.receive(m)
