@@ -301,8 +301,6 @@ def _train_job(args: argparse.Namespace, config: Any, common: dict[str, Any]) ->
     A resumed job keeps the checkpointed job's id (the nodes' record of released rounds is per job id)
     and its ONE statistics release: nothing is summed (or charged) again.
     """
-    import secrets
-
     from fl.runners.flower import FlowerJob
     from fl.training.server import CHECKPOINT, saved_statistics
 
@@ -315,7 +313,7 @@ def _train_job(args: argparse.Namespace, config: Any, common: dict[str, Any]) ->
         job_id = _checkpointed_job_id(ckpt)
         return FlowerJob(task="train", config=config.as_dict(), stats=stats.to_json() if stats else None,
                          checkpoint=str(ckpt), resume=True, job_id=job_id, **common)
-    job_id = secrets.token_hex(8)
+    job_id = os.urandom(8).hex()  # names the job to the nodes; not a secret
     ckpt = args.checkpoint_dir.resolve() if args.checkpoint_dir is not None else None
     if ckpt is not None:
         ckpt.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ the round, never the run. The ``sum`` task's public test vectors live here too (
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -93,7 +92,9 @@ class FlowerJob:
         core = {k: v for k, v in asdict(self).items()
                 if k not in ("out", "checkpoint", "resume", "join_timeout", "start_timeout", "phase_timeout",
                              "poll_interval")}
-        return "sha256:" + hashlib.sha256(json.dumps(core, sort_keys=True, default=str).encode()).hexdigest()
+        from secagg._hazmat.pki import sha256_hex
+
+        return "sha256:" + sha256_hex(json.dumps(core, sort_keys=True, default=str).encode())
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
