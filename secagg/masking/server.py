@@ -121,7 +121,6 @@ class SecAggServer:
         self._sigs: dict[int, bytes] = {}
         self._requests: dict[int, UnmaskRequest] = {}
         self._responses: dict[int, UnmaskResponse] = {}
-        self._decoded: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._u1: tuple[int, ...] = ()
         self._u2: tuple[int, ...] = ()
         self._survivors: tuple[int, ...] = ()
@@ -278,16 +277,13 @@ class SecAggServer:
             raise ProtocolError(f"client {msg.sender} answered for other clients than the server asked about")
         if len(msg.b_shares) != len(req.alive) or len(msg.s_shares) != len(req.dropped):
             raise ProtocolError(f"client {msg.sender} sent the wrong number of shares")
-        try:  # decoded once, here; the unmask step uses the values
-            decoded = (
-                tuple(shamir.decode_share(s) for s in msg.b_shares),
-                tuple(shamir.decode_share(s) for s in msg.s_shares),
-            )
+        try:  # every share checked here (66 bytes, a field element); the unmask step reads the bytes
+            for share in itertools.chain(msg.b_shares, msg.s_shares):
+                shamir.decode_share(share)
         except ValueError as exc:
             raise ProtocolError(f"client {msg.sender} sent a malformed share: {exc}") from exc
         self._check_signed(msg)
         self._responses[msg.sender] = msg
-        self._decoded[msg.sender] = decoded
 
     # ------------------------------------------------------------------ phase transitions
     def _require(self, phase: str, live: set[int], whose: Iterable[int]) -> None:
@@ -404,44 +400,35 @@ class SecAggServer:
 
     def _share_table(self, kind: int, wanted: set[int]) -> _ShareTable:
         """Every share of one kind (0: b, 1: s_sk) that came back for the ``wanted`` owners, as a table."""
-        owners: list[int] = []
-        ys: list[int] = []
+        owners: list[tuple[int, ...]] = []
+        blobs: list[tuple[bytes, ...]] = []
         senders: list[int] = []
         lens: list[int] = []
         for r, resp in self._responses.items():
             own = resp.dropped if kind else resp.alive
             if own:
-                owners.extend(own)
-                ys.extend(self._decoded[r][kind])
+                owners.append(own)
+                blobs.append(resp.s_shares if kind else resp.b_shares)
                 senders.append(r)
                 lens.append(len(own))
-        o = np.asarray(owners, dtype=np.int64)
+        chain = itertools.chain.from_iterable
+        o = np.fromiter(chain(owners), dtype=np.int64, count=sum(lens))
+        raw = np.frombuffer(b"".join(chain(blobs)), dtype=np.uint8).reshape(len(o), shamir.SHARE_BYTES)
         holders = np.repeat(np.asarray(senders, dtype=np.int64), lens)
         xs = self._graph.holder_points(holders, o)  # r's evaluation point in each owner's group
         if self._graph.complete:  # points are holder id + 1: columns in cohort order
             cols, width = np.searchsorted(np.asarray(self._graph.cohort, dtype=np.int64), holders), self._graph.n
         else:  # points are offsets 1..k+1 in the owner's group
             cols, width = xs - 1, self._graph.k + 1
-        return _ShareTable.build(o, xs, holders, cols, width, ys, sorted(wanted))
+        return _ShareTable.build(o, xs, holders, cols, width, raw, sorted(wanted))
 
     def _reconstruct(self, table: _ShareTable) -> dict[int, bytes | None]:
-        """Every owner's secret from its t shares at the lowest points, one batched call per point set.
+        """Every owner's secret from its t shares at the lowest points, in one batched call.
 
         ``None`` marks a secret whose shares are inconsistent (the caller's check names the liars).
         """
-        t, owners = self._t, table.owners
-        sel = table.lowest(t)  # (owners, t) indices into the table's shares
-        ys = list(map(table.ys.__getitem__, sel.ravel().tolist()))
-        sets, which = np.unique(table.x[sel], axis=0, return_inverse=True)
-        order = np.argsort(which.ravel(), kind="stable")
-        cuts = np.searchsorted(which.ravel()[order], np.arange(len(sets) + 1)).tolist()
-        order_l = order.tolist()
-        out: dict[int, bytes | None] = {}
-        for j, xs in enumerate(sets.tolist()):  # one batched call per point set
-            rows = order_l[cuts[j] : cuts[j + 1]]
-            got = shamir.combine_many(tuple(xs), [ys[i * t : (i + 1) * t] for i in rows])
-            out.update(zip([owners[i] for i in rows], got, strict=True))
-        return out
+        sel = table.lowest(self._t)  # (owners, t) indices into the table's shares
+        return dict(zip(table.owners, shamir.combine_table(table.x[sel], table.raw[sel]), strict=True))
 
     @property
     def bad_shares(self) -> Mapping[int, frozenset[int]]:
@@ -572,7 +559,7 @@ def _reconstruct(
 class _ShareTable:
     """The shares of one kind that came back, indexed by (owner, column in point order).
 
-    ``at[i, c]`` is the index (into ``x``, ``sender``, ``ys``) of the share of ``owners[i]`` at the c-th
+    ``at[i, c]`` is the index (into ``x``, ``sender``, ``raw``) of the share of ``owners[i]`` at the c-th
     possible point, or -1: built and searched with vectorised numpy, not a Python append per share, so
     the unmask step's cost stays with the masks.
     """
@@ -581,12 +568,12 @@ class _ShareTable:
     at: NDArray[np.int32]
     x: NDArray[np.int64]
     sender: NDArray[np.int64]
-    ys: list[int]
+    raw: NDArray[np.uint8]  # (shares, SHARE_BYTES): each share's value as sent (checked in receive)
 
     @classmethod
     def build(
         cls, owner: NDArray[np.int64], x: NDArray[np.int64], sender: NDArray[np.int64], col: NDArray[np.int64],
-        width: int, ys: list[int], owners: list[int],
+        width: int, raw: NDArray[np.uint8], owners: list[int],
     ) -> _ShareTable:
         """``owners``: the owners wanted (sorted); shares of others are left out."""
         want = np.asarray(owners, dtype=np.int64)
@@ -595,7 +582,7 @@ class _ShareTable:
         keep[keep] = want[row[keep]] == owner[keep]
         at = np.full((len(want), width), -1, dtype=np.int32)
         at[row[keep], col[keep]] = np.flatnonzero(keep)
-        return cls(owners, at, x, sender, ys)
+        return cls(owners, at, x, sender, raw)
 
     def least(self) -> int:
         """The fewest shares any wanted owner has (0 if one has none)."""
@@ -613,7 +600,7 @@ class _ShareTable:
 
     def shares(self, owner: int) -> list[tuple[int, int]]:
         """All shares of ``owner`` as (point, value), lowest point first."""
-        return [(int(self.x[i]), self.ys[i]) for i in self._row(owner)]
+        return [(int(self.x[i]), int.from_bytes(self.raw[i].tobytes(), "big")) for i in self._row(owner)]
 
     def senders(self, owner: int) -> dict[int, int]:
         """Evaluation point -> the client that sent that share (to name a liar)."""
