@@ -59,6 +59,8 @@ __all__ = ["SecAggServer"]
 
 log = logging.getLogger(__name__)
 
+_Indices = Callable[[NDArray[np.int64]], NDArray[np.int64]]
+
 MAX_RECOVERY_TRIES = 512
 """Share subsets tried when a reconstruction fails its check (bounds the work a liar can cause)."""
 
@@ -412,15 +414,15 @@ class SecAggServer:
                 senders.append(r)
                 lens.append(len(own))
         chain = itertools.chain.from_iterable
-        o = np.fromiter(chain(owners), dtype=np.int64, count=sum(lens))
-        raw = np.frombuffer(b"".join(chain(blobs)), dtype=np.uint8).reshape(len(o), shamir.SHARE_BYTES)
-        holders = np.repeat(np.asarray(senders, dtype=np.int64), lens)
-        xs = self._graph.holder_points(holders, o)  # r's evaluation point in each owner's group
-        if self._graph.complete:  # points are holder id + 1: columns in cohort order
-            cols, width = np.searchsorted(np.asarray(self._graph.cohort, dtype=np.int64), holders), self._graph.n
-        else:  # points are offsets 1..k+1 in the owner's group
-            cols, width = xs - 1, self._graph.k + 1
-        return _ShareTable.build(o, xs, holders, cols, width, raw, sorted(wanted))
+        gr = self._graph
+        o = gr.indices(np.fromiter(chain(owners), dtype=np.int64, count=sum(lens)))  # cohort indices from here
+        raw = np.frombuffer(b"".join(map(b"".join, blobs)), dtype=np.uint8).reshape(len(o), shamir.SHARE_BYTES)
+        holders = np.repeat(gr.indices(np.asarray(senders, dtype=np.int64)), lens)
+        xs = gr.points_at(holders, o)  # r's evaluation point in each owner's group
+        # complete graph: points are holder id + 1, columns in cohort order; else offsets 1..k+1
+        cols, width = (holders, gr.n) if gr.complete else (xs - 1, gr.k + 1)
+        ids = np.asarray(gr.cohort, dtype=np.int64)
+        return _ShareTable.build(o, xs, ids[holders], cols, width, raw, sorted(wanted), gr.indices)
 
     def _reconstruct(self, table: _ShareTable) -> dict[int, bytes | None]:
         """Every owner's secret from its t shares at the lowest points, in one batched call.
@@ -573,14 +575,16 @@ class _ShareTable:
     @classmethod
     def build(
         cls, owner: NDArray[np.int64], x: NDArray[np.int64], sender: NDArray[np.int64], col: NDArray[np.int64],
-        width: int, raw: NDArray[np.uint8], owners: list[int],
+        width: int, raw: NDArray[np.uint8], owners: list[int], indices: _Indices,
     ) -> _ShareTable:
-        """``owners``: the owners wanted (sorted); shares of others are left out."""
-        want = np.asarray(owners, dtype=np.int64)
-        row = np.searchsorted(want, owner)
-        keep = row < len(want)
-        keep[keep] = want[row[keep]] == owner[keep]
-        at = np.full((len(want), width), -1, dtype=np.int32)
+        """``owner``: each share's owner as a cohort index (``indices`` maps ids to them); ``owners``: the
+        owner ids wanted (sorted); shares of others are left out."""
+        wanted = indices(np.asarray(owners, dtype=np.int64))
+        rows = np.full(int(max(owner.max(initial=-1), wanted.max(initial=-1))) + 1, -1, dtype=np.int64)
+        rows[wanted] = np.arange(len(owners))
+        row = rows[owner]
+        keep = row >= 0
+        at = np.full((len(owners), width), -1, dtype=np.int32)
         at[row[keep], col[keep]] = np.flatnonzero(keep)
         return cls(owners, at, x, sender, raw)
 

@@ -28,15 +28,17 @@ BITS = 26
 
 
 def _round(
-    n: int, d: int, drop: Sequence[int], *, k: int | None = 6, session: bytes = b"unmask", seed: int = 0
+    n: int, d: int, drop: Sequence[int], *, k: int | None = 6, session: bytes = b"unmask", seed: int = 0,
+    ids: Sequence[int] | None = None,
 ) -> tuple[SecAggServer, dict[int, np.ndarray]]:
     """Run one round up to the server's unmask ``end_phase`` (all unmask responses received)."""
     spec = GraphSpec(complete=k is None, neighbours=k)
     rng = np.random.default_rng(seed)
-    values = {c: rng.integers(0, 1 << 16, size=d, dtype=np.uint64) for c in range(n)}
+    cohort = list(range(n)) if ids is None else list(ids)
+    values = {c: rng.integers(0, 1 << 16, size=d, dtype=np.uint64) for c in cohort}
     kw: dict[str, Any] = dict(session=session, round=0, modulus=1 << BITS, size=d, threshold=0.5, graph=spec)
-    clients = {c: SecAggClient(c, values[c], min_cohort=n, **kw) for c in range(n)}
-    srv = SecAggServer(list(range(n)), **kw)
+    clients = {c: SecAggClient(c, values[c], min_cohort=n, **kw) for c in cohort}
+    srv = SecAggServer(cohort, **kw)
     inbox: list[Message] = [m for c in clients.values() for m in c.start()]
     while True:
         for m in inbox:
@@ -62,6 +64,17 @@ def test_unmask_with_dropouts_sums_exactly(k: int | None) -> None:
     srv.end_phase()
     assert srv.done and set(srv.included) == set(range(n)) - {1, 2, 9, 17}
     assert srv.result is not None and np.array_equal(srv.result, _expected(srv, values, d))
+
+
+@pytest.mark.parametrize("k", [6, None])
+def test_unmask_with_sparse_client_ids_sums_exactly(k: int | None) -> None:
+    """Client ids far apart (e.g. Flower node ids): the share table maps them by binary search."""
+    ids = [10**15 + 7919 * c for c in range(20)]
+    drop = [ids[2], ids[11]]
+    srv, values = _round(20, 30, drop=drop, k=k, ids=ids)
+    srv.end_phase()
+    assert srv.done and set(srv.included) == set(ids) - set(drop)
+    assert srv.result is not None and np.array_equal(srv.result, _expected(srv, values, 30))
 
 
 def test_unmask_parses_no_key_and_agrees_once_per_dropped_pair(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -133,10 +146,13 @@ def test_agree_many_and_pair_contexts_give_the_same_bytes_as_one_at_a_time() -> 
         kex.agree_many(me, [], label=b"", contexts=[])
 
 
+@pytest.mark.parametrize("scale", [1, 10**12])  # compact ids (lookup table) and sparse ones (binary search)
 @pytest.mark.parametrize("k", [4, None])
-def test_holder_points_equal_share_x(k: int | None) -> None:
+def test_holder_points_equal_share_x(k: int | None, scale: int) -> None:
     spec = GraphSpec(complete=k is None, neighbours=k)
-    gr = spec.build([2, 5, 9, 10, 14, 30, 31, 40], threshold=0.5, session=b"pts", round=1)
+    ids = [scale * c for c in (2, 5, 9, 10, 14, 30, 31, 40)]
+    gr = spec.build(ids, threshold=0.5, session=b"pts", round=1)
+    assert gr.indices(np.array(ids[::-1], dtype=np.int64)).tolist() == list(range(len(ids)))[::-1]
     pairs = [(v, u) for u in gr.cohort for v in sorted(gr.group(u))]
     holders = np.array([v for v, _ in pairs], dtype=np.int64)
     owners = np.array([u for _, u in pairs], dtype=np.int64)
