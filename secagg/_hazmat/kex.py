@@ -16,6 +16,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption,
 
 __all__ = [
     "KEY_BYTES",
+    "PrivateKey",
     "PublicKey",
     "agree",
     "agree_many",
@@ -24,6 +25,7 @@ __all__ = [
     "parse_public",
     "private_bytes",
     "private_from_bytes",
+    "private_matching",
     "public_bytes",
     "public_from_private_bytes",
 ]
@@ -34,6 +36,8 @@ KEY_BYTES = 32
 RandomBytes = Callable[[int], bytes]
 PublicKey = X25519PublicKey
 """A parsed peer public key (:func:`parse_public`)."""
+PrivateKey = X25519PrivateKey
+"""A parsed private key (:func:`private_from_bytes`, :func:`private_matching`)."""
 
 
 def generate_private(random_bytes: RandomBytes) -> X25519PrivateKey:
@@ -53,6 +57,18 @@ def private_from_bytes(data: bytes) -> X25519PrivateKey:
 
 def public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def private_matching(data: bytes | None, public: bytes) -> X25519PrivateKey | None:
+    """The private key of raw bytes ``data`` if it belongs to ``public``, else None (parsed once: a server
+    checks a reconstructed key and then agrees with it)."""
+    if data is None or len(data) != KEY_BYTES:
+        return None
+    try:
+        key = X25519PrivateKey.from_private_bytes(data)
+    except ValueError:
+        return None
+    return key if key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) == public else None
 
 
 def public_from_private_bytes(data: bytes) -> bytes:

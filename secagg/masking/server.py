@@ -13,6 +13,7 @@ uint32/uint64 vector operations (natural wrap-around) and reduced mod 2^k.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import logging
 import os
@@ -35,6 +36,7 @@ from secagg.masking._common import (
     SURVIVORS_SIG_LABEL,
     advertise_payload,
     commit_context,
+    commit_contexts,
     message_label,
     message_payload,
     pair_contexts,
@@ -60,6 +62,7 @@ __all__ = ["SecAggServer"]
 log = logging.getLogger(__name__)
 
 _Indices = Callable[[NDArray[np.int64]], NDArray[np.int64]]
+_BatchCheck = Callable[[Sequence[int], Sequence[bytes | None]], list[bool]]
 
 MAX_RECOVERY_TRIES = 512
 """Share subsets tried when a reconstruction fails its check (bounds the work a liar can cause)."""
@@ -482,10 +485,12 @@ class SecAggServer:
             raise AbortError(_state.UNMASK, needed=self._t, answered=worst)
         total = self._acc  # the accumulator is not needed afterwards: unmask in place
         exp = prg.MaskExpander(self._size, self._dtype)
-        for b in self._secrets(b_tab, "self-mask seed", self._opens_commitment).values():
+        for b in self._secrets(b_tab, "self-mask seed", self._commitments_open, self._opens_commitment).values():
             exp.add(total, b, -1)
-        for w, s_sk in self._secrets(s_tab, "mask key", self._opens_mask_key).items():
-            for seed, sign_ in self._pair_seeds(w, s_sk, u3):
+        keys: dict[int, kex.PrivateKey] = {}  # parsed once, when checked against the advertised key
+        check_keys = functools.partial(self._keys_open, keys)
+        for w, s_sk in self._secrets(s_tab, "mask key", check_keys, self._opens_mask_key).items():
+            for seed, sign_ in self._pair_seeds(w, keys.get(w) or kex.private_from_bytes(s_sk), u3):
                 exp.add(total, seed, sign_)
         result = total.astype(np.uint64)
         if self._bits < 64:
@@ -495,26 +500,48 @@ class SecAggServer:
         self._i = len(self._phases) - 1
 
     def _secrets(
-        self, table: _ShareTable, what: str, check: Callable[[int], Callable[[bytes], bool]]
+        self, table: _ShareTable, what: str, batch: _BatchCheck, check: Callable[[int], Callable[[bytes], bool]]
     ) -> dict[int, bytes]:
-        """Each owner's secret, checked (commitment / public key); the slow path names liars or aborts."""
+        """Each owner's secret, checked (``batch``: commitment / public key of every owner at once); the slow
+        path (``check``: one owner's test) names liars or aborts."""
         fast = self._reconstruct(table) if table.owners else {}
+        got = [fast[u] for u in table.owners]
         out: dict[int, bytes] = {}
-        for u in table.owners:
-            secret, opens = fast[u], check(u)
-            if secret is None or not opens(secret):  # fast path failed its check: find t good shares
-                secret = self._recover(u, what, table.shares(u), opens, table.senders(u))
+        for u, secret, good in zip(table.owners, got, batch(table.owners, got), strict=True):
+            if secret is None or not good:  # fast path failed its check: find t good shares
+                secret = self._recover(u, what, table.shares(u), check(u), table.senders(u))
             out[u] = secret
         return out
 
-    def _pair_seeds(self, w: int, s_sk: bytes, survivors: set[int]) -> list[tuple[bytes, int]]:
+    def _commitments_open(self, owners: Sequence[int], secrets: Sequence[bytes | None]) -> list[bool]:
+        """Whether each reconstructed b opens its owner's advertised commitment (one batched call)."""
+        return commit.matches_many(
+            secrets,
+            [self._adverts[u].b_commit for u in owners],
+            label=B_COMMIT_LABEL,
+            contexts=commit_contexts(self._session, self._round, owners),
+        )
+
+    def _keys_open(
+        self, keys: dict[int, kex.PrivateKey], owners: Sequence[int], secrets: Sequence[bytes | None]
+    ) -> list[bool]:
+        """Whether each reconstructed s_sk belongs to its owner's advertised s_pk; the parsed keys go to ``keys``."""
+        out = []
+        for w, secret in zip(owners, secrets, strict=True):
+            key = kex.private_matching(secret, self._adverts[w].s_pk)
+            if key is not None:
+                keys[w] = key
+            out.append(key is not None)
+        return out
+
+    def _pair_seeds(self, w: int, s_sk: kex.PrivateKey, survivors: set[int]) -> list[tuple[bytes, int]]:
         """(seed, sign) removing each mask the dropped ``w`` shared with a surviving neighbour.
 
         A survivor v added +PRG(s_{v,w}) if v < w, -PRG otherwise: the server applies the opposite.
         """
         peers = sorted(self._graph.neighbours(w) & survivors)
         seeds = kex.agree_many(
-            kex.private_from_bytes(s_sk),
+            s_sk,
             [self._s_pub[v] for v in peers],
             label=PAIR_MASK_LABEL,
             contexts=pair_contexts(self._session, self._round, w, peers),

@@ -231,3 +231,50 @@ def test_combine_table_refuses_bad_shapes_and_unsorted_points() -> None:
         shamir.combine_table(points[:, ::-1].copy(), shares)
     with pytest.raises(ValueError, match="shape"):
         shamir.combine_table(points, shares[:, :2])
+
+
+def test_matches_many_and_commit_contexts_equal_one_at_a_time() -> None:
+    from secagg._hazmat import commit
+
+    owners = [0, 5, 9, 2**40]
+    ctxs = _common.commit_contexts(b"sess", 3, owners)
+    assert ctxs == [_common.commit_context(b"sess", 3, u) for u in owners]
+    secrets: list[bytes | None] = [os.urandom(32) for _ in owners]
+    coms = [commit.commit(s, label=b"L", context=c) for s, c in zip(secrets, ctxs, strict=True) if s]
+    coms[1] = bytes(32)  # a wrong commitment
+    secrets[2] = None  # no secret (inconsistent shares)
+    coms[3] = coms[3][:31]  # malformed
+    want = [
+        s is not None and commit.matches(s, m, label=b"L", context=c)
+        for s, m, c in zip(secrets, coms, ctxs, strict=True)
+    ]
+    assert commit.matches_many(secrets, coms, label=b"L", contexts=ctxs) == want == [True, False, False, False]
+    with pytest.raises(ValueError, match="contexts"):
+        commit.matches_many(secrets, coms, label=b"L", contexts=ctxs[:1])
+
+
+def test_private_matching() -> None:
+    raw = os.urandom(32)
+    public = kex.public_from_private_bytes(raw)
+    key = kex.private_matching(raw, public)
+    assert key is not None and kex.private_bytes(key) == raw
+    assert kex.private_matching(os.urandom(32), public) is None
+    assert kex.private_matching(None, public) is None and kex.private_matching(raw[:31], public) is None
+
+
+def test_unmask_parses_each_dropped_mask_key_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reconstructed s_sk is parsed once, when checked against the advertised key, and that parsed key
+    does the agreements. Fails on the old server, which parsed it twice (check, then agree)."""
+    n, d, drop = 30, 40, [3, 4, 20]
+    srv, values = _round(n, d, drop=drop, k=8)
+    parsed = [0]
+    parse = kex.X25519PrivateKey.from_private_bytes
+
+    def count(data: bytes) -> Any:
+        parsed[0] += 1
+        return parse(data)
+
+    monkeypatch.setattr(kex.X25519PrivateKey, "from_private_bytes", staticmethod(count))
+    srv.end_phase()
+    assert parsed[0] == len(drop)
+    assert srv.result is not None and np.array_equal(srv.result, _expected(srv, values, d))
