@@ -278,3 +278,13 @@ def test_unmask_parses_each_dropped_mask_key_once(monkeypatch: pytest.MonkeyPatc
     srv.end_phase()
     assert parsed[0] == len(drop)
     assert srv.result is not None and np.array_equal(srv.result, _expected(srv, values, d))
+
+
+@settings(max_examples=30, deadline=None)
+@given(label=st.binary(min_size=1, max_size=200), contexts=st.lists(st.binary(max_size=300), max_size=4))
+def test_agree_many_is_hkdf_for_any_label_and_context(label: bytes, contexts: list[bytes]) -> None:
+    """The two-HMAC form of agree_many is exactly HKDF-SHA256 (kex.derive) of the X25519 secret."""
+    me = kex.generate_private(os.urandom)
+    peers = [kex.generate_private(os.urandom).public_key() for _ in contexts]
+    want = [kex.derive(me.exchange(p), label=label, context=c) for p, c in zip(peers, contexts, strict=True)]
+    assert kex.agree_many(me, peers, label=label, contexts=contexts) == want
