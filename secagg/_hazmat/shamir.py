@@ -359,9 +359,23 @@ def combine_table(points: NDArray[np.int64], shares: NDArray[np.uint8]) -> list[
     got = _combine_limbs(coef[fast], np.ascontiguousarray(shares[fast]), [scales[j] for j in fast.tolist()])
     for j, secret in zip(fast.tolist(), got, strict=True):
         out[j] = secret
-    for j in np.flatnonzero(~ok).tolist():
-        ys = [int.from_bytes(shares[j, i].tobytes(), "big") for i in range(t)]
-        out[j] = combine_many(tuple(points[j].tolist()), [ys])[0]
+    slow = np.flatnonzero(~ok).tolist()
+    for j, secret in zip(slow, _combine_python(points[slow], shares[slow]), strict=True):
+        out[j] = secret
+    return out
+
+
+def _combine_python(points: NDArray[np.int64], shares: NDArray[np.uint8]) -> list[bytes | None]:
+    """:func:`combine_many` for each row, rows grouped by point set (coefficients found once per set)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j, row in enumerate(points.tolist()):
+        groups.setdefault(tuple(row), []).append(j)
+    out: list[bytes | None] = [None] * len(points)
+    for xs, rows in groups.items():
+        blobs = [shares[j].tobytes() for j in rows]
+        ys = [[int.from_bytes(b[i : i + SHARE_BYTES], "big") for i in range(0, len(b), SHARE_BYTES)] for b in blobs]
+        for j, secret in zip(rows, combine_many(xs, ys), strict=True):
+            out[j] = secret
     return out
 
 
