@@ -10,11 +10,11 @@ the signed payloads of authenticated mode.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from cryptography.hazmat.primitives import hashes
 
-__all__ = ["COMMIT_BYTES", "commit", "digest", "matches"]
+__all__ = ["COMMIT_BYTES", "commit", "digest", "matches", "matches_many"]
 
 COMMIT_BYTES = 32
 
@@ -43,3 +43,28 @@ def matches(secret: bytes, commitment: bytes, *, label: bytes, context: bytes) -
     if len(commitment) != COMMIT_BYTES or len(secret) < 16:
         return False
     return hmac.compare_digest(commit(secret, label=label, context=context), commitment)
+
+
+def matches_many(
+    secrets: Sequence[bytes | None], commitments: Sequence[bytes], *, label: bytes, contexts: Sequence[bytes]
+) -> list[bool]:
+    """:func:`matches` of each secret with its commitment and context (``None``: no secret, False).
+
+    The same hash input as :func:`commit` (``len(label) | label | len(ctx) | ctx | len(secret) | secret``),
+    written in one update per secret: a server checks one commitment per surviving client.
+    """
+    if not label:
+        raise ValueError("a digest needs a non-empty domain-separation label")
+    if not len(secrets) == len(commitments) == len(contexts):
+        raise ValueError(f"{len(secrets)} secrets, {len(commitments)} commitments, {len(contexts)} contexts")
+    head = len(label).to_bytes(2, "big") + label
+    sha = hashes.SHA256()
+    out = []
+    for secret, want, ctx in zip(secrets, commitments, contexts, strict=True):
+        if secret is None or len(want) != COMMIT_BYTES or len(secret) < 16:
+            out.append(False)
+            continue
+        h = hashes.Hash(sha)
+        h.update(head + len(ctx).to_bytes(8, "big") + ctx + len(secret).to_bytes(8, "big") + secret)
+        out.append(hmac.compare_digest(h.finalize(), want))
+    return out

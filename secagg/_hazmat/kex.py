@@ -9,13 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
 
 __all__ = [
     "KEY_BYTES",
+    "PrivateKey",
     "PublicKey",
     "agree",
     "agree_many",
@@ -24,6 +25,7 @@ __all__ = [
     "parse_public",
     "private_bytes",
     "private_from_bytes",
+    "private_matching",
     "public_bytes",
     "public_from_private_bytes",
 ]
@@ -34,6 +36,8 @@ KEY_BYTES = 32
 RandomBytes = Callable[[int], bytes]
 PublicKey = X25519PublicKey
 """A parsed peer public key (:func:`parse_public`)."""
+PrivateKey = X25519PrivateKey
+"""A parsed private key (:func:`private_from_bytes`, :func:`private_matching`)."""
 
 
 def generate_private(random_bytes: RandomBytes) -> X25519PrivateKey:
@@ -53,6 +57,18 @@ def private_from_bytes(data: bytes) -> X25519PrivateKey:
 
 def public_bytes(key: X25519PrivateKey) -> bytes:
     return key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+
+
+def private_matching(data: bytes | None, public: bytes) -> X25519PrivateKey | None:
+    """The private key of raw bytes ``data`` if it belongs to ``public``, else None (parsed once: a server
+    checks a reconstructed key and then agrees with it)."""
+    if data is None or len(data) != KEY_BYTES:
+        return None
+    try:
+        key = X25519PrivateKey.from_private_bytes(data)
+    except ValueError:
+        return None
+    return key if key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw) == public else None
 
 
 def public_from_private_bytes(data: bytes) -> bytes:
@@ -91,8 +107,10 @@ def agree_many(
 ) -> list[bytes]:
     """:func:`agree` of one private key with many parsed peer keys, each with its own context.
 
-    Same bytes as ``agree(private, peer, label=label, context=ctx)`` per pair; the label prefix is
-    built once. Raises ``ValueError`` for a low-order peer key.
+    Same bytes as ``agree(private, peer, label=label, context=ctx)`` per pair (RFC 5869 HKDF-SHA256 with
+    the default salt, written as its two HMACs: the salt's HMAC is keyed once and copied per pair, half
+    the cost of a fresh HKDF object); the label prefix is built once. Raises ``ValueError`` for a
+    low-order peer key.
     """
     if not label:
         raise ValueError("HKDF needs a non-empty domain-separation label")
@@ -100,7 +118,12 @@ def agree_many(
         raise ValueError(f"{len(peers)} peer keys but {len(contexts)} contexts")
     head = len(label).to_bytes(2, "big") + label
     sha = hashes.SHA256()
-    return [
-        HKDF(algorithm=sha, length=KEY_BYTES, salt=None, info=head + ctx).derive(private.exchange(peer))
-        for peer, ctx in zip(peers, contexts, strict=True)
-    ]
+    zero_salt = hmac.HMAC(b"\x00" * KEY_BYTES, sha)  # HKDF's default salt (HashLen zeros), keyed once
+    out = []
+    for peer, ctx in zip(peers, contexts, strict=True):
+        extract = zero_salt.copy()
+        extract.update(private.exchange(peer))
+        expand = hmac.HMAC(extract.finalize(), sha)  # PRK
+        expand.update(head + ctx + b"\x01")  # one output block: T(1) = HMAC(PRK, info | 0x01)
+        out.append(expand.finalize())
+    return out

@@ -18,12 +18,16 @@ import operator
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 
+import numpy as np
+from numpy.typing import NDArray
+
 __all__ = [
     "PRIME",
     "SHARE_BYTES",
     "combine",
     "combine_many",
     "combine_points",
+    "combine_table",
     "combine_with",
     "decode_share",
     "encode_share",
@@ -259,6 +263,140 @@ def combine_many(xs: tuple[int, ...], rows: Sequence[Sequence[int]]) -> list[byt
         if len(ys) != len(xs):
             raise ValueError(f"a row has {len(ys)} shares for {len(xs)} points")
         s = sum(map(operator.mul, nums, ys)) % PRIME * scale % PRIME
+        out.append(s.to_bytes(SECRET_BYTES, "big") if s < limit else None)
+    return out
+
+
+_LIMB_BITS = 16
+_LIMB_SUM = 1 << 46
+"""Rows whose coefficients have sum |a_i| below this take the limb path: each limb sum
+``sum_i a_i * limb_i`` is below 2^46 * 2^16 = 2^62, exact in int64 with room for the carries."""
+
+
+_TOP_MAX = 60
+"""Largest point of a row on the limb path: C(60, 30) < 2^57, so binomials are exact in int64."""
+
+
+@lru_cache(maxsize=8)
+def _binomials(top: int) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+    """C(l, i) for l, i <= ``top``, exact in int64, and their log2 (for the overflow bound)."""
+    exact = np.array([[math.comb(n, i) for i in range(top + 1)] for n in range(top + 1)], dtype=np.int64)
+    return exact, np.log2(np.maximum(exact, 1).astype(np.float64))
+
+
+def _gap_table(points: NDArray[np.int64]) -> tuple[NDArray[np.int64], NDArray[np.bool_]]:
+    """(gaps, valid): row j's integers in ``[1, max(points[j])]`` that are not points, left-aligned."""
+    m = len(points)
+    present = np.zeros((m, _TOP_MAX + 1), dtype=bool)
+    present[np.arange(m)[:, None], points] = True
+    missing = ~present & (np.arange(_TOP_MAX + 1) <= points[:, -1:])
+    missing[:, 0] = False
+    count = missing.sum(axis=1)
+    width = int(count.max()) if m else 0
+    r, c = np.nonzero(missing)
+    gaps = np.zeros((m, width), dtype=np.int64)
+    gaps[r, (np.cumsum(missing, axis=1) - 1)[r, c]] = c
+    return gaps, np.arange(width) < count[:, None]
+
+
+def _limb_coefficients(points: NDArray[np.int64]) -> tuple[NDArray[np.int64], list[int], NDArray[np.bool_]]:
+    """(a, scales, ok) with Lagrange coefficients ``l_ji = a_ji scale_j`` for every row ``ok`` for the limb path.
+
+    The gap formula of :func:`_gap_coefficients`, vectorised over rows (a server reconstructs one secret
+    per client, each at its own point set): ``a_ji = (-1)^(x-1) C(L, x) prod_gaps (g - x)``, exact in
+    int64 where the log2 bound says so, reduced by the row's gcd, ``scale = gcd / prod_gaps g``.
+    Rows with large points, many gaps or large coefficients are not ``ok`` (the caller interpolates them
+    with Python integers).
+    """
+    m, t = points.shape
+    top = points[:, -1]
+    ok = (points[:, 0] >= 1) & (top <= _TOP_MAX) & (top - t <= 2 * t)
+    pts = np.where(ok[:, None], points, np.arange(1, t + 1))  # placeholder rows keep the indexing in range
+    exact, log2 = _binomials(_TOP_MAX)
+    gaps, valid = _gap_table(pts)
+    diff = gaps[:, :, None] - pts[:, None, :]  # (m, gaps, t), never 0
+    bound = log2[pts[:, -1:], pts] + np.where(valid[:, :, None], np.log2(np.abs(diff)), 0.0).sum(axis=1)
+    ok &= bound.max(axis=1, initial=0.0) < 62
+    a = np.where(pts % 2 == 1, 1, -1) * exact[pts[:, -1:], pts]
+    for c in range(gaps.shape[1]):
+        a *= np.where(valid[:, c, None], diff[:, c, :], 1)
+    g = np.maximum(np.gcd.reduce(np.abs(a), axis=1), 1)
+    a //= g[:, None]
+    ok &= np.abs(a).sum(axis=1) < _LIMB_SUM
+    inverse: dict[tuple[int, int], int] = {}
+    scales = [1] * m
+    for j, (row, k, gj) in enumerate(zip(gaps.tolist(), valid.sum(axis=1).tolist(), g.tolist(), strict=True)):
+        if k or gj != 1:
+            key = (math.prod(row[:k]), gj)
+            if key not in inverse:
+                inverse[key] = gj * pow(key[0], -1, PRIME) % PRIME
+            scales[j] = inverse[key]
+    return a, scales, ok
+
+
+def combine_table(points: NDArray[np.int64], shares: NDArray[np.uint8]) -> list[bytes | None]:
+    """The 32-byte secrets of ``m`` share rows at once: row j holds the encoded shares ``shares[j]``
+    (``(m, t, SHARE_BYTES)`` bytes, as :func:`encode_share` writes them, values below p) at the sorted,
+    distinct points ``points[j]`` (``(m, t)``). Same results as :func:`combine_many` row by row.
+
+    A server reconstructs one secret per client, each from its own point set, so no coefficient set is
+    shared by many rows and the cost is the ``m t`` products ``a_i y_i``. Here the coefficients are found
+    for all rows at once (:func:`_limb_coefficients`) and the products are one int64 product over
+    16-bit limbs of the share values, then a carry pass; each row then costs one conversion and two
+    reductions in Python. Other rows take :func:`combine_many`. ``None`` marks a row whose shares do not
+    interpolate a 32-byte secret.
+    """
+    m, t = points.shape
+    if shares.shape != (m, t, SHARE_BYTES) or shares.dtype != np.uint8:
+        raise ValueError(f"shares must be uint8 of shape ({m}, {t}, {SHARE_BYTES}), got {shares.dtype} {shares.shape}")
+    if t > 1 and not bool(np.all(points[:, 1:] > points[:, :-1])):
+        raise ValueError("combine_table needs sorted, distinct points in every row")
+    out: list[bytes | None] = [None] * m
+    if not m:
+        return out
+    coef, scales, ok = _limb_coefficients(points)
+    fast = np.flatnonzero(ok)
+    got = _combine_limbs(coef[fast], np.ascontiguousarray(shares[fast]), [scales[j] for j in fast.tolist()])
+    for j, secret in zip(fast.tolist(), got, strict=True):
+        out[j] = secret
+    slow = np.flatnonzero(~ok).tolist()
+    for j, secret in zip(slow, _combine_python(points[slow], shares[slow]), strict=True):
+        out[j] = secret
+    return out
+
+
+def _combine_python(points: NDArray[np.int64], shares: NDArray[np.uint8]) -> list[bytes | None]:
+    """:func:`combine_many` for each row, rows grouped by point set (coefficients found once per set)."""
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for j, row in enumerate(points.tolist()):
+        groups.setdefault(tuple(row), []).append(j)
+    out: list[bytes | None] = [None] * len(points)
+    for xs, rows in groups.items():
+        blobs = [shares[j].tobytes() for j in rows]
+        ys = [[int.from_bytes(b[i : i + SHARE_BYTES], "big") for i in range(0, len(b), SHARE_BYTES)] for b in blobs]
+        for j, secret in zip(rows, combine_many(xs, ys), strict=True):
+            out[j] = secret
+    return out
+
+
+def _combine_limbs(coef: NDArray[np.int64], shares: NDArray[np.uint8], scales: list[int]) -> list[bytes | None]:
+    """``scale_j sum_i coef[j, i] y[j, i] mod p`` for every row, with int64 limb sums (see :func:`combine_table`)."""
+    if not len(scales):
+        return []
+    limbs = 8 * SHARE_BYTES // _LIMB_BITS
+    acc = np.einsum("mt,mtl->ml", coef, shares.view(">u2").astype(np.int64))  # (m, limbs), most significant first
+    low = (1 << _LIMB_BITS) - 1
+    for col in range(limbs - 1, 0, -1):  # carries up to the top limb, which keeps the sign
+        acc[:, col - 1] += acc[:, col] >> _LIMB_BITS
+        acc[:, col] &= low
+    top = acc[:, 0].tolist()
+    rest = acc[:, 1:].astype(">u2").tobytes()
+    width, shift, limit = 2 * (limbs - 1), _LIMB_BITS * (limbs - 1), 1 << (8 * SECRET_BYTES)
+    out: list[bytes | None] = []
+    for j, (hi, scale) in enumerate(zip(top, scales, strict=True)):
+        s = ((hi << shift) + int.from_bytes(rest[j * width : (j + 1) * width], "big")) % PRIME
+        if scale != 1:
+            s = s * scale % PRIME
         out.append(s.to_bytes(SECRET_BYTES, "big") if s < limit else None)
     return out
 

@@ -51,6 +51,12 @@ def commit_context(session: bytes, round: int, cid: int) -> bytes:
     return aead.associated_data(session, round, cid, -1)
 
 
+def commit_contexts(session: bytes, round: int, owners: Sequence[int]) -> list[bytes]:
+    """:func:`commit_context` of each owner (same bytes; the common prefix built once)."""
+    head, tail = aead.associated_data(session, round, 0, -1)[:-16], (-1).to_bytes(8, "big", signed=True)
+    return [head + u.to_bytes(8, "big", signed=True) + tail for u in owners]
+
+
 def _ids(ids: Sequence[int]) -> bytes:
     return b"".join(i.to_bytes(8, "big", signed=True) for i in ids)
 

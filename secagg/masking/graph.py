@@ -325,6 +325,7 @@ class NeighbourGraph:
     _perm: _FeistelPermutation | None = field(repr=False, compare=False)
     _adj: dict[int, frozenset[int]] = field(default_factory=dict, repr=False, compare=False)
     _pos: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
+    _arrays: dict[str, NDArray[np.int64]] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def build(cls, cohort: Iterable[int], *, k: int | None, session: bytes, round: int) -> NeighbourGraph:
@@ -404,11 +405,33 @@ class NeighbourGraph:
         """
         if self._perm is None:
             return np.asarray(holders, dtype=np.int64) + 1
-        self.materialise()
-        ids = np.asarray(self.cohort, dtype=np.int64)
-        pos = np.fromiter((self._pos[u] for u in self.cohort), dtype=np.int64, count=self.n)
-        h = self.k // 2
-        return (pos[np.searchsorted(ids, holders)] - pos[np.searchsorted(ids, owners)] + h) % self.n + 1
+        return self.points_at(self.indices(holders), self.indices(owners))
+
+    def points_at(self, holders: NDArray[np.int64], owners: NDArray[np.int64]) -> NDArray[np.int64]:
+        """:meth:`holder_points` for cohort *indices* (:meth:`indices`) of holders and owners."""
+        if self._perm is None:
+            return np.asarray(self.cohort, dtype=np.int64)[holders] + 1
+        pos = self._arrays.get("pos")
+        if pos is None:
+            self.materialise()
+            pos = self._arrays["pos"] = np.fromiter(map(self._pos.__getitem__, self.cohort), np.int64, self.n)
+        return (pos[holders] - pos[owners] + self.k // 2) % self.n + 1
+
+    def indices(self, ids: NDArray[np.int64]) -> NDArray[np.int64]:
+        """Each member's index in the sorted cohort, vectorised: one gather from a lookup table when the
+        ids are compact (below 4n + 1024, the usual 0..n-1), else a binary search. ``ids`` must be members."""
+        lut = self._arrays.get("lut")
+        if lut is None:
+            cohort = np.asarray(self.cohort, dtype=np.int64)
+            if self.n and int(cohort[-1]) < 4 * self.n + 1024:
+                lut = np.full(int(cohort[-1]) + 1, -1, dtype=np.int64)
+                lut[cohort] = np.arange(self.n)
+            else:
+                lut = np.empty(0, dtype=np.int64)
+            self._arrays["lut"], self._arrays["ids"] = lut, cohort
+        if len(lut):
+            return lut[ids]
+        return np.searchsorted(self._arrays["ids"], ids)
 
     def materialise(self) -> None:
         """Compute every neighbourhood at once (vectorised; the server's O(n k))."""

@@ -13,6 +13,7 @@ uint32/uint64 vector operations (natural wrap-around) and reduced mod 2^k.
 from __future__ import annotations
 
 import bisect
+import functools
 import itertools
 import logging
 import os
@@ -35,6 +36,7 @@ from secagg.masking._common import (
     SURVIVORS_SIG_LABEL,
     advertise_payload,
     commit_context,
+    commit_contexts,
     message_label,
     message_payload,
     pair_contexts,
@@ -58,6 +60,9 @@ from secagg.masking.messages import (
 __all__ = ["SecAggServer"]
 
 log = logging.getLogger(__name__)
+
+_Indices = Callable[[NDArray[np.int64]], NDArray[np.int64]]
+_BatchCheck = Callable[[Sequence[int], Sequence[bytes | None]], list[bool]]
 
 MAX_RECOVERY_TRIES = 512
 """Share subsets tried when a reconstruction fails its check (bounds the work a liar can cause)."""
@@ -121,7 +126,6 @@ class SecAggServer:
         self._sigs: dict[int, bytes] = {}
         self._requests: dict[int, UnmaskRequest] = {}
         self._responses: dict[int, UnmaskResponse] = {}
-        self._decoded: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
         self._u1: tuple[int, ...] = ()
         self._u2: tuple[int, ...] = ()
         self._survivors: tuple[int, ...] = ()
@@ -278,16 +282,13 @@ class SecAggServer:
             raise ProtocolError(f"client {msg.sender} answered for other clients than the server asked about")
         if len(msg.b_shares) != len(req.alive) or len(msg.s_shares) != len(req.dropped):
             raise ProtocolError(f"client {msg.sender} sent the wrong number of shares")
-        try:  # decoded once, here; the unmask step uses the values
-            decoded = (
-                tuple(shamir.decode_share(s) for s in msg.b_shares),
-                tuple(shamir.decode_share(s) for s in msg.s_shares),
-            )
+        try:  # every share checked here (66 bytes, a field element); the unmask step reads the bytes
+            for share in itertools.chain(msg.b_shares, msg.s_shares):
+                shamir.decode_share(share)
         except ValueError as exc:
             raise ProtocolError(f"client {msg.sender} sent a malformed share: {exc}") from exc
         self._check_signed(msg)
         self._responses[msg.sender] = msg
-        self._decoded[msg.sender] = decoded
 
     # ------------------------------------------------------------------ phase transitions
     def _require(self, phase: str, live: set[int], whose: Iterable[int]) -> None:
@@ -404,44 +405,35 @@ class SecAggServer:
 
     def _share_table(self, kind: int, wanted: set[int]) -> _ShareTable:
         """Every share of one kind (0: b, 1: s_sk) that came back for the ``wanted`` owners, as a table."""
-        owners: list[int] = []
-        ys: list[int] = []
+        owners: list[tuple[int, ...]] = []
+        blobs: list[tuple[bytes, ...]] = []
         senders: list[int] = []
         lens: list[int] = []
         for r, resp in self._responses.items():
             own = resp.dropped if kind else resp.alive
             if own:
-                owners.extend(own)
-                ys.extend(self._decoded[r][kind])
+                owners.append(own)
+                blobs.append(resp.s_shares if kind else resp.b_shares)
                 senders.append(r)
                 lens.append(len(own))
-        o = np.asarray(owners, dtype=np.int64)
-        holders = np.repeat(np.asarray(senders, dtype=np.int64), lens)
-        xs = self._graph.holder_points(holders, o)  # r's evaluation point in each owner's group
-        if self._graph.complete:  # points are holder id + 1: columns in cohort order
-            cols, width = np.searchsorted(np.asarray(self._graph.cohort, dtype=np.int64), holders), self._graph.n
-        else:  # points are offsets 1..k+1 in the owner's group
-            cols, width = xs - 1, self._graph.k + 1
-        return _ShareTable.build(o, xs, holders, cols, width, ys, sorted(wanted))
+        chain = itertools.chain.from_iterable
+        gr = self._graph
+        o = gr.indices(np.fromiter(chain(owners), dtype=np.int64, count=sum(lens)))  # cohort indices from here
+        raw = np.frombuffer(b"".join(map(b"".join, blobs)), dtype=np.uint8).reshape(len(o), shamir.SHARE_BYTES)
+        holders = np.repeat(gr.indices(np.asarray(senders, dtype=np.int64)), lens)
+        xs = gr.points_at(holders, o)  # r's evaluation point in each owner's group
+        # complete graph: points are holder id + 1, columns in cohort order; else offsets 1..k+1
+        cols, width = (holders, gr.n) if gr.complete else (xs - 1, gr.k + 1)
+        ids = np.asarray(gr.cohort, dtype=np.int64)
+        return _ShareTable.build(o, xs, ids[holders], cols, width, raw, sorted(wanted), gr.indices)
 
     def _reconstruct(self, table: _ShareTable) -> dict[int, bytes | None]:
-        """Every owner's secret from its t shares at the lowest points, one batched call per point set.
+        """Every owner's secret from its t shares at the lowest points, in one batched call.
 
         ``None`` marks a secret whose shares are inconsistent (the caller's check names the liars).
         """
-        t, owners = self._t, table.owners
-        sel = table.lowest(t)  # (owners, t) indices into the table's shares
-        ys = list(map(table.ys.__getitem__, sel.ravel().tolist()))
-        sets, which = np.unique(table.x[sel], axis=0, return_inverse=True)
-        order = np.argsort(which.ravel(), kind="stable")
-        cuts = np.searchsorted(which.ravel()[order], np.arange(len(sets) + 1)).tolist()
-        order_l = order.tolist()
-        out: dict[int, bytes | None] = {}
-        for j, xs in enumerate(sets.tolist()):  # one batched call per point set
-            rows = order_l[cuts[j] : cuts[j + 1]]
-            got = shamir.combine_many(tuple(xs), [ys[i * t : (i + 1) * t] for i in rows])
-            out.update(zip([owners[i] for i in rows], got, strict=True))
-        return out
+        sel = table.lowest(self._t)  # (owners, t) indices into the table's shares
+        return dict(zip(table.owners, shamir.combine_table(table.x[sel], table.raw[sel]), strict=True))
 
     @property
     def bad_shares(self) -> Mapping[int, frozenset[int]]:
@@ -493,10 +485,12 @@ class SecAggServer:
             raise AbortError(_state.UNMASK, needed=self._t, answered=worst)
         total = self._acc  # the accumulator is not needed afterwards: unmask in place
         exp = prg.MaskExpander(self._size, self._dtype)
-        for b in self._secrets(b_tab, "self-mask seed", self._opens_commitment).values():
+        for b in self._secrets(b_tab, "self-mask seed", self._commitments_open, self._opens_commitment).values():
             exp.add(total, b, -1)
-        for w, s_sk in self._secrets(s_tab, "mask key", self._opens_mask_key).items():
-            for seed, sign_ in self._pair_seeds(w, s_sk, u3):
+        keys: dict[int, kex.PrivateKey] = {}  # parsed once, when checked against the advertised key
+        check_keys = functools.partial(self._keys_open, keys)
+        for w, s_sk in self._secrets(s_tab, "mask key", check_keys, self._opens_mask_key).items():
+            for seed, sign_ in self._pair_seeds(w, keys.get(w) or kex.private_from_bytes(s_sk), u3):
                 exp.add(total, seed, sign_)
         result = total.astype(np.uint64)
         if self._bits < 64:
@@ -506,26 +500,48 @@ class SecAggServer:
         self._i = len(self._phases) - 1
 
     def _secrets(
-        self, table: _ShareTable, what: str, check: Callable[[int], Callable[[bytes], bool]]
+        self, table: _ShareTable, what: str, batch: _BatchCheck, check: Callable[[int], Callable[[bytes], bool]]
     ) -> dict[int, bytes]:
-        """Each owner's secret, checked (commitment / public key); the slow path names liars or aborts."""
+        """Each owner's secret, checked (``batch``: commitment / public key of every owner at once); the slow
+        path (``check``: one owner's test) names liars or aborts."""
         fast = self._reconstruct(table) if table.owners else {}
+        got = [fast[u] for u in table.owners]
         out: dict[int, bytes] = {}
-        for u in table.owners:
-            secret, opens = fast[u], check(u)
-            if secret is None or not opens(secret):  # fast path failed its check: find t good shares
-                secret = self._recover(u, what, table.shares(u), opens, table.senders(u))
+        for u, secret, good in zip(table.owners, got, batch(table.owners, got), strict=True):
+            if secret is None or not good:  # fast path failed its check: find t good shares
+                secret = self._recover(u, what, table.shares(u), check(u), table.senders(u))
             out[u] = secret
         return out
 
-    def _pair_seeds(self, w: int, s_sk: bytes, survivors: set[int]) -> list[tuple[bytes, int]]:
+    def _commitments_open(self, owners: Sequence[int], secrets: Sequence[bytes | None]) -> list[bool]:
+        """Whether each reconstructed b opens its owner's advertised commitment (one batched call)."""
+        return commit.matches_many(
+            secrets,
+            [self._adverts[u].b_commit for u in owners],
+            label=B_COMMIT_LABEL,
+            contexts=commit_contexts(self._session, self._round, owners),
+        )
+
+    def _keys_open(
+        self, keys: dict[int, kex.PrivateKey], owners: Sequence[int], secrets: Sequence[bytes | None]
+    ) -> list[bool]:
+        """Whether each reconstructed s_sk belongs to its owner's advertised s_pk; the parsed keys go to ``keys``."""
+        out = []
+        for w, secret in zip(owners, secrets, strict=True):
+            key = kex.private_matching(secret, self._adverts[w].s_pk)
+            if key is not None:
+                keys[w] = key
+            out.append(key is not None)
+        return out
+
+    def _pair_seeds(self, w: int, s_sk: kex.PrivateKey, survivors: set[int]) -> list[tuple[bytes, int]]:
         """(seed, sign) removing each mask the dropped ``w`` shared with a surviving neighbour.
 
         A survivor v added +PRG(s_{v,w}) if v < w, -PRG otherwise: the server applies the opposite.
         """
         peers = sorted(self._graph.neighbours(w) & survivors)
         seeds = kex.agree_many(
-            kex.private_from_bytes(s_sk),
+            s_sk,
             [self._s_pub[v] for v in peers],
             label=PAIR_MASK_LABEL,
             contexts=pair_contexts(self._session, self._round, w, peers),
@@ -572,7 +588,7 @@ def _reconstruct(
 class _ShareTable:
     """The shares of one kind that came back, indexed by (owner, column in point order).
 
-    ``at[i, c]`` is the index (into ``x``, ``sender``, ``ys``) of the share of ``owners[i]`` at the c-th
+    ``at[i, c]`` is the index (into ``x``, ``sender``, ``raw``) of the share of ``owners[i]`` at the c-th
     possible point, or -1: built and searched with vectorised numpy, not a Python append per share, so
     the unmask step's cost stays with the masks.
     """
@@ -581,21 +597,23 @@ class _ShareTable:
     at: NDArray[np.int32]
     x: NDArray[np.int64]
     sender: NDArray[np.int64]
-    ys: list[int]
+    raw: NDArray[np.uint8]  # (shares, SHARE_BYTES): each share's value as sent (checked in receive)
 
     @classmethod
     def build(
         cls, owner: NDArray[np.int64], x: NDArray[np.int64], sender: NDArray[np.int64], col: NDArray[np.int64],
-        width: int, ys: list[int], owners: list[int],
+        width: int, raw: NDArray[np.uint8], owners: list[int], indices: _Indices,
     ) -> _ShareTable:
-        """``owners``: the owners wanted (sorted); shares of others are left out."""
-        want = np.asarray(owners, dtype=np.int64)
-        row = np.searchsorted(want, owner)
-        keep = row < len(want)
-        keep[keep] = want[row[keep]] == owner[keep]
-        at = np.full((len(want), width), -1, dtype=np.int32)
+        """``owner``: each share's owner as a cohort index (``indices`` maps ids to them); ``owners``: the
+        owner ids wanted (sorted); shares of others are left out."""
+        wanted = indices(np.asarray(owners, dtype=np.int64))
+        rows = np.full(int(max(owner.max(initial=-1), wanted.max(initial=-1))) + 1, -1, dtype=np.int64)
+        rows[wanted] = np.arange(len(owners))
+        row = rows[owner]
+        keep = row >= 0
+        at = np.full((len(owners), width), -1, dtype=np.int32)
         at[row[keep], col[keep]] = np.flatnonzero(keep)
-        return cls(owners, at, x, sender, ys)
+        return cls(owners, at, x, sender, raw)
 
     def least(self) -> int:
         """The fewest shares any wanted owner has (0 if one has none)."""
@@ -613,7 +631,7 @@ class _ShareTable:
 
     def shares(self, owner: int) -> list[tuple[int, int]]:
         """All shares of ``owner`` as (point, value), lowest point first."""
-        return [(int(self.x[i]), self.ys[i]) for i in self._row(owner)]
+        return [(int(self.x[i]), int.from_bytes(self.raw[i].tobytes(), "big")) for i in self._row(owner)]
 
     def senders(self, owner: int) -> dict[int, int]:
         """Evaluation point -> the client that sent that share (to name a liar)."""

@@ -6,6 +6,7 @@ vanish, the costliest case for the server.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -27,15 +28,17 @@ BITS = 26
 
 
 def _round(
-    n: int, d: int, drop: Sequence[int], *, k: int | None = 6, session: bytes = b"unmask", seed: int = 0
+    n: int, d: int, drop: Sequence[int], *, k: int | None = 6, session: bytes = b"unmask", seed: int = 0,
+    ids: Sequence[int] | None = None,
 ) -> tuple[SecAggServer, dict[int, np.ndarray]]:
     """Run one round up to the server's unmask ``end_phase`` (all unmask responses received)."""
     spec = GraphSpec(complete=k is None, neighbours=k)
     rng = np.random.default_rng(seed)
-    values = {c: rng.integers(0, 1 << 16, size=d, dtype=np.uint64) for c in range(n)}
+    cohort = list(range(n)) if ids is None else list(ids)
+    values = {c: rng.integers(0, 1 << 16, size=d, dtype=np.uint64) for c in cohort}
     kw: dict[str, Any] = dict(session=session, round=0, modulus=1 << BITS, size=d, threshold=0.5, graph=spec)
-    clients = {c: SecAggClient(c, values[c], min_cohort=n, **kw) for c in range(n)}
-    srv = SecAggServer(list(range(n)), **kw)
+    clients = {c: SecAggClient(c, values[c], min_cohort=n, **kw) for c in cohort}
+    srv = SecAggServer(cohort, **kw)
     inbox: list[Message] = [m for c in clients.values() for m in c.start()]
     while True:
         for m in inbox:
@@ -61,6 +64,17 @@ def test_unmask_with_dropouts_sums_exactly(k: int | None) -> None:
     srv.end_phase()
     assert srv.done and set(srv.included) == set(range(n)) - {1, 2, 9, 17}
     assert srv.result is not None and np.array_equal(srv.result, _expected(srv, values, d))
+
+
+@pytest.mark.parametrize("k", [6, None])
+def test_unmask_with_sparse_client_ids_sums_exactly(k: int | None) -> None:
+    """Client ids far apart (e.g. Flower node ids): the share table maps them by binary search."""
+    ids = [10**15 + 7919 * c for c in range(20)]
+    drop = [ids[2], ids[11]]
+    srv, values = _round(20, 30, drop=drop, k=k, ids=ids)
+    srv.end_phase()
+    assert srv.done and set(srv.included) == set(ids) - set(drop)
+    assert srv.result is not None and np.array_equal(srv.result, _expected(srv, values, 30))
 
 
 def test_unmask_parses_no_key_and_agrees_once_per_dropped_pair(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -132,10 +146,13 @@ def test_agree_many_and_pair_contexts_give_the_same_bytes_as_one_at_a_time() -> 
         kex.agree_many(me, [], label=b"", contexts=[])
 
 
+@pytest.mark.parametrize("scale", [1, 10**12])  # compact ids (lookup table) and sparse ones (binary search)
 @pytest.mark.parametrize("k", [4, None])
-def test_holder_points_equal_share_x(k: int | None) -> None:
+def test_holder_points_equal_share_x(k: int | None, scale: int) -> None:
     spec = GraphSpec(complete=k is None, neighbours=k)
-    gr = spec.build([2, 5, 9, 10, 14, 30, 31, 40], threshold=0.5, session=b"pts", round=1)
+    ids = [scale * c for c in (2, 5, 9, 10, 14, 30, 31, 40)]
+    gr = spec.build(ids, threshold=0.5, session=b"pts", round=1)
+    assert gr.indices(np.array(ids[::-1], dtype=np.int64)).tolist() == list(range(len(ids)))[::-1]
     pairs = [(v, u) for u in gr.cohort for v in sorted(gr.group(u))]
     holders = np.array([v for v, _ in pairs], dtype=np.int64)
     owners = np.array([u for _, u in pairs], dtype=np.int64)
@@ -148,10 +165,10 @@ def test_a_wrong_share_is_still_named_with_the_table(monkeypatch: pytest.MonkeyP
     n, d = 16, 20
     srv, values = _round(n, d, drop=[5], k=None)
     liar, victim = 3, 8
-    alive = srv._responses[liar].alive
-    ys_b, ys_s = srv._decoded[liar]
-    i = alive.index(victim)
-    srv._decoded[liar] = ((*ys_b[:i], (ys_b[i] + 1) % shamir.PRIME, *ys_b[i + 1 :]), ys_s)
+    resp = srv._responses[liar]
+    i = resp.alive.index(victim)
+    wrong = shamir.encode_share((shamir.decode_share(resp.b_shares[i]) + 1) % shamir.PRIME)
+    srv._responses[liar] = dataclasses.replace(resp, b_shares=(*resp.b_shares[:i], wrong, *resp.b_shares[i + 1 :]))
     srv.end_phase()
     assert srv.bad_shares == {liar: frozenset({victim})}
     assert srv.result is not None and np.array_equal(srv.result, _expected(srv, values, d))
@@ -177,3 +194,97 @@ def test_split_many_equals_one_split_per_secret(t: int, extra: int, big: bool, s
     want = [shamir.split(s, xs, threshold=t, random_bytes=one) for s in secrets]
     assert shamir.split_many(secrets, xs, threshold=t, random_bytes=many) == want
     assert one(8) == many(8)  # the same number of bytes was drawn
+
+
+def _table(rows: Sequence[tuple[Sequence[int], Sequence[int]]]) -> tuple[np.ndarray, np.ndarray]:
+    """(points, encoded shares) arrays of equal-length rows of (points, share values)."""
+    t = len(rows[0][0])
+    points = np.array([list(xs) for xs, _ in rows], dtype=np.int64)
+    raw = b"".join(shamir.encode_share(y) for _, ys in rows for y in ys)
+    return points, np.frombuffer(raw, dtype=np.uint8).reshape(len(rows), t, shamir.SHARE_BYTES)
+
+
+@settings(max_examples=60, deadline=None)
+@given(t=st.integers(1, 40), data=st.data())
+def test_combine_table_equals_combine_many_row_by_row(t: int, data: st.DataObject) -> None:
+    """The vectorised limb reconstruction gives exactly the secrets (or None) of the per-row Python one,
+    for dense rows (limb path), rows with many gaps or large points (large coefficients: Python path) and
+    rows with a wrong share."""
+    rows, want = [], []
+    for _ in range(data.draw(st.integers(1, 5))):
+        top = data.draw(st.sampled_from([t, t + 2, 2 * t + 3, 3 * t, 10**6]))
+        xs = sorted(data.draw(st.sets(st.integers(1, max(top, t)), min_size=t, max_size=t)))
+        ys = shamir.split(os.urandom(32), xs, threshold=t, random_bytes=os.urandom)
+        if data.draw(st.booleans()):
+            ys[data.draw(st.integers(0, t - 1))] ^= 1 << data.draw(st.integers(0, 500))
+            ys = [y % shamir.PRIME for y in ys]
+        rows.append((xs, ys))
+        want.append(shamir.combine_many(tuple(xs), [ys])[0])
+    assert shamir.combine_table(*_table(rows)) == want
+
+
+def test_combine_table_refuses_bad_shapes_and_unsorted_points() -> None:
+    xs = [1, 2, 4]
+    points, shares = _table([(xs, shamir.split(b"s" * 32, xs, threshold=3, random_bytes=os.urandom))])
+    assert shamir.combine_table(points, shares) == [b"s" * 32]
+    with pytest.raises(ValueError, match="sorted"):
+        shamir.combine_table(points[:, ::-1].copy(), shares)
+    with pytest.raises(ValueError, match="shape"):
+        shamir.combine_table(points, shares[:, :2])
+
+
+def test_matches_many_and_commit_contexts_equal_one_at_a_time() -> None:
+    from secagg._hazmat import commit
+
+    owners = [0, 5, 9, 2**40]
+    ctxs = _common.commit_contexts(b"sess", 3, owners)
+    assert ctxs == [_common.commit_context(b"sess", 3, u) for u in owners]
+    secrets: list[bytes | None] = [os.urandom(32) for _ in owners]
+    coms = [commit.commit(s, label=b"L", context=c) for s, c in zip(secrets, ctxs, strict=True) if s]
+    coms[1] = bytes(32)  # a wrong commitment
+    secrets[2] = None  # no secret (inconsistent shares)
+    coms[3] = coms[3][:31]  # malformed
+    want = [
+        s is not None and commit.matches(s, m, label=b"L", context=c)
+        for s, m, c in zip(secrets, coms, ctxs, strict=True)
+    ]
+    assert commit.matches_many(secrets, coms, label=b"L", contexts=ctxs) == want == [True, False, False, False]
+    with pytest.raises(ValueError, match="contexts"):
+        commit.matches_many(secrets, coms, label=b"L", contexts=ctxs[:1])
+
+
+def test_private_matching() -> None:
+    raw = os.urandom(32)
+    public = kex.public_from_private_bytes(raw)
+    key = kex.private_matching(raw, public)
+    assert key is not None and kex.private_bytes(key) == raw
+    assert kex.private_matching(os.urandom(32), public) is None
+    assert kex.private_matching(None, public) is None and kex.private_matching(raw[:31], public) is None
+
+
+def test_unmask_parses_each_dropped_mask_key_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reconstructed s_sk is parsed once, when checked against the advertised key, and that parsed key
+    does the agreements. Fails on the old server, which parsed it twice (check, then agree)."""
+    n, d, drop = 30, 40, [3, 4, 20]
+    srv, values = _round(n, d, drop=drop, k=8)
+    parsed = [0]
+    parse = kex.X25519PrivateKey.from_private_bytes
+
+    def count(data: bytes) -> Any:
+        parsed[0] += 1
+        return parse(data)
+
+    monkeypatch.setattr(kex.X25519PrivateKey, "from_private_bytes", staticmethod(count))
+    srv.end_phase()
+    assert parsed[0] == len(drop)
+    assert srv.result is not None and np.array_equal(srv.result, _expected(srv, values, d))
+
+
+@settings(max_examples=30, deadline=None)
+@given(label=st.binary(min_size=1, max_size=200), contexts=st.lists(st.binary(max_size=300), max_size=4))
+def test_agree_many_is_hkdf_for_any_label_and_context(label: bytes, contexts: list[bytes]) -> None:
+    """The two-HMAC form of agree_many is exactly HKDF-SHA256 (kex.derive) of the X25519 secret."""
+    me = kex.generate_private(os.urandom)
+    peers = [kex.generate_private(os.urandom).public_key() for _ in contexts]
+    want = [kex.derive(me.exchange(p), label=label, context=c) for p, c in zip(peers, contexts, strict=True)]
+    assert kex.agree_many(me, peers, label=label, contexts=contexts) == want
