@@ -9,6 +9,7 @@ In the spirit of Opacus's ``make_private``, plain objects instead of a configura
     result.model     # the trained nn.Module (a copy; ``net`` itself is not touched)
     result.report    # the same JSON-ready report as ``privagg train --report``
     result.ledger    # what every layer guaranteed, round by round
+    result.save("model/")   # weights, model.json and an exported program: fl.load_model("model/") needs no class
 
 This module only translates: the sites become an :class:`fl.data.sites.Dataset` whose parts are the
 sites, the privacy objects become the same :class:`fl.config.PrivacyConfig` the CLI builds (so one
