@@ -282,3 +282,30 @@ def test_what_we_write_passes_the_checks(trained: tuple[Any, Path, np.ndarray]) 
     check_program(trained[1] / PROGRAM)  # raises if the checks refused a program torch.export.save wrote
     with zipfile.ZipFile(trained[1] / PROGRAM) as archive:
         assert not any("custom_obj" in n or n.endswith(".so") for n in archive.namelist())
+
+
+def test_csv_sites_keep_their_preprocessing_for_a_user_module(tmp_path: Path) -> None:
+    """CSV sites: the federated standardization and vocabulary are saved; predict applies them to raw rows."""
+    rng = np.random.default_rng(1)
+    paths = []
+    for k in range(2):
+        colour = rng.choice(["red", "green", "blue"], size=90)
+        x = rng.normal(size=90) * 3 + 10
+        label = ((colour == "red") ^ (x > 10)).astype(int)
+        paths.append(tmp_path / f"site{k}.csv")
+        pd.DataFrame({"x": x, "colour": colour, "label": label}).to_csv(paths[-1], index=False)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    result = fl.train(model=net, sites=[str(p) for p in paths], target="label", rounds=2, seed=0)
+    directory = result.save(tmp_path / "m")
+    assert (directory / PROGRAM).is_file()
+    new = pd.DataFrame({"x": [8.0, 12.0, 9.5], "colour": ["red", "blue", "green"]})
+    new.to_csv(tmp_path / "new.csv", index=False)
+    assert main(["predict", "--model", str(directory), "--data", str(tmp_path / "new.csv"),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    saved = fl.load_model(directory)
+    assert saved.stats is not None and saved.meta["preprocessing"]["vocabulary"]["colour"] == ["blue", "green", "red"]
+    with torch.no_grad():
+        expected = torch.softmax(result.model.eval()(torch.from_numpy(saved.stats.transform(new))), dim=1).numpy()
+    got = pd.read_csv(tmp_path / "p.csv")[["probability_0", "probability_1"]].to_numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-6)
