@@ -127,11 +127,12 @@ def _example(card: Mapping[str, Any], example_input: Any) -> torch.Tensor:
     """The input ``torch.export`` traces with: the caller's rows, else two zero rows of the saved shape."""
     import torch
 
-    if example_input is not None:
-        x = torch.as_tensor(example_input)
-        return x if x.shape[0] >= 2 else torch.cat([x, x])
     arch = card["architecture"]
-    return torch.zeros((2, *arch["input_shape"]), dtype=getattr(torch, str(arch["input_dtype"])))
+    dtype = getattr(torch, str(arch["input_dtype"]))
+    if example_input is not None:  # in the sites' dtype (a float64 array would trace a float64 program)
+        x = torch.as_tensor(np.asarray(example_input)).to(dtype)
+        return x if x.shape[0] >= 2 else torch.cat([x, x])
+    return torch.zeros((2, *arch["input_shape"]), dtype=dtype)
 
 
 def write_model(model: nn.Module, card: Mapping[str, Any], directory: Path, *, privacy: Mapping[str, Any],

@@ -278,6 +278,14 @@ def test_a_truncated_file_gives_an_error_naming_the_fix(trained: tuple[Any, Path
         fl.load_model(copy, module=module)
 
 
+def test_an_example_input_of_another_dtype_and_one_row_still_exports(trained: tuple[Any, Path, np.ndarray],
+                                                                      tmp_path: Path) -> None:
+    result, _, x = trained
+    directory = result.save(tmp_path / "m", example_input=x[:1].astype(np.float64))
+    assert (directory / PROGRAM).is_file()
+    np.testing.assert_allclose(fl.load_model(directory)(x).numpy(), _reference(result, x), atol=1e-6, rtol=0)
+
+
 def test_what_we_write_passes_the_checks(trained: tuple[Any, Path, np.ndarray]) -> None:
     check_program(trained[1] / PROGRAM)  # raises if the checks refused a program torch.export.save wrote
     with zipfile.ZipFile(trained[1] / PROGRAM) as archive:
