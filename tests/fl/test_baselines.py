@@ -56,10 +56,12 @@ def test_the_epochs_budget_is_rounds_times_local_epochs(monkeypatch: pytest.Monk
     class Spy(trainers.PlainTrainer):
         def train(self, *args: Any, **kwargs: Any) -> Any:
             seen.append(self.epochs)
+            assert (self.optimizer, self.lr, self.batch_size) == ("adam", loop.CENTRAL_ADAM_LR, 16)
             return super().train(*args, **kwargs)
 
     monkeypatch.setattr(trainers, "PlainTrainer", Spy)
-    config = TrainConfig(dataset="digits", model="mlp-ln", hidden=8, clients=2, rounds=3, local_epochs=2)
+    config = TrainConfig(dataset="digits", model="mlp-ln", hidden=8, clients=2, rounds=3, local_epochs=2,
+                         lr=1.0, batch_size=16)  # lr 1.0 is the federation's, not the baseline's
     centralized_baseline(Federation(config).data, config)
     assert seen == [6]  # 3 rounds x 2 local epochs
 
