@@ -3,7 +3,8 @@
 The curated public API (static imports; importing ``fl`` never imports Flower, which is optional):
 
 - run: :func:`train` -- ``train(model=..., sites=[...], privacy=[...])`` federates your own module over
-  your sites and returns a :class:`FederatedResult` (model, report, ledger); ``train(config)`` runs a
+  your sites and returns a :class:`FederatedResult` (model, report, ledger; ``.save(DIR)``);
+  :func:`load_model` reads a saved model back (no class code needed); ``train(config)`` runs a
   :class:`TrainConfig` (the CLI's path) and returns the JSON-ready report. :class:`Federation` is the
   in-memory composition of the halves :class:`ClientSide` (one site) and :class:`ServerSide`.
 - library use: :func:`secure_sum` (SecAgg+, SecAgg or packed Paillier over a list of arrays),
@@ -33,6 +34,7 @@ from fl.layers.noise import GaussianNoise
 from fl.pipeline import BoundPipeline, Pipeline
 from fl.privacy.ledger import Ledger
 from fl.privacy.plan import STAGES, PrivacyPlan, Stage, build_plan
+from fl.saved import load_model
 from fl.spec import Guarantee, Layer, RoundInfo, SecureSum, TrainResult, ValueSpec
 from fl.sums.paillier import PaillierSum
 from fl.sums.plain import PlainSum
@@ -81,6 +83,7 @@ __all__ = [
     "TrainingInterrupted",
     "ValueSpec",
     "build_plan",
+    "load_model",
     "private_sum",
     "secure_sum",
     "train",

@@ -9,6 +9,7 @@ In the spirit of Opacus's ``make_private``, plain objects instead of a configura
     result.model     # the trained nn.Module (a copy; ``net`` itself is not touched)
     result.report    # the same JSON-ready report as ``privagg train --report``
     result.ledger    # what every layer guaranteed, round by round
+    result.save("model/")   # weights, model.json and an exported program: fl.load_model("model/") needs no class
 
 This module only translates: the sites become an :class:`fl.data.sites.Dataset` whose parts are the
 sites, the privacy objects become the same :class:`fl.config.PrivacyConfig` the CLI builds (so one
@@ -30,7 +31,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,25 @@ class FederatedResult:
     model: nn.Module
     report: dict[str, Any]
     ledger: Ledger
+    card: Mapping[str, Any] | None = field(default=None, repr=False)  # what save() writes beside the weights
+
+    def save(self, directory: Path | str, *, example_input: Any = None) -> Path:
+        """Write the trained model to ``directory`` for :func:`fl.load_model` and ``privagg predict``.
+
+        ``weights.pt`` (the state_dict, read back tensors-only), ``model.json`` (feature order,
+        preprocessing, class labels, the privacy summary and guarantee list) and ``program.pt2``: the
+        module exported by ``torch.export`` (dynamic batch), which loads without your class's code.
+        ``example_input``: rows to trace the export with (default: zero rows of the sites' row shape).
+        A module torch.export cannot take is saved as weights and JSON only, with a warning; load it
+        with ``fl.load_model(DIR, module=YourClass(...))``.
+        """
+        from fl.saved import privacy_summary, write_model
+
+        if self.card is None:
+            raise ValueError("this result has no model card (it was not made by fl.train); save its model with "
+                             "torch.save(result.model.state_dict(), PATH)")
+        return write_model(self.model, self.card, Path(directory), privacy=privacy_summary(self.report),
+                           example_input=example_input)
 
     @property
     def epsilon(self) -> float | None:
@@ -570,14 +590,17 @@ def _run(fed: _ApiFederation, rounds: int, *, progress: bool) -> FederatedResult
     with warnings.catch_warnings():  # no test rows: the majority rate of an empty set is NaN, not a warning
         warnings.simplefilter("ignore", RuntimeWarning)
         report = fed.report(baseline=None, stopped=stopped)
+    from fl.saved import model_card
+
     set_flat(fed.model, fed.params)
     trained = copy.deepcopy(fed.model)
     trained.train()
+    card = model_card(fed)
     if fed.user_evaluation is not None:  # the user's own metrics of the released model, beside epsilon
         report["final"] = {**fed.evaluate(), **report["final"]}
     elif not fed.has_test_rows:
         report["baseline"]["majority_class_rate"] = math.nan
-    return FederatedResult(model=trained, report=report, ledger=fed.ledger)
+    return FederatedResult(model=trained, report=report, ledger=fed.ledger, card=card)
 
 
 

@@ -115,7 +115,8 @@ def _baseline_line(report: Mapping[str, Any], acc: float) -> str:
     fed = b.get("federated_nonprivate_accuracy")
     if fed is not None:
         parts.append(f"federated without privacy {fed:.4f} (privacy cost {100 * (fed - acc):+.1f} points)")
-    for key, label in (("centralized_accuracy", "centralized, no privacy"), ("majority_class_rate", "majority class")):
+    central = f"centralized ({b['centralized_model']})" if b.get("centralized_model") else "centralized, no privacy"
+    for key, label in (("centralized_accuracy", central), ("majority_class_rate", "majority class")):
         if b.get(key) is not None:
             parts.append(f"{label} {b[key]:.4f}")
     return "baselines: " + (" | ".join(parts) if parts else "not computed (--no-baselines)")

@@ -44,6 +44,7 @@ FL_PUBLIC = {
     "CompositionError", "DataError", "NonFiniteUpdateError", "BudgetExhaustedError", "CheckpointError",
     "TrainingInterrupted",
     "FederatedResult", "DPSGD", "DpRelease", "secure_sum", "private_sum",  # fl.api: plain objects in
+    "load_model",  # fl.saved: a saved model back, without the user's class
 }
 
 

@@ -56,6 +56,7 @@ __all__ = [
     "Federation",
     "NonFiniteUpdateError",
     "TrainingInterrupted",
+    "baseline_model",
     "centralized_baseline",
     "evaluate",
     "format_round",
@@ -93,11 +94,30 @@ def _sigint_not_swallowed() -> Iterator[None]:
 
 
 
+TORCH_BASELINES = {"cnn": "same CNN", "mlp-ln": "same MLP with LayerNorm"}  # families sklearn has no twin of
+
+
+def baseline_model(config: TrainConfig) -> str:
+    """What the centralized baseline trains, as the summary names it ("same CNN, no privacy")."""
+    if config.model in TORCH_BASELINES:
+        return f"{TORCH_BASELINES[config.model]}, no privacy"
+    if config.model == "logreg":
+        return "scikit-learn logistic regression, no privacy"
+    return f"scikit-learn MLP ({config.hidden}, {config.hidden}), no privacy"
+
+
 def centralized_baseline(data: Dataset, config: TrainConfig) -> float:
-    """Test accuracy of the same model family trained centrally, without privacy (scikit-learn)."""
+    """Test accuracy of the same model family trained centrally, without privacy.
+
+    ``logreg`` and ``mlp``: scikit-learn's LogisticRegression and MLPClassifier (two hidden layers of
+    ``hidden``), fitted to convergence. ``cnn`` and ``mlp-ln``: the same torch architecture
+    (:func:`_torch_baseline`), since scikit-learn has no convolution or LayerNorm.
+    """
     from sklearn.linear_model import LogisticRegression
     from sklearn.neural_network import MLPClassifier
 
+    if config.model in TORCH_BASELINES:
+        return _torch_baseline(data, config)
     clf: Any
     if config.model == "logreg":
         clf = LogisticRegression(max_iter=2000)
@@ -106,6 +126,31 @@ def centralized_baseline(data: Dataset, config: TrainConfig) -> float:
     with _sigint_not_swallowed():
         clf.fit(data.x_train, data.y_train)
     return float(clf.score(data.x_test, data.y_test))
+
+
+CENTRAL_ADAM_LR = 1e-3  # scikit-learn MLPClassifier's default, as the mlp baseline uses
+
+
+def _torch_baseline(data: Dataset, config: TrainConfig) -> float:
+    """The run's own architecture (built by :func:`build_model` from ``config.seed``, the federation's
+    starting model) trained on every training row without privacy, for ``rounds * local_epochs`` epochs
+    (as many passes over each row as a full-participation federated run makes) in batches of
+    ``batch_size``, with Adam at ``CENTRAL_ADAM_LR``, like the scikit-learn MLP baseline. Not the run's
+    own ``lr``: a step size tuned for averaging several clients' updates (the CLI's default 1.0) makes
+    central SGD diverge (digits CNN, the CLI defaults, 20 epochs: 0.33 test accuracy at lr 1.0, 0.96 with Adam at 1e-3).
+    Deterministic: the model and the shuffling are seeded by ``config.seed``."""
+    from fl.training.trainers import PlainTrainer
+
+    model = build_model(config.model, data.num_features, data.num_classes, hidden=config.hidden, seed=config.seed)
+    trainer = PlainTrainer(epochs=config.rounds * config.local_epochs, lr=CENTRAL_ADAM_LR,
+                           batch_size=config.batch_size, optimizer="adam")
+    x, y = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
+    with _torch_threads(2):
+        trainer.train(model, x, y, cid=-1, round=0, seed=config.seed)
+    model.eval()
+    with torch.no_grad():
+        predicted = model(torch.from_numpy(data.x_test)).argmax(dim=1).numpy()
+    return float(np.mean(predicted == data.y_test)) if len(data.y_test) else math.nan
 
 
 
@@ -415,6 +460,8 @@ def train(
         stopped = _run_rounds(fed, config, progress=progress, checkpoint_dir=checkpoint_dir, on_round=on_round,
                               stopper=stopper)
         report = fed.report(baseline=base, stopped=stopped)
+        if base is not None:
+            report["baseline"]["centralized_model"] = baseline_model(config)
         if stopper is not None:
             stopper.finish(fed, report)  # the best round's model and its numbers
         if on_finish is not None:
