@@ -208,7 +208,9 @@ class PaillierSum:
         )
         assumptions = [
             "honest-but-curious aggregator and key holder (Paillier is malleable: a malicious aggregator "
-            "could alter the sum)",
+            "could alter the sum, or pad one client's ciphertext with encryptions of zero it made and have "
+            "that update decrypted as a 'sum'; the key holder cannot tell, since summand counts are the "
+            "aggregator's word)",
             "IND-CPA of Paillier under the Decisional Composite Residuosity (DCR) assumption",
         ]
         if self.key_holder == "separate":
