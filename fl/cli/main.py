@@ -79,7 +79,7 @@ def _add_training_group(p: argparse.ArgumentParser, d: TrainConfig) -> None:
     g.add_argument("--rounds", type=int, default=d.rounds, help="federated rounds (default: %(default)s)")
     g.add_argument("--local-epochs", type=int, default=d.local_epochs,
                    help="local epochs per round (default: %(default)s)")
-    g.add_argument("--lr", type=float, default=d.lr,
+    g.add_argument("--lr", type=float, default=None,
                    help="client learning rate (default: 1.0 for logreg, 0.1 for mlp; see fl.config.DEFAULT_LR)")
     g.add_argument("--batch-size", type=int, default=d.batch_size, help="client minibatch size (default: %(default)s)")
     g.add_argument("--optimizer", choices=["sgd", "adam"], default=d.optimizer, help="client optimizer")

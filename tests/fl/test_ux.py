@@ -490,3 +490,12 @@ def test_flower_refuses_early_stopping_instead_of_ignoring_it() -> None:
     args = build_parser().parse_args(argv)
     with pytest.raises(ValueError, match="runs in memory only"):
         _job(args)
+
+
+@pytest.mark.parametrize(("model", "lr"), [("logreg", 1.0), ("mlp", 0.1), ("cnn", 0.1), ("mlp-ln", 0.1)])
+def test_the_cli_learning_rate_default_is_the_model_familys(model: str, lr: float) -> None:
+    """Without --lr the family's rate (was: logreg's 1.0 for every family, against what --help said)."""
+    from fl.cli.main import build_parser, config_from_args
+
+    assert config_from_args(build_parser().parse_args(["train", "--model", model])).lr == lr
+    assert config_from_args(build_parser().parse_args(["train", "--model", model, "--lr", "0.5"])).lr == 0.5
