@@ -3,8 +3,9 @@
 Every (configuration, epsilon, seed) cell is one :func:`fl.training.loop.train` run (no baselines inside the
 cell); configurations without a DP stage (``none``, ``secagg+``, ``paillier``) run once per seed and
 show as flat lines. The non-private federated baseline is the ``none`` configuration on the same
-seeds, the centralized baseline a scikit-learn fit of the same model family (first seed, in the
-main process, outside the timed runs). Runs are
+seeds, the centralized baseline a non-private central fit of the same model family (scikit-learn for
+logreg and mlp, the same torch architecture for cnn and mlp-ln; first seed, in the main process, outside
+the timed runs). Runs are
 spread over worker processes (``--jobs``), each capped at one torch thread.
 
 Rows are comparable only when epsilon means the same thing, so every row states its privacy unit
