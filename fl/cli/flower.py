@@ -172,7 +172,13 @@ def _add_job_flags(g: argparse._ArgumentGroup, *, name: str) -> None:
     g.add_argument("--poll", type=float, default=0.05,
                    help="seconds between pulls of replies; 0 = Flower's Grid.send_and_receive (3 s polls)")
     g.add_argument("--timeout", type=float, default=3600.0, help="give up waiting for the result after this")
+    g.add_argument("--test-data", type=Path, metavar="CSV",
+                   help="the server's own evaluation CSV when the SuperNodes hold their own data (default: no "
+                        "server evaluation; the report says so)")
     if name == "run":
+        g.add_argument("--own-data", action="store_true",
+                       help="the SuperNodes hold their own CSVs (`supernode --data`): the launcher reads no data and "
+                            "the preprocessing statistics are a round over the nodes")
         g.add_argument("--superlink", default="127.0.0.1:8000", help="SuperLink address HOST:PORT")
         g2 = g.add_mutually_exclusive_group(required=True)
         g2.add_argument("--ca", type=Path, metavar="PEM",
@@ -209,6 +215,8 @@ def _job(args: argparse.Namespace) -> Any:
         out=str(args.out.resolve()), join_timeout=args.join_timeout, start_timeout=args.start_timeout,
         phase_timeout=args.phase_timeout, poll_interval=args.poll,
     )
+    if args.task == "train" and _own_data_run(args, config):
+        return FlowerJob(task="train", config=_own_data_config(args, config).as_dict(), stats=None, **common)
     if args.task == "train":
         return FlowerJob(task="train", config=config.as_dict(), stats=release_statistics(config), **common)
     protocol = config.privacy.tokens()[-1] if config.privacy.tokens() else "plain"
@@ -216,6 +224,38 @@ def _job(args: argparse.Namespace) -> Any:
         raise ValueError(f"--task sum runs secagg, secagg+ or none (plain), not {config.privacy.spec!r}")
     return FlowerJob(task="sum", clients=config.clients, size=args.size, rounds=config.rounds, seed=config.seed,
                      protocol=protocol, threshold=config.privacy.cohort_threshold, **common)
+
+
+def _own_data_run(args: argparse.Namespace, config: Any) -> bool:
+    """Whether the SuperNodes train on their own CSVs (``local --site``/``--sites``, ``run --own-data``)."""
+    if args.flower_command == "run" and (config.sites or config.sites_dir):
+        raise ValueError("--site/--sites name files on this host; over `flower run` every SuperNode names its own "
+                         "(`privagg flower supernode --data CSV --name SITE`): pass --own-data instead")
+    return bool(config.sites or config.sites_dir or getattr(args, "own_data", False))
+
+
+def local_sites(config: Any) -> list[tuple[str, Path]]:
+    """``(site name, CSV)`` per local SuperNode from ``--site NAME=PATH`` / ``--sites DIR`` (no file is read)."""
+    pairs = [(str(n), Path(p).resolve()) for n, p in config.sites]
+    if config.sites_dir:
+        pairs += [(p.stem, p.resolve()) for p in sorted(Path(config.sites_dir).glob("*.csv"))]
+    missing = [str(p) for _, p in pairs if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"site CSV(s) {missing} not found; pass --site NAME=PATH with existing files")
+    return pairs
+
+
+def _own_data_config(args: argparse.Namespace, config: Any) -> Any:
+    """The job's config of an own-data run: no path of any site, one client per node, the server's test CSV."""
+    from dataclasses import replace
+
+    test = args.test_data or (config.test_site.partition("=")[2] if config.test_site and "=" in config.test_site
+                              else config.test_site)
+    clients = len(local_sites(config)) if args.flower_command == "local" else config.clients
+    if config.target is None:
+        raise ValueError("name the label column of the sites' CSVs with --target COLUMN")
+    return replace(config, sites=(), sites_dir=None, clients=clients,
+                   test_site=str(Path(test).resolve()) if test else None)
 
 
 def _follow(out: Path, *, timeout: float) -> dict[str, Any]:
@@ -233,6 +273,8 @@ def _follow(out: Path, *, timeout: float) -> dict[str, Any]:
                 print(f"  round {ev['round']} {ev['phase']:<10} answered {len(ev['answered'])}/{len(ev['sent'])}")
             elif ev.get("event") == "round_done":
                 parts = [f"round {ev['round']} done: clients {ev.get('included', 0)}/{ev['planned']}"]
+                if ev.get("included_sites"):
+                    parts[0] += f" ({', '.join(ev['included_sites'])})"
                 for key in ("accuracy", "epsilon", "exact", "seconds"):
                     if key in ev:
                         parts.append(f"{key} {ev[key]:.4g}" if isinstance(ev[key], float) else f"{key} {ev[key]}")
@@ -365,13 +407,18 @@ def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]
     else:  # local
         n = job.num_clients
         policy = fw.NodePolicy.load(args.node_policy) if args.node_policy else None
-        with fw.LocalCluster(home.parent / "local", n, tls=not args.insecure,
-                             fleet_poll=0.0 if args.stock else 0.1, policy=policy) as cluster:
+        from fl.cli.main import config_from_args
+
+        sites = local_sites(config_from_args(args)) if job.task == "train" else []
+        with fw.LocalCluster(home.parent / "local", n, tls=not args.insecure, fleet_poll=0.0 if args.stock else 0.1,
+                             policy=policy, sites=sites or None) as cluster:
             print(f"SuperLink on {cluster.address} ({'insecure' if args.insecure else 'TLS'}), {n} SuperNodes; "
                   f"logs in {cluster.logs}")
             cluster.submit(job)
             result = _follow(Path(job.out), timeout=args.timeout)
     if "params_file" in result:
         print(f"model: {result['params_file']}")
+    if "evaluation" in result.get("report", {}):
+        print(result["report"]["evaluation"])
     print(f"result: {Path(job.out) / 'result.json'}")
     return 0

@@ -49,16 +49,16 @@ __all__ = [
     "DataWarning",
     "FederatedStats",
     "Schema",
-    "StatsPrivacy",
-    "federated_statistics",
     "StatsPlan",
+    "StatsPrivacy",
     "encode_contribution",
+    "federated_statistics",
     "plan_statistics",
     "public_ranges",
     "public_statistics",
+    "site_vector",
     "stats_info",
     "stats_pipeline",
-    "site_vector",
 ]
 
 log = logging.getLogger(__name__)

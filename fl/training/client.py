@@ -136,8 +136,8 @@ class ClientSide:
         labels = frame[stats.schema.target].astype(str)
         unknown = sorted(set(labels) - set(index))
         if unknown:
-            raise ValueError(f"site {name or cid} holds label value(s) {unknown} that the run's classes {list(classes)} "
-                             "lack")
+            raise ValueError(f"site {name or cid} holds label value(s) {unknown} that the run's classes "
+                             f"{list(classes)} lack")
         x = stats.transform(frame)
         data = Dataset(name=name or f"client-{cid}", x_train=x, y_train=np.array(labels.map(index), dtype=np.int64),
                        x_test=np.zeros((0, x.shape[1]), dtype=np.float32), y_test=np.zeros(0, dtype=np.int64),

@@ -126,8 +126,10 @@ def _add_server_time(entries: Sequence[Exchange], phases: Sequence[PhaseStats], 
         (mine or list(entries))[-1].server_s += p.server_s
 
 
-def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
-    """Wait for the SuperNodes, ask each for its partition; return ``{client id: node id}``."""
+def _discover(grid: Grid, job: FlowerJob, hellos_out: dict[int, Any] | None = None) -> dict[int, int]:
+    """Wait for the SuperNodes, ask each for its partition; return ``{client id: node id}``.
+
+    ``hellos_out``: filled with each client's hello fields (its site, columns and table metadata)."""
     want = job.num_clients
     deadline = time.monotonic() + job.join_timeout
     nodes: list[int] = []
@@ -173,6 +175,8 @@ def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
     if len(mapping) < want:
         missing = sorted(set(range(want)) - set(mapping))
         raise RuntimeError(f"no SuperNode answered for partition(s) {missing} within {job.join_timeout:g}s")
+    if hellos_out is not None:
+        hellos_out.update({cid: hellos[node] for cid, node in mapping.items()})
     return mapping
 
 
@@ -198,12 +202,17 @@ def _server_main(grid: Grid, context: Context) -> None:
 def serve(grid: Grid, job: FlowerJob, progress: Progress) -> dict[str, Any]:
     """Discover the SuperNodes, run the job's rounds over them; return the result (``result.json``)."""
     t_join = time.perf_counter()
-    nodes = _discover(grid, job)
+    hellos: dict[int, Any] = {}
+    nodes = _discover(grid, job, hellos)
     tr = GridTransport(grid, job, nodes)
     tr.progress = progress
     progress(event="joined", nodes={str(c): n for c, n in nodes.items()}, seconds=time.perf_counter() - t_join)
     rounds: list[dict[str, Any]] = []
-    fed: Any = _start_federation(job) if job.task == "train" else None
+    fed: Any = None
+    own_start: dict[str, Any] = {}
+    names: dict[int, str] = {}
+    if job.task == "train":
+        fed, own_start, names = _start_federation(job, tr, hellos)
     stopped = None
     for r in range(1, job.num_rounds + 1):
         t_round = time.perf_counter()
@@ -218,7 +227,7 @@ def serve(grid: Grid, job: FlowerJob, progress: Progress) -> dict[str, Any]:
                     stopped = f"stopped before round {r}: {BudgetExhaustedError(why)}"
                     break
             ssum, spec, session = fed.plan.pipeline.sum, fed.bound.sum_spec, fed.session(r)
-            start = {"params": np.ascontiguousarray(fed.params, dtype=np.float64).tobytes()}
+            start = {"params": np.ascontiguousarray(fed.params, dtype=np.float64).tobytes(), **own_start}
         else:
             planned = tuple(range(job.clients))
             ssum, spec = sum_protocol(job)
@@ -241,22 +250,84 @@ def serve(grid: Grid, job: FlowerJob, progress: Progress) -> dict[str, Any]:
         else:
             record.update(_checked_sum(job, r, rr.total, rr.included, spec))
         record = {**record, "included_ids": list(rr.included), "seconds": time.perf_counter() - t_round}
+        if names:  # the same facts as included_ids, by site name
+            record["included_sites"] = [names[c] for c in rr.included]
         rounds.append(record)
         progress(event="round_done", **record)
-    return _result(job, nodes=nodes, rounds=rounds, exchanges=tr.log, fed=fed, stopped=stopped)
+    return _result(job, nodes=nodes, rounds=rounds, exchanges=tr.log, fed=fed, stopped=stopped, own=bool(names))
 
 
-def _start_federation(job: FlowerJob) -> Any:
-    """The server's :class:`~fl.training.loop.Federation` for a ``train`` job (torch limited to 2 threads)."""
+def _start_federation(job: FlowerJob, tr: GridTransport, hellos: Mapping[int, Any]) -> tuple[Any, dict[str, Any],
+                                                                                             dict[int, str]]:
+    """The server's :class:`~fl.training.loop.Federation` for a ``train`` job (torch limited to 2 threads).
+
+    Returns it with the fields every training start carries and the site names by client id (both
+    empty unless the nodes hold their own data: :func:`_own_federation`).
+    """
     import torch
 
     from fl.training.loop import Federation
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    if any("site" in h for h in hellos.values()):
+        return _own_federation(job, tr, hellos)
     fed = Federation(train_config(job), stats=job_stats(job))
     if fed.config.dropout > 0:
         log.warning("--dropout simulates dropouts in memory; over Flower, real dropouts are used instead")
-    return fed
+    return fed, {}, {}
+
+
+NO_EVALUATION = ("no evaluation set: the server holds no data (give `privagg flower run --test-data CSV` to "
+                 "evaluate the global model on the server's own rows)")
+
+
+def _own_federation(job: FlowerJob, tr: GridTransport, hellos: Mapping[int, Any]) -> tuple[Any, dict[str, Any],
+                                                                                           dict[int, str]]:
+    """The server side of a run on the nodes' own data: it holds no training row, only the sites' n_k.
+
+    The preprocessing is released once, here: by a statistics round over the nodes (round 0, the run's
+    secure sum, each node adding its DP noise) or, with ``--standardize public``, from public ranges alone.
+    """
+    from fl.data.stats import public_statistics
+    from fl.runners.flower import site
+    from fl.training.loop import Federation
+
+    if job.stats is not None:
+        raise RuntimeError("the job carries a preprocessing release, but the nodes hold their own data; the "
+                           "launcher cannot have computed it: write the job without stats")
+    config = train_config(job)
+    own = site.own_sites(hellos, config)
+    test = site.server_test_frame(config, own.schema)
+    classes = site.run_classes(own, test)
+    if config.standardize == "public":
+        stats = public_statistics(own.schema, bounds={c: (lo, hi) for c, lo, hi in config.feature_bounds},
+                                  reference=test, categories={c: list(v) for c, v in config.categories},
+                                  rows=sum(own.sizes))
+    else:
+        stats = _statistics_round(tr, config, own, test)
+    fed = Federation(config, dataset=site.server_dataset(own, stats, test, classes), own_parts=True)
+    if test is None:
+        fed.server.evaluation = lambda model: {}  # no accuracy of nothing: the report says NO_EVALUATION
+    return fed, site.own_start_fields(stats, own, classes), dict(own.names)
+
+
+def _statistics_round(tr: GridTransport, config: Any, own: Any, test: Any) -> Any:
+    """Round 0: every node's statistics vector through the run's secure sum; the one release."""
+    from fl.data.stats import default_session, stats_pipeline
+    from fl.runners.flower import site
+
+    plan, fields = site.stats_request(config, own, test)
+    ssum, _ = site._stats_parts(config, len(own.sizes))
+    pipe = stats_pipeline(ssum, size=plan.size, cohort=len(own.sizes), bound=plan.bound)
+    session = default_session(config.seed if config.insecure_seeded_randomness else None)
+    if tr.progress is not None:
+        tr.progress(event="round", round=0, statistics=True)
+    try:
+        rr = run_round(tr, ssum, pipe.sum_spec, round=0, planned=list(range(len(own.sizes))), session=session,
+                       start_fields=fields)
+    except AbortError as exc:
+        raise RuntimeError(f"the statistics round (round 0) failed: {exc}; every site must contribute") from exc
+    return site.release_from_total(plan, config, rr.total, rr.included, test)
 
 
 def _record_failed_round(record: dict[str, Any], exc: Exception, *, r: int, fed: Any) -> None:
@@ -289,7 +360,7 @@ def _checked_sum(
 
 def _result(
     job: FlowerJob, *, nodes: Mapping[int, int], rounds: list[dict[str, Any]], exchanges: Sequence[Any], fed: Any,
-    stopped: str | None,
+    stopped: str | None, own: bool = False,
 ) -> dict[str, Any]:
     """The job's result: job, nodes, rounds and exchanges; a training job's report and saved ``params.npy``."""
     out = Path(job.out)
@@ -301,6 +372,11 @@ def _result(
     }
     if fed is not None:
         np.save(out / "params.npy", fed.params)
-        result["report"] = fed.report(baseline=None, stopped=stopped)
+        # on the nodes' own data the server has no per-site rows: no per-site metrics (under DP they would leak)
+        report = fed.server.report(baseline=None, per_client={}, stopped=stopped) if own else \
+            fed.report(baseline=None, stopped=stopped)
+        if own and len(fed.server.x_test) == 0:
+            report["evaluation"] = NO_EVALUATION
+        result["report"] = report
         result["params_file"] = str(out / "params.npy")
     return result
