@@ -140,8 +140,8 @@ def _add_supernode_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--auth-key", type=Path, metavar="KEY",
                    help="this site's private key registered with the SuperLink (`privagg flower register`)")
     p.add_argument("--data", type=Path, metavar="CSV",
-                   help="this site's own data (a CSV with a header); the node never loads the bundled set, and a run "
-                        "whose sites' columns differ is refused at its start")
+                   help="this site's own data (a CSV with a header; train jobs train on it); the node never loads the "
+                        "bundled set, and a run whose sites' columns differ is refused at its start")
     p.add_argument("--name", metavar="SITE", help="this site's name (default: the CSV's file name without .csv)")
     _tls_args(p, server=False)
 

@@ -6,6 +6,11 @@ each such node reports its site name and its CSV's column names, read from the h
 leaves the node); the ServerApp refuses the run before any round if the sites' columns differ, naming
 for each site the columns it lacks and the ones it has in excess (:func:`check_sites`), or if two nodes
 claim the same site name.
+
+The privagg ClientApp trains on these tables (the functions after ``check_sites``): the node reads only its
+own file, with the job's target/drop/missing rules; the statistics are one round over the nodes through
+the run's secure sum; the server holds no training row, only the sites' n_k (public metadata, as in
+memory), and evaluates on its own ``--test-data`` or not at all.
 """
 
 from __future__ import annotations

@@ -177,8 +177,10 @@ def test_serve_on_the_nodes_own_csvs_without_a_test_set(tmp_path: Path) -> None:
 
     sites, test = split_sites(tmp_path)
     _, job_config = configs(sites, test, SPECS["dnoise"], rounds=1)
-    job = FlowerJob(task="train", out=str(tmp_path / "out"), config=dataclasses.replace(job_config, test_site=None)
-                    .as_dict(), join_timeout=5, start_timeout=60, phase_timeout=30, poll_interval=0.0)
+    bounds = public_bounds()  # without server data the public ranges must be declared (--bounds)
+    job = FlowerJob(task="train", out=str(tmp_path / "out"), join_timeout=5, start_timeout=60, phase_timeout=30,
+                    config=dataclasses.replace(job_config, test_site=None, feature_bounds=bounds).as_dict(),
+                    poll_interval=0.0)
     policy = NodePolicy(allow_insecure_seeded_randomness=True).save(tmp_path / "policy.json")
     (tmp_path / "out").mkdir()
     result = serve(InProcessGrid(_own_contexts(tmp_path, sites, job, policy=policy)), job,  # type: ignore[arg-type]
@@ -188,6 +190,14 @@ def test_serve_on_the_nodes_own_csvs_without_a_test_set(tmp_path: Path) -> None:
     assert "accuracy" not in result["rounds"][0] and "accuracy" not in report["final"]
     assert result["rounds"][0]["included_sites"] == ["hospital-a", "hospital-b", "hospital-c"]
     assert report["ledger"][0]["stage"] == "preprocessing" and report["final"]["epsilon"] > 0
+
+
+def public_bounds() -> tuple[tuple[str, float, float], ...]:
+    """Declared public ranges of breast_cancer's columns (0 to twice the largest value: a format fact here)."""
+    from sklearn.datasets import load_breast_cancer
+
+    data = load_breast_cancer(as_frame=True).data
+    return tuple((str(c), 0.0, 2.0 * float(data[c].max())) for c in data.columns)
 
 
 def _stats_request_for(sites: list[tuple[str, Path]], job_config: TrainConfig) -> dict[str, Any]:
@@ -259,7 +269,7 @@ def test_cli_jobs_on_own_data_carry_no_site_path(tmp_path: Path, capsys: pytest.
     flags = ["--target", "target", "--privacy", "clip,dnoise,secagg+", "--clip", "1", "--noise-multiplier", "1"]
     local = parser.parse_args(["local", *flags, *[f"--site={n}={p}" for n, p in sites], "--test-data", str(test)])
     job = flower_cli._job(local)
-    assert job.stats is None and job.num_clients == 3 and job.config["sites"] == []
+    assert job.stats is None and job.num_clients == 3 and not job.config["sites"]
     assert job.config["test_site"] == str(test.resolve())
     assert not [p for _, p in sites if str(p) in job.to_json()]
     assert flower_cli.local_sites(_config(local)) == [(n, p.resolve()) for n, p in sites]
