@@ -167,9 +167,10 @@ def _as_server(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("_as_server")
-def test_serve_on_the_nodes_own_csvs_without_a_test_set(tmp_path: Path) -> None:
-    """The ServerApp over in-process nodes: a statistics round, then training; with no server test data the
-    report says "no evaluation set" and no round carries an accuracy (of nothing)."""
+@pytest.mark.parametrize("standardize", ["federated", "public"])
+def test_serve_on_the_nodes_own_csvs_without_a_test_set(tmp_path: Path, standardize: str) -> None:
+    """The ServerApp over in-process nodes: a statistics round (or, ``--standardize public``, none), then
+    training; with no server test data the report says "no evaluation set" and no round carries an accuracy."""
     from fl.runners.flower import FlowerJob, NodePolicy
     from fl.runners.flower.link import Progress
     from fl.runners.flower.serverapp import NO_EVALUATION, serve
@@ -179,7 +180,8 @@ def test_serve_on_the_nodes_own_csvs_without_a_test_set(tmp_path: Path) -> None:
     _, job_config = configs(sites, test, SPECS["dnoise"], rounds=1)
     bounds = public_bounds()  # without server data the public ranges must be declared (--bounds)
     job = FlowerJob(task="train", out=str(tmp_path / "out"), join_timeout=5, start_timeout=60, phase_timeout=30,
-                    config=dataclasses.replace(job_config, test_site=None, feature_bounds=bounds).as_dict(),
+                    config=dataclasses.replace(job_config, test_site=None, feature_bounds=bounds,
+                                               standardize=standardize).as_dict(),
                     poll_interval=0.0)
     policy = NodePolicy(allow_insecure_seeded_randomness=True).save(tmp_path / "policy.json")
     (tmp_path / "out").mkdir()
@@ -190,6 +192,11 @@ def test_serve_on_the_nodes_own_csvs_without_a_test_set(tmp_path: Path) -> None:
     assert "accuracy" not in result["rounds"][0] and "accuracy" not in report["final"]
     assert result["rounds"][0]["included_sites"] == ["hospital-a", "hospital-b", "hospital-c"]
     assert report["ledger"][0]["stage"] == "preprocessing" and report["final"]["epsilon"] > 0
+    statistics_round = [e for e in result["exchanges"] if e["round"] == 0]
+    if standardize == "public":  # public ranges only: no node is asked for anything before round 1
+        assert not statistics_round and "public-standardization" in json.dumps(report["ledger"][0])
+    else:
+        assert len(statistics_round) == 4 and "federated-statistics" in json.dumps(report["ledger"][0])
 
 
 def public_bounds() -> tuple[tuple[str, float, float], ...]:
@@ -227,6 +234,11 @@ def test_a_node_releases_its_statistics_once_and_pins_the_release(tmp_path: Path
     assert not first.has_error() and len(first.content["privagg"]["msgs"]) == 1  # its advertise message
     again = deliver(instruction(100, START, {**ask, "session": b"t" * 16}, message_id="b"), ctx)
     assert again.has_error() and "already released its statistics" in again.error.reason
+    seeded = FlowerJob(task="train", out=str(tmp_path / "out"),
+                       config=dataclasses.replace(job_config, insecure_seeded_randomness=True).as_dict())
+    ctx2 = _own_contexts(tmp_path / "x", sites, seeded)[101]  # the default policy: no seeded randomness
+    refused = deliver(instruction(101, START, ask, message_id="c"), ctx2)
+    assert refused.has_error() and "insecure_seeded_randomness" in refused.error.reason
     _own_release(ctx, {site.OWN_KEY: '{"stats": 1}'})
     with pytest.raises(PolicyError, match="another preprocessing release"):
         _own_release(ctx, {site.OWN_KEY: '{"stats": 2}'})
