@@ -269,6 +269,8 @@ def _follow(out: Path, *, timeout: float) -> dict[str, Any]:
             ev = json.loads(line)
             if ev.get("event") == "joined":
                 print(f"joined: {len(ev['nodes'])} SuperNodes in {ev['seconds']:.1f}s")
+            elif ev.get("event") == "round" and ev.get("statistics"):
+                print("round 0: the preprocessing statistics, summed over the sites' own data")
             elif ev.get("event") == "phase":
                 print(f"  round {ev['round']} {ev['phase']:<10} answered {len(ev['answered'])}/{len(ev['sent'])}")
             elif ev.get("event") == "round_done":
