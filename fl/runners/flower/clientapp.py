@@ -136,17 +136,14 @@ def _own_release(context: Context, rec: Any) -> str:
     A server that switched the release (or the sites' n_k) between rounds would change what this node's
     update means; any later start must carry exactly the first one.
     """
-    import hashlib
-
     raw = rec.get(OWN_KEY) if rec is not None else None
     if not isinstance(raw, str):
         raise PolicyError("this SuperNode trains on its own data and the start carries no preprocessing release; "
                           "the ServerApp must run the statistics round first (privagg flower run)")
-    digest = hashlib.sha256(raw.encode()).hexdigest()
-    pinned = context.state[_OWN]["digest"] if _OWN in context.state else None
+    pinned = context.state[_OWN]["release"] if _OWN in context.state else None
     if pinned is None:
-        context.state[_OWN] = ConfigRecord({"digest": digest})
-    elif pinned != digest:
+        context.state[_OWN] = ConfigRecord({"release": raw})  # a few kB of public JSON: kept verbatim
+    elif pinned != raw:
         raise PolicyError("the start carries another preprocessing release than this run's first one; refusing")
     return raw
 
