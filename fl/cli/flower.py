@@ -181,8 +181,8 @@ def _add_supernode_parser(sub: argparse._SubParsersAction[argparse.ArgumentParse
     p.add_argument("--auth-key", type=Path, metavar="KEY",
                    help="this site's private key registered with the SuperLink (`privagg flower register`)")
     p.add_argument("--data", type=Path, metavar="CSV",
-                   help="this site's own data (a CSV with a header); the node never loads the bundled set, and a run "
-                        "whose sites' columns differ is refused at its start")
+                   help="this site's own data (a CSV with a header; train jobs train on it); the node never loads the "
+                        "bundled set, and a run whose sites' columns differ is refused at its start")
     p.add_argument("--name", metavar="SITE", help="this site's name (default: the CSV's file name without .csv)")
     p.add_argument("--identity-key", type=Path, metavar="KEY",
                    help="this site's private identity key (`privagg flower identity`), for authenticated SecAgg")
@@ -223,7 +223,13 @@ def _add_job_flags(g: argparse._ArgumentGroup, *, name: str) -> None:
     g.add_argument("--authenticated", action="store_true",
                    help="authenticated SecAgg/SecAgg+ (identity keys, signed messages, consistency round)"
                         + (": needs --identity-roster" if name == "run" else ": local nodes get fresh identities"))
+    g.add_argument("--test-data", type=Path, metavar="CSV",
+                   help="the server's own evaluation CSV when the SuperNodes hold their own data (default: no "
+                        "server evaluation; the report says so)")
     if name == "run":
+        g.add_argument("--own-data", action="store_true",
+                       help="the SuperNodes hold their own CSVs (`supernode --data`): the launcher reads no data and "
+                            "the preprocessing statistics are a round over the nodes")
         g.add_argument("--superlink", default="127.0.0.1:8000", help="SuperLink address HOST:PORT")
         g2 = g.add_mutually_exclusive_group(required=True)
         g2.add_argument("--ca", type=Path, metavar="PEM",
@@ -271,6 +277,8 @@ def _job(args: argparse.Namespace) -> Any:
         phase_timeout=args.phase_timeout, poll_interval=args.poll, paillier_public_key=_public_key_json(args),
         roster=_job_roster(args),
     )
+    if args.task == "train" and _own_data_run(args, config):
+        return FlowerJob(task="train", config=_own_data_config(args, config).as_dict(), stats=None, **common)
     if args.task == "train":
         return _train_job(args, config, common)
     protocol = config.privacy.tokens()[-1] if config.privacy.tokens() else "plain"
@@ -348,6 +356,38 @@ def _public_key_json(args: argparse.Namespace) -> str | None:
     return None
 
 
+def _own_data_run(args: argparse.Namespace, config: Any) -> bool:
+    """Whether the SuperNodes train on their own CSVs (``local --site``/``--sites``, ``run --own-data``)."""
+    if args.flower_command == "run" and (config.sites or config.sites_dir):
+        raise ValueError("--site/--sites name files on this host; over `flower run` every SuperNode names its own "
+                         "(`privagg flower supernode --data CSV --name SITE`): pass --own-data instead")
+    return bool(config.sites or config.sites_dir or getattr(args, "own_data", False))
+
+
+def local_sites(config: Any) -> list[tuple[str, Path]]:
+    """``(site name, CSV)`` per local SuperNode from ``--site NAME=PATH`` / ``--sites DIR`` (no file is read)."""
+    pairs = [(str(n), Path(p).resolve()) for n, p in config.sites]
+    if config.sites_dir:
+        pairs += [(p.stem, p.resolve()) for p in sorted(Path(config.sites_dir).glob("*.csv"))]
+    missing = [str(p) for _, p in pairs if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"site CSV(s) {missing} not found; pass --site NAME=PATH with existing files")
+    return pairs
+
+
+def _own_data_config(args: argparse.Namespace, config: Any) -> Any:
+    """The job's config of an own-data run: no path of any site, one client per node, the server's test CSV."""
+    from dataclasses import replace
+
+    test = args.test_data or (config.test_site.partition("=")[2] if config.test_site and "=" in config.test_site
+                              else config.test_site)
+    clients = len(local_sites(config)) if args.flower_command == "local" else config.clients
+    if config.target is None:
+        raise ValueError("name the label column of the sites' CSVs with --target COLUMN")
+    return replace(config, sites=(), sites_dir=None, clients=clients,
+                   test_site=str(Path(test).resolve()) if test else None)
+
+
 def _follow(out: Path, *, timeout: float) -> dict[str, Any]:
     """Print the ServerApp's progress lines as they appear; return ``result.json``."""
     seen = 0
@@ -359,10 +399,14 @@ def _follow(out: Path, *, timeout: float) -> dict[str, Any]:
             ev = json.loads(line)
             if ev.get("event") == "joined":
                 print(f"joined: {len(ev['nodes'])} SuperNodes in {ev['seconds']:.1f}s")
+            elif ev.get("event") == "round" and ev.get("statistics"):
+                print("round 0: the preprocessing statistics, summed over the sites' own data")
             elif ev.get("event") == "phase":
                 print(f"  round {ev['round']} {ev['phase']:<10} answered {len(ev['answered'])}/{len(ev['sent'])}")
             elif ev.get("event") == "round_done":
                 parts = [f"round {ev['round']} done: clients {ev.get('included', 0)}/{ev['planned']}"]
+                if ev.get("included_sites"):
+                    parts[0] += f" ({', '.join(ev['included_sites'])})"
                 for key in ("accuracy", "epsilon", "exact", "seconds"):
                     if key in ev:
                         parts.append(f"{key} {ev[key]:.4g}" if isinstance(ev[key], float) else f"{key} {ev[key]}")
@@ -584,9 +628,13 @@ def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]
 
             policy = fw.NodePolicy(protocols=("secagg", "secagg+", "paillier"),
                                    paillier_key_fingerprint=job_public_key(job).fingerprint.hex())
+        from fl.cli.main import config_from_args
+
+        sites = local_sites(config_from_args(args)) if job.task == "train" else []
         with fw.LocalCluster(home.parent / "local", n, tls=not args.insecure,
                              fleet_poll=0.0 if args.stock else 0.1, policy=policy, authenticated=args.authenticated,
-                             key_holder=args.paillier_key if job.paillier_public_key else None) as cluster:
+                             key_holder=args.paillier_key if job.paillier_public_key else None,
+                             sites=sites or None) as cluster:
             holder = " + the key holder" if cluster.key_holder is not None else ""
             print(f"SuperLink on {cluster.address} ({'insecure' if args.insecure else 'TLS'}), {n} SuperNodes{holder}; "
                   f"logs in {cluster.logs}")
@@ -594,5 +642,7 @@ def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]
             result = _follow(Path(job.out), timeout=args.timeout)
     if "params_file" in result:
         print(f"model: {result['params_file']}")
+    if "evaluation" in result.get("report", {}):
+        print(result["report"]["evaluation"])
     print(f"result: {Path(job.out) / 'result.json'}")
     return 0

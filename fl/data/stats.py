@@ -52,11 +52,16 @@ __all__ = [
     "DataWarning",
     "FederatedStats",
     "Schema",
+    "StatsPlan",
     "StatsPrivacy",
+    "encode_contribution",
     "federated_statistics",
+    "plan_statistics",
     "public_ranges",
     "public_statistics",
     "site_vector",
+    "stats_info",
+    "stats_pipeline",
 ]
 
 log = logging.getLogger(__name__)
@@ -300,6 +305,27 @@ def _is_plain(ssum: SecureSum) -> bool:
     return True
 
 
+def stats_pipeline(ssum: SecureSum, *, size: int, cohort: int, bound: float) -> Any:
+    """The bound pipeline of a statistics sum: ``Quantize`` (public ``bound`` per coordinate) before a ring sum.
+
+    Every site and the server build it from public facts alone, in memory and over Flower alike."""
+    from fl.layers.clip import Quantize
+    from fl.pipeline import Pipeline
+    from secagg.ring import MAX_RING_BITS, value_bits_for
+
+    layers = [] if _is_plain(ssum) else [
+        Quantize(bits=min(48, value_bits_for(MAX_RING_BITS, max(2, cohort))), bound=bound)
+    ]
+    return Pipeline(layers, sum=ssum).bind(ValueSpec(size=max(1, size), cohort=cohort))
+
+
+def stats_info(cids: Sequence[int]) -> Any:
+    """The :class:`~fl.spec.RoundInfo` of the statistics sum (round 0, every site)."""
+    from fl.spec import RoundInfo
+
+    return RoundInfo(round=0, planned=tuple(cids), included=tuple(cids), population=len(cids), sample_rate=1.0)
+
+
 def secure_total(
     vectors: Mapping[int, NDArray[np.float64]], ssum: SecureSum, *, bound: float, noise_share: float,
     rng_for: Callable[[int], RandomSource], session: bytes,
@@ -309,28 +335,22 @@ def secure_total(
     A ring sum (SecAgg, SecAgg+, Paillier) gets ``Quantize`` with the public ``bound`` per coordinate, so
     the decoded total differs from the exact one by at most the quantizer's stated error.
     """
-    from fl.layers.clip import Quantize
-    from fl.pipeline import Pipeline
     from fl.runners.local import run_secure_sum
-    from fl.spec import RoundInfo
-    from secagg.ring import MAX_RING_BITS, value_bits_for
 
     cids = sorted(vectors)
-    size = len(next(iter(vectors.values())))
-    layers = [] if _is_plain(ssum) else [
-        Quantize(bits=min(48, value_bits_for(MAX_RING_BITS, max(2, len(cids)))), bound=bound)
-    ]
-    bound_pipe = Pipeline(layers, sum=ssum).bind(ValueSpec(size=max(1, size), cohort=len(cids)))
-    encoded = {}
-    for cid in cids:
-        rng = rng_for(cid)
-        noisy = vectors[cid] + (rng.normal(size, noise_share) if noise_share > 0 else 0.0)
-        encoded[cid] = bound_pipe.encode(noisy, rng)
+    bound_pipe = stats_pipeline(ssum, size=len(next(iter(vectors.values()))), cohort=len(cids), bound=bound)
+    encoded = {cid: encode_contribution(bound_pipe, vectors[cid], noise_share, rng_for(cid)) for cid in cids}
     outcome = run_secure_sum(ssum, encoded, spec=bound_pipe.sum_spec, session=session, round=0)
     if tuple(outcome.included) != tuple(cids):
         raise RuntimeError(f"the statistics sum left out sites {sorted(set(cids) - set(outcome.included))}")
-    info = RoundInfo(round=0, planned=tuple(cids), included=tuple(cids), population=len(cids), sample_rate=1.0)
-    return bound_pipe.decode(outcome.total, info, rng_for(-1))
+    return np.asarray(bound_pipe.decode(outcome.total, stats_info(cids), rng_for(-1)), dtype=np.float64)
+
+
+def encode_contribution(bound_pipe: Any, vector: NDArray[np.float64], noise_share: float,
+                        rng: RandomSource) -> Any:
+    """One site's noisy, encoded statistics vector (its noise share drawn from ``rng``, then quantized)."""
+    noisy = vector + (rng.normal(len(vector), noise_share) if noise_share > 0 else 0.0)
+    return bound_pipe.encode(noisy, rng)
 
 
 def _candidates(
@@ -389,34 +409,101 @@ def federated_statistics(
     """
     if not sites:
         raise DataError("federated statistics need at least one site")
-    dp = privacy is not None
-    clip = dp or not _is_plain(secure_sum)
-    unit: Unit = privacy.unit if privacy is not None else "example"
-    centre, width = public_ranges(schema, declared=bounds or {}, reference=reference)
-    cand = _candidates(sites, schema, categories or {}, dp)
-    classes = tuple(str(c) for c in labels or ())
-    vectors = {k: site_vector(f, schema, centre=centre, width=width, candidates=cand, clip=clip, unit=unit,
-                              labels=classes) for k, f in enumerate(sites)}
-    sigma = privacy.noise_multiplier * sensitivity(schema, labels=bool(classes)) if privacy is not None else 0.0
-    share = sigma / math.sqrt(len(sites))
-    base = 1.0 if unit == "client" else float(max(max(len(f) for f in sites), 1))
+    cand = _candidates(sites, schema, categories or {}, privacy is not None)
+    plan = plan_statistics(schema, rows=[len(f) for f in sites], secure_sum=secure_sum, privacy=privacy,
+                           bounds=bounds, reference=reference, candidates=cand, labels=labels or ())
+    vectors = {k: plan.vector(f) for k, f in enumerate(sites)}
     rng_for = rng_for or (lambda _k: SecureRandom())
-    total = secure_total(vectors, secure_sum, bound=base + 10.0 * share + 1.0, noise_share=share,
+    total = secure_total(vectors, secure_sum, bound=plan.bound, noise_share=plan.share,
                          rng_for=rng_for, session=session or default_session(None))
-    rows = sum(len(f) for f in sites)
-    scale = float(rows) if unit == "example" else float(len(sites))
-    prior = _prior(reference, schema, centre, width)
-    mean, std, low = _moments(total, len(schema.numeric), scale, centre, width, noise=sigma / scale, prior=prior)
-    counts = total[2 * len(schema.numeric):] * (rows / len(sites) if unit == "client" else 1.0)
-    vocab = _vocabulary(schema, cand, counts[:len(counts) - len(classes)], min_category_count)
-    return FederatedStats(
-        schema=schema, mean=mean, std=std, vocabulary=vocab, rows=rows,
-        guarantee=_guarantee(schema, secure_sum, privacy, len(sites), clip=clip, declared=bool(categories),
-                             labels=bool(classes)),
-        event=privacy.event if privacy is not None else None,
-        constant=tuple(c for c, flat in zip(schema.numeric, low, strict=True) if flat) if privacy is None else (),
-        label_classes=classes, label_counts=counts[len(counts) - len(classes):].copy() if classes else None,
-    )
+    return plan.release(total, secure_sum=secure_sum, privacy=privacy, reference=reference,
+                        min_category_count=min_category_count, declared=bool(categories))
+
+
+@dataclass(frozen=True)
+class StatsPlan:
+    """The public plan of one statistics sum: what every site computes and how the total is read.
+
+    Built from public facts only (the schema, each site's row count ``rows``, the public ranges, the
+    candidate categories and the run's DP parameters), so the sites and the server agree on it without
+    any site's data: :func:`federated_statistics` in memory, the Flower statistics round across nodes.
+    """
+
+    schema: Schema
+    rows: tuple[int, ...]
+    centre: NDArray[np.float64]
+    width: NDArray[np.float64]
+    candidates: Mapping[str, tuple[str, ...]]
+    clip: bool
+    unit: Unit
+    sigma: float
+    classes: tuple[str, ...] = ()  # the run's public class names: the sum also counts each (class weights)
+
+    @property
+    def share(self) -> float:
+        """The noise std each site adds (the total carries ``sigma``)."""
+        return self.sigma / math.sqrt(len(self.rows))
+
+    @property
+    def bound(self) -> float:
+        """Public per-coordinate bound of a noisy site vector (the quantizer's range)."""
+        base = 1.0 if self.unit == "client" else float(max(max(self.rows), 1))
+        return base + 10.0 * self.share + 1.0
+
+    @property
+    def size(self) -> int:
+        return (2 * len(self.schema.numeric) + sum(len(self.candidates[c]) for c in self.schema.categorical)
+                + len(self.classes))
+
+    def vector(self, frame: pd.DataFrame) -> NDArray[np.float64]:
+        """One site's contribution from its own rows (:func:`site_vector`)."""
+        return site_vector(frame, self.schema, centre=self.centre, width=self.width, candidates=self.candidates,
+                           clip=self.clip, unit=self.unit, labels=self.classes)
+
+    def release(self, total: NDArray[np.float64], *, secure_sum: SecureSum, privacy: StatsPrivacy | None,
+                reference: pd.DataFrame | None, min_category_count: float = 1.0,
+                declared: bool = False) -> FederatedStats:
+        """Means, stds and vocabulary from the decoded (noisy) total: the one release of the statistics."""
+        schema, k = self.schema, len(self.rows)
+        rows = sum(self.rows)
+        scale = float(rows) if self.unit == "example" else float(k)
+        prior = _prior(reference, schema, self.centre, self.width)
+        mean, std, low = _moments(total, len(schema.numeric), scale, self.centre, self.width,
+                                  noise=self.sigma / scale, prior=prior)
+        counts = total[2 * len(schema.numeric):] * (rows / k if self.unit == "client" else 1.0)
+        classes = self.classes
+        vocab = _vocabulary(schema, dict(self.candidates), counts[:len(counts) - len(classes)], min_category_count)
+        return FederatedStats(
+            schema=schema, mean=mean, std=std, vocabulary=vocab, rows=rows,
+            guarantee=_guarantee(schema, secure_sum, privacy, k, clip=self.clip, declared=declared,
+                                 labels=bool(classes)),
+            event=privacy.event if privacy is not None else None,
+            constant=tuple(c for c, flat in zip(schema.numeric, low, strict=True) if flat) if privacy is None else (),
+            label_classes=classes, label_counts=counts[len(counts) - len(classes):].copy() if classes else None,
+        )
+
+
+def plan_statistics(
+    schema: Schema, *, rows: Sequence[int], secure_sum: SecureSum, privacy: StatsPrivacy | None,
+    bounds: Mapping[str, tuple[float, float]] | None, reference: pd.DataFrame | None,
+    candidates: Mapping[str, tuple[str, ...]],
+    ranges: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None,
+    labels: Sequence[str] = (),
+) -> StatsPlan:
+    """The :class:`StatsPlan` of a statistics sum over sites with ``rows`` rows each.
+
+    ``ranges``: the public (centre, width) per numeric column, fixed earlier (a site given them by the
+    server); else :func:`public_ranges` fixes them here from ``bounds`` / ``reference``. ``labels``: the
+    run's public class names, counted by the same sum (see :func:`federated_statistics`).
+    """
+    dp = privacy is not None
+    centre, width = ranges if ranges is not None else public_ranges(schema, declared=bounds or {},
+                                                                    reference=reference)
+    classes = tuple(str(c) for c in labels)
+    sigma = privacy.noise_multiplier * sensitivity(schema, labels=bool(classes)) if privacy is not None else 0.0
+    return StatsPlan(schema=schema, rows=tuple(int(n) for n in rows), centre=centre, width=width,
+                     candidates=dict(candidates), clip=dp or not _is_plain(secure_sum),
+                     unit=privacy.unit if privacy is not None else "example", sigma=sigma, classes=classes)
 
 
 def public_statistics(

@@ -5,14 +5,17 @@ the update encoded by the client half of every privacy layer (ready for the secu
 training result (public metadata; DP-SGD reports its own steps, rate and noise there). A client side
 holds nothing of any other site and no server state, so it lives for a whole run: in memory beside the
 others (:class:`fl.training.loop.Federation`), or one per Flower SuperNode
-(:mod:`fl.runners.flower`), built by :meth:`ClientSide.for_site` from the job's config alone.
+(:mod:`fl.runners.flower`), built by :meth:`ClientSide.for_site` from the job's config alone, or by
+:meth:`ClientSide.for_own_data` from the node's own table.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 from numpy.typing import NDArray
 from torch import nn
@@ -28,7 +31,7 @@ from fl.privacy.plan import Calibrator, PrivacyPlan
 from fl.spec import ClientTrainer, RandomSource, TrainResult
 from fl.training.models import build_model, flatten_parameters
 from fl.training.seeds import derive_seed, party_rng
-from fl.training.setup import RunPlan, load_sites, plan_run
+from fl.training.setup import RunPlan, Sites, load_sites, plan_run
 
 __all__ = ["ClientSide", "Worker"]
 
@@ -124,6 +127,38 @@ class ClientSide:
             cid, torch.from_numpy(sites.data.x_train)[idx], torch.from_numpy(sites.data.y_train)[idx],
             config=config, run=run, weight=run.weight(sites, cid), population=sites.population, worker=worker,
         )
+
+    @classmethod
+    def for_own_data(
+        cls, config: TrainConfig, cid: int, frame: pd.DataFrame, *, stats: FederatedStats, sizes: Sequence[int],
+        classes: Sequence[str], name: str = "", calibrate: Calibrator = calibrate_noise,
+    ) -> ClientSide:
+        """Client ``cid``'s side built from ONE site's own table (a SuperNode with its own CSV).
+
+        ``frame``: this site's rows, cleaned by the run's missing-value rule; ``stats``: the run's one
+        preprocessing release; ``sizes``: every site's n_k (public metadata: the weighting and the
+        per-client calibrations depend on them); ``classes``: the run's label values. Nothing of another
+        site is loaded: the other sites appear only as their row counts.
+        """
+        if not 0 <= cid < len(sizes) or sizes[cid] != len(frame):
+            raise ValueError(f"client {cid} has {len(frame)} rows, but the run lists n_k = {list(sizes)}")
+        index = {c: i for i, c in enumerate(classes)}
+        labels = frame[stats.schema.target].astype(str)
+        unknown = sorted(set(labels) - set(index))
+        if unknown:
+            raise ValueError(f"site {name or cid} holds label value(s) {unknown} that the run's classes "
+                             f"{list(classes)} lack")
+        x = stats.transform(frame)
+        data = Dataset(name=name or f"client-{cid}", x_train=x, y_train=np.array(labels.map(index), dtype=np.int64),
+                       x_test=np.zeros((0, x.shape[1]), dtype=np.float32), y_test=np.zeros(0, dtype=np.int64),
+                       feature_names=stats.feature_names, classes=tuple(classes),
+                       parts=tuple(np.arange(n, dtype=np.int64) for n in sizes),  # only the own part indexes rows
+                       guarantees=(stats.guarantee,), stats=stats)
+        sites = Sites(data, data.parts, {cid: data.name})
+        worker = Worker.for_config(config, data)
+        run = plan_run(config, size=worker.size, sites=sites, only=cid, calibrate=calibrate)
+        return cls(cid, torch.from_numpy(x), torch.from_numpy(data.y_train), config=config, run=run,
+                   weight=run.weight(sites, cid), population=sites.population, worker=worker)
 
     @property
     def plan(self) -> PrivacyPlan:

@@ -63,7 +63,11 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, num_classes: in
 
 
 def majority_rate(data: Dataset) -> float:
-    """Test accuracy of always predicting the training set's most frequent class (the floor to beat)."""
+    """Test accuracy of always predicting the training set's most frequent class (the floor to beat).
+
+    NaN when the server holds no training rows or no test rows (a Flower run on the nodes' own data)."""
+    if len(data.y_train) == 0 or len(data.y_test) == 0:
+        return math.nan
     majority = int(np.bincount(data.y_train).argmax())
     return float(np.mean(data.y_test == majority))
 

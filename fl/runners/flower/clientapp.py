@@ -42,6 +42,7 @@ from fl.runners.flower.job import (
     train_config,
 )
 from fl.runners.flower.policy import PolicyError, sum_terms, train_terms
+from fl.runners.flower.site import OWN_KEY
 from fl.spec import SecureSum
 from secagg.errors import ProtocolError
 from secagg.machine import Message as ProtocolMessage
@@ -51,38 +52,104 @@ from secagg.plain import PlainClient
 log = logging.getLogger(__name__)
 
 
-def _refuse_weaker(context: Context, job: FlowerJob, cid: int) -> None:
-    """Raise :class:`PolicyError` if ``job`` asks this node for less than its policy allows."""
-    if job.task == "train":
-        terms = train_terms(_client_side(context, job, cid), cid)
+def _refuse_weaker(context: Context, job: FlowerJob, cid: int, rec: Any = None) -> None:
+    """Raise :class:`PolicyError` if ``job`` asks this node for less than its policy allows.
+
+    A node with its own data checks the statistics round's terms until a start carries the run's
+    preprocessing release (``rec``); from then on the training terms of its client side.
+    """
+    if job.task == "train" and _own_table(context, job) is not None and (rec is None or OWN_KEY not in rec):
+        terms = _stats_terms(job)
+    elif job.task == "train":
+        terms = train_terms(_client_side(context, job, cid, rec), cid)
     else:
         terms = sum_terms(sum_of(job), job.clients)  # before binding: the policy's refusal is the one reported
     node_policy(context).check(terms)
 
 
-_CLIENT_SIDES: dict[tuple[int, str, int], Any] = {}
-"""This process's client side per (run id, job text, partition): built once, kept for the whole run."""
+def _stats_terms(job: FlowerJob) -> Any:
+    """The terms of an own-data job's statistics round (its sum over every site, its DP noise)."""
+    from dataclasses import replace
+
+    from fl.runners.flower.site import _stats_parts
+
+    config = train_config(job)
+    ssum, privacy = _stats_parts(config, job.num_clients)
+    return replace(sum_terms(ssum, job.num_clients), own_noise=privacy.noise_multiplier if privacy else None,
+                   clip=config.privacy.clip, epsilon=config.privacy.epsilon,
+                   seeded=bool(config.insecure_seeded_randomness))
 
 
-def _client_side(context: Context, job: FlowerJob, cid: int) -> Any:
+_CLIENT_SIDES: dict[tuple[int, str, int, str], Any] = {}
+"""This process's client side per (run id, job text, partition, release): built once, kept for the whole run."""
+_TABLES: dict[tuple[int, str], Any] = {}
+"""This process's own table (its node's CSV) per (run id, job text)."""
+
+
+def _own_table(context: Context, job: FlowerJob) -> Any:
+    """This node's own table (:func:`fl.runners.flower.site.own_table`), read once per process and run."""
+    from fl.runners.flower import site
+
+    if site.node_site(context.node_config) is None:
+        return None
+    key = (int(context.run_id), job.to_json())
+    if key not in _TABLES:
+        _TABLES.clear()
+        try:
+            _TABLES[key] = site.own_table(context.node_config, train_config(job))
+        except ValueError as exc:
+            raise PolicyError(f"this node's own data is unusable for the job: {exc}") from exc
+    return _TABLES[key]
+
+
+def _client_side(context: Context, job: FlowerJob, cid: int, rec: Any = None) -> Any:
     """This node's :class:`~fl.training.client.ClientSide` for the run (one site: its data, model, trainer).
 
     Built once per process and run, keyed by run id and the job's exact text (a different job under the
     same run id builds a new one); a cold process (Flower may start one per message) rebuilds it
     deterministically from the job's config alone, reusing the noise calibrations this node memoised in
-    its own state (:mod:`fl.runners.flower.calibrations`). Only the latest run is kept.
+    its own state (:mod:`fl.runners.flower.calibrations`). Only the latest run is kept. A node with its
+    own data builds it from its own table and the release the start ``rec`` carries (pinned per run).
     """
-    key = (int(context.run_id), job.to_json(), cid)
+    own = _own_release(context, rec) if _own_table(context, job) is not None else ""
+    key = (int(context.run_id), job.to_json(), cid, own)
     side = _CLIENT_SIDES.get(key)
     if side is None:
         from fl.runners.flower.calibrations import NodeCalibrations
         from fl.training.client import ClientSide
 
         _CLIENT_SIDES.clear()
-        side = ClientSide.for_site(train_config(job), cid, calibrate=NodeCalibrations(context),
-                                   stats=job_stats(job))
+        if own:
+            from fl.runners.flower.site import own_client_side
+
+            side = own_client_side(_own_table(context, job), train_config(job), cid, own,
+                                   calibrate=NodeCalibrations(context))
+        else:
+            side = ClientSide.for_site(train_config(job), cid, calibrate=NodeCalibrations(context),
+                                       stats=job_stats(job))
         _CLIENT_SIDES[key] = side
     return side
+
+
+_OWN = "privagg-own"
+
+
+def _own_release(context: Context, rec: Any) -> str:
+    """The start's preprocessing release for an own-data node; the first one of a run is pinned.
+
+    A server that switched the release (or the sites' n_k) between rounds would change what this node's
+    update means; any later start must carry exactly the first one.
+    """
+    raw = rec.get(OWN_KEY) if rec is not None else None
+    if not isinstance(raw, str):
+        raise PolicyError("this SuperNode trains on its own data and the start carries no preprocessing release; "
+                          "the ServerApp must run the statistics round first (privagg flower run)")
+    pinned = context.state[_OWN]["release"] if _OWN in context.state else None
+    if pinned is None:
+        context.state[_OWN] = ConfigRecord({"release": raw})  # a few kB of public JSON: kept verbatim
+    elif pinned != raw:
+        raise PolicyError("the start carries another preprocessing release than this run's first one; refusing")
+    return raw
 
 
 def _guarded(fn: Any) -> Any:
@@ -172,7 +239,11 @@ def _hello(msg: Message, context: Context) -> Message:
 
 
 def _own_data(context: Context, job: FlowerJob) -> dict[str, Any]:
-    """This node's site and columns for the hello (:mod:`fl.runners.flower.site`); never the bundled set."""
+    """This node's site and columns for the hello (:mod:`fl.runners.flower.site`); never the bundled set.
+
+    For a train job also its table's public metadata (schema, n_k, label values: :func:`site.own_hello`),
+    read from ONLY the file its own node config names.
+    """
     from fl.runners.flower import site
 
     try:
@@ -180,12 +251,7 @@ def _own_data(context: Context, job: FlowerJob) -> dict[str, Any]:
     except ValueError as exc:
         raise PolicyError(f"this node's own data is unusable: {exc}") from exc
     if fields and job.task == "train":
-        raise PolicyError(
-            f"this SuperNode holds site {fields['site']!r}'s own data and never loads the data set the job names "
-            f"({job.config.get('dataset', 'breast_cancer')!r}); the privagg ClientApp cannot train on a node's own "
-            "CSV yet: use your own ClientApp with privagg_mod (examples/flower_app reads data-path), or start "
-            "the node without --data"
-        )
+        fields.update(site.own_hello(_own_table(context, job), train_config(job), job.num_clients))
     return fields
 
 
@@ -196,15 +262,56 @@ def _params(raw: Any) -> NDArray[np.float64]:
     return np.frombuffer(raw, dtype=np.float64).copy()
 
 
+_STATS = "privagg-stats"
+
+
+def _stats_start(msg: Message, context: Context, job: FlowerJob, cid: int) -> Message:
+    """Round 0 of an own-data run: this node's statistics vector, noised by this node, into the secure sum.
+
+    At most once per run and before any training round: each request is a release of this node's data.
+    """
+    from fl.runners.flower.site import STATS_KEY, stats_contribution
+
+    t0 = time.perf_counter()
+    rec = record(msg.content)
+    table = _own_table(context, job)
+    if table is None or job.task != "train":
+        raise PolicyError("a statistics round is only for a train job on nodes with their own data")
+    _refuse_weaker(context, job, cid)
+    if _STATS in context.state or _ROUNDS in context.state:
+        raise PolicyError("this node already released its statistics (or started training) in this run; a second "
+                          "statistics round would release its data more often than the job's DP budget covers")
+    context.state[_STATS] = ConfigRecord({"done": 1})
+    session, rnd = bytes(rec["session"]), int(rec["round"])
+    if rnd != 0:
+        raise PolicyError(f"the statistics round is round 0, not {rnd}")
+    try:
+        ssum, spec, value = stats_contribution(table, train_config(job), cid, job.num_clients, rec[STATS_KEY])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise PolicyError(f"malformed statistics request: {exc}") from exc
+    machine = ssum.client(cid, value, spec=spec, session=session, round=0)
+    out = machine.start()
+    for m in _incoming(msg):
+        out += machine.receive(m)
+    _state.clear(context)
+    if not isinstance(machine, PlainClient):
+        _state.store(context, machine, session=session, round=0, step=0)
+    return _reply(msg, {**encode_msgs(out), "compute_s": time.perf_counter() - t0})
+
+
 @client_app.train("privagg_start")
 @_guarded
 def _start(msg: Message, context: Context) -> Message:
     """Round opens: check the job against this node's policy, train or draw the vector, start the machine."""
-    t0 = time.perf_counter()
     keyholder.refuse_client_message(context, START)
     job = load_job(context)
     rec = record(msg.content)
     cid = _partition(context)
+    from fl.runners.flower.site import STATS_KEY
+
+    if STATS_KEY in rec:
+        return _stats_start(msg, context, job, cid)
+    t0 = time.perf_counter()
     rnd = int(rec["round"])
     session = bytes(rec["session"])
     ssum: SecureSum
@@ -215,8 +322,8 @@ def _start(msg: Message, context: Context) -> Message:
         from fl.errors import NonFiniteUpdateError
 
         torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-        side = _client_side(context, job, cid)
-        _refuse_weaker(context, job, cid)
+        side = _client_side(context, job, cid, rec)
+        _refuse_weaker(context, job, cid, rec)
         _claim_round(context, job, rnd)
         params = _params(rec["params"])
         try:

@@ -131,9 +131,11 @@ def _add_server_time(entries: Sequence[Exchange], phases: Sequence[PhaseStats], 
         (mine or list(entries))[-1].server_s += p.server_s
 
 
-def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
+def _discover(grid: Grid, job: FlowerJob, hellos_out: dict[int, Any] | None = None) -> dict[int, int]:
     """Wait for the SuperNodes, ask each for its partition; return ``{client id: node id}`` (and
-    ``KEY_HOLDER: node id`` for a Paillier job: exactly one key-holder node, never a client)."""
+    ``KEY_HOLDER: node id`` for a Paillier job: exactly one key-holder node, never a client).
+
+    ``hellos_out``: filled with each client's hello fields (its site, columns and table metadata)."""
     want = job.num_clients
     deadline = time.monotonic() + job.join_timeout
     nodes: list[int] = []
@@ -184,6 +186,8 @@ def _discover(grid: Grid, job: FlowerJob) -> dict[int, int]:
         missing = sorted(set(range(want)) - set(mapping))
         raise RuntimeError(f"no SuperNode answered for partition(s) {missing} within {job.join_timeout:g}s")
     mapping.update(keyholder.pick_key_holder(holders, job))
+    if hellos_out is not None:
+        hellos_out.update({cid: hellos[node] for cid, node in mapping.items()})
     return mapping
 
 
@@ -224,18 +228,23 @@ def serve(grid: Grid, job: FlowerJob, progress: Progress) -> dict[str, Any]:
     uninterrupted one would). The nodes still refuse any round they already contributed to.
     """
     t_join = time.perf_counter()
-    nodes = _discover(grid, job)
+    hellos: dict[int, Any] = {}
+    nodes = _discover(grid, job, hellos)
     tr = GridTransport(grid, job, nodes)
     tr.progress = progress
     progress(event="joined", nodes={str(c): n for c, n in nodes.items()}, seconds=time.perf_counter() - t_join)
     rounds: list[dict[str, Any]] = []
-    fed: Any = _start_federation(job) if job.task == "train" else None
+    fed: Any = None
+    own_start: dict[str, Any] = {}
+    names: dict[int, str] = {}
+    if job.task == "train":
+        fed, own_start, names = _start_federation(job, tr, hellos)
     first = _resume(fed, job, progress) if fed is not None else 1
     stopped = None
     for r in range(first, job.num_rounds + 1):
         progress(event="round", round=r)
         try:
-            record = _one_round(tr, job, fed, r)
+            record = _one_round(tr, job, fed, r, own_start=own_start, names=names)
         except BudgetExhaustedError as exc:
             stopped = f"stopped before round {r}: {exc}"
             break
@@ -243,7 +252,7 @@ def serve(grid: Grid, job: FlowerJob, progress: Progress) -> dict[str, Any]:
         progress(event="round_done", **record)
         if fed is not None and job.checkpoint:
             fed.save(Path(job.checkpoint))  # atomic: a crash mid-write leaves the previous round's file whole
-    return _result(job, nodes=nodes, rounds=rounds, exchanges=tr.log, fed=fed, stopped=stopped)
+    return _result(job, nodes=nodes, rounds=rounds, exchanges=tr.log, fed=fed, stopped=stopped, own=bool(names))
 
 
 def _resume(fed: Any, job: FlowerJob, progress: Progress) -> int:
@@ -256,14 +265,18 @@ def _resume(fed: Any, job: FlowerJob, progress: Progress) -> int:
     return int(fed.next_round)
 
 
-def _one_round(tr: GridTransport, job: FlowerJob, fed: Any, r: int) -> dict[str, Any]:
-    """Run round ``r`` of a train (``fed``) or sum job; its record. ``BudgetExhaustedError`` before it."""
+def _one_round(tr: GridTransport, job: FlowerJob, fed: Any, r: int, *, own_start: Mapping[str, Any],
+               names: Mapping[int, str]) -> dict[str, Any]:
+    """Run round ``r`` of a train (``fed``) or sum job; its record. ``BudgetExhaustedError`` before it.
+
+    ``own_start``: fields every training start carries on the nodes' own data (the statistics release);
+    ``names``: the site names by client id (then the record also lists the included sites by name)."""
     t_round = time.perf_counter()
     if fed is not None:
         planned = fed.sample(r)
         fed.server.check_budget(r, planned)
         ssum, spec, session = server_sum(fed.plan.pipeline.sum, job), fed.bound.sum_spec, fed.session(r)
-        start = {"params": np.ascontiguousarray(fed.params, dtype=np.float64).tobytes()}
+        start = {"params": np.ascontiguousarray(fed.params, dtype=np.float64).tobytes(), **own_start}
     else:
         planned = tuple(range(job.clients))
         ssum, spec = sum_protocol(job)
@@ -282,21 +295,87 @@ def _one_round(tr: GridTransport, job: FlowerJob, fed: Any, r: int) -> dict[str,
         record = fed.finish_round(r, planned, outcome, rr.results, rejected=rr.rejected)
     else:
         record.update(_checked_sum(job, r, rr.total, rr.included, spec))
-    return {**record, "included_ids": list(rr.included), "seconds": time.perf_counter() - t_round}
+    record = {**record, "included_ids": list(rr.included), "seconds": time.perf_counter() - t_round}
+    if names:  # the same facts as included_ids, by site name
+        record["included_sites"] = [names[c] for c in rr.included]
+    return record
 
 
-def _start_federation(job: FlowerJob) -> Any:
-    """The server's :class:`~fl.training.loop.Federation` for a ``train`` job (torch limited to 2 threads)."""
+def _start_federation(job: FlowerJob, tr: GridTransport, hellos: Mapping[int, Any]) -> tuple[Any, dict[str, Any],
+                                                                                             dict[int, str]]:
+    """The server's :class:`~fl.training.loop.Federation` for a ``train`` job (torch limited to 2 threads).
+
+    Returns it with the fields every training start carries and the site names by client id (both
+    empty unless the nodes hold their own data: :func:`_own_federation`).
+    """
     import torch
 
     from fl.training.loop import Federation
 
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    if any("site" in h for h in hellos.values()):
+        return _own_federation(job, tr, hellos)
     fed = Federation(train_config(job), stats=job_stats(job))
     keyholder.server_sum(fed.plan.pipeline.sum, job)  # a Paillier sum: only the key holder's public key
     if fed.config.dropout > 0:
         log.warning("--dropout simulates dropouts in memory; over Flower, real dropouts are used instead")
-    return fed
+    return fed, {}, {}
+
+
+NO_EVALUATION = ("no evaluation set: the server holds no data (give `privagg flower run --test-data CSV` to "
+                 "evaluate the global model on the server's own rows)")
+
+
+def _own_federation(job: FlowerJob, tr: GridTransport, hellos: Mapping[int, Any]) -> tuple[Any, dict[str, Any],
+                                                                                           dict[int, str]]:
+    """The server side of a run on the nodes' own data: it holds no training row, only the sites' n_k.
+
+    The preprocessing is released once, here: by a statistics round over the nodes (round 0, the run's
+    secure sum, each node adding its DP noise) or, with ``--standardize public``, from public ranges alone.
+    """
+    from fl.data.stats import public_statistics
+    from fl.runners.flower import site
+    from fl.training.loop import Federation
+
+    if job.resume:
+        raise RuntimeError("resuming a run on the nodes' own data is not supported yet (its statistics round "
+                           "would release the nodes' data again): start the run afresh")
+    if job.stats is not None:
+        raise RuntimeError("the job carries a preprocessing release, but the nodes hold their own data; the "
+                           "launcher cannot have computed it: write the job without stats")
+    config = train_config(job)
+    own = site.own_sites(hellos, config)
+    test = site.server_test_frame(config, own.schema)
+    classes = site.run_classes(own, test)
+    if config.standardize == "public":
+        stats = public_statistics(own.schema, bounds={c: (lo, hi) for c, lo, hi in config.feature_bounds},
+                                  reference=test, categories={c: list(v) for c, v in config.categories},
+                                  rows=sum(own.sizes))
+    else:
+        stats = _statistics_round(tr, config, own, test)
+    fed = Federation(config, dataset=site.server_dataset(own, stats, test, classes), own_parts=True)
+    if test is None:
+        fed.server.evaluation = lambda model: {}  # no accuracy of nothing: the report says NO_EVALUATION
+    return fed, site.own_start_fields(stats, own, classes), dict(own.names)
+
+
+def _statistics_round(tr: GridTransport, config: Any, own: Any, test: Any) -> Any:
+    """Round 0: every node's statistics vector through the run's secure sum; the one release."""
+    from fl.data.stats import default_session, stats_pipeline
+    from fl.runners.flower import site
+
+    plan, fields = site.stats_request(config, own, test)
+    ssum, _ = site._stats_parts(config, len(own.sizes))
+    pipe = stats_pipeline(ssum, size=plan.size, cohort=len(own.sizes), bound=plan.bound)
+    session = default_session(config.seed if config.insecure_seeded_randomness else None)
+    if tr.progress is not None:
+        tr.progress(event="round", round=0, statistics=True)
+    try:
+        rr = run_round(tr, ssum, pipe.sum_spec, round=0, planned=list(range(len(own.sizes))), session=session,
+                       start_fields=fields)
+    except AbortError as exc:
+        raise RuntimeError(f"the statistics round (round 0) failed: {exc}; every site must contribute") from exc
+    return site.release_from_total(plan, config, rr.total, rr.included, test)
 
 
 def _record_failed_round(record: dict[str, Any], exc: Exception, *, r: int, fed: Any,
@@ -329,7 +408,7 @@ def _checked_sum(
 
 def _result(
     job: FlowerJob, *, nodes: Mapping[int, int], rounds: list[dict[str, Any]], exchanges: Sequence[Any], fed: Any,
-    stopped: str | None,
+    stopped: str | None, own: bool = False,
 ) -> dict[str, Any]:
     """The job's result: job, nodes, rounds and exchanges; a training job's report and saved ``params.npy``."""
     out = Path(job.out)
@@ -341,6 +420,11 @@ def _result(
     }
     if fed is not None:
         np.save(out / "params.npy", fed.params)
-        result["report"] = fed.report(baseline=None, stopped=stopped)
+        # on the nodes' own data the server has no per-site rows: no per-site metrics (under DP they would leak)
+        report = fed.server.report(baseline=None, per_client={}, stopped=stopped) if own else \
+            fed.report(baseline=None, stopped=stopped)
+        if own and len(fed.server.x_test) == 0:
+            report["evaluation"] = NO_EVALUATION
+        result["report"] = report
         result["params_file"] = str(out / "params.npy")
     return result

@@ -75,8 +75,8 @@ def test_supernode_command_and_cli_carry_the_site(tmp_path: Path, capsys: pytest
 @pytest.mark.slow
 def test_supernodes_on_their_own_data_over_flower(tmp_path: Path) -> None:
     """3 SuperNodes, each with its own CSV: mismatched columns refuse the run at its start (naming them); once
-    the columns agree the run completes; a train job is refused by a node with its own data (it never loads
-    the bundled set)."""
+    the columns agree the run completes; a train job that does not name the label column of the nodes' CSVs is
+    refused by them (they never load the bundled set the job names)."""
     cols = ["age", "bp", "label"]
     files = [_csv(tmp_path / f"h{i}.csv", cols) for i in range(3)]
     _csv(files[2], ["Age", "bp", "label"])
@@ -94,8 +94,8 @@ def test_supernodes_on_their_own_data_over_flower(tmp_path: Path) -> None:
         train = FlowerJob(task="train", out=str(tmp_path / "o3"), join_timeout=60,
                           config={"dataset": "breast_cancer", "clients": 3, "rounds": 1,
                                   "privacy": {"spec": "clip,secagg+", "clip": 1.0, "threshold": 0.7}})
-        with pytest.raises(RuntimeError, match="never loads the data set the job names"):
-            c.run(train, timeout=120)
+        with pytest.raises(RuntimeError, match="own data is unusable for the job: name the label column with --target"):
+            c.run(train, timeout=120)  # the node reads its own CSV only, never the bundled set the job names
         assert not (Path(train.out) / "result.json").exists()
     finally:
         c.stop()
