@@ -605,44 +605,52 @@ def _dispatch(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str]
     if cmd in ("identity", "roster"):
         return _identity(args)
     job = _job(args)
-    if cmd == "run":
-        fw.write_connection(home, args.superlink, ca=None if args.insecure else args.ca.resolve(),
-                            allow_insecure_remote=args.insecure_i_know)
-        out = Path(job.out)
-        for name in ("result.json", "error.json", "progress.jsonl"):
-            (out / name).unlink(missing_ok=True)
-        app = fw.write_app(home / "apps" / f"job-{os.getpid()}", job)
-        import subprocess
-
-        from fl.runners.flower.processes import exe_path
-
-        cp = subprocess.run([exe_path("flwr"), "run", str(app), fw.CONNECTION], env=env)
-        if cp.returncode != 0 or args.no_wait:
-            return cp.returncode
-        result = _follow(out, timeout=args.timeout)
-    else:  # local
-        n = job.num_clients
-        policy = fw.NodePolicy.load(args.node_policy) if args.node_policy else None
-        if policy is None and job.paillier_public_key is not None:  # the local nodes pin the local key holder
-            from fl.runners.flower.keyholder import job_public_key
-
-            policy = fw.NodePolicy(protocols=("secagg", "secagg+", "paillier"),
-                                   paillier_key_fingerprint=job_public_key(job).fingerprint.hex())
-        from fl.cli.main import config_from_args
-
-        sites = local_sites(config_from_args(args)) if job.task == "train" else []
-        with fw.LocalCluster(home.parent / "local", n, tls=not args.insecure,
-                             fleet_poll=0.0 if args.stock else 0.1, policy=policy, authenticated=args.authenticated,
-                             key_holder=args.paillier_key if job.paillier_public_key else None,
-                             sites=sites or None) as cluster:
-            holder = " + the key holder" if cluster.key_holder is not None else ""
-            print(f"SuperLink on {cluster.address} ({'insecure' if args.insecure else 'TLS'}), {n} SuperNodes{holder}; "
-                  f"logs in {cluster.logs}")
-            cluster.submit(job)
-            result = _follow(Path(job.out), timeout=args.timeout)
+    result = _submit_run(fw, args, home, env, job) if cmd == "run" else _run_local(fw, args, home, job)
+    if isinstance(result, int):  # flwr run's exit code: it failed, or --no-wait
+        return result
     if "params_file" in result:
         print(f"model: {result['params_file']}")
     if "evaluation" in result.get("report", {}):
         print(result["report"]["evaluation"])
     print(f"result: {Path(job.out) / 'result.json'}")
     return 0
+
+def _submit_run(fw: Any, args: argparse.Namespace, home: Path, env: dict[str, str], job: Any) -> dict[str, Any] | int:
+    """``flower run``: submit the job to the SuperLink and follow it (an exit code: not submitted, or --no-wait)."""
+    fw.write_connection(home, args.superlink, ca=None if args.insecure else args.ca.resolve(),
+                        allow_insecure_remote=args.insecure_i_know)
+    out = Path(job.out)
+    for name in ("result.json", "error.json", "progress.jsonl"):
+        (out / name).unlink(missing_ok=True)
+    app = fw.write_app(home / "apps" / f"job-{os.getpid()}", job)
+    import subprocess
+
+    from fl.runners.flower.processes import exe_path
+
+    cp = subprocess.run([exe_path("flwr"), "run", str(app), fw.CONNECTION], env=env)
+    if cp.returncode != 0 or args.no_wait:
+        return cp.returncode
+    return _follow(out, timeout=args.timeout)
+
+
+def _run_local(fw: Any, args: argparse.Namespace, home: Path, job: Any) -> dict[str, Any]:
+    """``flower local``: a SuperLink and the job's SuperNodes here (TLS unless --insecure), run, stop them."""
+    n = job.num_clients
+    policy = fw.NodePolicy.load(args.node_policy) if args.node_policy else None
+    if policy is None and job.paillier_public_key is not None:  # the local nodes pin the local key holder
+        from fl.runners.flower.keyholder import job_public_key
+
+        policy = fw.NodePolicy(protocols=("secagg", "secagg+", "paillier"),
+                               paillier_key_fingerprint=job_public_key(job).fingerprint.hex())
+    from fl.cli.main import config_from_args
+
+    sites = local_sites(config_from_args(args)) if job.task == "train" else []
+    with fw.LocalCluster(home.parent / "local", n, tls=not args.insecure,
+                         fleet_poll=0.0 if args.stock else 0.1, policy=policy, authenticated=args.authenticated,
+                         key_holder=args.paillier_key if job.paillier_public_key else None,
+                         sites=sites or None) as cluster:
+        holder = " + the key holder" if cluster.key_holder is not None else ""
+        print(f"SuperLink on {cluster.address} ({'insecure' if args.insecure else 'TLS'}), {n} SuperNodes{holder}; "
+              f"logs in {cluster.logs}")
+        cluster.submit(job)
+        return _follow(Path(job.out), timeout=args.timeout)

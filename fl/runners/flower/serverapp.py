@@ -185,9 +185,9 @@ def _discover(grid: Grid, job: FlowerJob, hellos_out: dict[int, Any] | None = No
     if len(mapping) < want:
         missing = sorted(set(range(want)) - set(mapping))
         raise RuntimeError(f"no SuperNode answered for partition(s) {missing} within {job.join_timeout:g}s")
-    mapping.update(keyholder.pick_key_holder(holders, job))
-    if hellos_out is not None:
+    if hellos_out is not None:  # the clients' hellos only (the key holder is no site)
         hellos_out.update({cid: hellos[node] for cid, node in mapping.items()})
+    mapping.update(keyholder.pick_key_holder(holders, job))
     return mapping
 
 
