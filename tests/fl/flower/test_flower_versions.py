@@ -117,3 +117,36 @@ def test_ci_runs_the_oldest_flower_environment() -> None:
     makefile, ci = (ROOT / "Makefile").read_text(), (ROOT / ".ci" / "run").read_text()
     assert "constraints-flwr-oldest.txt" in makefile and "test-flower-oldest:" in makefile
     assert re.search(r"^make test-flower-oldest\b", ci, re.M), ".ci/run must run `make test-flower-oldest`"
+
+
+def test_installed_flower_has_every_internal_the_patch_and_pin_reach() -> None:
+    """On a release in PATCHED_FLOWER, the internals fast_node and pin use are where they expect.
+
+    Run in both CI environments, this is what makes a (major, minor) in the gate a tested claim: a
+    release that moves one of them fails here instead of silently falling back to the stock loop.
+    """
+    import dataclasses
+    import inspect
+    import time
+
+    import flwr
+    import flwr.supercore.superexec.run_superexec as rs
+    import flwr.supernode.start_client_internal as sci
+    from flwr.common.config import get_fab_config, parse_config_args
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.superexec.executor.subprocess_executor import SubprocessExecutor
+    from flwr.supercore.superexec.executor.types import ExecutionSpec, LaunchResult
+    from flwr.supernode.cli.flwr_clientapp import flwr_clientapp
+
+    assert fast_node.patch_supported(flwr.__version__)
+    assert sci.__dict__.get("time") is time, "the SuperNode loop no longer reads time.sleep from its module"
+    pull = inspect.signature(sci._pull_and_store_message).parameters
+    assert {"receive", "get_fab", "state", "object_store"} <= pull.keys()
+    assert callable(sci._insert_message) and callable(getattr(rs, "get_executor", None))
+    assert all(callable(getattr(SubprocessExecutor, m, None))
+               for m in ("get_eligible_capacity", "wait_for_capacity", "launch", "reconcile", "close"))
+    spec_fields = {f.name for f in dataclasses.fields(ExecutionSpec)}
+    assert {"task_type", "runtime_api_address", "token", "insecure", "root_certificates_path",
+            "parent_pid"} <= spec_fields
+    assert TaskType.CLIENT_APP and callable(LaunchResult.accepted)
+    assert callable(flwr_clientapp) and callable(get_fab_config) and callable(parse_config_args)
