@@ -22,7 +22,9 @@ OLD_BIN := $(OLD_VENV)/bin
 OLD_STAMP := $(OLD_VENV)/.installed
 # Every test that imports or starts Flower (the rest of the suite does not depend on Flower's version).
 FLOWER_TESTS := tests/fl/test_flower.py tests/fl/test_flower_link.py tests/fl/flower \
-	$(wildcard tests/adversary/*flower* tests/adversary/*supernode* tests/adversary/*serverapp*)
+	$(wildcard tests/adversary/*flower* tests/adversary/*supernode* tests/adversary/*serverapp*) \
+	tests/fl/test_halves.py::test_flower_client_builds_its_side_once_per_run \
+	tests/fl/test_halves.py::test_flower_client_rebuilds_for_another_job_or_run
 
 $(OLD_STAMP): pyproject.toml constraints-flwr-oldest.txt
 	$(PY) -m venv $(OLD_VENV)
