@@ -45,7 +45,7 @@ test: $(STAMP)
 
 ## make test-flower-oldest: the Flower tests (real processes) on the oldest Flower pyproject allows
 test-flower-oldest: $(OLD_STAMP)
-	$(OLD_BIN)/pytest -q -p no:cacheprovider $(FLOWER_TESTS)
+	$(OLD_BIN)/pytest -q -p no:cacheprovider --durations=10 $(FLOWER_TESTS)
 
 ## make bench: every benchmark, ours against its peer, JSON under out/bench
 bench: $(STAMP)
