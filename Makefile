@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint typecheck bench clean
+.PHONY: setup demo test test-flower-oldest lint typecheck bench clean
 
 # constraints.txt pins the exact versions of the development environment (pyproject keeps ranges)
 $(STAMP): pyproject.toml constraints.txt
@@ -16,6 +16,23 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# The oldest Flower pyproject.toml allows, in its own pinned environment (constraints-flwr-oldest.txt).
+OLD_VENV := .venv-flwr-oldest
+OLD_BIN := $(OLD_VENV)/bin
+OLD_STAMP := $(OLD_VENV)/.installed
+# Every test that imports or starts Flower (the rest of the suite does not depend on Flower's version).
+FLOWER_TESTS := tests/fl/test_flower.py tests/fl/test_flower_link.py tests/fl/flower \
+	$(wildcard tests/adversary/*flower* tests/adversary/*supernode* tests/adversary/*serverapp*) \
+	tests/fl/test_halves.py::test_flower_client_builds_its_side_once_per_run \
+	tests/fl/test_halves.py::test_flower_client_rebuilds_for_another_job_or_run
+
+$(OLD_STAMP): pyproject.toml constraints-flwr-oldest.txt
+	$(PY) -m venv $(OLD_VENV)
+	$(OLD_BIN)/pip install --quiet --upgrade pip
+	$(OLD_BIN)/pip install --quiet torch==2.13.0
+	$(OLD_BIN)/pip install --quiet -c constraints-flwr-oldest.txt -e '.[all,dev]'
+	touch $(OLD_STAMP)
+
 ## make demo: 5 hospitals on breast cancer, non-IID, with privacy layers on
 demo: $(STAMP)
 	$(BIN)/privagg demo --out out
@@ -25,6 +42,10 @@ test: $(STAMP)
 	$(BIN)/ruff check secagg dp fl tests examples benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider
+
+## make test-flower-oldest: the Flower tests (real processes) on the oldest Flower pyproject allows
+test-flower-oldest: $(OLD_STAMP)
+	$(OLD_BIN)/pytest -q -p no:cacheprovider --durations=10 $(FLOWER_TESTS)
 
 ## make bench: every benchmark, ours against its peer, JSON under out/bench
 bench: $(STAMP)
@@ -37,4 +58,4 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/flower_round_latency.py --json out/bench/flower.json
 
 clean:
-	rm -rf $(VENV) out .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(OLD_VENV) out .mypy_cache .ruff_cache .pytest_cache
