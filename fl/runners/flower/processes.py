@@ -265,7 +265,7 @@ class LocalCluster:
             return subprocess.Popen(cmd, env=self.env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     start_new_session=True, cwd=self.workdir)
 
-    def start(self, *, timeout: float = 30.0) -> LocalCluster:
+    def start(self, *, timeout: float = 90.0) -> LocalCluster:
         """Start everything and wait until the SuperLink and each SuperNode's local port accept connections."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if self.tls:
@@ -355,7 +355,7 @@ class LocalCluster:
         import subprocess
 
         cp = subprocess.run([exe_path("flwr"), "run", str(app), CONNECTION], env=self.env, capture_output=True,
-                            text=True, timeout=60, cwd=self.workdir)
+                            text=True, timeout=180, cwd=self.workdir)
         if cp.returncode != 0:
             raise RuntimeError(f"flwr run failed ({cp.returncode}): {cp.stdout}\n{cp.stderr}")
 
