@@ -115,8 +115,7 @@ class BoundPipeline:
     @property
     def streams(self) -> bool:
         """True when every layer encodes block by block (:class:`fl.blocks.BlockLayer`, none stateful)."""
-        return all(isinstance(layer, BlockLayer) and not isinstance(layer, StatefulLayer)
-                   for layer in self.pipeline.layers)
+        return all(_blockwise(layer) for layer in self.pipeline.layers)
 
     def encode(
         self, x: NDArray[Any] | Blocks, rng: RandomSource, state: Sequence[Mapping[str, Any] | None] | None = None
@@ -187,3 +186,19 @@ class BoundPipeline:
             out += layer.guarantees(spec, info)
         out += self.pipeline.sum.guarantees(self.sum_spec, info)
         return tuple(out)
+
+
+def _definer(cls: type, name: str) -> type | None:
+    """The class in ``cls``'s MRO that defines attribute ``name``."""
+    return next((c for c in cls.__mro__ if name in vars(c)), None)
+
+
+def _blockwise(layer: Any) -> bool:
+    """Whether ``layer`` may encode block by block: a stateless :class:`~fl.blocks.BlockLayer` whose
+    ``encode_blocks`` is defined at or below its ``encode``. A subclass that overrides only ``encode``
+    (e.g. a user's own clipping) must run its own ``encode``, never the inherited block path."""
+    if not isinstance(layer, BlockLayer) or isinstance(layer, StatefulLayer):
+        return False
+    blocks, whole = _definer(type(layer), "encode_blocks"), _definer(type(layer), "encode")
+    return blocks is not None and whole is not None and issubclass(blocks, whole)
+

@@ -213,3 +213,23 @@ def test_fl_train_of_a_1e7_update_through_secagg_plus_is_exact_within_3_d_4_byte
     assert len(row["client_peak"]) == 5
     for peak in [*row["client_peak"].values(), *row["client_peak_rss"].values()]:  # tracemalloc and RSS
         assert peak <= 3 * row["d"] * 4
+
+
+def test_a_subclass_overriding_only_encode_runs_its_own_encode() -> None:
+    """The planted "declares the bound, never clips" layer must not be silently replaced by Clip's block path."""
+    import numpy as np
+
+    from dp.rng import SecureRandom
+    from fl.layers.clip import Clip
+    from fl.pipeline import Pipeline
+    from fl.spec import ValueSpec
+
+    class NoClip(Clip):
+        def encode(self, x, spec, rng):  # type: ignore[no-untyped-def]
+            return x
+
+    bound = Pipeline([NoClip(l2=1.0)]).bind(ValueSpec(size=4, cohort=3))
+    assert not bound.streams
+    out = bound.encode(np.full(4, 10.0), SecureRandom.for_testing("noclip"))
+    assert np.allclose(out, 10.0)  # not clipped: its own encode ran
+    assert Pipeline([Clip(l2=1.0)]).bind(ValueSpec(size=4, cohort=3)).streams
