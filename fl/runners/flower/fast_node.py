@@ -42,8 +42,18 @@ def patch_supported(version: str | None = None) -> bool:
     return (major, minor) in PATCHED_FLOWER
 
 
+LOCAL_WAIT = 0.01
+"""Cap (seconds) on the SuperNode loop's short local waits (Flower: 0.5 s) on the fast path."""
+
+
 class _FastClock:
-    """Stands in for the ``time`` module inside Flower's SuperNode loop: sleeps at most ``poll`` seconds."""
+    """Stands in for the ``time`` module inside Flower's SuperNode loop.
+
+    The loop sleeps for two reasons. With no message from the SuperLink it sleeps 3 s before asking
+    again over the network: capped at ``poll``. While its ClientApp runs it sleeps 0.5 s between looks
+    at its own in-memory state for the reply (and for a reply object's content): no network round trip,
+    so capped at :data:`LOCAL_WAIT` instead of ``poll`` (on average ~45 ms saved per node and phase).
+    """
 
     def __init__(self, poll: float) -> None:
         self.poll = poll
@@ -52,7 +62,7 @@ class _FastClock:
         return getattr(time, name)
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self.poll))
+        time.sleep(min(seconds, self.poll if seconds >= 1.0 else min(self.poll, LOCAL_WAIT)))
 
 
 def _runtime_address(argv: Sequence[str]) -> tuple[str, bool, str | None]:

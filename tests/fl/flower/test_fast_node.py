@@ -150,3 +150,18 @@ def test_superexec_reads_the_nodes_poll_flag() -> None:
     assert fast_node._split_poll(["--insecure"]) == (0.1, ["--insecure"])
     with pytest.raises(ValueError, match="needs a number"):
         fast_node._split_poll([fast_node.POLL_FLAG])
+
+
+def test_fast_clock_caps_network_polls_at_poll_and_local_waits_shorter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower's loop sleeps 3 s when the SuperLink has nothing (a network poll: capped at ``poll``) and 0.5 s
+    between looks at its own state for the ClientApp's reply (local: capped at ``LOCAL_WAIT``)."""
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    clock = fast_node._FastClock(0.1)
+    clock.sleep(3)
+    clock.sleep(0.5)
+    clock.sleep(0.001)
+    assert slept == [0.1, fast_node.LOCAL_WAIT, 0.001]
+    fast_node._FastClock(0.005).sleep(0.5)
+    assert slept[-1] == 0.005  # never above the poll
+    assert clock.monotonic is time.monotonic
