@@ -3,9 +3,11 @@
 ``privagg flower supernode`` starts :func:`supernode_main`; with ``poll > 0`` it shortens the SuperNode's
 idle poll (Flower sleeps a fixed 3 s when the SuperLink has no message) and forks each ClientApp from a
 warm process (:func:`superexec_main`, :class:`ForkExecutor`) instead of starting a fresh interpreter per
-message. Both reach into Flower modules that are not public API, so they are applied only on the
-Flower versions they were written and tested against (:data:`PATCHED_FLOWER`); on any other version, or
-when an internal has moved, the node runs Flower's stock loop unchanged and logs a warning saying so.
+message; it also retries object pulls that came too early after 10 ms instead of Flower's 1 s
+(:func:`shorten_pull_backoff`) and checks its own state for a ClientApp's reply every 10 ms. All reach
+into Flower modules that are not public API, so they are applied only on the Flower versions they
+were written and tested against (:data:`PATCHED_FLOWER`); on any other version, or when an internal
+has moved, the node runs Flower's stock loop unchanged and logs a warning saying so.
 The app pin (:mod:`fl.runners.flower.pin`) is NOT optional: without its hook the node refuses to start.
 """
 
@@ -100,6 +102,9 @@ def supernode_main(poll: float, argv: Sequence[str], *, fork: bool = True) -> in
       numpy, torch: seconds each time). Here the SuperNode runs with ``--isolation process`` next to
       :func:`superexec_main`, a SuperExec that forks each ClientApp from a process that has already
       imported everything, then runs Flower's own ``flwr-clientapp`` code in the child.
+    * Object pulls: a ClientApp starts while its SuperNode is still pulling the message's objects, and
+      Flower retries a pull that came too early after 1 s, then 2 s; here after 10 ms, doubling up to
+      ``poll`` (:func:`shorten_pull_backoff`, in the SuperNode and in the forked ClientApps).
 
     On a Flower version outside :data:`PATCHED_FLOWER`, or if a release moves the poll internals, the
     SuperNode runs Flower's stock loop unchanged, with a warning.
@@ -113,10 +118,11 @@ def supernode_main(poll: float, argv: Sequence[str], *, fork: bool = True) -> in
                     "Flower's stock SuperNode loop (3 s idle poll, one interpreter per message)",
                     ", ".join(f"{a}.{b}" for a, b in PATCHED_FLOWER))
         poll = 0.0
-    if poll > 0 and _shorten_poll(poll) and fork and "--isolation" not in argv:
+    if poll > 0 and _shorten_poll(poll):
         shorten_pull_backoff(poll)
-        _start_fork_superexec(argv, poll)
-        argv += ["--isolation", "process"]
+        if fork and "--isolation" not in argv:
+            _start_fork_superexec(argv, poll)
+            argv += ["--isolation", "process"]
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *argv]
