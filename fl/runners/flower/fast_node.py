@@ -23,7 +23,8 @@ from typing import Any
 from fl.runners.flower.policy import NodePolicy
 from fl.runners.flower.processes import DEFAULT_SUPERNODE_PORT
 
-__all__ = ["PATCHED_FLOWER", "ForkExecutor", "patch_supported", "superexec_main", "supernode_main"]
+__all__ = ["PATCHED_FLOWER", "ForkExecutor", "patch_supported", "shorten_pull_backoff", "superexec_main",
+           "supernode_main"]
 
 log = logging.getLogger(__name__)
 
