@@ -198,6 +198,7 @@ server_app = ServerApp()
 def _server_main(grid: Grid, context: Context) -> None:
     """The ServerApp: discover the SuperNodes, then run every round of the job; write the results."""
     job = load_job(context)
+    _tune_pulls(job)
     out = Path(job.out)
     progress = Progress(out)
     try:
@@ -209,6 +210,18 @@ def _server_main(grid: Grid, context: Context) -> None:
         raise
     write_json(out / "result.json", result)
     progress(event="done")
+
+
+def _tune_pulls(job: FlowerJob) -> None:
+    """Shorten Flower's 1 s retry of early object pulls in this ServerApp process (tested Flower only).
+
+    A reply is announced before all its objects are pushed; each early pull then waits 1 s (measured:
+    0.7-1.5 s of every phase). The patch is :func:`fast_node.shorten_pull_backoff`; elsewhere: stock.
+    """
+    from fl.runners.flower import fast_node
+
+    if job.poll_interval > 0 and fast_node.patch_supported():
+        fast_node.shorten_pull_backoff(max(job.poll_interval, 0.05))
 
 
 def resume_hint(job: FlowerJob) -> str:
