@@ -227,7 +227,12 @@ def _threshold_fraction(ssum: Any, cohort: int) -> float | None:
     if protocol_word(ssum) == "paillier":  # the fewest clients a decrypted sum may have
         return int(ssum.min_clients) / cohort if cohort >= 1 else None
     threshold = getattr(ssum, "threshold", None)
-    if threshold is None or cohort < 1:
+    if cohort < 1:
+        return None
+    if threshold is None and hasattr(ssum, "_graph"):  # SecAgg+ from exact tails: the t it will use
+        k, t = ssum._graph().parameters(cohort, None)
+        return float(t) / (int(k) + 1)  # a fraction of each share group, as an explicit threshold is
+    if threshold is None:
         return None
     if isinstance(threshold, float) and 0 < threshold <= 1:
         return threshold
