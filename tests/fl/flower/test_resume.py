@@ -139,3 +139,14 @@ def test_a_run_that_dies_says_how_to_resume(tmp_path: Path) -> None:
     with pytest.raises(_CrashError):
         _serve(tmp_path, job, crash_at=2)
     assert f"--resume {ckpt}" in resume_hint(job)
+
+
+def test_a_public_sum_job_may_run_again_on_the_same_nodes(tmp_path: Path) -> None:
+    """The cross-run record guards private data; a sum job's vectors are public test data (the latency
+    benchmark runs the same sum job twice on one cluster)."""
+    job = FlowerJob(task="sum", out=str(tmp_path / "out"), clients=3, size=16, rounds=1, protocol="secagg+",
+                    threshold=0.6, join_timeout=5, start_timeout=60, phase_timeout=60, poll_interval=0.0)
+    for _ in range(2):
+        contexts = {100 + c: node_context(tmp_path, 100 + c, c, 3, job.to_json()) for c in range(3)}
+        result = serve(_DyingGrid(contexts, None), job, Progress(Path(job.out)))  # type: ignore[arg-type]
+        assert [r["included"] for r in result["rounds"]] == [3]
