@@ -51,6 +51,16 @@ def _random_element(random_bytes: Callable[[int], bytes]) -> int:
             return v
 
 
+def _check_split(secret: bytes, xs: Sequence[int], threshold: int) -> None:
+    """The checks every split makes: a 32-byte secret, 1 <= threshold <= len(xs), distinct points in [1, p)."""
+    if len(secret) != SECRET_BYTES:
+        raise ValueError(f"secrets are {SECRET_BYTES} bytes, got {len(secret)}")
+    if not 1 <= threshold <= len(xs):
+        raise ValueError(f"threshold must be in [1, {len(xs)}], got {threshold}")
+    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
+        raise ValueError("evaluation points must be distinct and in [1, p)")
+
+
 def split(
     secret: bytes,
     xs: Sequence[int],
@@ -64,12 +74,7 @@ def split(
     Coefficients 1..t-1 of the polynomial come from ``random_bytes`` (a CSPRNG), or from ``coefficients``
     (the named seam for known-answer vectors).
     """
-    if len(secret) != SECRET_BYTES:
-        raise ValueError(f"secrets are {SECRET_BYTES} bytes, got {len(secret)}")
-    if not 1 <= threshold <= len(xs):
-        raise ValueError(f"threshold must be in [1, {len(xs)}], got {threshold}")
-    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
-        raise ValueError("evaluation points must be distinct and in [1, p)")
+    _check_split(secret, xs, threshold)
     if coefficients is None:
         if random_bytes is None:
             raise ValueError("split needs random_bytes (a CSPRNG) or explicit coefficients")
@@ -123,12 +128,7 @@ def split_coefficients(
     secret: bytes, xs: Sequence[int], *, threshold: int, random_bytes: Callable[[int], bytes]
 ) -> list[int]:
     """[secret, c_1, ..., c_{t-1}]: the polynomial :func:`split` draws (same checks, same draws)."""
-    if len(secret) != SECRET_BYTES:
-        raise ValueError(f"secrets are {SECRET_BYTES} bytes, got {len(secret)}")
-    if not 1 <= threshold <= len(xs):
-        raise ValueError(f"threshold must be in [1, {len(xs)}], got {threshold}")
-    if len(set(xs)) != len(xs) or any(not 0 < x < PRIME for x in xs):
-        raise ValueError("evaluation points must be distinct and in [1, p)")
+    _check_split(secret, xs, threshold)
     return [int.from_bytes(secret, "big"), *(_random_element(random_bytes) for _ in range(threshold - 1))]
 
 
