@@ -25,16 +25,19 @@ from numpy.typing import NDArray
 from fl.runners.flower import identity, keyholder
 from fl.runners.flower import state as _state
 from fl.runners.flower.job import (
+    BUNDLE,
     RECORD,
     START,
     STEP,
     FlowerJob,
     JobError,
+    bundle_parts,
     decode_msgs,
     encode_msgs,
     job_stats,
     load_job,
     node_policy,
+    part_key,
     record,
     sum_of,
     sum_protocol,
@@ -43,8 +46,7 @@ from fl.runners.flower.job import (
 )
 from fl.runners.flower.policy import PolicyError, sum_terms, train_terms
 from fl.runners.flower.site import OWN_KEY
-from fl.spec import SecureSum
-from secagg.errors import ProtocolError
+from secagg.errors import CodecError, ProtocolError
 from secagg.machine import Message as ProtocolMessage
 from secagg.paillier import PaillierClient
 from secagg.plain import PlainClient
@@ -295,7 +297,7 @@ def _stats_start(msg: Message, context: Context, job: FlowerJob, cid: int) -> Me
     out = machine.start()
     for m in _incoming(msg):
         out += machine.receive(m)
-    _state.clear(context)
+    _state.clear(context, 0)
     if not isinstance(machine, PlainClient):
         _state.store(context, machine, session=session, round=0, step=0)
     return _reply(msg, {**encode_msgs(out), "compute_s": time.perf_counter() - t0})
@@ -308,33 +310,26 @@ def _start(msg: Message, context: Context) -> Message:
     keyholder.refuse_client_message(context, START)
     job = load_job(context)
     rec = record(msg.content)
-    cid = _partition(context)
     from fl.runners.flower.site import STATS_KEY
 
     if STATS_KEY in rec:
-        return _stats_start(msg, context, job, cid)
+        return _stats_start(msg, context, job, _partition(context))
+    return _reply(msg, _start_fields(context, job, rec))
+
+
+def _start_fields(context: Context, job: FlowerJob, rec: Any) -> dict[str, Any]:
+    """A start's reply fields: the machine's first messages (and the training result of a train job)."""
     t0 = time.perf_counter()
+    cid = _partition(context)
     rnd = int(rec["round"])
     session = bytes(rec["session"])
-    ssum: SecureSum
     extra: dict[str, Any] = {}
     if job.task == "train":
-        import torch
-
-        from fl.errors import NonFiniteUpdateError
-
-        torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
-        side = _client_side(context, job, cid, rec)
-        _refuse_weaker(context, job, cid, rec)
-        _claim_round(context, job, rnd)
-        params = _params(rec["params"])
-        try:
-            value, result = side.update(params, rnd)
-        except NonFiniteUpdateError as exc:
-            log.warning("%s", exc)
-            return _reply(msg, {"rejected": str(exc)})
-        extra["result"] = json.dumps(asdict(result), default=str)
-        ssum, spec = side.plan.pipeline.sum, side.bound.sum_spec
+        trained = _train(context, job, cid, rec, rnd)
+        if "rejected" in trained:
+            return trained
+        value, ssum, spec = trained.pop("value"), trained.pop("ssum"), trained.pop("spec")
+        extra.update(trained)
     else:
         _refuse_weaker(context, job, cid)
         _claim_round(context, job, rnd)
@@ -344,28 +339,71 @@ def _start(msg: Message, context: Context) -> Message:
     ssum = identity.client_sum(ssum, _identities(context, job, cid))
     machine = ssum.client(cid, value, spec=spec, session=session, round=rnd)
     out = machine.start()
-    for m in _incoming(msg):
+    for m in decode_msgs(rec):
         out += machine.receive(m)
-    _state.clear(context)
+    _state.clear(context, rnd)
     if not isinstance(machine, PlainClient | PaillierClient):  # done once it has sent its value
         _state.store(context, machine, session=session, round=rnd, step=0)
     extra["compute_s"] = time.perf_counter() - t0
-    return _reply(msg, {**encode_msgs(out), **extra})
+    return {**encode_msgs(out), **extra}
+
+
+def _train(context: Context, job: FlowerJob, cid: int, rec: Any, rnd: int) -> dict[str, Any]:
+    """Train this round on the node's data: ``{"rejected": why}`` or the value, its sum and spec, the result."""
+    import torch
+
+    from fl.errors import NonFiniteUpdateError
+
+    torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+    side = _client_side(context, job, cid, rec)
+    _refuse_weaker(context, job, cid, rec)
+    _claim_round(context, job, rnd)
+    params = _params(rec["params"])
+    try:
+        value, result = side.update(params, rnd)
+    except NonFiniteUpdateError as exc:
+        log.warning("%s", exc)
+        return {"rejected": str(exc)}
+    return {"value": value, "ssum": side.plan.pipeline.sum, "spec": side.bound.sum_spec,
+            "result": json.dumps(asdict(result), default=str)}
 
 
 @client_app.query("privagg_step")
 @_guarded
 def _step(msg: Message, context: Context) -> Message:
     """One later phase: feed the server's messages to our stored machine, send back its replies."""
-    t0 = time.perf_counter()
     keyholder.refuse_client_message(context, STEP)
-    rec = record(msg.content)
+    return _reply(msg, _step_fields(context, load_job(context), record(msg.content)))
+
+
+def _step_fields(context: Context, job: FlowerJob, rec: Any) -> dict[str, Any]:
+    t0 = time.perf_counter()
     cid = _partition(context)
-    ids = _identities(context, load_job(context), cid)  # the snapshot never holds identity keys
-    out = _state.advance(context, _incoming(msg), session=bytes(rec["session"]), round=int(rec["round"]),
+    ids = _identities(context, job, cid)  # the snapshot never holds identity keys
+    out = _state.advance(context, decode_msgs(rec), session=bytes(rec["session"]), round=int(rec["round"]),
                          step=int(rec["step"]), final=bool(rec["final"]),
                          identity=None if ids is None else (ids.private(cid), ids.publics()))
-    return _reply(msg, {**encode_msgs(out), "compute_s": time.perf_counter() - t0})
+    return {**encode_msgs(out), "compute_s": time.perf_counter() - t0}
+
+
+@client_app.query("privagg_bundle")
+@_guarded
+def _bundle(msg: Message, context: Context) -> Message:
+    """Several rounds' parts in one message (a sum job's rounds in flight: :mod:`fl.runners.flower.pipeline`).
+
+    Each part is handled exactly as its lone start or step message would be, oldest round first; a part
+    this node refuses becomes that round's error part (this node drops from that round only)."""
+    keyholder.refuse_client_message(context, BUNDLE)
+    job = load_job(context)
+    out: dict[str, Any] = {}
+    for i, (kind, rec) in enumerate(bundle_parts(msg.content, job)):
+        try:
+            fields = _start_fields(context, job, rec) if kind == "start" else _step_fields(context, job, rec)
+        except (PolicyError, JobError, ProtocolError, CodecError, KeyError, TypeError, ValueError) as exc:
+            log.error("refusing the %s part of round %s: %s", kind, rec.get("round"), exc)
+            fields = {"error": f"{type(exc).__name__}: {exc}"}
+        out[part_key(i)] = ConfigRecord(fields)
+    return Message(RecordDict(out), reply_to=msg)
 
 
 @client_app.query("privagg_keyholder")

@@ -33,6 +33,11 @@ HELLO = "query.privagg_hello"
 START = "train.privagg_start"
 STEP = "query.privagg_step"
 KEYHOLDER = "query.privagg_keyholder"
+BUNDLE = "query.privagg_bundle"
+BUNDLE_RECORD = "privagg.bundle"
+"""A bundle's index record: the kind (``start``/``step``) and round of each part (:mod:`.pipeline`)."""
+MAX_IN_FLIGHT = 4
+"""The most rounds a sum job may have in flight, hence the most parts a node accepts in one bundle."""
 JOB_KEY = "job"
 
 
@@ -80,6 +85,9 @@ class FlowerJob:
     checkpoint: str | None = None
     resume: bool = False
     job_id: str = ""
+    # a SecAgg(+) sum job's rounds are independent: up to MAX_IN_FLIGHT of them share each Flower exchange
+    # (fl.runners.flower.pipeline); 1 runs them one after another. A train job is always sequential.
+    rounds_in_flight: int = 1
 
     def releases_id(self) -> str:
         """What a node's round record is keyed by: the job id, or (none given) a digest of what is trained.
@@ -91,7 +99,7 @@ class FlowerJob:
             return f"id:{self.job_id}"
         core = {k: v for k, v in asdict(self).items()
                 if k not in ("out", "checkpoint", "resume", "join_timeout", "start_timeout", "phase_timeout",
-                             "poll_interval")}
+                             "poll_interval", "rounds_in_flight")}
         from secagg._hazmat.pki import sha256_hex
 
         return "sha256:" + sha256_hex(json.dumps(core, sort_keys=True, default=str).encode())
@@ -133,6 +141,15 @@ class FlowerJob:
             raise JobError("the Flower job's authenticated flag must be true or false")
         if self.roster is not None and not isinstance(self.roster, Mapping):
             raise JobError("the Flower job's roster must be an object (`privagg flower roster`)")
+        self._check_in_flight()
+
+    def _check_in_flight(self) -> None:
+        n = self.rounds_in_flight
+        if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IN_FLIGHT:
+            raise JobError(f"rounds_in_flight must be an integer in 1..{MAX_IN_FLIGHT}, got {n!r}")
+        if n > 1 and (self.task != "sum" or self.protocol not in ("secagg", "secagg+")):
+            raise JobError("rounds in flight are for SecAgg/SecAgg+ sum jobs: a training round's start carries the "
+                           "model the previous round's sum produces (use rounds_in_flight=1)")
 
     @property
     def num_clients(self) -> int:
@@ -243,6 +260,35 @@ def reply_record(reply: Message) -> Any:
     if not isinstance(rec, ConfigRecord):
         raise BadReplyError(f"the {RECORD!r} record is a {type(rec).__name__}, not a ConfigRecord")
     return rec
+
+
+def part_key(i: int) -> str:
+    """The record of part ``i`` of a bundled message or reply."""
+    return f"{RECORD}.{i}"
+
+
+def bundle_parts(content: RecordDict, job: FlowerJob) -> list[tuple[str, Any]]:
+    """A bundle's parts as ``(kind, record)`` in order, checked: at most the job's rounds in flight, each
+    round at most once, only ``start``/``step`` parts, each a ConfigRecord. Else :class:`JobError`."""
+    try:
+        index: Any = content[BUNDLE_RECORD]
+        kinds, rounds = list(index["kinds"]), list(index["rounds"])
+    except (KeyError, TypeError) as exc:
+        raise JobError(f"a bundled message without its index record {BUNDLE_RECORD!r}") from exc
+    if not all(isinstance(r, int) and not isinstance(r, bool) for r in rounds):
+        raise JobError("a bundle's rounds must be integers")
+    if not 1 <= len(kinds) <= job.rounds_in_flight or len(rounds) != len(kinds):
+        raise JobError(f"a bundle of {len(kinds)} part(s); this job has at most {job.rounds_in_flight} round(s) in "
+                       "flight")
+    if any(k not in ("start", "step") for k in kinds) or len(set(rounds)) != len(rounds):
+        raise JobError("a bundle carries start and step parts, each of a different round")
+    parts = []
+    for i, kind in enumerate(kinds):
+        rec = content.get(part_key(i))
+        if not isinstance(rec, ConfigRecord) or rec.get("round") != rounds[i]:
+            raise JobError(f"part {i} of the bundle is missing or names another round than its index")
+        parts.append((str(kind), rec))
+    return parts
 
 
 def compute_s(rec: Any) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ class Exchange:
     wall_s: float
     client_max_s: float
     server_s: float = 0.0
+    bundle: int = 0  # the Flower exchange that carried it when rounds share exchanges (0: its own)
 
 
 class GridTransport:
@@ -200,10 +202,12 @@ class Progress:
     def __init__(self, out: Path) -> None:
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "progress.jsonl"
+        self.lock = threading.Lock()  # rounds in flight log from their own threads
 
     def __call__(self, **event: Any) -> None:
-        with self.path.open("a") as fh:
-            fh.write(json.dumps({"t": time.time(), **event}, default=str) + "\n")
+        line = json.dumps({"t": time.time(), **event}, default=str) + "\n"
+        with self.lock, self.path.open("a") as fh:
+            fh.write(line)
 
 
 def write_json(path: Path, data: Mapping[str, Any]) -> None:

@@ -246,26 +246,54 @@ def serve(grid: Grid, job: FlowerJob, progress: Progress) -> dict[str, Any]:
     tr = GridTransport(grid, job, nodes)
     tr.progress = progress
     progress(event="joined", nodes={str(c): n for c, n in nodes.items()}, seconds=time.perf_counter() - t_join)
-    rounds: list[dict[str, Any]] = []
     fed: Any = None
     own_start: dict[str, Any] = {}
     names: dict[int, str] = {}
     if job.task == "train":
         fed, own_start, names = _start_federation(job, tr, hellos)
     first = _resume(fed, job, progress) if fed is not None else 1
-    stopped = None
-    for r in range(first, job.num_rounds + 1):
+    t_rounds = time.perf_counter()
+    todo = range(first, job.num_rounds + 1)
+    if fed is None and job.rounds_in_flight > 1:
+        rounds, stopped = _rounds_in_flight(tr, job, progress, todo), None
+    else:
+        rounds, stopped = _sequential(tr, job, fed, progress, todo, own_start=own_start, names=names)
+    return _result(job, nodes=nodes, rounds=rounds, exchanges=tr.log, fed=fed, stopped=stopped, own=bool(names),
+                   seconds=time.perf_counter() - t_rounds)
+
+
+def _sequential(tr: GridTransport, job: FlowerJob, fed: Any, progress: Progress, todo: range, *,
+                own_start: Mapping[str, Any], names: Mapping[int, str]) -> tuple[list[dict[str, Any]], str | None]:
+    """The rounds one after another (checkpointed after each, for a train job); their records and why the
+    run stopped early (the DP budget), if it did."""
+    rounds: list[dict[str, Any]] = []
+    for r in todo:
         progress(event="round", round=r)
         try:
             record = _one_round(tr, job, fed, r, own_start=own_start, names=names)
         except BudgetExhaustedError as exc:
-            stopped = f"stopped before round {r}: {exc}"
-            break
+            return rounds, f"stopped before round {r}: {exc}"
         rounds.append(record)
         progress(event="round_done", **record)
         if fed is not None and job.checkpoint:
             fed.save(Path(job.checkpoint))  # atomic: a crash mid-write leaves the previous round's file whole
-    return _result(job, nodes=nodes, rounds=rounds, exchanges=tr.log, fed=fed, stopped=stopped, own=bool(names))
+    return rounds, None
+
+
+def _rounds_in_flight(tr: GridTransport, job: FlowerJob, progress: Progress, rounds: range) -> list[dict[str, Any]]:
+    """A sum job's rounds, up to ``job.rounds_in_flight`` sharing each Flower exchange (:mod:`.pipeline`)."""
+    from fl.runners.flower.pipeline import Bundler, Lane
+
+    def work(lane: Lane) -> dict[str, Any]:
+        progress(event="round", round=lane.round)
+        record = _one_round(lane, job, None, lane.round, own_start={}, names={})  # type: ignore[arg-type]
+        progress(event="round_done", **record)
+        return record
+
+    bundler = Bundler(tr, job.rounds_in_flight)
+    records = bundler.run(list(rounds), work)
+    log.info("%d rounds in %d Flower exchanges (%d in flight)", len(records), bundler.bundles, job.rounds_in_flight)
+    return records
 
 
 def _resume(fed: Any, job: FlowerJob, progress: Progress) -> int:
@@ -421,7 +449,7 @@ def _checked_sum(
 
 def _result(
     job: FlowerJob, *, nodes: Mapping[int, int], rounds: list[dict[str, Any]], exchanges: Sequence[Any], fed: Any,
-    stopped: str | None, own: bool = False,
+    stopped: str | None, own: bool = False, seconds: float = 0.0,
 ) -> dict[str, Any]:
     """The job's result: job, nodes, rounds and exchanges; a training job's report and saved ``params.npy``."""
     out = Path(job.out)
@@ -430,6 +458,7 @@ def _result(
         "nodes": {str(c): n for c, n in nodes.items()},
         "rounds": rounds,
         "exchanges": [asdict(e) for e in exchanges],
+        "seconds": seconds,  # the rounds' wall time, from the first round's start (rounds in flight overlap)
     }
     if fed is not None:
         np.save(out / "params.npy", fed.params)

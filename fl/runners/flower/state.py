@@ -27,11 +27,13 @@ from flwr.app import ConfigRecord, Context
 
 from secagg.errors import CodecError, KeyMismatchError, ProtocolError
 
-__all__ = ["STATE_KEY_FILE", "STATE_RECORD", "advance", "clear", "last_released", "load", "make_state_key",
-           "record_released", "state_key", "store"]
+__all__ = ["SLOTS", "STATE_KEY_FILE", "STATE_RECORD", "advance", "clear", "last_released", "load", "make_state_key",
+           "record_released", "slot", "state_key", "store"]
 
 STATE_RECORD = "privagg-state"
-"""The ``Context.state`` record that holds the sealed machine."""
+"""The ``Context.state`` record that holds the sealed machine (of round 1, 5, 9, ...: see :func:`slot`)."""
+SLOTS = 4
+"""Rounds whose machines a node keeps at once (a sum job's rounds in flight, ``job.MAX_IN_FLIGHT``)."""
 STATE_KEY_FILE = "state-key-file"
 """The SuperNode ``--node-config`` key naming this node's sealing key (hex, 0600)."""
 _VERSION = 1
@@ -73,6 +75,14 @@ def _aad(context: Context, *, session: bytes, round: int, step: int, phase: str)
     return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
 
 
+def slot(round: int) -> str:
+    """The state record of ``round``'s machine: one of :data:`SLOTS`, so consecutive rounds in flight never
+    share one and a node keeps at most :data:`SLOTS` sealed machines. A round that reuses a slot overwrites
+    a machine four rounds older; that round's next step is then refused (its stored round differs)."""
+    k = (round - 1) % SLOTS
+    return STATE_RECORD if k == 0 else f"{STATE_RECORD}.{k}"
+
+
 def store(context: Context, machine: Any, *, session: bytes, round: int, step: int) -> None:
     """Seal ``machine`` (a :class:`~secagg.masking.client.SecAggClient`) into the node's state for ``step``."""
     from secagg._hazmat.seal import seal
@@ -83,7 +93,7 @@ def store(context: Context, machine: Any, *, session: bytes, round: int, step: i
     phase = str(machine.state)
     blob = seal(state_key(context), machine.snapshot(),
                 aad=_aad(context, session=session, round=round, step=step, phase=phase))
-    context.state[STATE_RECORD] = ConfigRecord(
+    context.state[slot(round)] = ConfigRecord(
         {"blob": blob, "round": round, "session": bytes(session), "step": step, "phase": phase}
     )
 
@@ -98,9 +108,9 @@ def load(context: Context, *, session: bytes, round: int, step: int,
     from secagg._hazmat.seal import unseal
     from secagg.masking.client import SecAggClient
 
-    if STATE_RECORD not in context.state:
+    if slot(round) not in context.state:
         raise ProtocolError("no protocol state for this round on this node (restarted mid-round?)")
-    rec: Any = context.state[STATE_RECORD]
+    rec: Any = context.state[slot(round)]
     try:
         blob, phase = bytes(rec["blob"]), str(rec["phase"])
         stored = (bytes(rec["session"]), int(rec["round"]), int(rec["step"]))
@@ -124,10 +134,12 @@ def load(context: Context, *, session: bytes, round: int, step: int,
         raise ProtocolError(f"the stored protocol state does not decode: {exc}") from exc
 
 
-def clear(context: Context) -> None:
-    """Forget the round's secrets (after the last phase)."""
-    if STATE_RECORD in context.state:
-        del context.state[STATE_RECORD]
+def clear(context: Context, round: int | None = None) -> None:
+    """Forget ``round``'s secrets (after its last phase, or before it starts); every round's if ``None``."""
+    names = [slot(round)] if round is not None else [slot(r) for r in range(1, SLOTS + 1)]
+    for name in names:
+        if name in context.state:
+            del context.state[name]
 
 
 
@@ -145,7 +157,7 @@ def advance(context: Context, incoming: Iterable[Any], *, session: bytes, round:
     for m in incoming:
         out += machine.receive(m)
     if final:
-        clear(context)  # the round's secrets are no longer needed
+        clear(context, round)  # the round's secrets are no longer needed
     else:
         store(context, machine, session=session, round=round, step=step)
     return out
