@@ -1,23 +1,26 @@
 """Round latency of secure aggregation over real Flower processes on loopback: ours vs Flower's SecAgg+.
 
 One SuperLink and 3 SuperNodes run as processes on 127.0.0.1 with TLS (throw-away certificates). In one
-run it measures, on the same work (a secure sum of d = 1e5 words from 3 clients per round; ``--quick``:
-d = 1e3, 1 round):
+run it measures, on the same work (a secure sum of d = 1e5 words from 3 clients per round, 8 rounds;
+``--quick``: d = 1e3, 2 rounds):
 
 * ``flower SecAgg+ workflow`` -- the peer: Flower's ``SecAggPlusWorkflow`` + ``secaggplus_mod`` (legacy
-  API), FedAvg rounds whose clients return a d-float vector; on stock SuperNodes and on ours;
-* ``privagg secagg+`` -- our protocol driven by :mod:`fl.runners.flower`: on stock SuperNodes collecting
-  replies with Flower's ``Grid.send_and_receive`` (3 s polls) or with 50 ms pulls, and on SuperNodes
-  started the way ``privagg flower supernode`` starts them (0.1 s idle poll instead of 3 s, and each
-  ClientApp forked from a warm process instead of a fresh interpreter per message);
+  API), FedAvg rounds whose clients return a d-float vector (4 exchanges per round); on stock SuperNodes
+  and on ours;
+* ``privagg secagg+`` -- our protocol driven by :mod:`fl.runners.flower` (50 ms reply pulls), one round
+  after another (4 exchanges per round) and with 4 rounds in flight (:mod:`fl.runners.flower.pipeline`:
+  R rounds in R + 3 exchanges); on stock SuperNodes and on SuperNodes started the way
+  ``privagg flower supernode`` starts them (0.1 s idle poll instead of 3 s, and each ClientApp forked
+  from a warm process instead of a fresh interpreter per message);
 * ``privagg mod+workflow, FedAvg app`` -- :mod:`fl.runners.flower.mod` / :mod:`fl.runners.flower.workflow`
   in a user's own Flower app (Message API FedAvg, clients return a d-float vector), on both kinds of node;
 * ``in-memory secagg+`` -- :func:`fl.runners.local.run_secure_sum` on the same vectors: the protocol's
   own compute.
 
-The table gives seconds per round, the ratio to the peer on stock SuperNodes, and for our runs the split
-into client compute, server compute and Flower transport (everything else: polling, process start-up,
-HTTPS).
+The table gives seconds per round (the run's wall time over its rounds), the ratio to the peer on stock
+SuperNodes, Flower exchanges per round, and for our runs the split into client compute, server compute
+and Flower transport (everything else: polling, process start-up, HTTPS). ``--json PATH`` writes
+``{"rows": [{"configuration", "ours", "patched", "s_per_round", ...}]}``.
 
     .venv-flower/bin/python benchmarks/flower_round_latency.py [--quick] [--json out.json]
 """
@@ -159,25 +162,33 @@ def _wait_file(path: Path, timeout: float, procs: list[Any]) -> dict[str, Any]:
     raise TimeoutError(f"the peer wrote no {path} in {timeout:g}s")
 
 
-def _ours(cluster: Any, work: Path, *, size: int, rounds: int, poll: float, label: str) -> dict[str, Any]:
+def _ours(cluster: Any, work: Path, *, size: int, rounds: int, poll: float, label: str,
+          in_flight: int = 1) -> dict[str, Any]:
     from fl.runners.flower import FlowerJob
 
     job = FlowerJob(task="sum", out=str(work / label.replace(" ", "_")), clients=cluster.n, size=size, rounds=rounds,
                     protocol="secagg+", threshold=0.7, poll_interval=poll, join_timeout=120, start_timeout=120,
-                    phase_timeout=120)
+                    phase_timeout=120, rounds_in_flight=in_flight)
     t0 = time.perf_counter()
-    res = cluster.run(job, timeout=600)
+    res = cluster.run(job, timeout=1800)
     total = time.perf_counter() - t0
-    if not all(r.get("exact") for r in res["rounds"]):
+    if not all(r.get("exact") for r in res["rounds"]) or len(res["rounds"]) != rounds:
         raise RuntimeError(f"{label}: a round's sum was not exact: {res['rounds']}")
-    per_round = float(np.mean([r["seconds"] for r in res["rounds"]]))
     ex = res["exchanges"]
-    client = sum(e["client_max_s"] for e in ex) / rounds
-    server = sum(e["server_s"] for e in ex) / rounds
-    wall = sum(e["wall_s"] for e in ex) / rounds
+    flower_exchanges = len({e["bundle"] for e in ex}) if in_flight > 1 else len(ex)
+    bundles: dict[int, dict[str, float]] = {}
+    for i, e in enumerate(ex):  # one Flower exchange may carry several rounds' phases: count its time once
+        b = bundles.setdefault(e["bundle"] or -1 - i, {"wall": 0.0, "client": 0.0, "server": 0.0})
+        b["wall"] = max(b["wall"], e["wall_s"])
+        b["client"] = max(b["client"], e["client_max_s"])
+        b["server"] += e["server_s"]
+    client = sum(b["client"] for b in bundles.values()) / rounds
+    server = sum(b["server"] for b in bundles.values()) / rounds
+    wall = sum(b["wall"] for b in bundles.values()) / rounds
     return {
-        "name": label, "seconds_per_round": per_round, "client_compute_s": client, "server_compute_s": server,
-        "transport_s": max(0.0, wall - client), "phases_per_round": len(ex) // rounds, "total_s": total,
+        "name": label, "seconds_per_round": res["seconds"] / rounds, "client_compute_s": client,
+        "server_compute_s": server, "transport_s": max(0.0, wall - client),
+        "exchanges_per_round": flower_exchanges / rounds, "total_s": total, "ours": True,
     }
 
 
@@ -201,13 +212,17 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="d = 1e3, 1 round (smoke run)")
     ap.add_argument("--size", type=int, help="vector length (default 1e5, --quick 1e3)")
-    ap.add_argument("--rounds", type=int, help="rounds per configuration (default 2, --quick 1)")
+    ap.add_argument("--rounds", type=int,
+                    help="rounds per configuration (default 8, --quick 2); rounds in flight amortise their 3 extra "
+                         "exchanges over the run: R rounds take R + 3")
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--no-peer", action="store_true", help="skip Flower's own SecAgg+")
+    ap.add_argument("--short", action="store_true",
+                    help="only the peer on stock SuperNodes and our SecAgg+ rows (no mod+workflow app rows)")
     ap.add_argument("--json", type=Path, help="write {'rows': [...]} here")
     args = ap.parse_args(argv)
     size = args.size or (1000 if args.quick else 100_000)
-    rounds = args.rounds or (1 if args.quick else 2)
+    rounds = args.rounds or (2 if args.quick else 8)
 
     from fl.runners.flower import LocalCluster, NodePolicy
 
@@ -234,34 +249,43 @@ def main(argv: list[str] | None = None) -> int:
         cluster.submit_app(app)
         res = _wait_file(out, 900, [cluster.superlink])
         return {"name": f"privagg mod+workflow, FedAvg app ({label})", "seconds_per_round": res["seconds"] / rounds,
-                "total_s": time.perf_counter() - t0}
+                "total_s": time.perf_counter() - t0, "ours": True}
 
     # This benchmark also runs Flower's own SecAgg+ app on the same nodes: their policy trusts any app.
     bench_policy = NodePolicy(allow_any_app=True)
     with LocalCluster(work / "stock", args.clients, tls=True, policy=bench_policy) as cluster:
         if not args.no_peer:
-            rows.append(peer_row(cluster, "stock"))
-        rows.append(_ours(cluster, work, size=size, rounds=rounds, poll=0.0,
-                          label="privagg secagg+ (stock, Grid.send_and_receive)"))
-        rows.append(_ours(cluster, work, size=size, rounds=rounds, poll=0.05,
-                          label="privagg secagg+ (stock SuperNodes, 50 ms pulls)"))
-        rows.append(mod_row(cluster, "stock"))
+            rows.append({**peer_row(cluster, "stock"), "patched": False})
+        rows.append({**_ours(cluster, work, size=size, rounds=rounds, poll=0.05,
+                             label="privagg secagg+ (stock SuperNodes)"), "patched": False})
+        rows.append({**_ours(cluster, work, size=size, rounds=rounds, poll=0.05, in_flight=4,
+                             label="privagg secagg+, 4 rounds in flight (stock)"), "patched": False})
+        if not args.short:
+            rows.append({**mod_row(cluster, "stock"), "patched": False})
     with LocalCluster(work / "tuned", args.clients, tls=True, fleet_poll=0.1, policy=bench_policy) as cluster:
-        rows.append(_ours(cluster, work, size=size, rounds=rounds, poll=0.05,
-                          label="privagg secagg+ (privagg SuperNodes)"))
-        rows.append(mod_row(cluster, "privagg SuperNodes"))
-        if not args.no_peer:
-            rows.append(peer_row(cluster, "privagg"))
+        rows.append({**_ours(cluster, work, size=size, rounds=rounds, poll=0.05,
+                             label="privagg secagg+ (privagg SuperNodes)"), "patched": True})
+        rows.append({**_ours(cluster, work, size=size, rounds=rounds, poll=0.05, in_flight=4,
+                             label="privagg secagg+, 4 rounds in flight (privagg)"), "patched": True})
+        if not args.short:
+            rows.append({**mod_row(cluster, "privagg SuperNodes"), "patched": True})
+            if not args.no_peer:
+                rows.append({**peer_row(cluster, "privagg"), "patched": True})
     peer = next((r["seconds_per_round"] for r in rows if r["name"].startswith("flower")), None)
     print()
-    print(f"{'configuration':<52} {'s/round':>8} {'vs peer':>8} {'client':>7} {'server':>7} {'transport':>9}")
+    print(f"{'configuration':<52} {'s/round':>8} {'vs peer':>8} {'exch/r':>6} {'client':>7} {'server':>7} "
+          f"{'transport':>9}")
     for r in rows:
         r["size"], r["clients"], r["rounds"] = size, args.clients, rounds
+        r["configuration"], r["s_per_round"] = r["name"], r["seconds_per_round"]  # the issue's JSON row keys
+        r.setdefault("ours", False)
         if peer:
             r["ratio_vs_flower"] = r["seconds_per_round"] / peer
         ratio = f"{r['ratio_vs_flower']:.3g}x" if "ratio_vs_flower" in r else "-"
         split = [f"{r[k]:.2f}" if k in r else "-" for k in ("client_compute_s", "server_compute_s", "transport_s")]
-        print(f"{r['name']:<52} {r['seconds_per_round']:>8.3g} {ratio:>8} {split[0]:>7} {split[1]:>7} {split[2]:>9}")
+        exch = f"{r['exchanges_per_round']:.3g}" if "exchanges_per_round" in r else "-"
+        print(f"{r['name']:<52} {r['seconds_per_round']:>8.3g} {ratio:>8} {exch:>6} {split[0]:>7} {split[1]:>7} "
+              f"{split[2]:>9}")
     print("\nclient/server: protocol compute per round (slowest client per phase, summed); transport: the rest of "
           "each phase's wall time (SuperNode polling, one flwr-clientapp process per message, HTTPS).")
     if args.json:

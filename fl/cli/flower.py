@@ -208,6 +208,10 @@ def _add_job_flags(g: argparse._ArgumentGroup, *, name: str) -> None:
     g.add_argument("--task", choices=["train", "sum"], default="train",
                    help="train: the federated training above; sum: a secure sum of --size public test words")
     g.add_argument("--size", type=int, default=100_000, help="vector length of --task sum")
+    g.add_argument("--rounds-in-flight", type=int, choices=range(1, 5), metavar="K", default=None,
+                   help="--task sum with secagg/secagg+: K rounds share each Flower exchange (R rounds take R+3 "
+                        "exchanges at K=4, 4R at K=1); default 4 for such sums, 1 otherwise (training rounds "
+                        "need the previous round's model)")
     g.add_argument("--checkpoint-dir", type=Path,
                    help="the ServerApp checkpoints after every round into this directory")
     g.add_argument("--resume", type=Path, metavar="DIR", help="continue the Flower run checkpointed in DIR")
@@ -277,6 +281,9 @@ def _job(args: argparse.Namespace) -> Any:
         phase_timeout=args.phase_timeout, poll_interval=args.poll, paillier_public_key=_public_key_json(args),
         roster=_job_roster(args),
     )
+    if args.task == "train" and (getattr(args, "rounds_in_flight", None) or 1) > 1:
+        raise ValueError("--rounds-in-flight is for --task sum: a training round starts from the model the previous "
+                         "round's sum produces")
     if args.task == "train" and _own_data_run(args, config):
         return FlowerJob(task="train", config=_own_data_config(args, config).as_dict(), stats=None, **common)
     if args.task == "train":
@@ -284,9 +291,10 @@ def _job(args: argparse.Namespace) -> Any:
     protocol = config.privacy.tokens()[-1] if config.privacy.tokens() else "plain"
     if protocol not in ("secagg", "secagg+", "paillier", "plain"):
         raise ValueError(f"--task sum runs secagg, secagg+, paillier or none (plain), not {config.privacy.spec!r}")
+    in_flight = getattr(args, "rounds_in_flight", None) or (4 if protocol in ("secagg", "secagg+") else 1)
     return FlowerJob(task="sum", clients=config.clients, size=args.size, rounds=config.rounds, seed=config.seed,
                      protocol=protocol, threshold=config.privacy.cohort_threshold, authenticated=args.authenticated,
-                     **common)
+                     rounds_in_flight=in_flight, **common)
 
 
 def _job_roster(args: argparse.Namespace) -> dict[str, Any] | None:

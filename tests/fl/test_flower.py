@@ -106,6 +106,21 @@ def test_round_completes_when_a_supernode_dies_mid_round(cluster: LocalCluster, 
     assert phases["masked"]["sent"] == 3 and phases["masked"]["answered"] == 2
 
 
+@pytest.mark.slow
+def test_rounds_in_flight_over_real_processes(cluster: LocalCluster, tmp_path: Path) -> None:
+    """A sum job with 4 rounds in flight over real SuperNodes with TLS: 5 rounds in 5 + 3 Flower exchanges
+    (one bundled message per node each), every sum exact."""
+    out = tmp_path / "out"
+    job = FlowerJob(task="sum", out=str(out), clients=3, size=1000, rounds=5, protocol="secagg+", threshold=0.6,
+                    join_timeout=60, start_timeout=60, phase_timeout=30, rounds_in_flight=4)
+    cluster.submit(job)
+    result = wait_result(out, timeout=240, processes=[cluster.superlink])
+    assert [r["round"] for r in result["rounds"]] == [1, 2, 3, 4, 5]
+    assert all(r["exact"] is True and r["included"] == 3 for r in result["rounds"])
+    assert len({e["bundle"] for e in result["exchanges"]}) == 8
+    assert len(result["exchanges"]) == 20  # each round ran its own four phases
+
+
 # ---- fast checks of the pieces (no processes) ------------------------------------------------------------
 
 
