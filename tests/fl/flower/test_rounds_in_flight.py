@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("flwr")
 
@@ -105,6 +107,24 @@ def test_a_node_dying_mid_pipeline_costs_only_what_the_protocol_cannot_finish(tm
     assert [r["round"] for r in result["rounds"]] == list(range(1, 7))
 
 
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(depth=st.integers(2, 4), rounds=st.integers(1, 5), dying=st.integers(0, 2), after=st.integers(0, 9))
+def test_any_death_in_any_pipeline_gives_exact_sums_of_exactly_who_sent_an_input(
+        tmp_path_factory: pytest.TempPathFactory, depth: int, rounds: int, dying: int, after: int) -> None:
+    """Property: whatever the depth, the rounds and when which node dies, every round is exact or aborted,
+    and the dying node is in a round's sum exactly when it answered that round's masked-input exchange."""
+    tmp = tmp_path_factory.mktemp("p")
+    job = _job(tmp, rounds=rounds, in_flight=depth)
+    result = serve(DyingGrid(_contexts(tmp, job), node=100 + dying, after=after), job,  # type: ignore[arg-type]
+                   Progress(Path(job.out)))
+    masked_at = {e["round"]: e["bundle"] for e in result["exchanges"] if e["phase"] == "masked"}
+    assert [r["round"] for r in result["rounds"]] == list(range(1, rounds + 1))
+    for r in result["rounds"]:
+        assert r.get("exact") is True or "aborted" in r, r
+        if r.get("exact"):
+            assert (dying in r["included_ids"]) == (masked_at[r["round"]] <= after), (r, masked_at)
+
+
 def test_jobs_that_cannot_pipeline_are_refused() -> None:
     with pytest.raises(JobError, match="training round"):
         FlowerJob(task="train", rounds_in_flight=2)
@@ -167,3 +187,36 @@ def test_a_round_four_later_takes_the_slot_and_the_old_round_cannot_continue(tmp
     step = ("step", {"round": 1, "session": bytes([1]) * 16, "step": 1, "final": False})
     reply = deliver(_bundle(100, [step]), ctx)
     assert "round 5" in str(reply.content[part_key(0)]["error"])
+
+
+def _swap_rounds(node: int, msg: Message) -> Message:
+    """A malicious ServerApp that delivers each round's protocol messages in ANOTHER round's part of node
+    100's bundle (the parts' rounds, sessions and steps stay as they were)."""
+    if node != 100 or msg.metadata.message_type != BUNDLE:
+        return msg
+    kinds = list(msg.content[BUNDLE_RECORD]["kinds"])
+    if len(kinds) < 2:
+        return msg
+    parts = [dict(msg.content[part_key(i)]) for i in range(len(kinds))]
+    msgs = [p.get("msgs") for p in parts]
+    for i, p in enumerate(parts):
+        moved = msgs[(i + 1) % len(parts)]
+        if moved is None:
+            p.pop("msgs", None)
+        else:
+            p["msgs"] = moved
+        msg.content[part_key(i)] = ConfigRecord(p)
+    return msg
+
+
+def test_protocol_messages_moved_to_another_rounds_part_are_refused(tmp_path: Path) -> None:
+    """Each round's machine is bound to its own session and round: another round's keys, shares or unmask
+    request in its part are refused, the node drops from those rounds, and no sum is ever wrong."""
+    job = _job(tmp_path, rounds=4, in_flight=4)
+    grid = InProcessGrid(_contexts(tmp_path, job), rewrite=_swap_rounds)
+    result = serve(grid, job, Progress(Path(job.out)))  # type: ignore[arg-type]
+    assert len(result["rounds"]) == 4
+    for r in result["rounds"]:
+        assert r.get("exact") is True or "aborted" in r, r
+        if r.get("exact"):
+            assert 0 not in r["included_ids"], "client 0 took part in a round whose messages it was given wrongly"
