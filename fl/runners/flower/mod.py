@@ -24,6 +24,28 @@ AES-GCM under the node's ``state-key-file``, bound to run, node, session, round 
 A train message WITHOUT our record would send the update in the clear: the mod refuses it unless the
 node's policy lists ``plain``. Each round number is accepted at most once and in increasing order (a
 server that replayed a round would get the noisy update twice).
+
+**Authenticated SecAgg / SecAgg+** (``SecureAggregation(authenticated=True, roster=...)``: signed protocol
+messages, survivor lists signed by >= t neighbours; security against an active server). Each node
+needs its own identity key and the consortium's roster in ITS OWN node config, the files
+:mod:`fl.runners.flower.identity` uses::
+
+    privagg flower identity --name hospital-a --out keys     # each site; send keys/hospital-a.identity.json
+    privagg flower roster --out roster.json a.identity.json b.identity.json ...   # the consortium, once
+    privagg flower policy --out policy.json --roster roster.json --require-authenticated   # each site
+    flower-supernode ... --node-config 'identity-key-file="keys/hospital-a.identity.key"
+        identity-roster-file="roster.json" policy-file="policy.json" state-key-file="state.key"'
+
+A node's client id is its OWN roster entry: the entry whose public key is its identity key, never a
+number the server picks. The server learns it once per node by an ``identify`` train message (a fresh
+nonce): the node answers its entry signed with its identity key over the nonce, its Flower node id, its
+entry and the roster's SHA-256, so no node can claim another's entry. Every start then states the
+roster's SHA-256 and the node's entry; the node refuses a round whose roster is not its own (the server
+substituted a key) or not the one its policy pins, and a start that assigns it any other client id. It
+signs with its own key and checks every signature with its own roster's public keys (the server's
+roster is only compared). A node whose policy sets ``require_authenticated`` refuses an unauthenticated
+round; a node without identity files gets an error naming ``privagg flower identity``. The colluder
+bound of the ledger assumes each node pins the cohort: set the policy's ``min_clients``.
 """
 
 from __future__ import annotations

@@ -26,6 +26,19 @@ Client-level DP (``clip=S, noise_multiplier=z``): each update is clipped to L2 n
 a round that would exceed ``epsilon`` is not run. Flower's strategy samples clients with Python's
 ``random`` (not a CSPRNG, and the server knows the sample), so no amplification by sampling is claimed:
 each round is charged as if every client took part.
+
+Authenticated SecAgg / SecAgg+ (active-server security: Ed25519-signed messages and the consistency
+round)::
+
+    sa = SecureAggregation(protocol="secagg+", threshold=0.7, authenticated=True, roster="roster.json")
+
+``roster``: the consortium's :class:`~fl.runners.flower.identity.Roster` (``privagg flower identity`` at
+each site, ``privagg flower roster`` once; a path, its JSON dict or the object), the same file every node
+holds and pins. The server holds only public keys. Client ids are roster entries: before a node's first
+round the workflow asks it (one ``identify`` message per node and run) and keeps only answers signed by
+that entry's key; a node that does not prove an entry sits the round out (logged). Each node checks the
+roster and its id against its own configuration (:mod:`fl.runners.flower.mod`). The threshold must be
+above one half of each share group (``2t > m``), else the split-view attack works with no colluder.
 """
 
 from __future__ import annotations
@@ -170,7 +183,8 @@ class SecureAggregation:
     cohort is the number of nodes the strategy sampled). ``epsilon``/``delta``: the client-level DP
     budget (with ``clip`` and ``noise_multiplier``). ``start_timeout``: seconds for the first phase (local
     training); ``phase_timeout``: every later phase (a node that misses it has dropped).
-    ``weight_key``: the strategy's weight metric (FedAvg's ``weighted_by_key``).
+    ``weight_key``: the strategy's weight metric (FedAvg's ``weighted_by_key``). ``authenticated`` and
+    ``roster``: authenticated SecAgg / SecAgg+ with the consortium's roster (see the module doc).
     """
 
     def __init__(self, *, protocol: str = "secagg+", threshold: float = 0.7, bits: int = 40,

@@ -173,3 +173,29 @@ def test_a_node_whose_roster_is_not_the_one_its_policy_pins_refuses(tmp_path: Pa
                                  {**SecureTerms(cohort=3, authenticated=True).to_record(),
                                   "roster": Roster.load(other).fingerprint()}))
     assert reply.has_error() and "not the one this node's policy pins" in reply.error.reason
+
+
+def test_an_authenticated_round_survives_a_node_dropping_after_key_sharing(tmp_path: Path) -> None:
+    """Node 103 goes silent after the share phase (SecAgg, t = 2 of 3): the two survivors sign the survivor
+    list, unmask 103's pairwise masks, and the sum is exactly their weighted mean; the next round runs all 3."""
+    grid, roster = _grid(tmp_path)
+    steps: dict[int, int] = {}
+
+    def silent_after_share(msg: Any) -> bool:
+        rec = msg.content[RECORD]
+        if rec["stage"] != "step":
+            return False
+        steps[103] = steps.get(103, 0) + 1
+        return steps[103] > 1  # answers the key directory, then nothing (its masked input never comes)
+
+    grid.silent[103] = silent_after_share
+    sa = SecureAggregation(protocol="secagg", threshold=0.6, poll_interval=0.0, phase_timeout=0.2,
+                           authenticated=True, roster=roster)
+    assert len(_round(grid, sa)) == 1
+    out = sa.history[0]
+    assert sorted(out.included) == [101, 102] and sorted(out.planned) == NODES
+    glob = flatten(_initial()).astype(np.float64)
+    np.testing.assert_allclose(out.mean_update, _plain_mean([101, 102], 1, glob), atol=1e-6)
+    assert "ConsistencyCheck" in _sent_phases(grid)
+    del grid.silent[103]
+    assert len(_round(grid, sa, 2)) == 1 and sorted(sa.history[1].included) == NODES
