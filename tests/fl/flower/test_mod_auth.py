@@ -35,9 +35,15 @@ NODES = [101, 102, 103]
 
 
 def _grid(tmp: Path, **policy: Any) -> tuple[LoopbackGrid, Roster]:
+    """Three nodes with their own identity keys (roster entries in reverse node order); with ``policy``, a
+    node policy that also pins the roster's SHA-256."""
     grid = LoopbackGrid(_app(), 3, tmp)
-    pol = NodePolicy(**policy).save(tmp / "policy.json") if policy else None
-    return grid, mod_identities(grid, tmp, policy=pol)
+    roster = mod_identities(grid, tmp)
+    if policy:
+        pol = NodePolicy(roster_sha256=roster.fingerprint(), **policy).save(tmp / "policy.json")
+        for ctx in grid.contexts.values():
+            ctx.node_config["policy-file"] = str(pol)
+    return grid, roster
 
 
 def _round(grid: LoopbackGrid, sa: SecureAggregation, rnd: int = 1) -> list[Any]:
@@ -199,3 +205,16 @@ def test_an_authenticated_round_survives_a_node_dropping_after_key_sharing(tmp_p
     assert "ConsistencyCheck" in _sent_phases(grid)
     del grid.silent[103]
     assert len(_round(grid, sa, 2)) == 1 and sorted(sa.history[1].included) == NODES
+
+
+def test_authenticated_rounds_with_distributed_dp_are_accounted(tmp_path: Path) -> None:
+    """clip + distributed noise + authenticated SecAgg+: the node's noise floor and the roster both hold, and
+    the ledger states the noise and the active-server guarantee."""
+    grid, roster = _grid(tmp_path, min_noise_multiplier=0.5, require_authenticated=True)
+    sa = SecureAggregation(threshold=0.7, clip=1.0, noise_multiplier=1.0, placement="clients", poll_interval=0.0,
+                           authenticated=True, roster=roster)
+    assert len(_round(grid, sa)) == 1 and sorted(sa.history[0].included) == NODES
+    layers = {g["layer"]: g for g in sa.ledger.as_list()[0]["guarantees"]}
+    assert any("noise" in name for name in layers)
+    assert layers["secagg+"]["params"]["authenticated"] is True
+    assert sa.report()["privacy"]["epsilon"] > 0
