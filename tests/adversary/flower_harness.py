@@ -117,3 +117,54 @@ class InProcessGrid:
 def reply_with(request: Message, fields: Mapping[str, Any]) -> Message:
     """A forged reply to ``request`` carrying ``fields`` in our record."""
     return Message(RecordDict({"privagg": ConfigRecord(dict(fields))}), reply_to=request)
+
+
+# ---------------------------------------------------------------- privagg_mod + SecureAggregation (users' own apps)
+def mod_identities(grid: Any, tmp: Path, *, order: Sequence[int] | None = None, policy: Path | None = None
+                   ) -> Any:
+    """Give each node of a :class:`tests.fl.flower._loopback.LoopbackGrid` its own identity key and the roster.
+
+    ``order[i]``: the roster entry of the i-th node (sorted node ids); by default reversed, so a server
+    that mapped client ids by sorted node id would be wrong. Returns the :class:`Roster`.
+    """
+    from fl.runners.flower.identity import IDENTITY_KEY_FILE, IDENTITY_ROSTER_FILE, provision_local
+
+    nodes = sorted(grid.contexts)
+    keys, roster_path, roster = provision_local(tmp / "identity", len(nodes))
+    order = list(reversed(range(len(nodes)))) if order is None else list(order)
+    for nid, cid in zip(nodes, order, strict=True):
+        cfg = grid.contexts[nid].node_config
+        cfg[IDENTITY_KEY_FILE], cfg[IDENTITY_ROSTER_FILE] = str(keys[cid]), str(roster_path)
+        if policy is not None:
+            cfg["policy-file"] = str(policy)
+    return roster
+
+
+def rewrite_protocol(msg: Message, fn: Callable[[Any], Any]) -> Message:
+    """Apply ``fn`` to each protocol message in a privagg_mod request (in place: the request keeps its ids)."""
+    from secagg import wire
+
+    rec: Any = msg.content.get("privagg.secure", None)
+    if rec is not None and "msgs" in rec:
+        rec["msgs"] = wire.encode_frames([fn(m) for m in wire.decode_frames(list(rec["msgs"]))])
+    return msg
+
+
+def active_server_grid(base: type, *args: Any, rewrite: Rewrite, **kw: Any) -> Any:
+    """A LoopbackGrid (``base``) whose every pushed request first goes through ``rewrite`` (an active server)
+    and that records each node's error replies in ``grid.refusals`` (node id -> reasons)."""
+
+    class _Active(base):  # type: ignore[misc,valid-type]
+        def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+            return super().push_messages([rewrite(m.metadata.dst_node_id, m) for m in messages])
+
+    grid = _Active(*args, **kw)
+    grid.refusals = {}
+
+    def record(nid: int, reply: Message) -> Message:
+        if reply.has_error():
+            grid.refusals.setdefault(nid, []).append(reply.error.reason)
+        return reply
+
+    grid.tamper = record
+    return grid

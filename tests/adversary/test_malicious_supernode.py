@@ -115,3 +115,49 @@ def test_a_bad_training_reply_drops_that_client_not_the_run(
     # (min_cohort = 3, so a shrunken directory cannot lower t) -- is aborted cleanly; never with client 2.
     assert round1.get("included_ids", []) in ([0, 1], [])
     assert ("aborted" in round1) == (round1.get("included_ids") is None)
+
+
+# ---------------------------------------------------------------- privagg_mod: a node claiming another's identity
+@pytest.mark.parametrize("signature", ["its own", "copied"])
+def test_a_node_claiming_another_nodes_roster_entry_sits_out_and_the_honest_one_keeps_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, signature: str
+) -> None:
+    """Authenticated SecureAggregation: node 101 answers the identify request as node 102's roster entry,
+    signed with its own key (or with node 102's genuine signature, which binds node 102's Flower node id).
+    The server refuses the claim, node 102 keeps its entry, and the round is exactly the two honest
+    nodes' weighted mean."""
+    import numpy as np
+    from flwr.serverapp.strategy import FedAvg
+
+    from fl.runners.flower.mod import RECORD, flatten
+    from fl.runners.flower.workflow import SecureAggregation
+    from tests.adversary.flower_harness import mod_identities
+    from tests.fl.flower._loopback import LoopbackGrid
+    from tests.fl.flower.test_secure_aggregation import _app, _initial, _plain_mean
+
+    grid = LoopbackGrid(_app(), 3, tmp_path)
+    mod_identities(grid, tmp_path)  # node 101 is entry 2, 102 is entry 1, 103 is entry 0
+    forged: dict[str, Any] = {}
+
+    def claim_entry_1(nid: int, reply: Message) -> Message:
+        rec: Any = None if reply.has_error() else reply.content.get(RECORD, None)
+        if rec is None or "signature" not in rec:
+            return reply
+        if nid == 101:
+            rec["cid"] = 1
+            forged["rec"] = rec
+        if nid == 102 and signature == "copied" and "rec" in forged:
+            forged["rec"]["signature"] = rec["signature"]  # 102's genuine signature, as if 101 had seen it
+        return reply
+
+    grid.tamper = claim_entry_1
+    sa = SecureAggregation(threshold=0.7, poll_interval=0.0, phase_timeout=0.5, authenticated=True,
+                           roster=tmp_path / "identity" / "roster.json")
+    with caplog.at_level(logging.WARNING, logger="fl.runners.flower"):
+        sa.wrap(grid).send_and_receive(FedAvg().configure_train(1, _initial(), ConfigRecord(), grid))
+    assert "node 101 is not in this round" in caplog.text and "not signed by that client's key" in caplog.text
+    assert sa._cids == {102: 1, 103: 0}
+    (out,) = sa.history
+    assert sorted(out.included) == [102, 103]
+    glob = flatten(_initial()).astype(np.float64)
+    np.testing.assert_allclose(out.mean_update, _plain_mean([102, 103], 1, glob), atol=1e-6)

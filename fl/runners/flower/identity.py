@@ -28,7 +28,7 @@ from typing import Any
 from fl.runners.flower.policy import NodePolicy, PolicyError
 
 __all__ = ["IDENTITY_KEY_FILE", "IDENTITY_ROSTER_FILE", "IdentityError", "Roster", "RosterEntry", "check_identity",
-           "client_sum", "job_authenticated", "make_identity", "node_identities", "server_sum"]
+           "client_sum", "job_authenticated", "make_identity", "node_identities", "own_identity", "server_sum"]
 
 IDENTITY_KEY_FILE = "identity-key-file"
 """The SuperNode ``--node-config`` key naming this node's private identity key (``privagg flower identity``)."""
@@ -208,6 +208,29 @@ def node_identities(node_config: Mapping[str, Any], policy: NodePolicy, job: Any
                             f"({own.fingerprint()}): the server substituted identity keys; refusing the job")
     _require_planned(own, range(job.num_clients))
     return FixedIdentities(own.publics(), own=(cid, private))
+
+
+def own_identity(node_config: Mapping[str, Any], policy: NodePolicy) -> tuple[int, bytes, Roster]:
+    """``(client id, private key, roster)`` of this node for ``privagg_mod``, from its OWN files only.
+
+    The client id is the entry of the node's own roster whose public key is the node's own identity key
+    (never a number the server sends); the roster must be the one the node's policy pins (if it pins one).
+    Raises :class:`IdentityError` naming the fix when a file is missing, or the key is in no entry.
+    """
+    from secagg._hazmat.keyfile import read_identity_key
+
+    key = _node_file(node_config, IDENTITY_KEY_FILE, "--identity-key")
+    try:
+        own = Roster.load(_node_file(node_config, IDENTITY_ROSTER_FILE, "--identity-roster"))
+        public = read_identity_key(key)[1]
+    except ValueError as exc:
+        raise IdentityError(str(exc)) from exc
+    cid = next((c for c, e in sorted(own.clients.items()) if e.public_key == public), None)
+    if cid is None:
+        raise IdentityError(f"this node's identity key {key} is in no entry of its roster: add its public key "
+                            "(`privagg flower identity`'s .identity.json) to the consortium's roster, or start the "
+                            "node with the key the roster names")
+    return cid, check_identity(key, own, cid, pin=policy.roster_sha256), own
 
 
 def _require_planned(roster: Roster, cids: Iterable[int]) -> None:

@@ -24,6 +24,28 @@ AES-GCM under the node's ``state-key-file``, bound to run, node, session, round 
 A train message WITHOUT our record would send the update in the clear: the mod refuses it unless the
 node's policy lists ``plain``. Each round number is accepted at most once and in increasing order (a
 server that replayed a round would get the noisy update twice).
+
+**Authenticated SecAgg / SecAgg+** (``SecureAggregation(authenticated=True, roster=...)``: signed protocol
+messages, survivor lists signed by >= t neighbours; security against an active server). Each node
+needs its own identity key and the consortium's roster in ITS OWN node config, the files
+:mod:`fl.runners.flower.identity` uses::
+
+    privagg flower identity --name hospital-a --out keys     # each site; send keys/hospital-a.identity.json
+    privagg flower roster --out roster.json a.identity.json b.identity.json ...   # the consortium, once
+    privagg flower policy --out policy.json --roster roster.json --require-authenticated   # each site
+    flower-supernode ... --node-config 'identity-key-file="keys/hospital-a.identity.key"
+        identity-roster-file="roster.json" policy-file="policy.json" state-key-file="state.key"'
+
+A node's client id is its OWN roster entry: the entry whose public key is its identity key, never a
+number the server picks. The server learns it once per node by an ``identify`` train message (a fresh
+nonce): the node answers its entry signed with its identity key over the nonce, its Flower node id, its
+entry and the roster's SHA-256, so no node can claim another's entry. Every start then states the
+roster's SHA-256 and the node's entry; the node refuses a round whose roster is not its own (the server
+substituted a key) or not the one its policy pins, and a start that assigns it any other client id. It
+signs with its own key and checks every signature with its own roster's public keys (the server's
+roster is only compared). A node whose policy sets ``require_authenticated`` refuses an unauthenticated
+round; a node without identity files gets an error naming ``privagg flower identity``. The colluder
+bound of the ledger assumes each node pins the cohort: set the policy's ``min_clients``.
 """
 
 from __future__ import annotations
@@ -42,6 +64,7 @@ from flwr.common.constant import ErrorCode
 from numpy.typing import NDArray
 
 from fl.pipeline import BoundPipeline, Pipeline
+from fl.runners.flower import identity
 from fl.runners.flower import state as _state
 from fl.runners.flower.policy import JobTerms, NodePolicy, PolicyError
 from fl.spec import CompositionError, ValueSpec
@@ -57,12 +80,13 @@ log = logging.getLogger(__name__)
 RECORD = "privagg.secure"
 """The ``ConfigRecord`` that carries our protocol in a train message and its reply."""
 _ROUNDS = "privagg.mod-rounds"
+_AUTH = "privagg.mod-auth"
 _WEIGHT_KEYS = ("num-examples", "num_examples")
 _PROTOCOLS = ("secagg+", "secagg")
 _TERM_TYPES: dict[str, tuple[type, ...]] = {
     "protocol": (str,), "threshold": (float, int), "cohort": (int,), "bits": (int,), "clipping_range": (float, int),
     "max_weight": (float, int), "clip": (float, int), "noise_multiplier": (float, int), "placement": (str,),
-    "epsilon": (float, int),
+    "epsilon": (float, int), "authenticated": (bool,),
 }
 
 
@@ -82,6 +106,9 @@ class SecureTerms:
     (unweighted: one client moves the sum by at most ``clip``), and Gaussian noise with multiplier
     ``noise_multiplier`` is added by the server (``placement="server"``, central) or split across the
     planned clients (``"clients"``, distributed). ``epsilon``: the server's stated target (for policies).
+    ``authenticated``: Ed25519-signed protocol messages and the consistency round (active-server security);
+    each node then signs with its own identity key and checks everyone's from its own roster
+    (:func:`_round_identities`).
     """
 
     protocol: str = "secagg+"
@@ -94,6 +121,7 @@ class SecureTerms:
     noise_multiplier: float | None = None
     placement: str = "server"
     epsilon: float | None = None
+    authenticated: bool = False
 
     def __post_init__(self) -> None:
         if self.protocol not in _PROTOCOLS:
@@ -130,7 +158,7 @@ class SecureTerms:
             if f.name not in rec:
                 continue
             v = rec[f.name]
-            if isinstance(v, bool) or not isinstance(v, _TERM_TYPES[f.name]):
+            if (isinstance(v, bool) and bool not in _TERM_TYPES[f.name]) or not isinstance(v, _TERM_TYPES[f.name]):
                 raise ProtocolError(f"the server's secure-aggregation term {f.name}={v!r} has the wrong type")
             kw[f.name] = float(v) if float in _TERM_TYPES[f.name] else v  # type: ignore[arg-type]
         try:
@@ -143,7 +171,8 @@ class SecureTerms:
         own = self.noise_multiplier if self.placement == "clients" else None
         central = self.noise_multiplier if self.placement == "server" else None
         return JobTerms(protocol=self.protocol, threshold_fraction=self.threshold, cohort=self.cohort,
-                        own_noise=own, central_noise=central, clip=self.clip, epsilon=self.epsilon)
+                        own_noise=own, central_noise=central, clip=self.clip, epsilon=self.epsilon,
+                        authenticated=self.authenticated)
 
     def pipeline(self, size: int, *, min_cohort: int | None = None) -> BoundPipeline:
         """The bound pipeline for a model of ``size`` parameters (``size + 1`` values without DP: the weight).
@@ -157,7 +186,7 @@ class SecureTerms:
         from fl.sums.secagg import SecAgg, SecAggPlus
 
         cls = SecAggPlus if self.protocol == "secagg+" else SecAgg
-        ssum = cls(threshold=self.threshold, min_cohort=min_cohort)
+        ssum = cls(threshold=self.threshold, min_cohort=min_cohort, authenticated=self.authenticated)
         layers: list[Layer] = []
         if self.clip is None:
             layers.append(Quantize(bits=self.bits, bound=self.clipping_range))
@@ -260,7 +289,8 @@ def _start(msg: Message, context: Context, call_next: ClientAppCallable, rec: An
     policy = NodePolicy.from_node_config(context.node_config)
     policy.check(_worst_case(terms, policy))
     rnd, cid, session = _int(rec, "round"), _int(rec, "cid"), _session(rec)
-    if not 0 <= cid < terms.cohort:
+    ids = _round_identities(context, policy, rec, cid) if terms.authenticated else None
+    if ids is None and not 0 <= cid < terms.cohort:
         raise ProtocolError(f"client id {cid} outside the round's cohort 0..{terms.cohort - 1}")
     _state.state_key(context)  # fail before training when this node cannot keep the round's state
     _claim_round(context, rnd)
@@ -291,9 +321,11 @@ def _start(msg: Message, context: Context, call_next: ClientAppCallable, rec: An
         raise OverflowRiskError(f"{exc} (without DP, each update coordinate times its weight must lie within "
                                 f"clipping_range={terms.clipping_range:g}: raise SecureAggregation(clipping_range=...) "
                                 "or clip the update with clip=...)") from exc
-    machine: ClientMachine = bound.pipeline.sum.client(cid, value, spec=bound.sum_spec, session=session, round=rnd)
+    ssum = identity.client_sum(bound.pipeline.sum, ids)  # authenticated: this node's own keys, never the server's
+    machine: ClientMachine = ssum.client(cid, value, spec=bound.sum_spec, session=session, round=rnd)
     out = machine.start()
     _state.clear(context)
+    context.state[_AUTH] = ConfigRecord({"round": rnd, "authenticated": ids is not None})
     _state.store(context, machine, session=session, round=rnd, step=0)
     return _reply(msg, out)
 
@@ -328,9 +360,80 @@ def _without_record(msg: Message) -> Message:
 
 def _step(msg: Message, context: Context, rec: Any) -> Message:
     """A later phase: the server's messages into the stored machine, its replies back."""
-    out = _state.advance(context, _incoming(rec), session=_session(rec), round=_int(rec, "round"),
-                      step=_int(rec, "step"), final=rec.get("final") is True)
+    rnd = _int(rec, "round")
+    out = _state.advance(context, _incoming(rec), session=_session(rec), round=rnd,
+                      step=_int(rec, "step"), final=rec.get("final") is True, identity=_step_identity(context, rnd))
     return _reply(msg, out)
+
+
+# ---------------------------------------------------------------------------------------------- identities
+def _own(context: Context) -> tuple[int, bytes, Any]:
+    """This node's roster entry, private identity key and own roster (:func:`identity.own_identity`)."""
+    return identity.own_identity(context.node_config, NodePolicy.from_node_config(context.node_config))
+
+
+def _server_roster(rec: Any, own: Any) -> None:
+    """Refuse a round whose roster (the SHA-256 the server states) is not this node's own."""
+    stated = rec.get("roster")
+    if stated != own.fingerprint():
+        raise identity.IdentityError(f"the server's roster (SHA-256 {stated!r}) is not this node's "
+                                     f"({own.fingerprint()}): the server substituted identity keys; refusing the "
+                                     "round")
+
+
+def _round_identities(context: Context, policy: NodePolicy, rec: Any, cid: int) -> Any:
+    """This node's :class:`~fl.sums.secagg.FixedIdentities` for an authenticated round.
+
+    Its own private key and its OWN roster's public keys (the server's roster is only compared). Refused:
+    a roster other than the node's (or than its policy's pin), and a client id other than the node's own
+    roster entry (the server cannot make it play, or relay for, another identity).
+    """
+    from fl.sums.secagg import FixedIdentities
+
+    own_cid, private, own = identity.own_identity(context.node_config, policy)
+    _server_roster(rec, own)
+    if cid != own_cid:
+        raise identity.IdentityError(f"the server assigned this node client id {cid}, but its identity key is the "
+                                     f"roster's entry {own_cid} (site {own.clients[own_cid].site!r}): refusing the "
+                                     "round")
+    return FixedIdentities(own.publics(), own=(own_cid, private))
+
+
+def _step_identity(context: Context, rnd: int) -> tuple[bytes, Any] | None:
+    """``(own private key, roster's public keys)`` when THIS node started round ``rnd`` authenticated.
+
+    Read from the node's own state (written at the start), not from the server's step message.
+    """
+    rec: Any = context.state.get(_AUTH, None)
+    if rec is None or rec.get("round") != rnd or rec.get("authenticated") is not True:
+        return None
+    _, private, own = _own(context)
+    return private, own.publics()
+
+
+IDENTIFY_LABEL = b"privagg/flower-mod/identify/v1"
+"""Domain-separation label of a node's signed answer to the server's ``identify`` request."""
+
+
+def identify_payload(nonce: bytes, node_id: int, cid: int, roster: str) -> bytes:
+    """What a node signs when it tells the server its client id: the server's nonce, its Flower node id,
+    its roster entry and the roster's SHA-256 (length-prefixed)."""
+    parts = [bytes(nonce), str(node_id).encode(), str(cid).encode(), roster.encode()]
+    return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def _identify(msg: Message, context: Context, rec: Any) -> Message:
+    """The server asks which roster entry this node is: its own entry, signed with its own identity key."""
+    from secagg._hazmat import sign
+
+    nonce = rec.get("nonce")
+    if not isinstance(nonce, bytes) or len(nonce) < 16:
+        raise ProtocolError("the server's identify nonce must be at least 16 bytes")
+    cid, private, own = _own(context)
+    _server_roster(rec, own)
+    sig = sign.sign(sign.private_from_bytes(private), label=IDENTIFY_LABEL,
+                    payload=identify_payload(nonce, context.node_id, cid, own.fingerprint()))
+    return Message(RecordDict({RECORD: ConfigRecord({"cid": cid, "signature": sig})}), reply_to=msg)
 
 
 def privagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -351,6 +454,8 @@ def privagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
             return _start(msg, context, call_next, rec)
         if stage == "step":
             return _step(msg, context, rec)
+        if stage == "identify":
+            return _identify(msg, context, rec)
         raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
     except (PolicyError, ProtocolError, CodecError, OverflowRiskError, CompositionError, ValueError,
             RuntimeError) as exc:

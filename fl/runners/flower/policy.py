@@ -193,7 +193,8 @@ class NodePolicy:
             why.append(f"clip norm {terms.clip} exceeds this node's maximum {self.max_clip:g}")
         if self.require_authenticated and not terms.authenticated:
             why.append(f"protocol {terms.protocol!r} is not authenticated SecAgg/SecAgg+ and this node requires it "
-                       "(identity keys and the consistency round: --authenticated with a roster)")
+                       "(identity keys and the consistency round: --authenticated with a roster; in your own "
+                       "Flower app SecureAggregation(authenticated=True, roster=...))")
         if terms.seeded and not self.allow_insecure_seeded_randomness:
             why.append("the job turns on insecure_seeded_randomness (noise derived from a seed the server knows); "
                        "only a node whose own policy sets allow_insecure_seeded_randomness runs it")

@@ -26,6 +26,19 @@ Client-level DP (``clip=S, noise_multiplier=z``): each update is clipped to L2 n
 a round that would exceed ``epsilon`` is not run. Flower's strategy samples clients with Python's
 ``random`` (not a CSPRNG, and the server knows the sample), so no amplification by sampling is claimed:
 each round is charged as if every client took part.
+
+Authenticated SecAgg / SecAgg+ (active-server security: Ed25519-signed messages and the consistency
+round)::
+
+    sa = SecureAggregation(protocol="secagg+", threshold=0.7, authenticated=True, roster="roster.json")
+
+``roster``: the consortium's :class:`~fl.runners.flower.identity.Roster` (``privagg flower identity`` at
+each site, ``privagg flower roster`` once; a path, its JSON dict or the object), the same file every node
+holds and pins. The server holds only public keys. Client ids are roster entries: before a node's first
+round the workflow asks it (one ``identify`` message per node and run) and keeps only answers signed by
+that entry's key; a node that does not prove an entry sits the round out (logged). Each node checks the
+roster and its id against its own configuration (:mod:`fl.runners.flower.mod`). The threshold must be
+above one half of each share group (``2t > m``), else the split-view attack works with no colluder.
 """
 
 from __future__ import annotations
@@ -35,6 +48,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -44,7 +58,8 @@ from flwr.serverapp import Grid
 from numpy.typing import NDArray
 
 from fl.privacy.ledger import Ledger
-from fl.runners.flower.mod import RECORD, SecureTerms, _only_arrays, flatten, unflatten
+from fl.runners.flower.identity import Roster
+from fl.runners.flower.mod import IDENTIFY_LABEL, RECORD, SecureTerms, _only_arrays, flatten, unflatten
 from fl.spec import RoundInfo
 from secagg import wire
 from secagg.errors import CodecError, ProtocolError
@@ -168,17 +183,22 @@ class SecureAggregation:
     cohort is the number of nodes the strategy sampled). ``epsilon``/``delta``: the client-level DP
     budget (with ``clip`` and ``noise_multiplier``). ``start_timeout``: seconds for the first phase (local
     training); ``phase_timeout``: every later phase (a node that misses it has dropped).
-    ``weight_key``: the strategy's weight metric (FedAvg's ``weighted_by_key``).
+    ``weight_key``: the strategy's weight metric (FedAvg's ``weighted_by_key``). ``authenticated`` and
+    ``roster``: authenticated SecAgg / SecAgg+ with the consortium's roster (see the module doc).
     """
 
     def __init__(self, *, protocol: str = "secagg+", threshold: float = 0.7, bits: int = 40,
                  clipping_range: float = 8.0, max_weight: float = 1000.0, clip: float | None = None,
                  noise_multiplier: float | None = None, placement: str = "server", epsilon: float | None = None,
                  delta: float = 1e-5, start_timeout: float = 300.0, phase_timeout: float = 60.0,
-                 poll_interval: float = 0.05, weight_key: str = "num-examples") -> None:
+                 poll_interval: float = 0.05, weight_key: str = "num-examples", authenticated: bool = False,
+                 roster: Roster | Mapping[str, Any] | str | os.PathLike[str] | None = None) -> None:
         self.terms = SecureTerms(protocol=protocol, threshold=threshold, cohort=2, bits=bits,
                                  clipping_range=clipping_range, max_weight=max_weight, clip=clip,
-                                 noise_multiplier=noise_multiplier, placement=placement, epsilon=epsilon)
+                                 noise_multiplier=noise_multiplier, placement=placement, epsilon=epsilon,
+                                 authenticated=authenticated)
+        self.roster = _roster(authenticated, roster)
+        self._cids: dict[int, int] = {}  # Flower node id -> roster client id, from each node's signed answer
         if epsilon is not None and noise_multiplier is None:
             raise ValueError("epsilon needs DP noise: give clip=... and noise_multiplier=...")
         self.delta = delta
@@ -201,7 +221,8 @@ class SecureAggregation:
         if round <= self.rounds:
             raise ValueError(f"round {round} after round {self.rounds}: nodes accept each round number once")
         self.rounds = round
-        nodes = dict(enumerate(sorted({m.metadata.dst_node_id for m in instructions})))
+        nodes = self._client_ids(grid, instructions)
+        instructions = [m for m in instructions if m.metadata.dst_node_id in set(nodes.values())]
         terms = self.terms.with_cohort(len(nodes))
         glob_record = _only_arrays(instructions[0].content, "strategy's train message")
         glob = flatten(glob_record)
@@ -209,7 +230,8 @@ class SecureAggregation:
         info = self._info(round, tuple(nodes), tuple(nodes))
         self._check_budget(terms, bound, info)
         session = os.urandom(16)
-        phases = bound.pipeline.sum.server(list(nodes), spec=bound.sum_spec, session=session, round=round).phases
+        ssum = self._server_sum(bound.pipeline.sum)
+        phases = ssum.server(list(nodes), spec=bound.sum_spec, session=session, round=round).phases
         tr = FlowerTransport(grid, nodes, session=session, round=round, last_phase=phases[-1],
                              poll_interval=self.poll_interval, group_id=str(round),
                              max_values=8 * max(1, bound.sum_spec.size) + 4096)
@@ -218,7 +240,7 @@ class SecureAggregation:
         members = sorted(tr.alive)
         if len(members) < 2:
             raise ProtocolError(f"round {round}: {len(members)} of {len(nodes)} nodes started; no secure sum")
-        server = bound.pipeline.sum.server(members, spec=bound.sum_spec, session=session, round=round)
+        server = ssum.server(members, spec=bound.sum_spec, session=session, round=round)
         outcome = drive(server, tr, opening=opening, phase_timeout=self.phase_timeout)
         return self._finish(round, nodes, terms, bound, glob, glob_record, outcome)
 
@@ -243,10 +265,58 @@ class SecureAggregation:
             content = RecordDict(dict(ins.content.items()))
             cid = cid_of[ins.metadata.dst_node_id]
             content[RECORD] = ConfigRecord({**terms.to_record(), "stage": "start", "session": session,
-                                            "round": round, "cid": cid})
+                                            "round": round, "cid": cid, **self._roster_fields()})
             out.append(Message(content, dst_node_id=ins.metadata.dst_node_id, message_type=ins.metadata.message_type,
                                group_id=str(round), ttl=self.start_timeout + 60.0))
         return out
+
+    # ------------------------------------------------------------------------------------ identities
+    def _roster_fields(self) -> dict[str, str]:
+        """The roster's SHA-256 for the nodes to compare with their own (authenticated rounds only)."""
+        return {} if self.roster is None else {"roster": self.roster.fingerprint()}
+
+    def _server_sum(self, ssum: Any) -> Any:
+        """The round's secure sum; authenticated: the roster's public keys (the server holds no private key)."""
+        from fl.sums.secagg import FixedIdentities, with_identities
+
+        return ssum if self.roster is None else with_identities(ssum, FixedIdentities(self.roster.publics()))
+
+    def _client_ids(self, grid: Grid, instructions: Sequence[Message]) -> dict[int, int]:
+        """Client id -> Flower node id. Unauthenticated: by sorted node id. Authenticated: each node's roster
+        entry, from its signed answer to :meth:`_identify` (asked once per node; unidentified nodes sit out)."""
+        node_ids = sorted({m.metadata.dst_node_id for m in instructions})
+        if self.roster is None:
+            return dict(enumerate(node_ids))
+        self._identify(grid, [n for n in node_ids if n not in self._cids])
+        nodes = dict(sorted((self._cids[n], n) for n in node_ids if n in self._cids))
+        if len(nodes) < 2:
+            raise ProtocolError(f"{len(nodes)} of {len(node_ids)} sampled nodes proved a roster identity; no secure "
+                                "sum (their refusals are logged)")
+        return nodes
+
+    def _identify(self, grid: Grid, node_ids: Sequence[int]) -> None:
+        """Ask ``node_ids`` which roster entry each is; keep the answers whose signature verifies."""
+        if not node_ids:
+            return
+        assert self.roster is not None
+        nonce, fp = os.urandom(16), self.roster.fingerprint()
+        msgs = [Message(RecordDict({RECORD: ConfigRecord({"stage": "identify", "nonce": nonce, "roster": fp})}),
+                        dst_node_id=n, message_type=MessageType.TRAIN, group_id="identify",
+                        ttl=self.phase_timeout + 60.0) for n in node_ids]
+        tr = FlowerTransport(grid, {}, session=nonce, round=0, last_phase="", poll_interval=self.poll_interval)
+        claims: dict[int, list[int]] = {}
+        for reply in tr.push_and_collect(msgs, deadline=time.monotonic() + self.phase_timeout):
+            node = reply.metadata.src_node_id
+            try:
+                claims.setdefault(_verified_cid(reply, node, nonce, self.roster), []).append(node)
+            except ProtocolError as exc:
+                log.warning("node %d is not in this round: its identity was refused: %s", node, exc)
+        for cid, claimants in claims.items():
+            if len(claimants) > 1:
+                log.warning("nodes %s all hold the identity key of client %d: none takes part", claimants, cid)
+                continue
+            self._cids = {n: c for n, c in self._cids.items() if c != cid}  # a restarted node's new node id
+            self._cids[claimants[0]] = cid
 
     def _finish(self, round: int, nodes: Mapping[int, int], terms: SecureTerms, bound: Any,
                 glob: NDArray[np.float64], like: ArrayRecord, outcome: Any) -> RoundOutcome:
@@ -288,6 +358,43 @@ class SecureAggregation:
     def __call__(self, grid: Grid, context: Context) -> None:
         """``DefaultWorkflow(fit_workflow=SecureAggregation(...))`` with a ``LegacyContext`` and legacy strategy."""
         _legacy_fit_round(self, grid, context)
+
+
+def _roster(authenticated: bool, roster: Any) -> Roster | None:
+    """The consortium's roster for an authenticated workflow (a :class:`Roster`, its JSON dict, or a path)."""
+    if not authenticated:
+        if roster is not None:
+            raise ValueError("roster=... is for authenticated rounds: add authenticated=True, or drop the roster")
+        return None
+    if roster is None:
+        raise ValueError("authenticated=True needs roster=roster.json: the consortium's public identity keys "
+                         "(`privagg flower identity` at each site, then `privagg flower roster`)")
+    if isinstance(roster, Roster):
+        return roster
+    if isinstance(roster, Mapping):
+        return Roster.from_dict(roster)
+    return Roster.load(Path(roster))
+
+
+def _verified_cid(reply: Message, node: int, nonce: bytes, roster: Roster) -> int:
+    """The client id ``node`` claims in its identify reply, once its signature verifies under that entry's key."""
+    from fl.runners.flower.mod import identify_payload
+    from secagg._hazmat import sign
+
+    if reply.has_error():
+        raise ProtocolError(f"error reply: {reply.error.reason}")
+    rec = reply.content.get(RECORD) if hasattr(reply.content, "get") else None
+    cid = rec.get("cid") if isinstance(rec, ConfigRecord) else None
+    sig = rec.get("signature") if isinstance(rec, ConfigRecord) else None
+    if isinstance(cid, bool) or not isinstance(cid, int) or not isinstance(sig, bytes):
+        raise ProtocolError("the identify reply needs an integer cid and a signature")
+    entry = roster.clients.get(cid)
+    if entry is None:
+        raise ProtocolError(f"client id {cid} is not in the roster")
+    if not sign.verify(entry.public_key, sig, label=IDENTIFY_LABEL,
+                       payload=identify_payload(nonce, node, cid, roster.fingerprint())):
+        raise ProtocolError(f"its claim to be client {cid} ({entry.site!r}) is not signed by that client's key")
+    return cid
 
 
 class BudgetExhaustedError(RuntimeError):
