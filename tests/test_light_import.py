@@ -8,6 +8,8 @@ fresh interpreter (so ``sys.modules`` holds only what the code under test import
 - ``import fl`` and ``import fl.runners.flower`` load none of :data:`HEAVY`;
 - a whole SecAgg+ sum job (hello, start, every ``privagg_step``) and a Paillier sum job with its key holder
   (``privagg_keyholder``), run by the real ServerApp round over the real ClientApp, load none of them;
+- a train job's ``privagg_step``, replayed (Context and Message as protobuf, as a stock SuperNode hands them
+  over) in a fresh ClientApp interpreter, loads none of them either (slow: it trains a round first);
 - every name of ``fl.__all__`` still resolves, ``from fl import *`` works, and ``fl.train`` loads the
   training stack only when called.
 """
@@ -142,3 +144,57 @@ def test_a_sum_job_over_the_real_client_app_loads_no_ml_stack(protocol: str) -> 
     last = "query.privagg_keyholder" if protocol == "paillier" else "query.privagg_step"
     assert out["kinds"] == sorted(["query.privagg_hello", "train.privagg_start", last])  # each reached a ClientApp
     assert got["heavy"] == []
+
+
+_REPLAY = """
+    import sys
+    from pathlib import Path
+    from flwr.common.serde import context_from_proto, message_from_proto
+    from flwr.proto.message_pb2 import Context as ProtoContext, Message as ProtoMessage
+    from fl.runners.flower import client_app
+
+    tmp = Path({tmp!r})
+    msg = message_from_proto(ProtoMessage.FromString((tmp / "step.msg").read_bytes()))
+    ctx = context_from_proto(ProtoContext.FromString((tmp / "step.ctx").read_bytes()))
+    reply = client_app(msg, ctx)
+    OUT = reply.error.reason if reply.has_error() else len(reply.content["privagg"]["msgs"])
+"""
+
+
+@pytest.mark.slow
+def test_a_train_jobs_step_in_a_fresh_clientapp_loads_no_ml_stack(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a stock SuperNode does per message: Context and Message cross as protobuf into a fresh process.
+
+    A 1-round train job runs here (the starts train: torch is loaded in this process); node 100's first
+    ``privagg_step`` and its Context as it was then are replayed in a fresh interpreter, which answers it
+    from the sealed machine snapshot alone: no torch, pandas or scikit-learn for a later phase.
+    """
+    pytest.importorskip("flwr")
+    from flwr.app import Message
+    from flwr.common.serde import context_to_proto, message_to_proto
+
+    from fl.config import PrivacyConfig, TrainConfig
+    from fl.runners.flower import FlowerJob
+    from fl.runners.flower.link import Progress
+    from fl.runners.flower.serverapp import serve
+    from tests.adversary.flower_harness import InProcessGrid, node_context, server_identity
+
+    server_identity(monkeypatch)  # this process plays the ServerApp
+    config = TrainConfig(dataset="breast_cancer", clients=3, rounds=1, seed=3, model="logreg",
+                         privacy=PrivacyConfig(spec="clip,dnoise,secagg+", clip=1.0, noise_multiplier=1.0,
+                                               threshold=0.6))
+    job = FlowerJob(task="train", out=str(tmp_path / "out"), config=config.as_dict(), join_timeout=5,
+                    start_timeout=60, phase_timeout=60, poll_interval=0.0)
+    ctx = {100 + c: node_context(tmp_path, 100 + c, c, 3, job.to_json()) for c in range(3)}
+
+    def grab(node: int, msg: Message) -> Message:
+        if node == 100 and msg.metadata.message_type == "query.privagg_step" and not (tmp_path / "step.msg").exists():
+            (tmp_path / "step.msg").write_bytes(message_to_proto(msg).SerializeToString())
+            (tmp_path / "step.ctx").write_bytes(context_to_proto(ctx[100]).SerializeToString())
+        return msg
+
+    result = serve(InProcessGrid(ctx, rewrite=grab), job, Progress(Path(job.out)))  # type: ignore[arg-type]
+    assert len(result["rounds"]) == 1
+    got = _fresh(_REPLAY.format(tmp=str(tmp_path)))
+    assert got["out"] == 1 and got["heavy"] == []  # one reply message (the masked input), from no ML stack
