@@ -53,11 +53,16 @@ def test_import_fl_loads_no_ml_stack_and_resolves_names_on_use() -> None:
         import sys
         light = fl.SecAggPlus, fl.SecAgg, fl.PaillierSum, fl.PlainSum, fl.Pipeline, fl.ValueSpec, fl.Ledger
         errors = fl.CompositionError, fl.DataError, fl.TrainConfig, fl.PrivacyConfig
-        OUT = {"cached_before": before, "cached_after": sorted(set(fl.__dict__) & set(fl.__all__))}
+        noise = fl.GaussianNoise(multiplier=1.0, placement="clients", shares=3, discrete=True)
+        bound = fl.Pipeline([fl.Clip(l2=1.0), noise, fl.Quantize(bits=16)], sum=fl.SecAggPlus(threshold=0.6)).bind(
+            fl.ValueSpec(size=10, cohort=3))
+        OUT = {"cached_before": before, "cached_after": sorted(set(fl.__dict__) & set(fl.__all__)),
+               "accounting": "dp_accounting" in sys.modules}
     """)
-    assert got["heavy"] == []  # the sums, the pipeline and the configs need no ML stack either
+    assert got["heavy"] == []  # the layers, sums, pipeline and configs need no ML stack either
     out = got["out"]
-    assert isinstance(out, dict) and out["cached_before"] == ["train"] and len(out["cached_after"]) == 12
+    assert isinstance(out, dict) and out["cached_before"] == ["train"] and len(out["cached_after"]) == 15
+    assert out["accounting"] is False  # binding a client's noisy pipeline needs no accountant (a mod's start)
 
 
 def test_star_import_and_every_name_resolve_in_a_fresh_interpreter() -> None:
