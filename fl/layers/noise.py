@@ -35,15 +35,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
 
-from dp.accounting import GaussianStep, rounding_sensitivity
 from dp.mechanisms import discrete_gaussian
 from fl.blocks import Blocks
 from fl.spec import CompositionError, Guarantee, RandomSource, RoundInfo, ValueSpec
+
+if TYPE_CHECKING:  # dp.accounting loads dp-accounting and scipy: only the accounting methods import it
+    from dp.accounting import GaussianStep
 
 __all__ = ["RELEASED", "SERVER", "GaussianNoise", "sampled_step"]
 
@@ -59,6 +61,8 @@ def sampled_step(info: RoundInfo, z: float) -> GaussianStep:
     Poisson sampling: add/remove-one neighbours. A fixed cohort of ``m`` of ``N``: sampling without
     replacement under replace-one neighbours (``N`` public). Everyone every round: the plain Gaussian.
     """
+    from dp.accounting import GaussianStep
+
     q = min(1.0, info.sample_rate)
     if info.sampling == "poisson":
         return GaussianStep(z, q, "poisson")
@@ -118,6 +122,8 @@ class GaussianNoise:
     def sensitivity(self, spec: ValueSpec) -> float:
         """L2 sensitivity of one client's contribution: the clip norm, plus the grid rounding if discrete."""
         if self.discrete:
+            from dp.accounting import rounding_sensitivity
+
             return rounding_sensitivity(clip=self._clip(spec), granularity=self.grid(spec), dim=spec.size)
         return self._clip(spec)
 
@@ -139,6 +145,8 @@ class GaussianNoise:
         (distributed noise only): the server knows the sample, so the same Gaussian unamplified -- or, if
         the sum does not hide single updates (``sum_hides_updates=False``), one update with one noise share.
         """
+        from dp.accounting import GaussianStep
+
         z_sum = self.effective_multiplier(spec, included=info.n_included)
         out = {RELEASED: sampled_step(info, z_sum)}
         if self.placement == "clients":
