@@ -50,11 +50,19 @@ def _fab_hash(app: Path) -> str:
         return sha256_hex(build_fab_from_disk(app))
 
 
-@pytest.fixture
-def app_cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
+def _cluster(tmp_path: Path, *, paillier: bool) -> Iterator[tuple[LocalCluster, Path]]:
+    """SuperLink + 3 client SuperNodes (TLS), each pinned to the example's bundle; with ``paillier`` also a
+    key-holder SuperNode whose public key every client's policy pins (the aggregator never holds the key)."""
     app = _copy_app(tmp_path / "flower_app")
-    policy = NodePolicy(trusted_app_hashes=(_fab_hash(app),))
-    c = LocalCluster(tmp_path / "cluster", 3, tls=True, host="127.0.0.1", fleet_poll=0.1, policy=policy)
+    key_holder, policy = None, NodePolicy(trusted_app_hashes=(_fab_hash(app),))
+    if paillier:
+        from fl.runners.flower.keyholder import keygen, read_public_key
+
+        key_holder, public = keygen(tmp_path / "keyholder-site", bits=2048)
+        policy = NodePolicy(trusted_app_hashes=(_fab_hash(app),), protocols=("secagg", "secagg+", "paillier"),
+                            paillier_key_fingerprint=read_public_key(public).fingerprint.hex())
+    c = LocalCluster(tmp_path / "cluster", 3, tls=True, host="127.0.0.1", fleet_poll=0.1, policy=policy,
+                     key_holder=key_holder)
     try:
         c.start(timeout=60)
         yield c, app
@@ -62,6 +70,16 @@ def app_cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
         c.stop()
         started = [p.pid for p in [c.superlink, *c.nodes.values()] if p is not None]
         assert started and not [pid for pid in started if group_alive(pid)], "a Flower process outlived the test"
+
+
+@pytest.fixture
+def app_cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
+    yield from _cluster(tmp_path, paillier=False)
+
+
+@pytest.fixture
+def paillier_cluster(tmp_path: Path) -> Iterator[tuple[LocalCluster, Path]]:
+    yield from _cluster(tmp_path, paillier=True)
 
 
 def _flwr_run(c: LocalCluster, app: Path, **config: Any) -> None:
@@ -108,10 +126,20 @@ def _recompute(app: Path, glob: np.ndarray, rnd: int, cfg: dict[str, Any]) -> tu
 
 
 def test_example_app_under_flwr_run_sums_exactly(app_cluster: tuple[LocalCluster, Path], tmp_path: Path) -> None:
-    c, app = app_cluster
+    _check_example_run(*app_cluster, tmp_path, protocol="secagg+")
+
+
+def test_example_app_under_flwr_run_with_paillier_and_a_key_holder_node(
+        paillier_cluster: tuple[LocalCluster, Path], tmp_path: Path) -> None:
+    """The same app, ``protocol="paillier"``: the 4th SuperNode is the key holder (never sampled by FedAvg,
+    never running the user's ClientApp); the decoded mean update is the plain weighted mean, as with SecAgg+."""
+    _check_example_run(*paillier_cluster, tmp_path, protocol="paillier")
+
+
+def _check_example_run(c: LocalCluster, app: Path, tmp_path: Path, *, protocol: str) -> None:
     out = tmp_path / "out"
-    _flwr_run(c, app, **{"out-dir": str(out), "num-server-rounds": 2})
-    result = _wait(out / "result.json", c, timeout=240)
+    _flwr_run(c, app, **{"out-dir": str(out), "num-server-rounds": 2, "protocol": protocol})
+    result = _wait(out / "result.json", c, timeout=300)
     assert "https://127.0.0.1" in (c.logs / "superlink.log").read_text()  # TLS
     cfg = {"local-epochs": 1, "learning-rate": 0.1}
     glob = np.asarray(result["initial"])
