@@ -24,6 +24,11 @@ AES-GCM under the node's ``state-key-file``, bound to run, node, session, round 
 A train message WITHOUT our record would send the update in the clear: the mod refuses it unless the
 node's policy lists ``plain``. Each round number is accepted at most once and in increasing order (a
 server that replayed a round would get the noisy update twice).
+
+Packed Paillier (``protocol="paillier"``, :mod:`fl.runners.flower.mod_paillier`): the client encrypts to
+the key holder's public key only if its fingerprint is the one this node's policy pins; a node whose
+own config says ``role="key-holder"`` is the key holder, and there the mod answers only privagg's hello
+and decryption requests and never calls the ClientApp.
 """
 
 from __future__ import annotations
@@ -58,11 +63,11 @@ RECORD = "privagg.secure"
 """The ``ConfigRecord`` that carries our protocol in a train message and its reply."""
 _ROUNDS = "privagg.mod-rounds"
 _WEIGHT_KEYS = ("num-examples", "num_examples")
-_PROTOCOLS = ("secagg+", "secagg")
+_PROTOCOLS = ("secagg+", "secagg", "paillier")
 _TERM_TYPES: dict[str, tuple[type, ...]] = {
     "protocol": (str,), "threshold": (float, int), "cohort": (int,), "bits": (int,), "clipping_range": (float, int),
     "max_weight": (float, int), "clip": (float, int), "noise_multiplier": (float, int), "placement": (str,),
-    "epsilon": (float, int),
+    "epsilon": (float, int), "paillier_public_key": (str,),
 }
 
 
@@ -82,6 +87,9 @@ class SecureTerms:
     (unweighted: one client moves the sum by at most ``clip``), and Gaussian noise with multiplier
     ``noise_multiplier`` is added by the server (``placement="server"``, central) or split across the
     planned clients (``"clients"``, distributed). ``epsilon``: the server's stated target (for policies).
+    ``protocol="paillier"``: packed Paillier to a separate key-holder node (:mod:`fl.runners.flower.mod_paillier`);
+    ``paillier_public_key`` is its public key (JSON), used only if the client's own policy pins it, and
+    ``threshold`` of the cohort (at least 2) is the fewest clients whose sum the server asks to decrypt.
     """
 
     protocol: str = "secagg+"
@@ -94,6 +102,7 @@ class SecureTerms:
     noise_multiplier: float | None = None
     placement: str = "server"
     epsilon: float | None = None
+    paillier_public_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in _PROTOCOLS:
@@ -153,11 +162,17 @@ class SecureTerms:
         """
         from fl.layers.clip import Clip, Quantize
         from fl.layers.noise import GaussianNoise
-        from fl.spec import Layer
+        from fl.spec import Layer, SecureSum
         from fl.sums.secagg import SecAgg, SecAggPlus
 
-        cls = SecAggPlus if self.protocol == "secagg+" else SecAgg
-        ssum = cls(threshold=self.threshold, min_cohort=min_cohort)
+        ssum: SecureSum
+        if self.protocol == "paillier":  # the key holder's public key; each client checks its pin first
+            from fl.runners.flower.mod_paillier import paillier_sum
+
+            ssum = paillier_sum(self)
+        else:
+            cls = SecAggPlus if self.protocol == "secagg+" else SecAgg
+            ssum = cls(threshold=self.threshold, min_cohort=min_cohort)
         layers: list[Layer] = []
         if self.clip is None:
             layers.append(Quantize(bits=self.bits, bound=self.clipping_range))
@@ -259,6 +274,10 @@ def _start(msg: Message, context: Context, call_next: ClientAppCallable, rec: An
     terms = SecureTerms.from_record(rec)
     policy = NodePolicy.from_node_config(context.node_config)
     policy.check(_worst_case(terms, policy))
+    if terms.protocol == "paillier":  # encrypt only to the key holder's key THIS node's policy pins
+        from fl.runners.flower.mod_paillier import check_pinned_key
+
+        check_pinned_key(terms, policy)
     rnd, cid, session = _int(rec, "round"), _int(rec, "cid"), _session(rec)
     if not 0 <= cid < terms.cohort:
         raise ProtocolError(f"client id {cid} outside the round's cohort 0..{terms.cohort - 1}")
@@ -294,7 +313,8 @@ def _start(msg: Message, context: Context, call_next: ClientAppCallable, rec: An
     machine: ClientMachine = bound.pipeline.sum.client(cid, value, spec=bound.sum_spec, session=session, round=rnd)
     out = machine.start()
     _state.clear(context)
-    _state.store(context, machine, session=session, round=rnd, step=0)
+    if terms.protocol != "paillier":  # a Paillier client is done once it has sent its ciphertexts
+        _state.store(context, machine, session=session, round=rnd, step=0)
     return _reply(msg, out)
 
 
@@ -335,6 +355,10 @@ def _step(msg: Message, context: Context, rec: Any) -> Message:
 
 def privagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower mod: run privagg's SecAgg / SecAgg+ over this ClientApp's train replies (see the module doc)."""
+    if context.node_config.get("role") == "key-holder":  # a Paillier key holder never runs the ClientApp
+        from fl.runners.flower.mod_paillier import key_holder_mod
+
+        return key_holder_mod(msg, context)
     if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
         return call_next(msg, context)
     try:
@@ -351,6 +375,10 @@ def privagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
             return _start(msg, context, call_next, rec)
         if stage == "step":
             return _step(msg, context, rec)
+        if stage == "hello":  # the Paillier workflow asks who is the key holder; the ClientApp is not called
+            from fl.runners.flower.mod_paillier import client_hello
+
+            return client_hello(msg)
         raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
     except (PolicyError, ProtocolError, CodecError, OverflowRiskError, CompositionError, ValueError,
             RuntimeError) as exc:
