@@ -1,10 +1,10 @@
 """Adversary: a malicious ServerApp against the Paillier key-holder node and the clients (real ClientApp).
 
-The server controls the job and every message. Claims (:mod:`fl.runners.flower.keyholder`, and for users'
-own apps :mod:`fl.runners.flower.mod_paillier`): the key
-holder decrypts no aggregate that claims fewer than ITS policy's ``min_summands`` clients (so not one
-client's ciphertext), at most one aggregate per planned round, only under its own key, and never trains;
-a client encrypts only to the key its own policy pins. The stated limit is tested too: a forged summand
+The server controls the job and every message. Claims (:mod:`fl.runners.flower.keyholder`; for users' own
+apps :mod:`fl.runners.flower.mod_paillier`): the key holder decrypts no aggregate that claims fewer than
+ITS policy's ``min_summands`` clients (so not one client's ciphertext), at most one aggregate per
+(planned) round, only under its own key, and never trains; a client encrypts only to the key its own
+policy pins. The stated limit is tested too: a forged summand
 count (one client's ciphertext times encryptions of zero) is NOT detected without authenticated clients.
 """
 
