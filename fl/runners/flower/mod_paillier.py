@@ -32,7 +32,10 @@ count is the server's word, so a malicious server that pads one client's ciphert
 of zero it made gets that update decrypted as a "sum"; and the ciphertexts carry no round binding, so
 a server that replays old ciphertexts under new round numbers can have subsets of one round decrypted.
 Both need authenticated (signed) client ciphertexts to stop; the guarantee is against an
-honest-but-curious aggregator that does not collude with the key holder.
+honest-but-curious aggregator that does not collude with the key holder. With distributed DP noise, the
+floor of summands a client's worst case assumes is enforced by the server's ``min_clients`` (t of the
+cohort) and the key holder's ``min_summands``, not by the client itself (a SecAgg client refuses a round
+with fewer members; a Paillier client has sent its ciphertexts before the round's members are known).
 """
 
 from __future__ import annotations
@@ -165,6 +168,7 @@ class KeyHolderDirectory:
         self.timeout = timeout
         self.poll = poll_interval
         self.roles: dict[int, str] = {}
+        self.refused: dict[int, str] = {}  # why a node's hello failed (a key holder without a usable key, ...)
         self.holder: KeyHolder | None = None
 
     def refresh(self, grid: Any) -> None:
@@ -181,7 +185,8 @@ class KeyHolderDirectory:
         if role == _CLIENT:
             return _CLIENT
         if role != _HOLDER:
-            why = reply.error.reason if reply.has_error() else f"role {role!r}"
+            why = str(reply.error.reason) if reply.has_error() else f"role {role!r}"
+            self.refused[node] = why
             log.warning("node %d is not a privagg_mod client or key holder (%s); it is never sampled", node, why)
             return _OTHER
         self._pin(node, rec)
@@ -211,9 +216,10 @@ class KeyHolderDirectory:
         if self.holder is None:
             self.refresh(grid)
         if self.holder is None:
+            failed = f"; nodes whose hello failed: {self.refused}" if self.refused else ""
             raise ProtocolError("no key-holder SuperNode answered: start one running this ClientApp with "
                                 "--node-config 'role=\"key-holder\" paillier-key-file=\"DIR/key.json\"' (the key "
-                                "pair from `privagg flower paillier-keygen --out DIR`)")
+                                f"pair from `privagg flower paillier-keygen --out DIR`){failed}")
         return self.holder
 
     def prepare(self, grid: Any, instructions: Sequence[Message]) -> tuple[KeyHolder, list[Message]]:

@@ -222,3 +222,19 @@ def test_legacy_default_workflow_never_samples_the_key_holder(tmp_path: Path, ke
     glob = np.concatenate([a.ravel() for a in init])
     np.testing.assert_allclose(sa.history[0].mean_update, _plain_mean(list(CLIENTS), 1, glob, np.float64),
                                atol=1e-6)
+
+
+def test_a_key_holder_without_a_usable_key_file_is_named(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """A key-holder node whose key file others can read refuses its hello; the round's error names why."""
+    import shutil
+
+    loose = tmp_path / "loose" / "key.json"
+    loose.parent.mkdir()
+    shutil.copy(keys[0], loose)
+    loose.chmod(0o644)
+    grid = LoopbackGrid(_app(), 3, tmp_path, node_config={"policy-file": str(client_policy(tmp_path, keys[1]))})
+    add_key_holder(grid, tmp_path, loose)
+    sa = SecureAggregation(protocol="paillier", poll_interval=0.0)
+    assert list(sa.wrap(grid).get_node_ids()) == list(CLIENTS)
+    with pytest.raises(Exception, match=r"readable by others .*chmod 600"):
+        sa.aggregate(grid, list(FedAvg().configure_train(1, _initial(), ConfigRecord(), sa.wrap(grid))))
