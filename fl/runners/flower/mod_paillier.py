@@ -228,6 +228,9 @@ class KeyHolderDirectory:
         kept = [m for m in instructions if m.metadata.dst_node_id != holder.node]
         if len(kept) != len(instructions):
             log.warning("the strategy sampled the key-holder node %d; it is left out of the round", holder.node)
+        if len({m.metadata.dst_node_id for m in kept}) < holder.min_summands:  # refused before anyone trains
+            raise ProtocolError(f"the key holder decrypts sums of at least {holder.min_summands} clients; the "
+                                f"strategy sampled {len(kept)}: sample more clients per round")
         return holder, kept
 
     def hide_from(self, client_manager: Any, grid: Any) -> None:

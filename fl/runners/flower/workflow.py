@@ -217,10 +217,10 @@ class SecureAggregation:
             round = self.rounds + 1
         if round <= self.rounds:
             raise ValueError(f"round {round} after round {self.rounds}: nodes accept each round number once")
-        self.rounds = round
         holder = None
         if self.key_holders is not None:  # Paillier: the pinned key holder, never one of the round's clients
             holder, instructions = self.key_holders.prepare(grid, instructions)
+        self.rounds = round
         nodes = dict(enumerate(sorted({m.metadata.dst_node_id for m in instructions})))
         terms = self.terms.with_cohort(len(nodes))
         if holder is not None:

@@ -238,3 +238,16 @@ def test_a_key_holder_without_a_usable_key_file_is_named(tmp_path: Path, keys: t
     assert list(sa.wrap(grid).get_node_ids()) == list(CLIENTS)
     with pytest.raises(Exception, match=r"readable by others .*chmod 600"):
         sa.aggregate(grid, list(FedAvg().configure_train(1, _initial(), ConfigRecord(), sa.wrap(grid))))
+
+
+def test_a_round_below_the_key_holders_floor_is_refused_before_anyone_trains(tmp_path: Path,
+                                                                             keys: tuple[Path, Path]) -> None:
+    """The key holder's hello names its min_summands (4 here): a round of 3 is not started, so no client
+    trains or releases a ciphertext for a sum that would never be decrypted; the round number is not spent."""
+    trained: list[int] = []
+    grid = paillier_grid(tmp_path, keys, trained, min_summands=4)
+    sa = SecureAggregation(protocol="paillier", poll_interval=0.0)
+    msgs = list(FedAvg().configure_train(1, _initial(), ConfigRecord(), sa.wrap(grid)))
+    with pytest.raises(Exception, match="at least 4 clients; the strategy sampled 3"):
+        sa.aggregate(grid, msgs)
+    assert trained == [] and sa.rounds == 0
