@@ -282,3 +282,18 @@ def test_mod_key_holder_never_runs_the_clientapp(tmp_path: Path, keys: tuple[Pat
     assert trained == []
     ok = grid.app(_mod_start(terms, 1, 0, 101), grid.contexts[101])  # the same app on a client does run
     assert not ok.has_error() and trained == [101]
+
+
+def test_mod_stated_limit_old_ciphertexts_under_a_new_round_number_are_not_detected(
+    tmp_path: Path, keys: tuple[Path, Path]
+) -> None:
+    """The documented limit of the mod path (mod_paillier's docstring): ciphertexts carry no round binding,
+    so a server that re-sends round 1's ciphertexts as round 2 with another subset gets both sums
+    decrypted (their difference is c0 - c2). Stopping it needs signed, round-bound client ciphertexts; if
+    this ever fails, update the docstrings and the README."""
+    grid = _mod_grid(tmp_path, keys, [])
+    holder, pk = grid.contexts[KH], read_public_key(keys[1])
+    c = _ciphertexts(grid, keys, 1)
+    first = grid.app(_mod_decrypt(add_batches(c[:2], pk), (0, 1), 1), holder)
+    replayed = grid.app(_mod_decrypt(add_batches(c[1:], pk), (1, 2), 2), holder)
+    assert not first.has_error() and not replayed.has_error()

@@ -251,3 +251,23 @@ def test_a_round_below_the_key_holders_floor_is_refused_before_anyone_trains(tmp
     with pytest.raises(Exception, match="at least 4 clients; the strategy sampled 3"):
         sa.aggregate(grid, msgs)
     assert trained == [] and sa.rounds == 0
+
+
+def test_paillier_with_distributed_noise_is_accounted_as_secagg_plus(tmp_path: Path,
+                                                                       keys: tuple[Path, Path]) -> None:
+    """placement='clients': each client adds its share of the noise before encrypting; the decoded mean
+    carries z*S/3 per coordinate, and the round is accounted with the same survivor floor (3 of 3) as SecAgg+."""
+    glob = flatten(_initial()).astype(np.float64)
+    clipped = np.mean([u * min(1.0, 1.0 / np.linalg.norm(u)) for u in (_update(n, 1, glob.size) for n in CLIENTS)],
+                      axis=0)
+    reports = []
+    grids = (("paillier", paillier_grid(tmp_path / "p", keys)), ("secagg+", secagg_grid(tmp_path / "s", keys)))
+    for protocol, grid in grids:
+        sa = SecureAggregation(protocol=protocol, threshold=0.7, clip=1.0, noise_multiplier=2.0,
+                               placement="clients", poll_interval=0.0)
+        sa.wrap(grid).send_and_receive(FedAvg().configure_train(1, _initial(), ConfigRecord(), sa.wrap(grid)))
+        assert sa.history[0].included == CLIENTS, protocol
+        assert 0.3 < float(np.std(sa.history[0].mean_update - clipped)) < 1.3, protocol  # expected 2/3
+        reports.append({o["observer"]: o["epsilon"] for o in sa.report()["privacy"]["observers"]})
+    assert reports[0].keys() == {"released model", "server"}
+    assert reports[0] == pytest.approx(reports[1], rel=1e-9)
