@@ -56,9 +56,10 @@ from secagg.errors import CodecError, ProtocolError
 from secagg.machine import KEY_HOLDER
 from secagg.paillier import PaillierAggregate, PaillierKeyHolder, PaillierPrivateKey, PaillierPublicKey
 
-__all__ = ["KEYHOLDER", "KEY_FILE_KEY", "KEY_HOLDER_ROLE", "ROLE_KEY", "check_client_key", "client_sum", "decrypt",
-           "hello", "is_key_holder", "job_public_key", "keygen", "paillier_sum", "pick_key_holder",
-           "read_private_key", "read_public_key", "refuse_client_message", "server_sum", "uses_paillier"]
+__all__ = ["KEYHOLDER", "KEY_FILE_KEY", "KEY_HOLDER_ROLE", "ROLE_KEY", "check_client_key", "check_key_pin",
+           "client_sum", "decrypt", "decrypt_aggregate", "hello", "is_key_holder", "job_public_key", "keygen",
+           "own_private_key", "paillier_sum", "pick_key_holder", "public_key_from_json", "read_private_key",
+           "read_public_key", "refuse_client_message", "server_sum", "uses_paillier"]
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,11 @@ def _public_from_text(text: str, where: str) -> PaillierPublicKey:
         return PaillierPublicKey.from_json(data)
     except (CodecError, ValueError, TypeError) as exc:
         raise ValueError(f"{where}: {exc}") from exc
+
+
+def public_key_from_json(text: str, where: str) -> PaillierPublicKey:
+    """A Paillier PUBLIC key from its JSON ``text`` (``where``: named in the error); a private key is refused."""
+    return _public_from_text(text, where)
 
 
 def read_public_key(path: Path) -> PaillierPublicKey:
@@ -161,13 +167,20 @@ def check_client_key(context: Context, job: FlowerJob) -> None:
     """A client of a ``paillier`` job: the job's key must be the one this node's policy pins."""
     if not uses_paillier(job):
         return
-    pin = node_policy(context).paillier_key_fingerprint
-    have = job_public_key(job).fingerprint.hex()
+    check_key_pin(node_policy(context).paillier_key_fingerprint, job_public_key(job), what="the job's")
+
+
+def check_key_pin(pin: str | None, key: PaillierPublicKey, *, what: str) -> None:
+    """``key`` (named by the server: ``what``) must be the key holder's key a client's OWN policy pins.
+
+    Used by the job path (:func:`check_client_key`) and by ``privagg_mod`` (:mod:`fl.runners.flower.mod_paillier`).
+    """
+    have = key.fingerprint.hex()
     if pin is None:
         raise PolicyError("this node pins no Paillier key, so it cannot tell the key holder's key from one the "
                           "server holds: pin it with `privagg flower policy --paillier-key PUBLIC.json`")
     if pin != have:
-        raise PolicyError(f"the job's Paillier key {have} is not the key holder's key {pin} this node's policy "
+        raise PolicyError(f"{what} Paillier key {have} is not the key holder's key {pin} this node's policy "
                           "pins: refusing to encrypt to it")
 
 
@@ -209,16 +222,21 @@ def refuse_client_message(context: Context, kind: str) -> None:
                           f"{KEYHOLDER}, not {kind}")
 
 
-def _own_key(context: Context, job: FlowerJob) -> PaillierPrivateKey:
-    """This key holder's private key, checked against the key the job names."""
+def own_private_key(context: Context) -> PaillierPrivateKey:
+    """This key-holder node's private key, from the file its OWN node config names (:data:`KEY_FILE_KEY`)."""
     path = context.node_config.get(KEY_FILE_KEY)
     if not isinstance(path, str) or not path:
         raise PolicyError(f"this key-holder node has no {KEY_FILE_KEY!r} in its --node-config; start it with "
                           "`privagg flower supernode --key-holder --paillier-key DIR/key.json`")
     try:
-        private = read_private_key(Path(path))
+        return read_private_key(Path(path))
     except ValueError as exc:
         raise PolicyError(str(exc)) from exc
+
+
+def _own_key(context: Context, job: FlowerJob) -> PaillierPrivateKey:
+    """This key holder's private key, checked against the key the job names."""
+    private = own_private_key(context)
     if not uses_paillier(job):
         raise PolicyError("this SuperNode is a Paillier key holder; the job's secure sum is not paillier")
     mine, named = private.public.fingerprint.hex(), job_public_key(job).fingerprint.hex()
@@ -240,9 +258,11 @@ def hello(context: Context) -> dict[str, Any]:
     return {"role": KEY_HOLDER_ROLE, "fingerprint": private.public.fingerprint.hex()}
 
 
-def _claim(context: Context, rnd: int, planned: int) -> None:
-    """At most one decryption per planned round, in increasing order (the key holder's own record)."""
-    if not 1 <= rnd <= planned:
+def _claim(context: Context, rnd: int, planned: int | None) -> None:
+    """At most one decryption per round (of the planned ones, if known), in increasing order (own record)."""
+    if planned is None and rnd < 1:
+        raise PolicyError(f"round {rnd} is not a round number (1, 2, ...): refusing to decrypt")
+    if planned is not None and not 1 <= rnd <= planned:
         raise PolicyError(f"round {rnd} is outside the job's planned rounds 1..{planned}: refusing to decrypt")
     last = int(context.state[_DECRYPTED]["last"]) if _DECRYPTED in context.state else 0  # type: ignore[arg-type]
     if rnd <= last:
@@ -257,15 +277,26 @@ def decrypt(msg: Message, context: Context) -> dict[str, Any]:
     private = _own_key(context, job)
     rec = record(msg.content)
     session, rnd = bytes(rec["session"]), int(rec["round"])
-    _claim(context, rnd, job.num_rounds)
-    msgs = decode_msgs(rec)
+    return encode_msgs(decrypt_aggregate(context, private, decode_msgs(rec), session=session, round=rnd,
+                                         planned=job.num_rounds))
+
+
+def decrypt_aggregate(context: Context, private: PaillierPrivateKey, msgs: Sequence[Any], *, session: bytes,
+                      round: int, planned: int | None) -> list[Any]:
+    """The key holder's decryption of one round's aggregate, under ITS policy's ``min_summands``.
+
+    At most one per round number, in increasing order (and within ``planned`` rounds when a job plans
+    them; ``None`` under ``privagg_mod``, where the server's app decides the rounds). The job path
+    (:func:`decrypt`) and the mod (:mod:`fl.runners.flower.mod_paillier`) both decrypt here.
+    """
+    _claim(context, round, planned)
     if len(msgs) != 1 or not isinstance(msgs[0], PaillierAggregate) or msgs[0].recipient != KEY_HOLDER:
         raise ProtocolError("a decryption request carries exactly one PaillierAggregate for the key holder")
-    machine = PaillierKeyHolder(KEY_HOLDER, private, session, rnd, min_summands=node_policy(context).min_summands)
+    machine = PaillierKeyHolder(KEY_HOLDER, private, session, round, min_summands=node_policy(context).min_summands)
     out = machine.receive(msgs[0])  # refuses fewer than min_summands, another key, a forged count
-    context.state[_DECRYPTED] = ConfigRecord({"last": rnd})
-    log.info("key holder: decrypted the sum of %d clients for round %d", msgs[0].batch.summands, rnd)
-    return encode_msgs(out)
+    context.state[_DECRYPTED] = ConfigRecord({"last": round})
+    log.info("key holder: decrypted the sum of %d clients for round %d", msgs[0].batch.summands, round)
+    return out
 
 
 # ------------------------------------------------------------------------------------ the server side

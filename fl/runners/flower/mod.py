@@ -46,6 +46,11 @@ signs with its own key and checks every signature with its own roster's public k
 roster is only compared). A node whose policy sets ``require_authenticated`` refuses an unauthenticated
 round; a node without identity files gets an error naming ``privagg flower identity``. The colluder
 bound of the ledger assumes each node pins the cohort: set the policy's ``min_clients``.
+
+**Packed Paillier** (``protocol="paillier"``, :mod:`fl.runners.flower.mod_paillier`): the client encrypts to
+the key holder's public key only if its fingerprint is the one this node's policy pins; a node whose
+own config says ``role="key-holder"`` is the key holder, and there the mod answers only privagg's hello
+and decryption requests and never calls the ClientApp.
 """
 
 from __future__ import annotations
@@ -82,11 +87,11 @@ RECORD = "privagg.secure"
 _ROUNDS = "privagg.mod-rounds"
 _AUTH = "privagg.mod-auth"
 _WEIGHT_KEYS = ("num-examples", "num_examples")
-_PROTOCOLS = ("secagg+", "secagg")
+_PROTOCOLS = ("secagg+", "secagg", "paillier")
 _TERM_TYPES: dict[str, tuple[type, ...]] = {
     "protocol": (str,), "threshold": (float, int), "cohort": (int,), "bits": (int,), "clipping_range": (float, int),
     "max_weight": (float, int), "clip": (float, int), "noise_multiplier": (float, int), "placement": (str,),
-    "epsilon": (float, int), "authenticated": (bool,),
+    "epsilon": (float, int), "authenticated": (bool,), "paillier_public_key": (str,),
 }
 
 
@@ -109,6 +114,9 @@ class SecureTerms:
     ``authenticated``: Ed25519-signed protocol messages and the consistency round (active-server security);
     each node then signs with its own identity key and checks everyone's from its own roster
     (:func:`_round_identities`).
+    ``protocol="paillier"``: packed Paillier to a separate key-holder node (:mod:`fl.runners.flower.mod_paillier`);
+    ``paillier_public_key`` is its public key (JSON), used only if the client's own policy pins it, and
+    ``threshold`` of the cohort (at least 2) is the fewest clients whose sum the server asks to decrypt.
     """
 
     protocol: str = "secagg+"
@@ -122,10 +130,13 @@ class SecureTerms:
     placement: str = "server"
     epsilon: float | None = None
     authenticated: bool = False
+    paillier_public_key: str | None = None
 
     def __post_init__(self) -> None:
         if self.protocol not in _PROTOCOLS:
             raise ValueError(f"protocol {self.protocol!r}: choose {' or '.join(_PROTOCOLS)}")
+        if self.authenticated and self.protocol == "paillier":
+            raise ValueError("authenticated mode is for secagg and secagg+ (signed masking messages), not paillier")
         if not 0 < self.threshold <= 1:
             raise ValueError(f"threshold is a fraction of each share group in (0, 1], got {self.threshold}")
         if self.cohort < 2:
@@ -182,11 +193,17 @@ class SecureTerms:
         """
         from fl.layers.clip import Clip, Quantize
         from fl.layers.noise import GaussianNoise
-        from fl.spec import Layer
+        from fl.spec import Layer, SecureSum
         from fl.sums.secagg import SecAgg, SecAggPlus
 
-        cls = SecAggPlus if self.protocol == "secagg+" else SecAgg
-        ssum = cls(threshold=self.threshold, min_cohort=min_cohort, authenticated=self.authenticated)
+        ssum: SecureSum
+        if self.protocol == "paillier":  # the key holder's public key; each client checks its pin first
+            from fl.runners.flower.mod_paillier import paillier_sum
+
+            ssum = paillier_sum(self)
+        else:
+            cls = SecAggPlus if self.protocol == "secagg+" else SecAgg
+            ssum = cls(threshold=self.threshold, min_cohort=min_cohort, authenticated=self.authenticated)
         layers: list[Layer] = []
         if self.clip is None:
             layers.append(Quantize(bits=self.bits, bound=self.clipping_range))
@@ -288,6 +305,10 @@ def _start(msg: Message, context: Context, call_next: ClientAppCallable, rec: An
     terms = SecureTerms.from_record(rec)
     policy = NodePolicy.from_node_config(context.node_config)
     policy.check(_worst_case(terms, policy))
+    if terms.protocol == "paillier":  # encrypt only to the key holder's key THIS node's policy pins
+        from fl.runners.flower.mod_paillier import check_pinned_key
+
+        check_pinned_key(terms, policy)
     rnd, cid, session = _int(rec, "round"), _int(rec, "cid"), _session(rec)
     ids = _round_identities(context, policy, rec, cid) if terms.authenticated else None
     if ids is None and not 0 <= cid < terms.cohort:
@@ -326,7 +347,8 @@ def _start(msg: Message, context: Context, call_next: ClientAppCallable, rec: An
     out = machine.start()
     _state.clear(context)
     context.state[_AUTH] = ConfigRecord({"round": rnd, "authenticated": ids is not None})
-    _state.store(context, machine, session=session, round=rnd, step=0)
+    if terms.protocol != "paillier":  # a Paillier client is done once it has sent its ciphertexts
+        _state.store(context, machine, session=session, round=rnd, step=0)
     return _reply(msg, out)
 
 
@@ -438,6 +460,10 @@ def _identify(msg: Message, context: Context, rec: Any) -> Message:
 
 def privagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Flower mod: run privagg's SecAgg / SecAgg+ over this ClientApp's train replies (see the module doc)."""
+    if context.node_config.get("role") == "key-holder":  # a Paillier key holder never runs the ClientApp
+        from fl.runners.flower.mod_paillier import key_holder_mod
+
+        return key_holder_mod(msg, context)
     if msg.metadata.message_type.split(".")[0] != MessageType.TRAIN:
         return call_next(msg, context)
     try:
@@ -456,6 +482,10 @@ def privagg_mod(msg: Message, context: Context, call_next: ClientAppCallable) ->
             return _step(msg, context, rec)
         if stage == "identify":
             return _identify(msg, context, rec)
+        if stage == "hello":  # the Paillier workflow asks who is the key holder; the ClientApp is not called
+            from fl.runners.flower.mod_paillier import client_hello
+
+            return client_hello(msg)
         raise ProtocolError(f"unknown secure-aggregation stage {stage!r}")
     except (PolicyError, ProtocolError, CodecError, OverflowRiskError, CompositionError, ValueError,
             RuntimeError) as exc:

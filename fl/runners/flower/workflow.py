@@ -39,6 +39,13 @@ round the workflow asks it (one ``identify`` message per node and run) and keeps
 that entry's key; a node that does not prove an entry sits the round out (logged). Each node checks the
 roster and its id against its own configuration (:mod:`fl.runners.flower.mod`). The threshold must be
 above one half of each share group (``2t > m``), else the split-view attack works with no colluder.
+
+Packed Paillier (``protocol="paillier"``; :mod:`fl.runners.flower.mod_paillier`): the clients encrypt to a
+key-holder SuperNode's public key (pinned by each client's own policy), this workflow multiplies the
+ciphertexts and sends only the aggregate to the key holder, which decrypts it (never fewer summands than
+its own ``min_summands``, at most once per round). The workflow finds the key holder once by a hello and
+pins it; the wrapped grid's ``get_node_ids`` offers only the nodes that said they are clients, so the
+strategy never samples the key holder. The server never holds the private key.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ import logging
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -60,10 +67,12 @@ from numpy.typing import NDArray
 from fl.privacy.ledger import Ledger
 from fl.runners.flower.identity import Roster
 from fl.runners.flower.mod import IDENTIFY_LABEL, RECORD, SecureTerms, _only_arrays, flatten, unflatten
+from fl.runners.flower.mod_paillier import KeyHolderDirectory, KeyHolderTransport
 from fl.spec import RoundInfo
 from secagg import wire
 from secagg.errors import CodecError, ProtocolError
 from secagg.machine import Message as ProtocolMessage
+from secagg.paillier import PaillierPublicKey
 
 __all__ = ["FlowerTransport", "RoundOutcome", "SecureAggregation", "SecureGrid"]
 
@@ -185,6 +194,10 @@ class SecureAggregation:
     training); ``phase_timeout``: every later phase (a node that misses it has dropped).
     ``weight_key``: the strategy's weight metric (FedAvg's ``weighted_by_key``). ``authenticated`` and
     ``roster``: authenticated SecAgg / SecAgg+ with the consortium's roster (see the module doc).
+    ``weight_key``: the strategy's weight metric (FedAvg's ``weighted_by_key``).
+    ``paillier_public_key`` (``protocol="paillier"``): the key holder's ``public.json`` (a path, its JSON
+    or the key); if given, the key holder's hello must name it. ``hello_timeout``: seconds a node has to
+    answer the hello that tells clients from the key holder.
     """
 
     def __init__(self, *, protocol: str = "secagg+", threshold: float = 0.7, bits: int = 40,
@@ -192,7 +205,9 @@ class SecureAggregation:
                  noise_multiplier: float | None = None, placement: str = "server", epsilon: float | None = None,
                  delta: float = 1e-5, start_timeout: float = 300.0, phase_timeout: float = 60.0,
                  poll_interval: float = 0.05, weight_key: str = "num-examples", authenticated: bool = False,
-                 roster: Roster | Mapping[str, Any] | str | os.PathLike[str] | None = None) -> None:
+                 roster: Roster | Mapping[str, Any] | str | os.PathLike[str] | None = None,
+                 paillier_public_key: str | Path | PaillierPublicKey | None = None,
+                 hello_timeout: float = 30.0) -> None:
         self.terms = SecureTerms(protocol=protocol, threshold=threshold, cohort=2, bits=bits,
                                  clipping_range=clipping_range, max_weight=max_weight, clip=clip,
                                  noise_multiplier=noise_multiplier, placement=placement, epsilon=epsilon,
@@ -210,6 +225,8 @@ class SecureAggregation:
         self.accounting: Any = None
         self.rounds = 0
         self.history: list[RoundOutcome] = []
+        self.key_holders = None if protocol != "paillier" else KeyHolderDirectory(
+            public_key=paillier_public_key, timeout=hello_timeout, poll_interval=poll_interval)
 
     # ------------------------------------------------------------------------------------ the round
     def aggregate(self, grid: Grid, instructions: Sequence[Message], *, round: int | None = None) -> RoundOutcome:
@@ -220,10 +237,15 @@ class SecureAggregation:
             round = self.rounds + 1
         if round <= self.rounds:
             raise ValueError(f"round {round} after round {self.rounds}: nodes accept each round number once")
+        holder = None
+        if self.key_holders is not None:  # Paillier: the pinned key holder, never one of the round's clients
+            holder, instructions = self.key_holders.prepare(grid, instructions)
         self.rounds = round
         nodes = self._client_ids(grid, instructions)
         instructions = [m for m in instructions if m.metadata.dst_node_id in set(nodes.values())]
         terms = self.terms.with_cohort(len(nodes))
+        if holder is not None:
+            terms = replace(terms, paillier_public_key=holder.public_json)
         glob_record = _only_arrays(instructions[0].content, "strategy's train message")
         glob = flatten(glob_record)
         bound = terms.pipeline(glob.size)
@@ -241,7 +263,8 @@ class SecureAggregation:
         if len(members) < 2:
             raise ProtocolError(f"round {round}: {len(members)} of {len(nodes)} nodes started; no secure sum")
         server = ssum.server(members, spec=bound.sum_spec, session=session, round=round)
-        outcome = drive(server, tr, opening=opening, phase_timeout=self.phase_timeout)
+        transport = tr if holder is None else KeyHolderTransport(tr, holder)
+        outcome = drive(server, transport, opening=opening, phase_timeout=self.phase_timeout)
         return self._finish(round, nodes, terms, bound, glob, glob_record, outcome)
 
     def _info(self, round: int, planned: tuple[int, ...], included: tuple[int, ...]) -> RoundInfo:
@@ -406,9 +429,13 @@ def _accounting(terms: SecureTerms, bound: Any, delta: float) -> Any:
     from fl.privacy.accounting import DpFedAvgAccounting, SurvivorFloor
 
     noise = next(layer for layer in bound.pipeline.layers if isinstance(layer, GaussianNoise))
-    graph = bound.pipeline.sum._graph()
+    ssum = bound.pipeline.sum
+    if hasattr(ssum, "_graph"):
+        floor = SurvivorFloor(threshold=terms.threshold, graph=ssum._graph())
+    else:  # Paillier: the round aborts below min_clients, and the key holder decrypts no fewer
+        floor = SurvivorFloor(min_clients=ssum.min_clients)
     return DpFedAvgAccounting(noise=noise, clip=float(terms.clip or 0.0), size=bound.specs[0].size, delta=delta,
-                              epsilon=terms.epsilon, floor=SurvivorFloor(threshold=terms.threshold, graph=graph))
+                              epsilon=terms.epsilon, floor=floor)
 
 
 class SecureGrid(Grid):
@@ -434,6 +461,8 @@ class SecureGrid(Grid):
         return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
 
     def get_node_ids(self) -> Iterable[int]:
+        if self.aggregation.key_holders is not None:  # Paillier: only nodes whose own hello said "client"
+            return self.aggregation.key_holders.clients(self.grid)
         return self.grid.get_node_ids()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
@@ -469,6 +498,8 @@ def _legacy_fit_round(sa: SecureAggregation, grid: Grid, context: Any) -> None:
     if not isinstance(context, LegacyContext):
         raise TypeError(f"SecureAggregation as a fit workflow needs a LegacyContext, got {type(context).__name__}")
     rnd = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])  # type: ignore[arg-type]
+    if sa.key_holders is not None:  # Paillier: the key holder is never sampled
+        sa.key_holders.hide_from(context.client_manager, grid)
     params = compat.arrayrecord_to_parameters(context.state.array_records[MAIN_PARAMS_RECORD], keep_input=True)
     sampled = context.strategy.configure_fit(rnd, params, context.client_manager)
     if not sampled:
