@@ -33,14 +33,18 @@ import logging
 import math
 import os
 import stat
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from flwr.app import ConfigRecord, Context, Message
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from fl.runners.flower.job import (
+    HELLO,
     KEYHOLDER,
+    RECORD,
+    BadReplyError,
     FlowerJob,
     JobError,
     decode_msgs,
@@ -48,16 +52,21 @@ from fl.runners.flower.job import (
     load_job,
     node_policy,
     record,
+    reply_record,
     train_config,
 )
 from fl.runners.flower.policy import PolicyError
 from fl.spec import SecureSum
-from secagg.errors import CodecError, ProtocolError
+from secagg.errors import AbortError, CodecError, ProtocolError
 from secagg.machine import KEY_HOLDER
 from secagg.paillier import PaillierAggregate, PaillierKeyHolder, PaillierPrivateKey, PaillierPublicKey
 
-__all__ = ["KEYHOLDER", "KEY_FILE_KEY", "KEY_HOLDER_ROLE", "ROLE_KEY", "check_client_key", "client_sum", "decrypt",
-           "hello", "is_key_holder", "job_public_key", "keygen", "paillier_sum", "pick_key_holder",
+if TYPE_CHECKING:
+    from fl.runners.flower.link import GridTransport
+
+__all__ = ["KEYHOLDER", "KEY_FILE_KEY", "KEY_HOLDER_ROLE", "ROLE_KEY", "KeyHolderUnreachableError",
+           "after_failed_round", "check_client_key", "client_sum", "decrypt", "find_key_holder", "hello",
+           "is_key_holder", "job_public_key", "keygen", "paillier_sum", "pick_key_holder",
            "read_private_key", "read_public_key", "refuse_client_message", "server_sum", "uses_paillier"]
 
 log = logging.getLogger(__name__)
@@ -68,6 +77,7 @@ KEY_HOLDER_ROLE = "key-holder"
 KEY_FILE_KEY = "paillier-key-file"
 """The key holder's ``--node-config`` key naming its private key file (``key.json``, mode 0600)."""
 _DECRYPTED = "privagg-keyholder"
+_DECRYPTED_JOB = "decrypted/"  # the key holder's cross-run record of decrypted rounds, keyed by the job
 
 
 # ------------------------------------------------------------------------------------------------ keys
@@ -240,13 +250,34 @@ def hello(context: Context) -> dict[str, Any]:
     return {"role": KEY_HOLDER_ROLE, "fingerprint": private.public.fingerprint.hex()}
 
 
-def _claim(context: Context, rnd: int, planned: int) -> None:
-    """At most one decryption per planned round, in increasing order (the key holder's own record)."""
+def _claim(context: Context, job: FlowerJob, rnd: int) -> None:
+    """At most one decryption per planned round, in increasing order (the key holder's own record).
+
+    For a ``train`` job the record is also kept in the node's own files, keyed by the job
+    (:func:`fl.runners.flower.state.record_released`), so a restarted key holder (a fresh Flower context)
+    still refuses a round it already decrypted: else a server could have a second subset of that round's
+    ciphertexts decrypted after a restart and learn one client's update as the difference. A ``sum`` job's
+    vectors are public test data: its record is the run's only.
+    """
+    from fl.runners.flower import state as _state
+
+    planned = job.num_rounds
     if not 1 <= rnd <= planned:
         raise PolicyError(f"round {rnd} is outside the job's planned rounds 1..{planned}: refusing to decrypt")
-    last = int(context.state[_DECRYPTED]["last"]) if _DECRYPTED in context.state else 0  # type: ignore[arg-type]
+    in_run = int(context.state[_DECRYPTED]["last"]) if _DECRYPTED in context.state else 0  # type: ignore[arg-type]
+    train = job.task == "train"
+    last = max(in_run, _state.last_released(context, _DECRYPTED_JOB + job.releases_id()) if train else 0)
     if rnd <= last:
         raise PolicyError(f"this key holder already decrypted the sum of round {last}; refusing round {rnd}")
+
+
+def _record(context: Context, job: FlowerJob, rnd: int) -> None:
+    """Remember that round ``rnd`` was decrypted, before the reply carrying the sum leaves this node."""
+    from fl.runners.flower import state as _state
+
+    if job.task == "train":
+        _state.record_released(context, _DECRYPTED_JOB + job.releases_id(), rnd)
+    context.state[_DECRYPTED] = ConfigRecord({"last": rnd})
 
 
 def decrypt(msg: Message, context: Context) -> dict[str, Any]:
@@ -257,13 +288,13 @@ def decrypt(msg: Message, context: Context) -> dict[str, Any]:
     private = _own_key(context, job)
     rec = record(msg.content)
     session, rnd = bytes(rec["session"]), int(rec["round"])
-    _claim(context, rnd, job.num_rounds)
+    _claim(context, job, rnd)
     msgs = decode_msgs(rec)
     if len(msgs) != 1 or not isinstance(msgs[0], PaillierAggregate) or msgs[0].recipient != KEY_HOLDER:
         raise ProtocolError("a decryption request carries exactly one PaillierAggregate for the key holder")
     machine = PaillierKeyHolder(KEY_HOLDER, private, session, rnd, min_summands=node_policy(context).min_summands)
     out = machine.receive(msgs[0])  # refuses fewer than min_summands, another key, a forged count
-    context.state[_DECRYPTED] = ConfigRecord({"last": rnd})
+    _record(context, job, rnd)  # the server sees the sum only in the reply: recorded before it is sent
     log.info("key holder: decrypted the sum of %d clients for round %d", msgs[0].batch.summands, rnd)
     return encode_msgs(out)
 
@@ -288,3 +319,73 @@ def pick_key_holder(holders: Sequence[int], job: FlowerJob) -> dict[int, int]:
 def is_key_holder_hello(rec: Mapping[str, Any]) -> bool:
     """Whether a hello reply comes from a key-holder node (it names its role instead of a partition)."""
     return rec.get("role") == KEY_HOLDER_ROLE
+
+
+# ------------------------------------------------------------------------ the key holder lost mid-run
+class KeyHolderUnreachableError(RuntimeError):
+    """A round got no decryption and no key-holder SuperNode with the job's key answered in the join timeout."""
+
+
+def after_failed_round(tr: GridTransport, job: FlowerJob, exc: Exception, *, round: int) -> Exception:
+    """The error of a failed round; a failed ``decrypt`` phase names the key holder and waits for it.
+
+    A Paillier round that aborted in the ``decrypt`` phase got no decrypted sum from the key holder (it
+    died, is unreachable, or refused; its own log says which). The returned :class:`AbortError` names its
+    node; this waits (at most ``job.join_timeout``) until a key-holder SuperNode with the job's key answers
+    a hello again: the same node, or a restarted one under a new node id, which the transport then uses
+    for the next rounds. If none answers, :class:`KeyHolderUnreachableError` stops the run saying how to
+    continue (the ServerApp then writes ``error.json`` and no model). Any other failure is returned as is.
+    """
+    if not (isinstance(exc, AbortError) and exc.phase == "decrypt" and KEY_HOLDER in tr.nodes):
+        return exc
+    node = tr.nodes[KEY_HOLDER]
+    why = (f"the Paillier key holder (SuperNode {node}) returned no decrypted sum for round {round} within "
+           f"{job.phase_timeout:g}s (it died, is unreachable, or refused: see its log); no update this round")
+    if round >= job.num_rounds:  # no round left that needs it
+        return AbortError("decrypt", needed=1, answered=0, reason=why)
+    back = find_key_holder(tr, job, wait=job.join_timeout)
+    if back is None:
+        if job.task == "train" and job.checkpoint:
+            then = f"then continue with `privagg flower run/local --resume {job.checkpoint}`"
+        else:
+            then = "then start the run again (with --checkpoint-dir, a train run can be resumed after this)"
+        raise KeyHolderUnreachableError(
+            f"{why}; it is unreachable: no key-holder SuperNode with the job's key answered within "
+            f"{job.join_timeout:g}s, so the run stops before round {round + 1}. Restart the key holder with the "
+            f"same key file (`privagg flower supernode --key-holder --paillier-key DIR/key.json`), {then}"
+        ) from exc
+    if back != node:
+        log.warning("the Paillier key holder is back as SuperNode %d (was %d)", back, node)
+        tr.nodes[KEY_HOLDER] = back
+        tr.cids = {n: c for c, n in tr.nodes.items()}
+        why += f"; the key holder is back as SuperNode {back}"
+    return AbortError("decrypt", needed=1, answered=0, reason=why)
+
+
+def find_key_holder(tr: GridTransport, job: FlowerJob, *, wait: float) -> int | None:
+    """The node id of a key-holder SuperNode with the job's key that answers a hello within ``wait`` seconds.
+
+    Asks the known key holder and every node that is not one of the run's clients, again and again until
+    one answers as the key holder of the job's key (a restarted key holder joins under a new node id).
+    """
+    from fl.runners.flower.link import send_and_receive
+
+    want = job_public_key(job).fingerprint.hex()
+    clients = {n for c, n in tr.nodes.items() if c != KEY_HOLDER}
+    deadline = time.monotonic() + wait
+    while True:
+        left = max(0.0, deadline - time.monotonic())
+        ask = [n for n in sorted(tr.grid.get_node_ids()) if n not in clients]
+        msgs = [Message(RecordDict({RECORD: ConfigRecord({"hello": 1})}), dst_node_id=n, message_type=HELLO,
+                        ttl=max(1.0, left) + 60.0) for n in ask]
+        probe = min(left, max(1.0, job.phase_timeout))
+        for reply in send_and_receive(tr.grid, msgs, timeout=probe, poll=job.poll_interval or 0.2):
+            try:
+                rec = {} if reply.has_error() else reply_record(reply)
+            except BadReplyError:
+                continue
+            if is_key_holder_hello(rec) and rec.get("fingerprint") == want:
+                return int(reply.metadata.src_node_id)
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
