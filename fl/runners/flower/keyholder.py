@@ -334,7 +334,9 @@ def after_failed_round(tr: GridTransport, job: FlowerJob, exc: Exception, *, rou
     node; this waits (at most ``job.join_timeout``) until a key-holder SuperNode with the job's key answers
     a hello again: the same node, or a restarted one under a new node id, which the transport then uses
     for the next rounds. If none answers, :class:`KeyHolderUnreachableError` stops the run saying how to
-    continue (the ServerApp then writes ``error.json`` and no model). Any other failure is returned as is.
+    continue (the ServerApp writes it to ``error.json`` with the ``--resume`` command when a checkpoint
+    exists, and writes no result and no model). The last round waits for nothing. Any other failure is
+    returned as is.
     """
     if not (isinstance(exc, AbortError) and exc.phase == "decrypt" and KEY_HOLDER in tr.nodes):
         return exc
@@ -345,14 +347,15 @@ def after_failed_round(tr: GridTransport, job: FlowerJob, exc: Exception, *, rou
         return AbortError("decrypt", needed=1, answered=0, reason=why)
     back = find_key_holder(tr, job, wait=job.join_timeout)
     if back is None:
-        if job.task == "train" and job.checkpoint:
-            then = f"then continue with `privagg flower run/local --resume {job.checkpoint}`"
-        else:
-            then = "then start the run again (with --checkpoint-dir, a train run can be resumed after this)"
+        from fl.training.server import CHECKPOINT
+
+        kept = job.task == "train" and job.checkpoint and (Path(job.checkpoint) / CHECKPOINT).is_file()
+        then = "" if kept else ("; this run kept no checkpoint to resume from: start it again (a train run with "
+                                "--checkpoint-dir can be resumed)")
         raise KeyHolderUnreachableError(
             f"{why}; it is unreachable: no key-holder SuperNode with the job's key answered within "
             f"{job.join_timeout:g}s, so the run stops before round {round + 1}. Restart the key holder with the "
-            f"same key file (`privagg flower supernode --key-holder --paillier-key DIR/key.json`), {then}"
+            f"same key file (`privagg flower supernode --key-holder --paillier-key DIR/key.json`){then}"
         ) from exc
     if back != node:
         log.warning("the Paillier key holder is back as SuperNode %d (was %d)", back, node)
@@ -365,21 +368,23 @@ def after_failed_round(tr: GridTransport, job: FlowerJob, exc: Exception, *, rou
 def find_key_holder(tr: GridTransport, job: FlowerJob, *, wait: float) -> int | None:
     """The node id of a key-holder SuperNode with the job's key that answers a hello within ``wait`` seconds.
 
-    Asks the known key holder and every node that is not one of the run's clients, again and again until
-    one answers as the key holder of the job's key (a restarted key holder joins under a new node id).
+    Asks the known key holder and each node that is not one of the run's clients once, as soon as Flower
+    lists it (a restarted key holder joins under a new node id), and pulls every reply until one answers
+    as the key holder of the job's key.
     """
-    from fl.runners.flower.link import send_and_receive
-
     want = job_public_key(job).fingerprint.hex()
     clients = {n for c, n in tr.nodes.items() if c != KEY_HOLDER}
+    asked: set[int] = set()
+    pending: set[str] = set()
     deadline = time.monotonic() + wait
     while True:
-        left = max(0.0, deadline - time.monotonic())
-        ask = [n for n in sorted(tr.grid.get_node_ids()) if n not in clients]
-        msgs = [Message(RecordDict({RECORD: ConfigRecord({"hello": 1})}), dst_node_id=n, message_type=HELLO,
-                        ttl=max(1.0, left) + 60.0) for n in ask]
-        probe = min(left, max(1.0, job.phase_timeout))
-        for reply in send_and_receive(tr.grid, msgs, timeout=probe, poll=job.poll_interval or 0.2):
+        new = [n for n in sorted(tr.grid.get_node_ids()) if n not in clients | asked]
+        asked.update(new)
+        pending.update(i for i in tr.grid.push_messages([
+            Message(RecordDict({RECORD: ConfigRecord({"hello": 1})}), dst_node_id=n, message_type=HELLO,
+                    ttl=wait + 60.0) for n in new]) if i)
+        for reply in tr.grid.pull_messages(pending) if pending else []:
+            pending.discard(reply.metadata.reply_to_message_id)
             try:
                 rec = {} if reply.has_error() else reply_record(reply)
             except BadReplyError:
@@ -388,4 +393,4 @@ def find_key_holder(tr: GridTransport, job: FlowerJob, *, wait: float) -> int | 
                 return int(reply.metadata.src_node_id)
         if time.monotonic() >= deadline:
             return None
-        time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+        time.sleep(min(job.poll_interval or 0.2, max(0.0, deadline - time.monotonic())))

@@ -42,9 +42,9 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return keygen(tmp_path_factory.mktemp("keyholder"), bits=2048)
 
 
-def _job(tmp: Path, public: Path, **kw: Any) -> FlowerJob:
+def _job(tmp: Path, public: Path, *, seeded: bool = True, **kw: Any) -> FlowerJob:
     config = TrainConfig(dataset="breast_cancer", clients=3, rounds=ROUNDS, seed=5, model="logreg",
-                         insecure_seeded_randomness=True,
+                         insecure_seeded_randomness=seeded,
                          privacy=PrivacyConfig(spec="clip,noise,paillier", clip=1.0, noise_multiplier=0.5))
     fields: dict[str, Any] = dict(task="train", out=str(tmp / "out"), config=config.as_dict(), join_timeout=0.6,
                                   start_timeout=60, phase_timeout=0.3, poll_interval=0.0,
@@ -147,3 +147,69 @@ def test_the_last_round_failing_needs_no_wait(tmp_path: Path, keys: tuple[Path, 
     assert [r["included"] for r in result["rounds"]] == [3, 3, 0]
     assert f"key holder (SuperNode {KH})" in result["rounds"][-1]["aborted"]
     assert result["nodes"][str(KEY_HOLDER)] == KH
+
+
+# ---- real processes ------------------------------------------------------------------------------------
+def _progress(out: Path) -> list[dict[str, Any]]:
+    path = out / "progress.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _kill_key_holder_at(cluster: Any, out: Path, event: str, rnd: int | None = None, *,
+                        timeout: float = 120) -> None:
+    """SIGKILL the key-holder SuperNode (and its helpers) once the ServerApp logged ``event`` (of round ``rnd``)."""
+    deadline = time.monotonic() + timeout
+    while not any(e.get("event") == event and e.get("round") == rnd for e in _progress(out)):
+        assert time.monotonic() < deadline, f"no {event} {rnd} yet: {_progress(out)}"
+        assert not (out / "error.json").is_file(), (out / "error.json").read_text()
+        time.sleep(0.05)
+    cluster.kill_node(cluster.n)  # node n is the key holder
+
+
+@pytest.mark.flower
+@pytest.mark.slow
+def test_killed_key_holder_node_over_tls(tmp_path: Path) -> None:
+    """SuperLink, 3 client SuperNodes and the key-holder SuperNode over TLS, a 3-round Paillier training job.
+
+    1. The key holder is killed after round 1 and restarted with the same key file: round 2 aborts naming
+       it; round 3 runs with every client, decrypted by the restarted node (found under its new node id).
+    2. A second job (no checkpoint): the key holder is killed as round 1 opens and stays away: the run
+       stops with an error saying it is unreachable and how to go on; no result and no model are written.
+    """
+    from fl.runners.flower import LocalCluster, wait_result
+    from fl.runners.flower.processes import group_alive
+
+    private, public = keygen(tmp_path / "keyholder-site", bits=2048)
+    fp = read_public_key(public).fingerprint.hex()
+    cluster = LocalCluster(tmp_path / "cluster", 3, tls=True, fleet_poll=0.1, key_holder=private,
+                           policy=NodePolicy(protocols=("paillier",), paillier_key_fingerprint=fp))
+    try:
+        cluster.start(timeout=60)
+        job = _job(tmp_path / "first", public, join_timeout=60, phase_timeout=5, poll_interval=0.05, job_id="first",
+                   seeded=False)
+        out = cluster.submit(job)
+        _kill_key_holder_at(cluster, out, "round_done", 1)
+        cluster.start_node(cluster.n)  # the operator restarts it: same key file, same node files
+        result = wait_result(out, timeout=150, processes=[cluster.superlink])
+        one, two, three = result["rounds"]
+        assert one["included"] == 3 and three["included"] == 3, result["rounds"]
+        assert two["included"] == 0 and "Paillier key holder (SuperNode" in two["aborted"], two
+        assert "returned no decrypted sum for round 2" in two["aborted"] and "is back as SuperNode" in two["aborted"]
+
+        second = _job(tmp_path / "second", public, join_timeout=5, phase_timeout=5, poll_interval=0.05,
+                      job_id="second", seeded=False)
+        out2 = cluster.submit(second)
+        _kill_key_holder_at(cluster, out2, "joined")
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="KeyHolderUnreachableError") as caught:
+            wait_result(out2, timeout=120, processes=[cluster.superlink])
+        assert time.monotonic() - t0 < 90  # round 1's training, then the phase and join timeouts: not a hang
+        for part in ("returned no decrypted sum for round 1", "unreachable", "--paillier-key DIR/key.json",
+                     "kept no checkpoint"):
+            assert part in str(caught.value), part
+        assert not (out2 / "result.json").exists() and not (out2 / "params.npy").exists()
+    finally:
+        cluster.stop()
+    assert not [p.pid for p in [cluster.superlink, *cluster.nodes.values()] if group_alive(p.pid)]
