@@ -7,8 +7,9 @@ mode 0600, ``public.json`` for the operator and the sites). Its ClientApp answer
 ``query.privagg_hello`` and ``query.privagg_keyholder``: it runs the existing
 :class:`~secagg.paillier.PaillierKeyHolder` on the aggregate the server sends, and learns only the sum.
 Its own policy pins ``min_summands`` (it decrypts no aggregate of fewer clients), it decrypts at most one
-aggregate per planned round, in increasing order (its own record in the node state), and it refuses a
-job or a ciphertext under a key fingerprint that is not its own.
+aggregate per planned round, in increasing order (its own record in the node state and, for a train
+job, in its own files, so also after a restart), and it refuses a job or a ciphertext under a key
+fingerprint that is not its own.
 
 The **clients** encrypt to the public key the job carries (``FlowerJob.paillier_public_key``) only if its
 fingerprint is the one THEIR policy pins (``NodePolicy.paillier_key_fingerprint``); a ``paillier`` job is
@@ -16,7 +17,10 @@ refused while a client pins none, since otherwise a server could name a key it h
 **aggregator** (the ServerApp) has only the public key: its :class:`~fl.sums.paillier.PaillierSum` adopts
 it and can never generate or use a private key. Discovery finds exactly one key-holder node; the round's
 ``KEY_HOLDER`` messages go to it (:class:`~fl.runners.flower.link.PhaseLink`), and it is never a client
-(no partition, no training, not in the cohort or the DP accounting).
+(no partition, no training, not in the cohort or the DP accounting). If it dies or stops answering, the
+round aborts after the phase timeout with an error naming its node, and the server waits (the join
+timeout) for it, also restarted under a new node id, before the next round; otherwise the run stops with
+:class:`KeyHolderUnreachableError` saying how to resume (:func:`after_failed_round`).
 
 What this does NOT stop (stated, not hidden): Paillier is malleable and the aggregate's summand count is
 the server's word. A malicious server that forges the aggregate (one client's ciphertext multiplied by

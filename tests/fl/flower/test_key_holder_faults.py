@@ -158,7 +158,7 @@ def _progress(out: Path) -> list[dict[str, Any]]:
 
 
 def _kill_key_holder_at(cluster: Any, out: Path, event: str, rnd: int | None = None, *,
-                        timeout: float = 120) -> None:
+                        timeout: float = 240) -> None:
     """SIGKILL the key-holder SuperNode (and its helpers) once the ServerApp logged ``event`` (of round ``rnd``)."""
     deadline = time.monotonic() + timeout
     while not any(e.get("event") == event and e.get("round") == rnd for e in _progress(out)):
@@ -187,12 +187,12 @@ def test_killed_key_holder_node_over_tls(tmp_path: Path) -> None:
                            policy=NodePolicy(protocols=("paillier",), paillier_key_fingerprint=fp))
     try:
         cluster.start(timeout=60)
-        job = _job(tmp_path / "first", public, join_timeout=60, phase_timeout=5, poll_interval=0.05, job_id="first",
+        job = _job(tmp_path / "first", public, join_timeout=120, phase_timeout=5, poll_interval=0.05, job_id="first",
                    seeded=False)
         out = cluster.submit(job)
         _kill_key_holder_at(cluster, out, "round_done", 1)
         cluster.start_node(cluster.n)  # the operator restarts it: same key file, same node files
-        result = wait_result(out, timeout=150, processes=[cluster.superlink])
+        result = wait_result(out, timeout=300, processes=[cluster.superlink])
         one, two, three = result["rounds"]
         assert one["included"] == 3 and three["included"] == 3, result["rounds"]
         assert two["included"] == 0 and "Paillier key holder (SuperNode" in two["aborted"], two
