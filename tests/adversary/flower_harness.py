@@ -87,6 +87,9 @@ class InProcessGrid:
         self.rewrite = rewrite
         self.pending: dict[str, Message] = {}
         self.sent = 0
+        self.silent: set[int] = set()
+        """Nodes that died: still listed by ``get_node_ids`` (as Flower does until their heartbeat expires),
+        their messages accepted and never answered."""
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.contexts)
@@ -98,13 +101,15 @@ class InProcessGrid:
             mid = f"m{self.sent}"
             m.metadata.__dict__["_message_id"] = mid
             node = m.metadata.dst_node_id
+            ids.append(mid)
+            if node in self.silent:
+                continue
             if self.rewrite is not None:
                 m = self.rewrite(node, m)
             reply = deliver(m, self.contexts[node])
             if node in self.tamper:
                 reply = self.tamper[node](m, reply)
             self.pending[mid] = reply
-            ids.append(mid)
         return ids
 
     def pull_messages(self, ids: Iterable[str]) -> list[Message]:

@@ -297,3 +297,22 @@ def test_mod_stated_limit_old_ciphertexts_under_a_new_round_number_are_not_detec
     first = grid.app(_mod_decrypt(add_batches(c[:2], pk), (0, 1), 1), holder)
     replayed = grid.app(_mod_decrypt(add_batches(c[1:], pk), (1, 2), 2), holder)
     assert not first.has_error() and not replayed.has_error()
+def test_a_restarted_key_holder_still_decrypts_a_round_only_once(tmp_path: Path, keys: tuple[Path, Path]) -> None:
+    """The server has round 1 of a training job decrypted, then the key holder restarts (a fresh Flower
+    context, the same node files): a second subset of round 1's ciphertexts is still refused (its
+    difference to the first sum would be client 0's update); the next round is decrypted."""
+    from fl.config import PrivacyConfig, TrainConfig
+
+    config = TrainConfig(dataset="breast_cancer", clients=3, rounds=2, model="logreg",
+                         privacy=PrivacyConfig(spec="clip,noise,paillier", clip=1.0, noise_multiplier=0.5))
+    train = FlowerJob(task="train", out=str(tmp_path / "out"), config=config.as_dict(),
+                      paillier_public_key=keys[1].read_text())
+    data = _job(tmp_path, keys[1].read_text())  # ciphertexts under the key holder's key
+    pk = read_public_key(keys[1])
+    first = _holder(tmp_path, keys, train)
+    _total(_ask(first, add_batches([_batch(data, c) for c in (0, 1, 2)], pk), (0, 1, 2)))
+    restarted = _holder(tmp_path, keys, train)  # same state key file, empty state: a new SuperNode process
+    assert "privagg-keyholder" not in restarted.state
+    again = _ask(restarted, add_batches([_batch(data, c) for c in (1, 2)], pk), (1, 2))
+    assert again.has_error() and "already decrypted the sum of round 1" in again.error.reason
+    _total(_ask(restarted, add_batches([_batch(data, c, 2) for c in (0, 1, 2)], pk), (0, 1, 2), rnd=2))

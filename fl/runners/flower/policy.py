@@ -8,8 +8,10 @@ operator's :class:`NodePolicy` (a JSON file named by the ``policy-file`` key of 
 noise it adds itself, and the test seams. A job that asks for less is refused with
 :class:`PolicyError`: the node logs it and sends the error back, and the ServerApp logs the reply.
 
-Safe defaults (no policy file): SecAgg or SecAgg+ only (never ``plain``), threshold >= 1/2 of the
-cohort, >= 2 clients, no seeded randomness, and only the installed privagg ClientApp (see
+Safe defaults (no policy file): SecAgg or SecAgg+ only (never ``plain``); on a complete graph (SecAgg,
+or SecAgg+ when its k >= n - 1) a threshold >= 1/2 of the cohort; SecAgg+ on a sparse graph only with
+(k, t) that keep 40 bits of security when 10% of the planned clients are corrupt and 10% drop (see
+:class:`NodePolicy`); >= 2 clients, no seeded randomness, and only the installed privagg ClientApp (see
 :mod:`fl.runners.flower.pin`).
 """
 
@@ -60,6 +62,8 @@ class JobTerms:
     epsilon: float | None = None
     seeded: bool = False
     authenticated: bool = False
+    graph: tuple[int, int] | None = None
+    """SecAgg+ only: ``(k, t)``, the neighbour degree and threshold its graph uses for ``cohort`` clients."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,12 @@ class NodePolicy:
     """The node operator's terms; every field can only make the node stricter than the job.
 
     ``protocols``: secure sums this node runs (add ``"plain"`` only for public test data).
-    ``min_threshold``: smallest t / n accepted (t survivors needed to unmask). ``min_clients``: smallest
-    planned cohort. ``min_noise_multiplier``: if set, the node itself must add DP noise (``dnoise`` or
-    ``dp-sgd``) with at least this multiplier; central noise does not count (the server adds it).
+    ``min_threshold``: smallest t / n accepted (t survivors needed to unmask) on a complete graph: SecAgg,
+    and SecAgg+ when its degree k >= n - 1. ``min_security_bits``, ``assumed_corrupt``, ``assumed_dropout``:
+    how SecAgg+ on a sparse graph (k < n - 1) is judged instead (there t is a count in a share group of
+    k + 1, and t / n says nothing); see below. ``min_clients``: smallest planned cohort.
+    ``min_noise_multiplier``: if set, the node itself must add DP noise (``dnoise`` or ``dp-sgd``) with at
+    least this multiplier; central noise does not count (the server adds it).
     ``max_epsilon``: if set, the job must target an (epsilon, delta) budget no larger than this.
     ``max_clip``: if set, updates must be clipped to at most this L2 norm. ``allow_insecure_seeded_randomness``:
     the test seam that makes DP noise repeatable from the job's seed (whoever knows it removes the noise).
@@ -82,6 +89,21 @@ class NodePolicy:
     ``require_authenticated``: run only authenticated SecAgg/SecAgg+ (signed messages and the consistency
     round, :mod:`fl.runners.flower.identity`). ``roster_sha256``: the SHA-256 (hex) of the consortium's identity
     roster this node accepts (``privagg flower policy --roster``).
+
+    **The SecAgg+ bound.** For a sparse SecAgg+ graph the node takes the (k, t) the job's sum object will
+    use for the planned cohort n (the parameter finder's choice, or the job's explicit threshold or
+    neighbours: :attr:`JobTerms.graph`) and THIS policy's assumptions, never the job's: C = max(1,
+    floor(assumed_corrupt * n)) corrupt clients colluding with the server and D = floor(assumed_dropout *
+    n) dropouts, both sets fixed before the round's session seed fixes the graph. It accepts only if
+    :func:`secagg.masking.graph.achieved_bits` (exact hypergeometric tails, union bounds) gives at least
+    ``min_security_bits`` = sigma, i.e. P[some honest client has t corrupt neighbours (an authenticated
+    job, an active server: more than 2t - k - 2), or the graph without the corrupt and dropped clients
+    splits] <= 2^-(sigma + 1). Outside that event the server and the C corrupt clients learn nothing about
+    this node's update beyond the sum of the honest clients' inputs that the round releases (Bell et al.,
+    CCS 2020, section 3). Not covered: more corrupt or dropped clients than assumed, a cohort other than the
+    planned one (Poisson sampling: the expected cohort is judged), and an active server against an
+    unauthenticated job (use ``require_authenticated``). The finder's own choice for the job's stated
+    fractions meets this at the defaults (0.1, 0.1, 40 bits: n = 10 gives k = 4, t = 2); a lower t does not.
     """
 
     protocols: tuple[str, ...] = SECURE_PROTOCOLS
@@ -97,6 +119,9 @@ class NodePolicy:
     min_summands: int = 2
     require_authenticated: bool = False
     roster_sha256: str | None = None
+    min_security_bits: float = 40.0
+    assumed_corrupt: float = 0.1
+    assumed_dropout: float = 0.1
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.protocols) - set(_KNOWN_PROTOCOLS))
@@ -123,6 +148,18 @@ class NodePolicy:
         r = self.roster_sha256
         if r is not None and (not isinstance(r, str) or len(r) != 64 or any(c not in "0123456789abcdef" for c in r)):
             raise ValueError(f"policy roster_sha256 is a SHA-256 hex digest (64 lowercase hex), got {r!r}")
+        self._check_graph_terms()
+
+    def _check_graph_terms(self) -> None:
+        """The SecAgg+ assumptions: fractions in [0, 1) with a sum below 1, a positive finite bit count."""
+        bits, c, d = self.min_security_bits, self.assumed_corrupt, self.assumed_dropout
+        if isinstance(bits, bool) or not isinstance(bits, int | float) or not (bits > 0 and math.isfinite(bits)):
+            raise ValueError(f"policy min_security_bits must be a positive finite number, got {bits!r}")
+        for name, v in (("assumed_corrupt", c), ("assumed_dropout", d)):
+            if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < 1:
+                raise ValueError(f"policy {name} must be a fraction in [0, 1), got {v!r}")
+        if c + d >= 1:
+            raise ValueError(f"policy assumed_corrupt + assumed_dropout must be below 1, got {c} + {d}")
 
     # -------------------------------------------------------------------------------------------- I/O
     @classmethod
@@ -172,8 +209,10 @@ class NodePolicy:
         why: list[str] = []
         if terms.protocol not in self.protocols:
             why.append(f"protocol {terms.protocol!r} is not one this node runs ({', '.join(self.protocols)})")
-        if terms.protocol != "plain" and (terms.threshold_fraction is None or
-                                          terms.threshold_fraction < self.min_threshold):
+        if terms.protocol == "secagg+" and terms.graph is not None and terms.graph[0] < terms.cohort - 1:
+            why += self._graph_refusals(terms.cohort, *terms.graph, active=terms.authenticated)
+        elif terms.protocol != "plain" and (terms.threshold_fraction is None or
+                                            terms.threshold_fraction < self.min_threshold):
             why.append(f"threshold {terms.threshold_fraction} is below this node's minimum {self.min_threshold:g}")
         if terms.cohort < self.min_clients:
             why.append(f"{terms.cohort} planned client(s) per round, this node needs at least {self.min_clients}")
@@ -199,6 +238,34 @@ class NodePolicy:
             why.append("the job turns on insecure_seeded_randomness (noise derived from a seed the server knows); "
                        "only a node whose own policy sets allow_insecure_seeded_randomness runs it")
         return why
+
+    def assumed_counts(self, n: int) -> tuple[int, int]:
+        """(C, D): the corrupt (at least one) and dropped clients this node assumes among ``n`` planned."""
+        eps = 1e-12  # 0.1 * 1000 is 100, as in secagg.masking.graph
+        return max(1, math.floor((self.assumed_corrupt + eps) * n)), math.floor((self.assumed_dropout + eps) * n)
+
+    def secagg_plus_bits(self, n: int, k: int, t: int, *, active: bool = False) -> float:
+        """The security bits SecAgg+ with degree ``k`` and threshold ``t`` keeps for ``n`` clients under this
+        policy's assumptions (:func:`secagg.masking.graph.achieved_bits`; ``inf``: no leak possible)."""
+        from secagg.masking.graph import achieved_bits
+
+        c, d = self.assumed_counts(n)
+        if c + d >= n:  # nobody honest is left to protect: nothing is guaranteed
+            return 0.0
+        return achieved_bits(n, k, t, corrupt=c / n, dropout=d / n, active=active)[0]
+
+    def _graph_refusals(self, n: int, k: int, t: int, *, active: bool) -> list[str]:
+        """Why a sparse SecAgg+ graph with degree ``k`` and threshold ``t`` is too weak (empty: accepted)."""
+        bits = self.secagg_plus_bits(n, k, t, active=active)
+        if bits >= self.min_security_bits:
+            return []
+        c, d = self.assumed_counts(n)
+        return [f"SecAgg+ with k={k} neighbours and threshold t={t} for {n} planned clients keeps {bits:.1f} bits "
+                f"of security against {c} corrupt client(s) and {d} dropout(s) (this node's assumed fractions "
+                f"{self.assumed_corrupt:g} and {self.assumed_dropout:g}), below its minimum "
+                f"{self.min_security_bits:g}: "
+                "leave t to SecAgg+'s parameter finder with --corrupt-fraction and --dropout-fraction at least "
+                "this node's, or raise --threshold"]
 
     def check(self, terms: JobTerms) -> None:
         """Raise :class:`PolicyError` listing every refusal; return if the job meets this policy."""
@@ -240,10 +307,18 @@ def _threshold_fraction(ssum: Any, cohort: int) -> float | None:
     return int(threshold) / cohort
 
 
+def _graph_of(ssum: Any, cohort: int) -> tuple[int, int] | None:
+    """SecAgg+'s (k, t) for ``cohort`` clients, as its own sum object computes them; None for other sums."""
+    if protocol_word(ssum) != "secagg+" or cohort < 1:
+        return None
+    k, t = ssum._graph().parameters(cohort, ssum.threshold)
+    return int(k), int(t)
+
+
 def sum_terms(ssum: Any, cohort: int) -> JobTerms:
     """Terms of a ``sum`` job (public test vectors: no DP)."""
     return JobTerms(protocol=protocol_word(ssum), threshold_fraction=_threshold_fraction(ssum, cohort), cohort=cohort,
-                    authenticated=_authenticated(ssum))
+                    authenticated=_authenticated(ssum), graph=_graph_of(ssum, cohort))
 
 
 def _authenticated(ssum: Any) -> bool:
@@ -277,5 +352,5 @@ def train_terms(fed: Any, cid: int) -> JobTerms:
         protocol=protocol_word(plan.pipeline.sum), threshold_fraction=_threshold_fraction(plan.pipeline.sum, cohort),
         cohort=cohort, own_noise=own, central_noise=central, clip=min(clips) if clips else None,
         epsilon=fed.config.privacy.epsilon, seeded=bool(fed.config.insecure_seeded_randomness),
-        authenticated=_authenticated(plan.pipeline.sum),
+        authenticated=_authenticated(plan.pipeline.sum), graph=_graph_of(plan.pipeline.sum, cohort),
     )

@@ -327,8 +327,9 @@ def _one_round(tr: GridTransport, job: FlowerJob, fed: Any, r: int, *, own_start
         if not planned:
             raise NoUpdatesError("no client was sampled this round")
         rr = run_round(tr, ssum, spec, round=r, planned=planned, session=session, start_fields=start)
-    except (AbortError, NoUpdatesError) as exc:
-        return _record_failed_round(record, exc, r=r, fed=fed, planned=planned)
+    except (AbortError, NoUpdatesError) as exc:  # a lost key holder: named, awaited, or the run stops
+        why = keyholder.after_failed_round(tr, job, exc, round=r)
+        return _record_failed_round(record, why, r=r, fed=fed, planned=planned)
     if fed is not None:
         from fl.runners.local import SumOutcome
 
