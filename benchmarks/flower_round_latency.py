@@ -192,6 +192,13 @@ def _ours(cluster: Any, work: Path, *, size: int, rounds: int, poll: float, labe
     }
 
 
+def _our_rows(cluster: Any, work: Path, *, size: int, rounds: int, nodes: str, patched: bool) -> list[dict[str, Any]]:
+    """Our SecAgg+ on ``cluster``: one round after another, then 4 rounds in flight."""
+    return [{**_ours(cluster, work, size=size, rounds=rounds, poll=0.05, in_flight=k,
+                     label=f"privagg secagg+, {k} round(s) in flight ({nodes} SuperNodes)"), "patched": patched}
+            for k in (1, 4)]
+
+
 def _in_memory(size: int, clients: int, rounds: int) -> dict[str, Any]:
     from fl.runners.flower import FlowerJob
     from fl.runners.flower.job import sum_protocol, sum_value
@@ -256,17 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     with LocalCluster(work / "stock", args.clients, tls=True, policy=bench_policy) as cluster:
         if not args.no_peer:
             rows.append({**peer_row(cluster, "stock"), "patched": False})
-        rows.append({**_ours(cluster, work, size=size, rounds=rounds, poll=0.05,
-                             label="privagg secagg+ (stock SuperNodes)"), "patched": False})
-        rows.append({**_ours(cluster, work, size=size, rounds=rounds, poll=0.05, in_flight=4,
-                             label="privagg secagg+, 4 rounds in flight (stock)"), "patched": False})
+        rows += _our_rows(cluster, work, size=size, rounds=rounds, nodes="stock", patched=False)
         if not args.short:
             rows.append({**mod_row(cluster, "stock"), "patched": False})
     with LocalCluster(work / "tuned", args.clients, tls=True, fleet_poll=0.1, policy=bench_policy) as cluster:
-        rows.append({**_ours(cluster, work, size=size, rounds=rounds, poll=0.05,
-                             label="privagg secagg+ (privagg SuperNodes)"), "patched": True})
-        rows.append({**_ours(cluster, work, size=size, rounds=rounds, poll=0.05, in_flight=4,
-                             label="privagg secagg+, 4 rounds in flight (privagg)"), "patched": True})
+        rows += _our_rows(cluster, work, size=size, rounds=rounds, nodes="privagg", patched=True)
         if not args.short:
             rows.append({**mod_row(cluster, "privagg SuperNodes"), "patched": True})
             if not args.no_peer:
