@@ -194,9 +194,9 @@ def _ours(cluster: Any, work: Path, *, size: int, rounds: int, poll: float, labe
 
 def _our_rows(cluster: Any, work: Path, *, size: int, rounds: int, nodes: str, patched: bool) -> list[dict[str, Any]]:
     """Our SecAgg+ on ``cluster``: one round after another, then 4 rounds in flight."""
-    return [{**_ours(cluster, work, size=size, rounds=rounds, poll=0.05, in_flight=k,
-                     label=f"privagg secagg+, {k} round(s) in flight ({nodes} SuperNodes)"), "patched": patched}
-            for k in (1, 4)]
+    labels = {1: f"privagg secagg+ ({nodes} SuperNodes)", 4: f"privagg secagg+, 4 rounds in flight ({nodes})"}
+    return [{**_ours(cluster, work, size=size, rounds=rounds, poll=0.05, in_flight=k, label=label), "patched": patched}
+            for k, label in labels.items()]
 
 
 def _in_memory(size: int, clients: int, rounds: int) -> dict[str, Any]:
