@@ -419,9 +419,10 @@ def find_key_holder(tr: GridTransport, job: FlowerJob, *, wait: float) -> int | 
     while True:
         new = [n for n in sorted(tr.grid.get_node_ids()) if n not in clients | asked]
         asked.update(new)
-        pending.update(i for i in tr.grid.push_messages([
-            Message(RecordDict({RECORD: ConfigRecord({"hello": 1})}), dst_node_id=n, message_type=HELLO,
-                    ttl=wait + 60.0) for n in new]) if i)
+        if new:
+            pending.update(i for i in tr.grid.push_messages([
+                Message(RecordDict({RECORD: ConfigRecord({"hello": 1})}), dst_node_id=n, message_type=HELLO,
+                        ttl=wait + 60.0) for n in new]) if i)
         for reply in tr.grid.pull_messages(pending) if pending else []:
             pending.discard(reply.metadata.reply_to_message_id)
             try:
