@@ -117,6 +117,13 @@ def _add_policy_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser])
     p.add_argument("--allow-plain", action="store_true", help="also run the plain sum (public test data only)")
     p.add_argument("--min-threshold", type=float, default=0.5, help="smallest t/n accepted (default: %(default)s)")
     p.add_argument("--min-clients", type=int, default=2, help="smallest planned cohort (default: %(default)s)")
+    p.add_argument("--min-security-bits", type=float, default=40.0,
+                   help="SecAgg+ on a sparse graph: the statistical security its (k, t) must keep under the "
+                        "assumed fractions below (default: %(default)s)")
+    p.add_argument("--assumed-corrupt", type=float, default=0.1,
+                   help="fraction of clients this node assumes collude with the server (default: %(default)s)")
+    p.add_argument("--assumed-dropout", type=float, default=0.1,
+                   help="fraction of clients this node assumes drop out per round (default: %(default)s)")
     p.add_argument("--min-noise-multiplier", type=float,
                    help="require DP noise added on this node (dnoise or dp-sgd) with at least this multiplier")
     p.add_argument("--max-epsilon", type=float, help="require a target epsilon no larger than this")
@@ -572,7 +579,9 @@ def _policy(fw: Any, args: argparse.Namespace) -> int:
                            min_noise_multiplier=args.min_noise_multiplier, max_epsilon=args.max_epsilon,
                            max_clip=args.max_clip, trusted_app_hashes=tuple(args.trust_app),
                            paillier_key_fingerprint=pin, min_summands=args.min_summands,
-                           require_authenticated=args.require_authenticated, roster_sha256=roster_pin)
+                           require_authenticated=args.require_authenticated, roster_sha256=roster_pin,
+                           min_security_bits=args.min_security_bits, assumed_corrupt=args.assumed_corrupt,
+                           assumed_dropout=args.assumed_dropout)
     print(f"node policy: {policy.save(args.out)} (privagg flower supernode --policy {args.out})")
     return 0
 

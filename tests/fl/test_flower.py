@@ -444,3 +444,8 @@ def test_cli_refuses_plaintext_to_remote_and_open_superlinks(
     assert flower_cli.run(pol) == 0
     saved = NodePolicy.load(out)
     assert saved.min_noise_multiplier == 0.8 and saved.min_clients == 3 and "plain" not in saved.protocols
+    sparse = parser.parse_args([*home, "policy", "--out", str(out), "--min-security-bits", "50", "--assumed-corrupt",
+                                "0.2", "--assumed-dropout", "0.05"])
+    assert flower_cli.run(sparse) == 0
+    saved = NodePolicy.load(out)  # the SecAgg+ security terms this node judges sparse graphs by
+    assert (saved.min_security_bits, saved.assumed_corrupt, saved.assumed_dropout) == (50.0, 0.2, 0.05)
