@@ -181,9 +181,15 @@ class SecureTerms:
         """What this round makes a node do, for its :class:`~fl.runners.flower.policy.NodePolicy`."""
         own = self.noise_multiplier if self.placement == "clients" else None
         central = self.noise_multiplier if self.placement == "server" else None
+        graph = None
+        if self.protocol == "secagg+":  # a sparse graph is judged by the security bits its (k, t) keep
+            from fl.runners.flower.policy import graph_of
+            from fl.sums.secagg import SecAggPlus
+
+            graph = graph_of(SecAggPlus(threshold=self.threshold), self.cohort)
         return JobTerms(protocol=self.protocol, threshold_fraction=self.threshold, cohort=self.cohort,
                         own_noise=own, central_noise=central, clip=self.clip, epsilon=self.epsilon,
-                        authenticated=self.authenticated)
+                        authenticated=self.authenticated, graph=graph)
 
     def pipeline(self, size: int, *, min_cohort: int | None = None) -> BoundPipeline:
         """The bound pipeline for a model of ``size`` parameters (``size + 1`` values without DP: the weight).

@@ -307,7 +307,7 @@ def _threshold_fraction(ssum: Any, cohort: int) -> float | None:
     return int(threshold) / cohort
 
 
-def _graph_of(ssum: Any, cohort: int) -> tuple[int, int] | None:
+def graph_of(ssum: Any, cohort: int) -> tuple[int, int] | None:
     """SecAgg+'s (k, t) for ``cohort`` clients, as its own sum object computes them; None for other sums."""
     if protocol_word(ssum) != "secagg+" or cohort < 1:
         return None
@@ -318,7 +318,7 @@ def _graph_of(ssum: Any, cohort: int) -> tuple[int, int] | None:
 def sum_terms(ssum: Any, cohort: int) -> JobTerms:
     """Terms of a ``sum`` job (public test vectors: no DP)."""
     return JobTerms(protocol=protocol_word(ssum), threshold_fraction=_threshold_fraction(ssum, cohort), cohort=cohort,
-                    authenticated=_authenticated(ssum), graph=_graph_of(ssum, cohort))
+                    authenticated=_authenticated(ssum), graph=graph_of(ssum, cohort))
 
 
 def _authenticated(ssum: Any) -> bool:
@@ -352,5 +352,5 @@ def train_terms(fed: Any, cid: int) -> JobTerms:
         protocol=protocol_word(plan.pipeline.sum), threshold_fraction=_threshold_fraction(plan.pipeline.sum, cohort),
         cohort=cohort, own_noise=own, central_noise=central, clip=min(clips) if clips else None,
         epsilon=fed.config.privacy.epsilon, seeded=bool(fed.config.insecure_seeded_randomness),
-        authenticated=_authenticated(plan.pipeline.sum), graph=_graph_of(plan.pipeline.sum, cohort),
+        authenticated=_authenticated(plan.pipeline.sum), graph=graph_of(plan.pipeline.sum, cohort),
     )

@@ -134,3 +134,18 @@ def test_a_default_node_joins_a_flower_local_secagg_plus_job_of_ten(tmp_path: Pa
     reply = deliver(instruction(101, "query.privagg_hello", {"hello": 1}), ctx)
     assert reply.has_error()
     assert "k=2 neighbours and threshold t=2 for 10 planned clients keeps 0.0 bits" in reply.error.reason
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("cohort", [10, 100, 1000])
+def test_the_mod_judges_secagg_plus_like_a_privagg_job(cohort: int, threshold: float) -> None:
+    """privagg_mod's terms carry the (k, t) of the SecAgg+ graph they will use, so a node judges a user's
+    app by the same security bits as a privagg sum job with that sum object (not by t/n alone)."""
+    from fl.runners.flower.mod import SecureTerms
+    from fl.runners.flower.policy import graph_of
+
+    mod_terms = SecureTerms(protocol="secagg+", threshold=threshold, cohort=cohort).job_terms()
+    job_terms = sum_terms(SecAggPlus(threshold=threshold), cohort)
+    assert mod_terms.graph == job_terms.graph == graph_of(SecAggPlus(threshold=threshold), cohort)
+    policy = NodePolicy()
+    assert policy.refusals(mod_terms) == policy.refusals(job_terms)
