@@ -75,7 +75,9 @@ class IdentityKeys:
 class SecAggClient:
     """One client's half of a SecAgg(+) round.
 
-    ``value``: the client's vector in Z_modulus (uint64 from ``Quantize``), ``size`` long.
+    ``value``: the client's vector in Z_modulus (uint64 from ``Quantize``), ``size`` long; ``None`` when the
+    client agrees its keys before it knows its value (a training round whose key agreement overlaps the
+    previous round): :meth:`provide` gives it before the masked-input phase, which refuses to run without.
     ``threshold``: fraction of the share group (or absolute count) needed at every phase; ``None`` takes
     the t of the graph parameters (:func:`secagg.masking.graph.find_parameters`).
     ``min_cohort``: the smallest cohort this client's own configuration accepts (the planned cohort
@@ -90,7 +92,7 @@ class SecAggClient:
     def __init__(
         self,
         cid: int,
-        value: NDArray[Any],
+        value: NDArray[Any] | None,
         *,
         session: bytes,
         round: int,
@@ -107,7 +109,9 @@ class SecAggClient:
             cid, session=session, round=round, modulus=modulus, threshold=threshold, min_cohort=min_cohort,
             graph=graph, identity_key=identity_key, identities=identities, random_bytes=random_bytes,
         )
-        self._value = self._check_value(value, size)
+        self._pending = value is None
+        empty = np.zeros(0, np.uint64)
+        self._value = self._check_value(empty if value is None else value, 0 if value is None else size)
         self._size = size
         # Round secrets.
         self._c_sk = kex.generate_private(random_bytes)
@@ -224,6 +228,15 @@ class SecAggClient:
             raise ProtocolError(f"unexpected {type(msg).__name__}")
         self._state = nxt
         return out
+
+    def provide(self, value: NDArray[Any]) -> None:
+        """This client's value, for a client built without one; before its masked-input phase only."""
+        if self._state not in _PRE_MASK:
+            raise ProtocolError(f"a value given in phase {self._state!r}, after the masked input, cannot be summed")
+        if not self._pending:
+            raise ProtocolError("this client already has its value")
+        self._value = self._check_value(value, self._size)
+        self._pending = False
 
     # ------------------------------------------------------------------ phases
     def _check_value(self, value: NDArray[Any], size: int) -> NDArray[np.unsignedinteger]:
@@ -370,6 +383,8 @@ class SecAggClient:
         )
 
     def _on_delivery(self, msg: ShareDelivery) -> list[Message]:
+        if self._pending:
+            raise ProtocolError("this client has no value to mask yet: provide() it before the masked-input phase")
         if len(msg.senders) != len(msg.ciphertexts) or not sorted_unique(msg.senders):
             raise ProtocolError("share delivery is malformed")
         if self._cid in msg.senders or not set(msg.senders) <= set(self._dir):
@@ -504,6 +519,7 @@ class SecAggClient:
 SNAPSHOT_MAGIC = b"PAGS"
 SNAPSHOT_VERSION = 1
 _STATES = ("new", "advertised", "shared", "masked", "signed", "done")
+_PRE_MASK = ("new", "advertised", "shared")  # the states in which the clear value is still held
 _SNAPSHOT_KINDS = (
     "bytes", "i64", "bytes", "i64",  # state, cid, session, round
     "i64", "i64", "i64", "i64", "f64",  # ring bits, size, min_cohort, threshold kind (0 int 1 float 2 none), value
@@ -583,7 +599,9 @@ def _load_state(
         if len(held) != len(hb) or len(held) != len(hs) or not sorted_unique(held) or not sorted_unique(dir_ids):
             raise ValueError("held-share lists are malformed")
         c._state, c._size = st.decode(), size
-        c._value = c._check_value(value, size if c._state in ("new", "advertised", "shared") else 0)
+        # an empty value before the masked input: a client built without one, still waiting for provide()
+        c._pending = c._state in _PRE_MASK and size > 0 and np.asarray(value).size == 0
+        c._value = c._check_value(value, size if c._state in _PRE_MASK and not c._pending else 0)
         c._c_sk, c._s_sk, c._b = kex.private_from_bytes(c_sk), kex.private_from_bytes(s_sk), bytes(b)
         if len(c._b) != prg.SEED_BYTES:
             raise ValueError("self-mask seed has the wrong length")

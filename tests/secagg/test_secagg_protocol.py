@@ -165,3 +165,47 @@ def test_secagg_plus_graph_is_sparse_and_recomputable() -> None:
     assert all(v in g1.neighbours(u) for u in range(40) for v in g1.neighbours(u))  # symmetric
     assert all(g1.neighbours(u) == g2.neighbours(u) for u in range(40))
     assert any(g1.neighbours(u) != g3.neighbours(u) for u in range(40))
+
+
+def test_a_client_built_without_its_value_agrees_keys_first_and_sums_exactly_once_given_it() -> None:
+    """Key agreement before the value is known (a training round overlapping the previous one): the sum is
+    exact once each client ``provide``s its value before the masked-input phase, snapshots in between keep
+    the pending state, and a client asked to mask without a value (or given one twice or too late) refuses."""
+    import numpy as np
+
+    from secagg.errors import ProtocolError
+    from secagg.masking.client import SecAggClient
+    from secagg.masking.server import SecAggServer
+    from secagg.masking.messages import ShareDelivery
+
+    n, size, mod = 4, 16, 1 << 32
+    rng = np.random.default_rng(5)
+    values = {c: rng.integers(0, 1 << 20, size, dtype=np.uint64) for c in range(n)}
+    kw: dict[str, Any] = dict(session=b"s" * 16, round=3, modulus=mod, size=size, threshold=0.75, min_cohort=n)
+    clients = {c: SecAggClient(c, None, **kw) for c in range(n)}
+    server = SecAggServer(list(range(n)), session=b"s" * 16, round=3, modulus=mod, size=size, threshold=0.75)
+    inbox = [m for c in clients.values() for m in c.start()]
+    for phase in server.phases:
+        for m in inbox:
+            server.receive(m)
+        out = server.end_phase()
+        if server.done:
+            break
+        inbox = []
+        for m in out:
+            c = clients[m.recipient]
+            if isinstance(m, ShareDelivery):
+                restored = SecAggClient.restore(c.snapshot(), session=b"s" * 16, round=3, state=c.state)
+                with pytest.raises(ProtocolError, match="no value to mask"):
+                    restored.receive(m)
+                restored = SecAggClient.restore(c.snapshot(), session=b"s" * 16, round=3, state=c.state)
+                restored.provide(values[m.recipient])
+                with pytest.raises(ProtocolError, match="already has"):
+                    restored.provide(values[m.recipient])
+                clients[m.recipient] = c = restored
+            inbox += c.receive(m)
+    assert server.done
+    expect = sum(values.values()) % np.uint64(mod)
+    assert np.array_equal(np.asarray(server.result, dtype=np.uint64), expect)
+    with pytest.raises(ProtocolError, match="after the masked input"):
+        clients[0].provide(values[0])
