@@ -216,9 +216,10 @@ def _add_job_flags(g: argparse._ArgumentGroup, *, name: str) -> None:
                    help="train: the federated training above; sum: a secure sum of --size public test words")
     g.add_argument("--size", type=int, default=100_000, help="vector length of --task sum")
     g.add_argument("--rounds-in-flight", type=int, choices=range(1, 5), metavar="K", default=None,
-                   help="--task sum with secagg/secagg+: K rounds share each Flower exchange (R rounds take R+3 "
-                        "exchanges at K=4, 4R at K=1); default 4 for such sums, 1 otherwise (training rounds "
-                        "need the previous round's model)")
+                   help="with secagg/secagg+: K rounds share each Flower exchange. A sum: R rounds take R+3 "
+                        "exchanges at K=4 (4R at K=1). Training: K=2 agrees round r+1's keys during round r "
+                        "(2R+2 exchanges; K is at most 2, a round needs the previous round's model). Default: "
+                        "4 for such sums, 2 for such training, 1 otherwise")
     g.add_argument("--checkpoint-dir", type=Path,
                    help="the ServerApp checkpoints after every round into this directory")
     g.add_argument("--resume", type=Path, metavar="DIR", help="continue the Flower run checkpointed in DIR")
@@ -288,9 +289,8 @@ def _job(args: argparse.Namespace) -> Any:
         phase_timeout=args.phase_timeout, poll_interval=args.poll, paillier_public_key=_public_key_json(args),
         roster=_job_roster(args),
     )
-    if args.task == "train" and (getattr(args, "rounds_in_flight", None) or 1) > 1:
-        raise ValueError("--rounds-in-flight is for --task sum: a training round starts from the model the previous "
-                         "round's sum produces")
+    if args.task == "train":
+        common["rounds_in_flight"] = _train_in_flight(args, config)
     if args.task == "train" and _own_data_run(args, config):
         return FlowerJob(task="train", config=_own_data_config(args, config).as_dict(), stats=None, **common)
     if args.task == "train":
@@ -302,6 +302,20 @@ def _job(args: argparse.Namespace) -> Any:
     return FlowerJob(task="sum", clients=config.clients, size=args.size, rounds=config.rounds, seed=config.seed,
                      protocol=protocol, threshold=config.privacy.cohort_threshold, authenticated=args.authenticated,
                      rounds_in_flight=in_flight, **common)
+
+
+def _train_in_flight(args: argparse.Namespace, config: Any) -> int:
+    """A training job's rounds in flight: 2 (key agreement ahead) for SecAgg/SecAgg+, else 1; asked-for
+    values that cannot apply are refused, never ignored."""
+    tokens = config.privacy.tokens()
+    masked = bool(tokens) and tokens[-1] in ("secagg", "secagg+")
+    asked = getattr(args, "rounds_in_flight", None)
+    if asked is not None and asked > 2:
+        raise ValueError("--rounds-in-flight for training is 1 or 2: a round starts from the model the previous "
+                         "round's sum produces, so only its key agreement can run ahead")
+    if asked == 2 and not masked:
+        raise ValueError(f"--rounds-in-flight 2 is for secagg/secagg+ training, not {config.privacy.spec!r}")
+    return asked if asked is not None else (2 if masked else 1)
 
 
 def _job_roster(args: argparse.Namespace) -> dict[str, Any] | None:

@@ -44,7 +44,7 @@ from fl.runners.flower.job import (
     sum_value,
     train_config,
 )
-from fl.runners.flower.policy import PolicyError, sum_terms, train_terms
+from fl.runners.flower.policy import PolicyError, protocol_word, sum_terms, train_terms
 from fl.runners.flower.site import OWN_KEY
 from secagg.errors import CodecError, ProtocolError
 from secagg.machine import Message as ProtocolMessage
@@ -324,7 +324,13 @@ def _start_fields(context: Context, job: FlowerJob, rec: Any) -> dict[str, Any]:
     rnd = int(rec["round"])
     session = bytes(rec["session"])
     extra: dict[str, Any] = {}
-    if job.task == "train":
+    if job.task == "train" and job.rounds_in_flight > 1:  # keys now; the model comes with the masked phase
+        side = _client_side(context, job, cid, rec)
+        _refuse_weaker(context, job, cid, rec)
+        value, ssum, spec = None, side.plan.pipeline.sum, side.bound.sum_spec
+        if protocol_word(ssum) not in ("secagg", "secagg+"):
+            raise PolicyError("key agreement ahead of the model (rounds_in_flight=2) is for SecAgg/SecAgg+ only")
+    elif job.task == "train":
         trained = _train(context, job, cid, rec, rnd)
         if "rejected" in trained:
             return trained
@@ -380,10 +386,23 @@ def _step_fields(context: Context, job: FlowerJob, rec: Any) -> dict[str, Any]:
     t0 = time.perf_counter()
     cid = _partition(context)
     ids = _identities(context, job, cid)  # the snapshot never holds identity keys
+    extra: dict[str, Any] = {}
+    prepare = None
+    if "params" in rec:  # a round whose keys were agreed ahead: train now, then mask (pipeline.ahead)
+        if job.task != "train" or job.rounds_in_flight < 2:
+            raise ProtocolError("a model in a protocol step is for train jobs whose key agreement runs ahead")
+        trained = _train(context, job, cid, rec, int(rec["round"]))
+        if "rejected" in trained:
+            return trained  # no masked input: this node drops out of the round
+        value = trained.pop("value")
+        extra = {"result": trained["result"]}
+
+        def prepare(machine: Any) -> None:
+            machine.provide(value)
     out = _state.advance(context, decode_msgs(rec), session=bytes(rec["session"]), round=int(rec["round"]),
                          step=int(rec["step"]), final=bool(rec["final"]),
-                         identity=None if ids is None else (ids.private(cid), ids.publics()))
-    return {**encode_msgs(out), "compute_s": time.perf_counter() - t0}
+                         identity=None if ids is None else (ids.private(cid), ids.publics()), prepare=prepare)
+    return {**encode_msgs(out), **extra, "compute_s": time.perf_counter() - t0}
 
 
 @client_app.query("privagg_bundle")

@@ -147,9 +147,12 @@ class FlowerJob:
         n = self.rounds_in_flight
         if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_IN_FLIGHT:
             raise JobError(f"rounds_in_flight must be an integer in 1..{MAX_IN_FLIGHT}, got {n!r}")
-        if n > 1 and (self.task != "sum" or self.protocol not in ("secagg", "secagg+")):
-            raise JobError("rounds in flight are for SecAgg/SecAgg+ sum jobs: a training round's start carries the "
-                           "model the previous round's sum produces (use rounds_in_flight=1)")
+        if n > 1 and self.task == "sum" and self.protocol not in ("secagg", "secagg+"):
+            raise JobError("rounds in flight are for SecAgg/SecAgg+ sums (their key agreement needs no value); use "
+                           "rounds_in_flight=1")
+        if n > 2 and self.task == "train":
+            raise JobError("a training round needs the model the previous round's sum produces: at most its key "
+                           "agreement runs ahead (rounds_in_flight=2)")
 
     @property
     def num_clients(self) -> int:

@@ -12,7 +12,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,10 @@ class PhaseLink:
         self.steps: dict[int, int] = {}  # protocol steps sent to each client this round
         self.sent = 0
         self.max_values = max_values  # bound on a streamed array in a reply (job.stream_bound of the spec)
+        # a training round whose keys were agreed ahead: the masked-input phase also carries the model
+        # (``extra[phase]()``, which may wait for the previous round) and its replies the training results
+        self.extra: dict[str, Callable[[], Mapping[str, Any]]] = {}
+        self.on_replies: Callable[[str, Mapping[int, Any]], None] | None = None
 
     def exchange(
         self, phase: str, outbox: Sequence[ProtocolMessage], *, deadline: float | None
@@ -155,17 +159,22 @@ class PhaseLink:
                 raise ProtocolError(f"message for unknown party {m.recipient}: no SuperNode has that role")
         if not batch:
             return []
+        extra = dict(self.extra[phase]()) if phase in self.extra else {}
         for cid in batch:
             self.steps[cid] = self.steps.get(cid, 0) + 1
         final = phase == self.final_phase
         payloads = {
             cid: {"round": self.round, "session": self.session, "final": final, "step": self.steps[cid],
-                  **encode_msgs(ms)}
+                  **extra, **encode_msgs(ms)}
             for cid, ms in batch.items()
         }
         self.sent += sum(len(ms) for ms in batch.values())
         timeout = self.tr.job.phase_timeout if deadline is None else max(0.0, deadline - time.monotonic())
+        if extra:  # the clients train in this phase
+            timeout = max(timeout, self.tr.job.start_timeout)
         replies, _failed = self.tr.exchange(self.round, phase, payloads, kind=STEP, timeout=timeout)
+        if self.on_replies is not None:
+            self.on_replies(phase, replies)
         dropped = set(batch) - set(replies)
         if dropped:
             log.warning("round %d, phase %s: client(s) %s dropped", self.round, phase, sorted(dropped))

@@ -70,6 +70,7 @@ class Lane:
     request: _Request | None = None
     done: bool = False
     progress: Any = None
+    parked_on: threading.Event | None = None  # waiting for an earlier round (no exchange of its own meanwhile)
 
     @property
     def job(self) -> FlowerJob:
@@ -78,6 +79,19 @@ class Lane:
     @property
     def nodes(self) -> dict[int, int]:
         return self.bundler.tr.nodes
+
+    def wait_for(self, event: threading.Event) -> None:
+        """Block until ``event`` (an earlier round finished); the other rounds' exchanges go on meanwhile."""
+        cond = self.bundler.cond
+        with cond:
+            self.parked_on = event
+            cond.notify_all()
+        while not event.wait(0.5):
+            if self.bundler.closed:
+                raise RuntimeError("the ServerApp stopped while this round waited for the previous one")
+        with cond:
+            self.parked_on = None
+            cond.notify_all()
 
     def exchange(
         self, round: int, phase: str, payloads: Mapping[int, dict[str, Any]], *, kind: str, timeout: float
@@ -156,8 +170,12 @@ class Bundler:
         def waiting(lane: Lane) -> bool:  # a request not yet answered (an answered one is still being taken)
             return lane.request is not None and lane.request.reply is None
 
+        def parked(lane: Lane) -> bool:  # waiting for an earlier round that has not finished
+            return lane.parked_on is not None and not lane.parked_on.is_set()
+
         with self.cond:
-            while not all(lane.done or waiting(lane) for lane in active):
+            while not all(lane.done or waiting(lane) or parked(lane) for lane in active) or (
+                    active and not any(lane.done or waiting(lane) for lane in active)):
                 self.cond.wait(0.5)
             return [lane.request for lane in active if lane.request is not None and waiting(lane)]
 

@@ -256,6 +256,10 @@ def serve(grid: Grid, job: FlowerJob, progress: Progress) -> dict[str, Any]:
     todo = range(first, job.num_rounds + 1)
     if fed is None and job.rounds_in_flight > 1:
         rounds, stopped = _rounds_in_flight(tr, job, progress, todo), None
+    elif job.rounds_in_flight > 1:
+        from fl.runners.flower.ahead import train_rounds_ahead
+
+        rounds, stopped = train_rounds_ahead(tr, job, fed, progress, todo, own_start=own_start, names=names)
     else:
         rounds, stopped = _sequential(tr, job, fed, progress, todo, own_start=own_start, names=names)
     return _result(job, nodes=nodes, rounds=rounds, exchanges=tr.log, fed=fed, stopped=stopped, own=bool(names),

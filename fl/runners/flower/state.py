@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +144,8 @@ def clear(context: Context, round: int | None = None) -> None:
 
 
 def advance(context: Context, incoming: Iterable[Any], *, session: bytes, round: int, step: int, final: bool,
-            identity: tuple[bytes, Mapping[int, bytes]] | None = None) -> list[Any]:
+            identity: tuple[bytes, Mapping[int, bytes]] | None = None,
+            prepare: Callable[[Any], None] | None = None) -> list[Any]:
     """One later protocol phase on the stored machine: load step ``step - 1``, feed ``incoming``, store it
     again as ``step`` (or forget the round's secrets after the ``final`` phase); the machine's replies.
     ``identity``: the node's own identity key and the roster's public keys (authenticated mode)."""
@@ -153,6 +154,8 @@ def advance(context: Context, incoming: Iterable[Any], *, session: bytes, round:
     if step < 1:
         raise ProtocolError(f"protocol steps are numbered from 1, got {step}")
     machine = load(context, session=session, round=round, step=step - 1, identity=identity)
+    if prepare is not None:  # e.g. give a machine that agreed its keys ahead its value
+        prepare(machine)
     out: list[Any] = []
     for m in incoming:
         out += machine.receive(m)
