@@ -175,8 +175,8 @@ def test_a_client_built_without_its_value_agrees_keys_first_and_sums_exactly_onc
 
     from secagg.errors import ProtocolError
     from secagg.masking.client import SecAggClient
-    from secagg.masking.server import SecAggServer
     from secagg.masking.messages import ShareDelivery
+    from secagg.masking.server import SecAggServer
 
     n, size, mod = 4, 16, 1 << 32
     rng = np.random.default_rng(5)
@@ -185,7 +185,7 @@ def test_a_client_built_without_its_value_agrees_keys_first_and_sums_exactly_onc
     clients = {c: SecAggClient(c, None, **kw) for c in range(n)}
     server = SecAggServer(list(range(n)), session=b"s" * 16, round=3, modulus=mod, size=size, threshold=0.75)
     inbox = [m for c in clients.values() for m in c.start()]
-    for phase in server.phases:
+    for _phase in server.phases:
         for m in inbox:
             server.receive(m)
         out = server.end_phase()

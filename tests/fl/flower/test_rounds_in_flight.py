@@ -127,7 +127,7 @@ def test_any_death_in_any_pipeline_gives_exact_sums_of_exactly_who_sent_an_input
 
 def test_jobs_that_cannot_pipeline_are_refused() -> None:
     with pytest.raises(JobError, match="training round"):
-        FlowerJob(task="train", rounds_in_flight=2)
+        FlowerJob(task="train", rounds_in_flight=3)
     with pytest.raises(JobError, match="SecAgg"):
         FlowerJob(task="sum", protocol="paillier", rounds_in_flight=2)
     for bad in (0, 5, True, 2.0):

@@ -9,7 +9,6 @@ as the sequential one does, in 2R + 2 exchanges instead of 4R, and a node releas
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
