@@ -167,10 +167,11 @@ def _as_server(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.usefixtures("_as_server")
-@pytest.mark.parametrize("standardize", ["federated", "public"])
-def test_serve_on_the_nodes_own_csvs_without_a_test_set(tmp_path: Path, standardize: str) -> None:
+@pytest.mark.parametrize(("standardize", "in_flight"), [("federated", 1), ("public", 1), ("federated", 2)])
+def test_serve_on_the_nodes_own_csvs_without_a_test_set(tmp_path: Path, standardize: str, in_flight: int) -> None:
     """The ServerApp over in-process nodes: a statistics round (or, ``--standardize public``, none), then
-    training; with no server test data the report says "no evaluation set" and no round carries an accuracy."""
+    training; with no server test data the report says "no evaluation set" and no round carries an accuracy.
+    ``in_flight=2``: the training rounds agree their keys ahead (the release travels with open and model)."""
     from fl.runners.flower import FlowerJob, NodePolicy
     from fl.runners.flower.link import Progress
     from fl.runners.flower.serverapp import NO_EVALUATION, serve
@@ -182,7 +183,7 @@ def test_serve_on_the_nodes_own_csvs_without_a_test_set(tmp_path: Path, standard
     job = FlowerJob(task="train", out=str(tmp_path / "out"), join_timeout=5, start_timeout=60, phase_timeout=30,
                     config=dataclasses.replace(job_config, test_site=None, feature_bounds=bounds,
                                                standardize=standardize).as_dict(),
-                    poll_interval=0.0)
+                    poll_interval=0.0, rounds_in_flight=in_flight)
     policy = NodePolicy(allow_insecure_seeded_randomness=True).save(tmp_path / "policy.json")
     (tmp_path / "out").mkdir()
     result = serve(InProcessGrid(_own_contexts(tmp_path, sites, job, policy=policy)), job,  # type: ignore[arg-type]

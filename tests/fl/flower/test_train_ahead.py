@@ -9,6 +9,7 @@ as the sequential one does, in 2R + 2 exchanges instead of 4R, and a node releas
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ pytest.importorskip("flwr")
 from fl.config import PrivacyConfig, TrainConfig
 from fl.runners.flower import FlowerJob, JobError, NodePolicy
 from fl.runners.flower import state as node_state
-from fl.runners.flower.job import START
+from fl.runners.flower.job import BUNDLE, BUNDLE_RECORD, START
 from fl.runners.flower.link import Progress
 from fl.runners.flower.serverapp import serve
 from secagg import wire
@@ -85,3 +86,63 @@ def test_a_model_in_a_step_of_a_sequential_job_is_refused(tmp_path: Path) -> Non
 def test_only_secagg_training_runs_its_key_agreement_ahead() -> None:
     with pytest.raises(JobError, match="at most its key agreement"):
         _job(Path("/tmp"), 3)
+
+
+@pytest.mark.parametrize("after", [1, 2, 3, 5])
+def test_a_node_dying_in_any_exchange_costs_only_what_a_sequential_run_would(tmp_path: Path, after: int) -> None:
+    """3 clients, t = 2: the node that stops answering after ``after`` bundles is dropped from the rounds in
+    flight; each round completes with the two others (or aborts cleanly), the run goes on, and the model
+    and the accounted epsilon stay finite."""
+    from tests.fl.flower.test_rounds_in_flight import DyingGrid
+
+    job = _job(tmp_path, 2)
+    grid = _grid(tmp_path / "n", job)
+    dying = DyingGrid(grid.contexts, node=102, after=after)
+    result = serve(dying, job, Progress(Path(job.out)))  # type: ignore[arg-type]
+    assert [r["round"] for r in result["rounds"]] == list(range(1, ROUNDS + 1))
+    masked_at = {e["round"]: e["bundle"] for e in result["exchanges"] if e["phase"] == "masked"}
+    for r in result["rounds"]:
+        if "aborted" not in r:  # in a round's sum exactly when it answered that round's masked exchange
+            assert (2 in r["included_ids"]) == (masked_at[r["round"]] <= after), (r, masked_at)
+    assert any("aborted" not in r and 2 not in r["included_ids"] for r in result["rounds"])
+    assert np.isfinite(np.load(result["params_file"])).all()
+    assert np.isfinite(result["report"]["final"]["epsilon"])
+
+
+class _CrashGrid(InProcessGrid):
+    """The SuperLink dies as round ``crash_at`` is about to open (its keys ride a bundle with round r-1)."""
+
+    def __init__(self, contexts: Any, crash_at: int) -> None:
+        super().__init__(contexts)
+        self.crash_at = crash_at
+
+    def push_messages(self, msgs: Any) -> list[str]:
+        msgs = list(msgs)
+        for m in msgs:
+            index = m.content.get(BUNDLE_RECORD) if m.metadata.message_type == BUNDLE else None
+            if index is not None and any(k == "start" and r == self.crash_at
+                                         for k, r in zip(index["kinds"], index["rounds"], strict=True)):
+                raise RuntimeError(f"the SuperLink is gone before round {self.crash_at}")
+        return super().push_messages(msgs)
+
+
+def test_a_run_ahead_resumes_from_its_checkpoint_exactly(tmp_path: Path) -> None:
+    """Crash as round 3 opens (round 2 still in flight): the checkpoint holds round 1 (or 2); the resumed
+    run, also ahead, ends bit for bit as the uninterrupted sequential run, and no node refuses a round:
+    opening a round ahead claims nothing."""
+    import dataclasses
+
+    whole = serve(_grid(tmp_path / "a", _job(tmp_path / "a", 1)), _job(tmp_path / "a", 1),  # type: ignore[arg-type]
+                  Progress(Path(_job(tmp_path / "a", 1).out)))
+    ckpt = str(tmp_path / "b" / "ckpt")
+    job = dataclasses.replace(_job(tmp_path / "b", 2), checkpoint=ckpt)
+    grid = _grid(tmp_path / "b", job)
+    with pytest.raises(RuntimeError, match="gone before round 3"):
+        serve(_CrashGrid(grid.contexts, 3), job, Progress(Path(job.out)))  # type: ignore[arg-type]
+    resumed_job = dataclasses.replace(job, resume=True)
+    for ctx in grid.contexts.values():
+        ctx.run_config["job"] = resumed_job.to_json()
+    resumed = serve(InProcessGrid(grid.contexts), resumed_job, Progress(Path(job.out)))  # type: ignore[arg-type]
+    assert resumed["rounds"] and all("aborted" not in r for r in resumed["rounds"])
+    assert resumed["rounds"][-1]["round"] == ROUNDS
+    assert np.array_equal(np.load(whole["params_file"]), np.load(resumed["params_file"]))
