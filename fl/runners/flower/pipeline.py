@@ -14,7 +14,9 @@ keys: R rounds take R + 3 exchanges instead of 4R.
 What anyone sees is what R sequential rounds show: the same per-round messages, only travelling together.
 Each part is checked by the node exactly as a lone message would be (:func:`bundle_parts` bounds the
 bundle; the ClientApp keeps each round's sealed state in its own slot, :mod:`fl.runners.flower.state`).
-A train job stays sequential: round r+1's start carries the model that round r's sum produces.
+A train job cannot overlap whole rounds (round r+1's clients train on the model round r's sum produces),
+but its key agreement can run ahead: :mod:`fl.runners.flower.ahead` (two rounds in flight, a round
+waiting for the previous one through :meth:`Lane.wait_for`).
 """
 
 from __future__ import annotations
