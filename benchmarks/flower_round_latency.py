@@ -199,6 +199,28 @@ def _our_rows(cluster: Any, work: Path, *, size: int, rounds: int, nodes: str, p
             for k, label in labels.items()]
 
 
+def _train_row(cluster: Any, work: Path, *, rounds: int, in_flight: int, nodes: str) -> dict[str, Any]:
+    """A small training job over ``cluster`` (logreg on breast_cancer, clip + distributed noise + SecAgg+):
+    its rounds one after another (``in_flight=1``) or with the next round's key agreement ahead (2)."""
+    from fl.config import PrivacyConfig, TrainConfig
+    from fl.runners.flower import FlowerJob
+
+    label = f"privagg training, {'keys ahead' if in_flight == 2 else 'sequential'} ({nodes})"
+    config = TrainConfig(dataset="breast_cancer", clients=cluster.n, rounds=rounds, model="logreg",
+                         privacy=PrivacyConfig(spec="clip,dnoise,secagg+", clip=1.0, noise_multiplier=1.0,
+                                               threshold=0.7))
+    job = FlowerJob(task="train", out=str(work / label.replace(" ", "_")), config=config.as_dict(),
+                    poll_interval=0.05, join_timeout=120, start_timeout=300, phase_timeout=120,
+                    rounds_in_flight=in_flight)
+    res = cluster.run(job, timeout=1800)
+    if len(res["rounds"]) != rounds or any("aborted" in r for r in res["rounds"]):
+        raise RuntimeError(f"{label}: a round did not complete: {res['rounds']}")
+    ex = res["exchanges"]
+    flower_exchanges = len({e["bundle"] for e in ex}) if in_flight > 1 else len(ex)
+    return {"name": label, "seconds_per_round": res["seconds"] / rounds, "exchanges_per_round":
+            flower_exchanges / rounds, "ours": True, "patched": nodes != "stock"}
+
+
 def _in_memory(size: int, clients: int, rounds: int) -> dict[str, Any]:
     from fl.runners.flower import FlowerJob
     from fl.runners.flower.job import sum_protocol, sum_value
@@ -224,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
                          "exchanges over the run: R rounds take R + 3")
     ap.add_argument("--clients", type=int, default=3)
     ap.add_argument("--no-peer", action="store_true", help="skip Flower's own SecAgg+")
+    ap.add_argument("--train", action="store_true",
+                    help="also time a small training job on stock SuperNodes, sequential and with key agreement ahead")
     ap.add_argument("--short", action="store_true",
                     help="only the peer on stock SuperNodes and our SecAgg+ rows (no mod+workflow app rows)")
     ap.add_argument("--json", type=Path, help="write {'rows': [...]} here")
@@ -266,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         rows += _our_rows(cluster, work, size=size, rounds=rounds, nodes="stock", patched=False)
         if not args.short:
             rows.append({**mod_row(cluster, "stock"), "patched": False})
+        if args.train:
+            rows += [_train_row(cluster, work, rounds=rounds, in_flight=k, nodes="stock") for k in (1, 2)]
     with LocalCluster(work / "tuned", args.clients, tls=True, fleet_poll=0.1, policy=bench_policy) as cluster:
         rows += _our_rows(cluster, work, size=size, rounds=rounds, nodes="privagg", patched=True)
         if not args.short:
