@@ -146,3 +146,30 @@ def test_a_run_ahead_resumes_from_its_checkpoint_exactly(tmp_path: Path) -> None
     assert resumed["rounds"] and all("aborted" not in r for r in resumed["rounds"])
     assert resumed["rounds"][-1]["round"] == ROUNDS
     assert np.array_equal(np.load(whole["params_file"]), np.load(resumed["params_file"]))
+
+
+def test_a_budget_that_runs_out_stops_a_run_ahead_where_the_sequential_run_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The budget is checked when the model goes out (after the round before was charged): the run ahead
+    stops before the same round as the sequential run, with the same model and the same message, and no
+    node trained for that round."""
+    from fl.errors import BudgetExhaustedError
+    from fl.training.server import ServerSide
+
+    honest = ServerSide.check_budget
+
+    def check(self: Any, round: int, planned: Any) -> None:
+        honest(self, round, planned)
+        if round == 2:
+            raise BudgetExhaustedError("round 2 would overspend (test)")
+
+    monkeypatch.setattr(ServerSide, "check_budget", check)
+    seq_job, ahead_job = _job(tmp_path / "a", 1), _job(tmp_path / "b", 2)
+    seq = serve(_grid(tmp_path / "a", seq_job), seq_job, Progress(Path(seq_job.out)))  # type: ignore[arg-type]
+    ahead_grid = _grid(tmp_path / "b", ahead_job)
+    ahead = serve(ahead_grid, ahead_job, Progress(Path(ahead_job.out)))  # type: ignore[arg-type]
+    assert [r["round"] for r in seq["rounds"]] == [r["round"] for r in ahead["rounds"]] == [1]
+    assert "stopped before round 2" in ahead["report"]["stopped"] and ahead["report"]["stopped"] == \
+        seq["report"]["stopped"]
+    assert np.array_equal(np.load(seq["params_file"]), np.load(ahead["params_file"]))
+    assert all(node_state.last_released(c, ahead_job.releases_id()) == 1 for c in ahead_grid.contexts.values())
