@@ -209,9 +209,10 @@ def _train_row(cluster: Any, work: Path, *, rounds: int, in_flight: int, nodes: 
     config = TrainConfig(dataset="breast_cancer", clients=cluster.n, rounds=rounds, model="logreg",
                          privacy=PrivacyConfig(spec="clip,dnoise,secagg+", clip=1.0, noise_multiplier=1.0,
                                                threshold=0.7))
+    # a job id of its own: the nodes refuse the same job's rounds twice (their record of released rounds)
     job = FlowerJob(task="train", out=str(work / label.replace(" ", "_")), config=config.as_dict(),
                     poll_interval=0.05, join_timeout=120, start_timeout=300, phase_timeout=120,
-                    rounds_in_flight=in_flight)
+                    rounds_in_flight=in_flight, job_id=f"{label} {work.name}")
     res = cluster.run(job, timeout=1800)
     if len(res["rounds"]) != rounds or any("aborted" in r for r in res["rounds"]):
         raise RuntimeError(f"{label}: a round did not complete: {res['rounds']}")

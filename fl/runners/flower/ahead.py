@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from fl.errors import BudgetExhaustedError
-from fl.runners.flower.job import START, BadReplyError, FlowerJob, stream_bound, train_result
+from fl.runners.flower.job import START, BadReplyError, FlowerJob, stream_bound
 from fl.runners.flower.link import PhaseLink, Progress
 from fl.runners.flower.pipeline import Bundler, Lane
 from fl.spec import SecureSum, TrainResult, ValueSpec
@@ -157,13 +157,10 @@ def _trained(phase: str, replies: Mapping[int, Any], results: dict[int, TrainRes
     """Collect the training results (or rejections) of the masked-input phase's replies."""
     if phase != MASKED:
         return
+    from fl.runners.flower.serverapp import read_training
+
     for cid, rec in replies.items():
         try:
-            if "rejected" in rec:
-                rejected.append(cid)
-            elif "result" in rec:
-                results[cid] = train_result(rec["result"])
-            else:
-                raise BadReplyError("a training reply without its training result")
+            read_training(cid, rec, results, rejected, required=True)
         except BadReplyError as exc:
             link.refuse(cid, exc)

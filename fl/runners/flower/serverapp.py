@@ -70,17 +70,25 @@ def open_round(tr: GridTransport, phase: str, *, round: int, planned: Sequence[i
     rejected: list[int] = []
     for cid, rec in replies.items():
         try:
-            if "rejected" in rec:
-                rejected.append(cid)
-            elif "result" in rec:
-                results[cid] = train_result(rec["result"])
-            elif "params" in start_fields:
-                raise BadReplyError("a training reply without its training result")
+            read_training(cid, rec, results, rejected, required="params" in start_fields)
         except BadReplyError as exc:
             log.warning("round %d: dropping client %d, its %s reply was refused: %s", round, cid, phase, exc)
             failed.add(cid)
     opened = {cid: rec for cid, rec in replies.items() if cid not in failed and cid not in rejected}
     return opened, results, rejected
+
+
+def read_training(cid: int, rec: Any, results: dict[int, TrainResult], rejected: list[int], *,
+                  required: bool) -> None:
+    """File client ``cid``'s training outcome: its result, or that it rejected its own update (NaN/Inf).
+
+    ``required``: a training reply must carry one of the two (else :class:`BadReplyError`)."""
+    if "rejected" in rec:
+        rejected.append(cid)
+    elif "result" in rec:
+        results[cid] = train_result(rec["result"])
+    elif required:
+        raise BadReplyError("a training reply without its training result")
 
 
 def run_round(
