@@ -51,8 +51,11 @@ def _progress(out: Path) -> list[dict[str, Any]]:
 
 
 @pytest.mark.slow
-def test_secagg_plus_with_dp_over_flower_equals_in_memory(cluster: LocalCluster, tmp_path: Path) -> None:
-    """2 rounds of clip + distributed Gaussian noise + SecAgg+ across processes == the in-memory run."""
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_secagg_plus_with_dp_over_flower_equals_in_memory(cluster: LocalCluster, tmp_path: Path,
+                                                          in_flight: int) -> None:
+    """2 rounds of clip + distributed Gaussian noise + SecAgg+ across processes == the in-memory run, one
+    round after another and (``in_flight=2``) with round 2's key agreement ahead, in 2R + 2 exchanges."""
     from fl.training.loop import Federation
 
     config = TrainConfig(
@@ -61,7 +64,7 @@ def test_secagg_plus_with_dp_over_flower_equals_in_memory(cluster: LocalCluster,
         privacy=PrivacyConfig(spec="clip,dnoise,secagg+", clip=1.0, noise_multiplier=1.0, threshold=0.6),
     )
     job = FlowerJob(task="train", out=str(tmp_path / "out"), config=config.as_dict(), join_timeout=60,
-                    start_timeout=60, phase_timeout=30)
+                    start_timeout=60, phase_timeout=30, rounds_in_flight=in_flight)
     assert "https://127.0.0.1" in (cluster.logs / "superlink.log").read_text()  # TLS, loopback only
     result = cluster.run(job, timeout=150)
 
@@ -78,8 +81,11 @@ def test_secagg_plus_with_dp_over_flower_equals_in_memory(cluster: LocalCluster,
     final = report["final"]  # the headline adds the preprocessing statistics' epsilon to training's
     assert final.get("epsilon_training", final.get("epsilon")) == pytest.approx(fed.history[-1]["epsilon"])
     assert final["epsilon"] == pytest.approx(fed.report(baseline=None)["final"]["epsilon"])
-    phases = [e["phase"] for e in result["exchanges"]]
-    assert phases == ["advertise", "share", "masked", "unmask"] * 2
+    for rnd in (1, 2):
+        assert [e["phase"] for e in result["exchanges"] if e["round"] == rnd] == ["advertise", "share", "masked",
+                                                                                  "unmask"]
+    if in_flight == 2:
+        assert len({e["bundle"] for e in result["exchanges"]}) == 2 * 2 + 2
 
 
 @pytest.mark.slow
