@@ -147,7 +147,10 @@ def test_an_authenticated_sum_over_flower_is_exact_with_the_consistency_round(tm
     assert [e["phase"] for e in result["exchanges"]] == ["advertise", "share", "masked", "consistency", "unmask"] * 2
 
 
-def test_authenticated_training_over_flower_equals_the_in_memory_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("in_flight", [1, 2])
+def test_authenticated_training_over_flower_equals_the_in_memory_run(tmp_path: Path, in_flight: int) -> None:
+    """Bit for bit the in-memory authenticated run, one round after another and (``in_flight=2``) with
+    round 2's signed key agreement ahead of round 1's consistency round and unmask."""
     from fl.training.loop import Federation
 
     config = TrainConfig(dataset="breast_cancer", clients=N, rounds=2, seed=3, model="logreg",
@@ -157,9 +160,10 @@ def test_authenticated_training_over_flower_equals_the_in_memory_run(tmp_path: P
     keys, roster_path, roster, pol = _setup(tmp_path, allow_insecure_seeded_randomness=True,
                                             require_authenticated=True)
     job = FlowerJob(task="train", out=str(tmp_path / "out"), config=config.as_dict(), roster=roster.to_dict(),
-                    join_timeout=5, start_timeout=60, phase_timeout=10, poll_interval=0.0)
-    result = serve(InProcessGrid(_contexts(tmp_path, job, keys, roster_path, pol)), job,  # type: ignore[arg-type]
-                   Progress(Path(job.out)))
+                    join_timeout=5, start_timeout=60, phase_timeout=10, poll_interval=0.0, rounds_in_flight=in_flight)
+    grid = InProcessGrid(_contexts(tmp_path, job, keys, roster_path, pol))
+    result = serve(grid, job, Progress(Path(job.out)))  # type: ignore[arg-type]
+    assert grid.sent == N * (1 + (5 * 2 if in_flight == 1 else 2 + 5 + 1))  # hello, then the exchanges
     fed = Federation(config)
     assert isinstance(fed.plan.pipeline.sum, SecAggPlus) and fed.plan.pipeline.sum.authenticated
     for r in (1, 2):
