@@ -22,13 +22,14 @@ pytest.importorskip("flwr")
 from flwr.app import ConfigRecord
 from flwr.serverapp.strategy import FedAvg
 
-from fl.runners.flower.identity import IDENTITY_KEY_FILE, IDENTITY_ROSTER_FILE, Roster, make_identity
+from fl.runners.flower.identity import IDENTITY_KEY_FILE, IDENTITY_ROSTER_FILE, Roster
 from fl.runners.flower.mod import RECORD, SecureTerms, flatten
 from fl.runners.flower.policy import NodePolicy
 from fl.runners.flower.workflow import SecureAggregation
 from secagg import wire
 from tests.adversary.flower_harness import mod_identities
 from tests.fl.flower._loopback import LoopbackGrid
+from tests.fl.flower.test_auth_flower import _swap_key
 from tests.fl.flower.test_secure_aggregation import _app, _examples, _initial, _plain_mean, _run_mod, _start_message
 
 NODES = [101, 102, 103]
@@ -116,19 +117,11 @@ def test_a_node_requiring_authentication_refuses_an_unauthenticated_round(tmp_pa
                                           roster=tmp_path / "identity" / "roster.json"), 2) != []
 
 
-def _swapped(roster: Roster, cid: int, tmp: Path) -> Roster:
-    """``roster`` with client ``cid``'s public key replaced by one whose private key the server holds."""
-    evil = Roster.assemble([make_identity(tmp / "evil", "evil")[1]]).clients[0].public_key
-    clients = dict(roster.clients)
-    clients[cid] = type(clients[cid])(site=clients[cid].site, public_key=evil)
-    return Roster(clients)
-
-
 def test_a_round_whose_roster_differs_from_the_nodes_own_is_refused(tmp_path: Path) -> None:
     """The server substitutes client 0's public key in its roster: every node refuses to identify itself (so
     no round runs), and a start naming that roster is refused too."""
     grid, roster = _grid(tmp_path)
-    swapped = _swapped(roster, 0, tmp_path)
+    swapped = _swap_key(roster, 0, tmp_path)
     sa = SecureAggregation(threshold=0.7, poll_interval=0.0, authenticated=True, roster=swapped)
     assert _round(grid, sa) == [] and sa._cids == {} and sa.history == []
     rec = {**SecureTerms(threshold=0.7, cohort=3, authenticated=True).to_record(), "roster": swapped.fingerprint()}
@@ -169,7 +162,7 @@ def test_a_node_without_identity_keys_names_privagg_flower_identity(tmp_path: Pa
 
 def test_a_node_whose_roster_is_not_the_one_its_policy_pins_refuses(tmp_path: Path) -> None:
     grid, roster = _grid(tmp_path)
-    other = _swapped(roster, 1, tmp_path).save(tmp_path / "other.json")
+    other = _swap_key(roster, 1, tmp_path).save(tmp_path / "other.json")
     pin = NodePolicy(roster_sha256=roster.fingerprint()).save(tmp_path / "pin.json")
     for ctx in grid.contexts.values():
         ctx.node_config[IDENTITY_ROSTER_FILE], ctx.node_config["policy-file"] = str(other), str(pin)
